@@ -1,0 +1,3 @@
+"""pgdag: a durable DAG workflow engine whose only infrastructure is PostgreSQL."""
+
+__version__ = "0.1.0"

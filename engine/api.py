@@ -1,0 +1,308 @@
+"""The HTTP API (Starlette): runs, their events, cancel, retry, workers, health.
+
+JSON in and out, camelCase fields. Errors are ``{"error": code, "message": text}`` plus
+``"problems"`` (each naming the step, the field and the problem) for a refused run.
+The API process also runs a reaper loop (one reaper at a time across all processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.config import Settings
+from engine.dag import parse_run
+from engine.db import RETRYABLE, open_pool, resolve_database_url
+from engine.errors import IllegalTransition, NotFound, ValidationFailed
+from engine.store import Store
+from engine.tools import load_tool_modules
+
+logger = logging.getLogger(__name__)
+
+RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 500
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _run_id(request: Request) -> str:
+    raw = request.path_params["run_id"]
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise NotFound(f"no run {raw}") from None
+
+
+def _int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationFailed(
+            [{"step": None, "field": name, "problem": f"must be an integer, got {raw!r}"}]
+        ) from None
+    if not lo <= value <= hi:
+        raise ValidationFailed(
+            [{"step": None, "field": name, "problem": f"must be between {lo} and {hi}"}]
+        )
+    return value
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ValidationFailed(
+            [
+                {
+                    "step": None,
+                    "field": "body",
+                    "problem": f"body too large: {declared} bytes > limit of {limit} bytes",
+                }
+            ]
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ValidationFailed(
+                [
+                    {
+                        "step": None,
+                        "field": "body",
+                        "problem": f"body too large: over the limit of {limit} bytes",
+                    }
+                ]
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    """200 ``{"status": "ok"}`` when Postgres answers, else 503."""
+    try:
+        await asyncio.wait_for(_store(request).ping(), timeout=3)
+    except Exception as exc:
+        return JSONResponse(
+            {"status": "unavailable", "error": f"postgres: {type(exc).__name__}"}, status_code=503
+        )
+    return JSONResponse({"status": "ok"})
+
+
+async def create_run(request: Request) -> Response:
+    """Submit a run: 201 with the run, 200 with the existing run for a repeated
+    idempotencyKey, 422 naming the step and problem for a bad graph (nothing written)."""
+    settings: Settings = request.app.state.settings
+    raw = await _read_body(request, settings.max_body_bytes)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationFailed(
+            [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}]
+        ) from None
+    spec = parse_run(body, max_steps=settings.max_steps_per_run)
+    store = _store(request)
+    run_id, created = await store.create_run(spec)
+    run = await store.get_run(run_id)
+    return JSONResponse(run, status_code=201 if created else 200)
+
+
+async def list_runs(request: Request) -> Response:
+    """Runs newest first: ``?status=&limit=&cursor=``; ``nextCursor`` pages on."""
+    status = request.query_params.get("status") or None
+    if status is not None and status not in RUN_STATUSES:
+        raise ValidationFailed(
+            [
+                {
+                    "step": None,
+                    "field": "status",
+                    "problem": f"unknown status {status!r}; one of {', '.join(RUN_STATUSES)}",
+                }
+            ]
+        )
+    limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
+    cursor = _int_param(request, "cursor", None, 1, 2**62)
+    assert limit is not None
+    runs, next_cursor = await _store(request).list_runs(status=status, limit=limit, cursor=cursor)
+    return JSONResponse(
+        {"runs": runs, "nextCursor": str(next_cursor) if next_cursor is not None else None}
+    )
+
+
+async def get_run(request: Request) -> Response:
+    """The run with every step: status, attempt, output, error, times."""
+    return JSONResponse(await _store(request).get_run(_run_id(request)))
+
+
+async def run_events(request: Request) -> Response:
+    """The run's audit log, oldest first; ``?after=<eventId>&limit=`` to page."""
+    after = _int_param(request, "after", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 1000, 1, 10_000)
+    assert after is not None and limit is not None
+    events = await _store(request).list_events(_run_id(request), after=after, limit=limit)
+    return JSONResponse({"events": events})
+
+
+async def cancel_run(request: Request) -> Response:
+    """Cancel a run that has not finished (409 if it has)."""
+    run_id = _run_id(request)
+    store = _store(request)
+    await store.cancel_run(run_id)
+    return JSONResponse(await store.get_run(run_id))
+
+
+async def retry_step(request: Request) -> Response:
+    """Put a dead_letter step back to ready (409 if it is not in dead_letter)."""
+    run_id = _run_id(request)
+    store = _store(request)
+    await store.retry_step(run_id, request.path_params["step_name"])
+    return JSONResponse(await store.get_run(run_id))
+
+
+async def list_workers(request: Request) -> Response:
+    """Registered workers, their heartbeat, liveness and current steps."""
+    return JSONResponse({"workers": await _store(request).list_workers()})
+
+
+routes = [
+    Route("/health", health, methods=["GET"]),
+    Route("/runs", create_run, methods=["POST"]),
+    Route("/runs", list_runs, methods=["GET"]),
+    Route("/runs/{run_id}", get_run, methods=["GET"]),
+    Route("/runs/{run_id}/events", run_events, methods=["GET"]),
+    Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+    Route("/runs/{run_id}/steps/{step_name}/retry", retry_step, methods=["POST"]),
+    Route("/workers", list_workers, methods=["GET"]),
+]
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return _error(404, "not_found", str(exc))
+
+
+async def _conflict(request: Request, exc: Exception) -> Response:
+    return _error(409, "illegal_transition", str(exc))
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ValidationFailed)
+    return _error(422, "invalid_request", str(exc), problems=exc.problems)
+
+
+async def _db_down(request: Request, exc: Exception) -> Response:
+    return _error(503, "database_unavailable", f"postgres is not answering: {type(exc).__name__}")
+
+
+class BearerAuth:
+    """ASGI middleware: when a token is configured, every HTTP and WebSocket request must
+    carry ``Authorization: Bearer <token>`` (browsers may use ``?token=``). Compared in
+    constant time. Sends 401 (HTTP) or closes with 4401 before accepting (WebSocket)."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.token is not None
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
+                    return True
+        query = scope.get("query_string", b"").decode("latin-1")
+        for pair in query.split("&"):
+            name, _, value = pair.partition("=")
+            if name == "token" and hmac.compare_digest(value.encode(), self.token):
+                return True
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token is None or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4401, "reason": "unauthorized"})
+            return
+        response = JSONResponse(
+            {"error": "unauthorized", "message": "missing or wrong bearer token"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="pgdag"'},
+        )
+        await response(scope, receive, send)
+
+
+async def _reaper_loop(store: Store, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s * (0.75 + random.random() / 2))
+        try:
+            reaped = await store.reap()
+        except RETRYABLE as exc:
+            logger.debug("reaper pass failed: %s", exc)
+            continue
+        if reaped:
+            logger.info("reaper: %d expired lease(s) requeued or dead-lettered", reaped)
+
+
+def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIApp:
+    """The ASGI app. `database_url` defaults to `resolve_database_url(settings)` at startup."""
+    load_tool_modules(settings.tool_modules)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        url = database_url
+        if url is None:
+            url = await asyncio.to_thread(resolve_database_url, settings)
+        pool = await open_pool(url, min_size=2, max_size=10, name="api")
+        app.state.settings = settings
+        app.state.store = Store(pool, lease_ttl_s=settings.lease_ttl_s)
+        app.state.database_url = url
+        reaper = asyncio.create_task(_reaper_loop(app.state.store, settings.reaper_interval_s))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await pool.close()
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            NotFound: _not_found,
+            IllegalTransition: _conflict,
+            ValidationFailed: _invalid,
+            **{cls: _db_down for cls in RETRYABLE},
+        },
+    )
+    return BearerAuth(app, settings.api_token)

@@ -1,0 +1,311 @@
+"""``python -m engine``: dev, serve, migrate, and db start|stop|status|url."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings
+from engine.errors import PgdagError
+
+TERMINAL_RUN_STATES = ("completed", "failed", "cancelled")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        database_url=getattr(args, "database_url", None),
+        lease_ttl_s=getattr(args, "lease_ttl", None),
+        api_token=getattr(args, "api_token", None),
+    )
+
+
+# --- serve / migrate / db ---------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the API (and its reaper) with uvicorn until interrupted."""
+    import uvicorn
+
+    from engine.api import create_app
+
+    settings = _settings(args)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        access_log=args.access_log,
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply migrations to DATABASE_URL (or the embedded cluster, which is started)."""
+    from engine.db import resolve_database_url
+    from engine.migrate import upgrade_head
+
+    settings = _settings(args)
+    url = resolve_database_url(settings)  # the embedded path migrates as it starts
+    if settings.database_url:
+        upgrade_head(url)
+    print("migrations applied: schema is at head")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Manage the embedded cluster under PGDAG_HOME."""
+    from engine.db import resolve_database_url
+    from engine.embedded import EmbeddedCluster
+
+    settings = _settings(args)
+    cluster = EmbeddedCluster(settings.home)
+    embedded = replace(settings, database_url=None)  # db always means the embedded cluster
+    if args.action == "start":
+        url = resolve_database_url(embedded)
+        print(f"embedded postgres running; data in {settings.home.resolve() / 'data'}")
+        print(url)
+        return 0
+    if args.action == "stop":
+        print("stopped" if cluster.stop() else "not running")
+        return 0
+    if args.action == "status":
+        status = cluster.status()
+        print(json.dumps(status, indent=2, default=str))
+        return 0 if status.get("running") else 3
+    # url: start it if needed, so `export DATABASE_URL=$(python -m engine db url)` works
+    print(resolve_database_url(embedded))
+    return 0
+
+
+# --- dev ------------------------------------------------------------------------------------
+
+
+def example_run(api: str) -> dict[str, Any]:
+    """The example run `dev` submits: HTTP_GET_JSON against the local API, DELAYs, a join."""
+    return {
+        "goal": "Example: check the API, think in parallel, summarize",
+        "steps": [
+            {"name": "health", "tool": "HTTP_GET_JSON", "input": {"url": f"{api}/health"}},
+            {
+                "name": "list-workers",
+                "tool": "HTTP_GET_JSON",
+                "input": {"url": f"{api}/workers"},
+                "dependsOn": ["health"],
+            },
+            {"name": "think-a", "tool": "DELAY", "input": {"ms": 700}, "dependsOn": ["health"]},
+            {"name": "think-b", "tool": "DELAY", "input": {"ms": 1200}, "dependsOn": ["health"]},
+            {
+                "name": "summarize",
+                "tool": "DELAY",
+                "input": {"ms": 300},
+                "dependsOn": ["list-workers", "think-a", "think-b"],
+            },
+        ],
+    }
+
+
+def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_healthy(client: httpx.Client, api: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            raise PgdagError("the API exited during start-up:\n" + "\n".join(tail))
+        try:
+            if client.get(f"{api}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise PgdagError(f"the API did not become healthy within 60 s; see {log}")
+
+
+def _describe(event: dict[str, Any]) -> str:
+    who = event.get("stepName") or "run"
+    move = f"{event.get('fromStatus') or '-'} -> {event.get('toStatus')}"
+    extra = []
+    if event.get("attempt"):
+        extra.append(f"attempt {event['attempt']}")
+    if event.get("workerId"):
+        extra.append(f"worker {event['workerId']}")
+    detail = event.get("detail") or {}
+    if isinstance(detail, dict) and detail.get("error"):
+        extra.append(f"error: {detail['error']}")
+    return f"{who:<14} {move:<24} {', '.join(extra)}".rstrip()
+
+
+def follow_run(
+    client: httpx.Client, api: str, run_id: str, *, out: Any = sys.stdout
+) -> dict[str, Any]:
+    """Print each audit-log event of the run as it happens; return the finished run."""
+    started = time.monotonic()
+    after = 0
+    while True:
+        events = client.get(f"{api}/runs/{run_id}/events", params={"after": after}).json()["events"]
+        for event in events:
+            after = event["id"]
+            print(
+                f"  +{time.monotonic() - started:5.2f}s  {_describe(event)}", file=out, flush=True
+            )
+        if events and events[-1]["event"] in {f"run_{s}" for s in TERMINAL_RUN_STATES}:
+            run: dict[str, Any] = client.get(f"{api}/runs/{run_id}").json()
+            return run
+        time.sleep(0.1)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Embedded Postgres + API + two workers, one example run followed live; then serve."""
+    from engine.db import resolve_database_url
+    from engine.embedded import EmbeddedCluster
+
+    settings = _settings(args)
+    home = settings.home.resolve()
+    cluster = None if settings.database_url else EmbeddedCluster(home)
+    was_running = bool(cluster and cluster.status().get("running"))
+    print("pgdag dev: starting")
+    t0 = time.monotonic()
+    url = resolve_database_url(settings)
+    where = "DATABASE_URL" if cluster is None else f"embedded, data in {home / 'data'}"
+    print(f"  postgres    ready ({where}) in {time.monotonic() - t0:.1f}s; schema migrated")
+
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DATABASE_URL": url, "PGDAG_HTTP_ALLOW_PRIVATE": "1"}
+    api = f"http://{args.host}:{args.port}"
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        api_log = logs / "api.log"
+        procs.append(
+            _spawn(
+                ["-m", "engine", "serve", "--host", args.host, "--port", str(args.port)],
+                env,
+                api_log,
+            )
+        )
+        procs.extend(
+            _spawn(
+                ["-m", "workers", "--concurrency", "4", "--worker-id", f"dev-worker-{i}"],
+                env,
+                logs / f"worker-{i}.log",
+            )
+            for i in (1, 2)
+        )
+        headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+        with httpx.Client(timeout=10, headers=headers) as client:
+            _wait_healthy(client, api, procs[0], api_log)
+            print(f"  api         {api} (log {api_log})")
+            print(f"  workers     dev-worker-1, dev-worker-2 (logs {logs}/worker-*.log)")
+            resp = client.post(f"{api}/runs", json=example_run(api))
+            resp.raise_for_status()
+            run = resp.json()
+            print(f"\nsubmitted run {run['id']}: {run['goal']} ({run['stepsTotal']} steps)")
+            run = follow_run(client, api, run["id"])
+            took = datetime.fromisoformat(run["finishedAt"]) - datetime.fromisoformat(
+                run["createdAt"]
+            )
+            print(f"\nrun {run['id']} {run['status']} in {took.total_seconds():.2f}s")
+            for step in run["steps"]:
+                out = json.dumps(step["output"]) if step["output"] is not None else step["error"]
+                if out and len(out) > 90:
+                    out = out[:87] + "..."
+                print(f"  {step['name']:<14} {step['status']:<12} attempt {step['attempt']}  {out}")
+            if args.once:
+                return 0 if run["status"] == "completed" else 1
+            print(f"\nAPI at {api}  try: curl -s {api}/runs/{run['id']} | python -m json.tool")
+            print("Ctrl+C stops the API and the workers.")
+            with contextlib.suppress(KeyboardInterrupt):
+                stop.wait()
+            return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if cluster is not None and not was_running and not args.keep_db:
+            cluster.stop()
+            print("stopped the embedded postgres (it was started by dev; --keep-db keeps it)")
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m engine` argument parser."""
+    p = argparse.ArgumentParser(prog="python -m engine", description="pgdag engine commands")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
+
+    dev = sub.add_parser("dev", help="embedded Postgres + API + 2 workers + an example run")
+    common(dev)
+    dev.add_argument("--host", default=API_HOST_DEFAULT)
+    dev.add_argument("--port", type=int, default=API_PORT_DEFAULT)
+    dev.add_argument("--once", action="store_true", help="exit after the example run")
+    dev.add_argument("--keep-db", action="store_true", help="leave the embedded Postgres running")
+    dev.set_defaults(func=cmd_dev)
+
+    serve = sub.add_parser("serve", help="run the HTTP API")
+    common(serve)
+    serve.add_argument("--host", default=API_HOST_DEFAULT)
+    serve.add_argument("--port", type=int, default=API_PORT_DEFAULT)
+    serve.add_argument("--lease-ttl", type=float, default=None, help="seconds; PGDAG_LEASE_TTL")
+    serve.add_argument("--api-token", default=None, help="PGDAG_API_TOKEN")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")
+    common(migrate)
+    migrate.set_defaults(func=cmd_migrate)
+
+    db = sub.add_parser("db", help="manage the embedded Postgres under PGDAG_HOME")
+    db.add_argument("action", choices=["start", "stop", "status", "url"])
+    db.set_defaults(func=cmd_db)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        code: int = args.func(args)
+    except PgdagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return code

@@ -1,0 +1,136 @@
+"""Settings: one frozen object, read from the environment in one place (`Settings.from_env`).
+
+Every variable is also a command-line flag of the process that reads it; the CLI parses
+flags and passes them to `Settings.from_env(overrides=...)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+LEASE_TTL_S_DEFAULT = 30.0
+BACKOFF_BASE_MS_DEFAULT = 1_000
+BACKOFF_CAP_MS_DEFAULT = 60_000
+MAX_ATTEMPTS_DEFAULT = 3
+MAX_STEPS_PER_RUN_DEFAULT = 10_000
+MAX_BODY_BYTES_DEFAULT = 10 * 1024 * 1024
+HOME_DEFAULT = ".pgdag"
+API_HOST_DEFAULT = "127.0.0.1"
+API_PORT_DEFAULT = 4000
+POLL_INTERVAL_S_DEFAULT = 1.0
+REAPER_INTERVAL_S_DEFAULT = 1.0
+SHUTDOWN_GRACE_S_DEFAULT = 10.0
+TOOL_MODULES_DEFAULT = ("workers.tools.builtin",)
+
+
+def _parse_float(name: str, raw: str, minimum: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def _parse_int(name: str, raw: str, minimum: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a pgdag process is configured with.
+
+    Durations carry their unit in the name (`_s` seconds, `_ms` milliseconds).
+    `database_url` is None when the embedded cluster under `home` is to be used.
+    """
+
+    database_url: str | None = None
+    home: Path = field(default_factory=lambda: Path(HOME_DEFAULT))
+    lease_ttl_s: float = LEASE_TTL_S_DEFAULT
+    api_token: str | None = None
+    http_allow_private: bool = False
+    backoff_base_ms: int = BACKOFF_BASE_MS_DEFAULT
+    backoff_cap_ms: int = BACKOFF_CAP_MS_DEFAULT
+    max_steps_per_run: int = MAX_STEPS_PER_RUN_DEFAULT
+    max_body_bytes: int = MAX_BODY_BYTES_DEFAULT
+    poll_interval_s: float = POLL_INTERVAL_S_DEFAULT
+    reaper_interval_s: float = REAPER_INTERVAL_S_DEFAULT
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
+    tool_modules: tuple[str, ...] = TOOL_MODULES_DEFAULT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read settings from `env` (default `os.environ`); keyword `overrides` that are not
+        None win (they come from command-line flags).
+
+        Raises `ConfigError` naming the variable when a value cannot be parsed.
+        """
+        env = os.environ if env is None else env
+        get = env.get
+        extra_tools = tuple(m.strip() for m in get("PGDAG_TOOLS", "").split(",") if m.strip())
+        settings = cls(
+            database_url=get("DATABASE_URL") or None,
+            home=Path(get("PGDAG_HOME") or HOME_DEFAULT),
+            lease_ttl_s=_parse_float(
+                "PGDAG_LEASE_TTL", get("PGDAG_LEASE_TTL", str(LEASE_TTL_S_DEFAULT)), 0.1
+            ),
+            api_token=get("PGDAG_API_TOKEN") or None,
+            http_allow_private=_parse_bool(
+                "PGDAG_HTTP_ALLOW_PRIVATE", get("PGDAG_HTTP_ALLOW_PRIVATE", "0")
+            ),
+            backoff_base_ms=_parse_int(
+                "PGDAG_BACKOFF_BASE_MS",
+                get("PGDAG_BACKOFF_BASE_MS", str(BACKOFF_BASE_MS_DEFAULT)),
+                0,
+            ),
+            backoff_cap_ms=_parse_int(
+                "PGDAG_BACKOFF_CAP_MS", get("PGDAG_BACKOFF_CAP_MS", str(BACKOFF_CAP_MS_DEFAULT)), 0
+            ),
+            max_steps_per_run=_parse_int(
+                "PGDAG_MAX_STEPS",
+                get("PGDAG_MAX_STEPS", str(MAX_STEPS_PER_RUN_DEFAULT)),
+                1,
+            ),
+            max_body_bytes=_parse_int(
+                "PGDAG_MAX_BODY_BYTES", get("PGDAG_MAX_BODY_BYTES", str(MAX_BODY_BYTES_DEFAULT)), 1
+            ),
+            poll_interval_s=_parse_float(
+                "PGDAG_POLL_INTERVAL",
+                get("PGDAG_POLL_INTERVAL", str(POLL_INTERVAL_S_DEFAULT)),
+                0.01,
+            ),
+            reaper_interval_s=_parse_float(
+                "PGDAG_REAPER_INTERVAL",
+                get("PGDAG_REAPER_INTERVAL", str(REAPER_INTERVAL_S_DEFAULT)),
+                0.01,
+            ),
+            shutdown_grace_s=_parse_float(
+                "PGDAG_SHUTDOWN_GRACE",
+                get("PGDAG_SHUTDOWN_GRACE", str(SHUTDOWN_GRACE_S_DEFAULT)),
+                0,
+            ),
+            tool_modules=TOOL_MODULES_DEFAULT + extra_tools,
+        )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(settings, **given) if given else settings  # type: ignore[arg-type]

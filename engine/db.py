@@ -1,0 +1,97 @@
+"""Connections: which Postgres to use, connection pools, and retrying through outages.
+
+With `DATABASE_URL` set, that server is used as it is (run `python -m engine migrate`).
+Without it, the embedded cluster under `PGDAG_HOME` is started if needed and migrated on
+first use, under the cluster's file lock, so two processes starting together do not race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from engine.config import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors after which the same operation may succeed on a fresh connection: the server went
+# away or restarted (OperationalError), or the transaction lost a race (SQLSTATE 40001
+# serialization_failure, 40P01 deadlock_detected).
+RETRYABLE = (
+    psycopg.OperationalError,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+)
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The URL every process uses: `settings.database_url`, else the embedded cluster's
+    (started and migrated here if needed). Raises `EmbeddedPostgresError` when the embedded
+    cluster cannot be started."""
+    if settings.database_url:
+        return settings.database_url
+    from engine.embedded import EmbeddedCluster
+    from engine.migrate import upgrade_head
+
+    cluster = EmbeddedCluster(settings.home)
+    with cluster.lock():
+        url = cluster.start()
+        upgrade_head(url)
+    return url
+
+
+async def open_pool(
+    url: str, *, min_size: int = 1, max_size: int = 4, name: str = "pgdag"
+) -> AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]:
+    """Open an async pool of dict-row connections to `url` and wait until one is ready.
+
+    Raises `psycopg_pool.PoolTimeout` when no connection can be made within 30 s.
+    """
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        open=False,
+        kwargs={"row_factory": dict_row, "autocommit": True},
+        connection_class=psycopg.AsyncConnection[DictRow],
+        reconnect_timeout=0,  # keep trying through a Postgres restart; never give up the pool
+    )
+    await pool.open(wait=True, timeout=30)
+    return pool
+
+
+async def retrying(
+    op: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    deadline_s: float | None = None,
+    first_delay_s: float = 0.05,
+    max_delay_s: float = 2.0,
+) -> T:
+    """Run `op` until it does not raise a retryable database error (see `RETRYABLE`).
+
+    Waits with capped exponential backoff and jitter between tries; gives up and re-raises
+    after `deadline_s` seconds (None: never). Other errors propagate at once.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    delay = first_delay_s
+    while True:
+        try:
+            return await op()
+        except RETRYABLE as exc:
+            if deadline_s is not None and loop.time() - started > deadline_s:
+                raise
+            logger.warning("%s failed (%s); retrying in %.2fs", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(max_delay_s, delay * 2)

@@ -1,0 +1,282 @@
+"""`Store`: every database operation pgdag performs, on one connection pool.
+
+Workers, the reaper and the API call these methods and contain no SQL. Status writes are
+delegated to `engine.transitions`; reads and the worker registry live here. Transitions that
+are safe to repeat are retried through connection loss (`engine.db.retrying`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow
+from psycopg_pool import AsyncConnectionPool
+
+from engine import transitions
+from engine.dag import RunSpec
+from engine.db import retrying
+from engine.errors import NotFound
+from engine.sql import queries
+from engine.transitions import ClaimedStep, FailOutcome
+
+Pool = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def run_json(row: DictRow) -> dict[str, Any]:
+    """A runs row as the API's camelCase JSON."""
+    return {
+        "id": str(row["id"]),
+        "goal": row["goal"],
+        "status": row["status"],
+        "idempotencyKey": row["idempotency_key"],
+        "stepsTotal": row["steps_total"],
+        "stepsUnfinished": row["steps_unfinished"],
+        "stepsDeadLetter": row["steps_dead"],
+        "createdAt": _iso(row["created_at"]),
+        "startedAt": _iso(row["started_at"]),
+        "finishedAt": _iso(row["finished_at"]),
+        "updatedAt": _iso(row["updated_at"]),
+    }
+
+
+def step_json(row: DictRow, run_id: str) -> dict[str, Any]:
+    """A steps row as the API's camelCase JSON."""
+    return {
+        "name": row["name"],
+        "tool": row["tool"],
+        "input": row["input"],
+        "dependsOn": list(row["depends_on"]),
+        "status": row["status"],
+        "attempt": row["attempt"],
+        "maxAttempts": row["max_attempts"],
+        "timeoutMs": row["timeout_ms"],
+        "idempotent": row["idempotent"],
+        "idempotencyKey": f"{run_id}:{row['name']}",
+        "availableAt": _iso(row["available_at"]),
+        "leaseOwner": row["lease_owner"],
+        "leaseExpiresAt": _iso(row["lease_expires_at"]),
+        "output": row["output"],
+        "error": row["error"],
+        "createdAt": _iso(row["created_at"]),
+        "startedAt": _iso(row["started_at"]),
+        "finishedAt": _iso(row["finished_at"]),
+        "updatedAt": _iso(row["updated_at"]),
+    }
+
+
+def event_json(row: DictRow) -> dict[str, Any]:
+    """An audit_log row as the API's camelCase JSON."""
+    return {
+        "id": row["id"],
+        "runId": str(row["run_id"]),
+        "stepName": row["step_name"],
+        "event": row["event"],
+        "fromStatus": row["from_status"],
+        "toStatus": row["to_status"],
+        "attempt": row["attempt"],
+        "leaseToken": row["lease_token"],
+        "workerId": row["worker_id"],
+        "detail": row["detail"],
+        "at": _iso(row["created_at"]),
+    }
+
+
+class Store:
+    """The one owner of database access, over `pool`.
+
+    Every method may raise `psycopg.OperationalError` when Postgres stays unreachable past
+    its retry deadline; transition methods raise the `engine.errors` documented on them.
+    """
+
+    def __init__(self, pool: Pool, *, lease_ttl_s: float) -> None:
+        self.pool = pool
+        self.lease_ttl_s = lease_ttl_s
+
+    async def ping(self) -> None:
+        """One round trip; raises when Postgres does not answer."""
+        async with self.pool.connection(timeout=2) as conn:
+            await conn.execute(queries["ping"])
+
+    # --- transitions -------------------------------------------------------------------
+
+    async def create_run(self, spec: RunSpec) -> tuple[str, bool]:
+        """See `transitions.create_run`. Returns ``(run_id, created)``."""
+        async with self.pool.connection() as conn:
+            return await transitions.create_run(conn, spec)
+
+    async def claim(self, worker_id: str, limit: int) -> list[ClaimedStep]:
+        """Claim up to `limit` ready steps for `worker_id`."""
+        async with self.pool.connection() as conn:
+            return await transitions.claim_steps(
+                conn, worker_id=worker_id, limit=limit, lease_ttl_s=self.lease_ttl_s
+            )
+
+    async def heartbeat(self, leases: list[tuple[int, int]]) -> set[int]:
+        """Extend leases ``[(step_id, token)]``; returns the step ids still held."""
+
+        async def op() -> set[int]:
+            async with self.pool.connection() as conn:
+                return await transitions.heartbeat_leases(
+                    conn, leases, lease_ttl_s=self.lease_ttl_s
+                )
+
+        return await retrying(op, what="lease heartbeat", deadline_s=self.lease_ttl_s)
+
+    async def complete(self, step: ClaimedStep, output_json: str, *, worker_id: str) -> None:
+        """Record `step`'s success; retried through connection loss until the lease would
+        have expired. Raises `LeaseLost` when the token is no longer current."""
+
+        async def op() -> None:
+            async with self.pool.connection() as conn:
+                await transitions.complete_step(
+                    conn, step.id, step.lease_token, output_json, worker_id=worker_id
+                )
+
+        await retrying(op, what=f"recording success of {step.name}", deadline_s=self.lease_ttl_s)
+
+    async def fail(
+        self,
+        step: ClaimedStep,
+        *,
+        error: str,
+        retryable: bool,
+        worker_id: str,
+        backoff_base_ms: int,
+        backoff_cap_ms: int,
+    ) -> FailOutcome:
+        """Record `step`'s failed attempt (see `transitions.fail_attempt`)."""
+
+        async def op() -> FailOutcome:
+            async with self.pool.connection() as conn:
+                return await transitions.fail_attempt(
+                    conn,
+                    step.id,
+                    step.lease_token,
+                    error=error,
+                    retryable=retryable,
+                    worker_id=worker_id,
+                    backoff_base_ms=backoff_base_ms,
+                    backoff_cap_ms=backoff_cap_ms,
+                )
+
+        return await retrying(
+            op, what=f"recording failure of {step.name}", deadline_s=self.lease_ttl_s
+        )
+
+    async def release(self, leases: list[tuple[int, int]], *, worker_id: str) -> int:
+        """Hand back attempts on shutdown (see `transitions.release_steps`)."""
+        async with self.pool.connection(timeout=5) as conn:
+            return await transitions.release_steps(conn, leases, worker_id=worker_id)
+
+    async def reap(self) -> int | None:
+        """One reaper pass; None when another process holds the reaper lock."""
+        async with self.pool.connection() as conn:
+            return await transitions.reap_expired_leases(conn)
+
+    async def cancel_run(self, run_id: str, *, reason: str = "cancelled by request") -> int:
+        """Cancel a run (see `transitions.cancel_run`)."""
+        async with self.pool.connection() as conn:
+            return await transitions.cancel_run(conn, run_id, reason=reason)
+
+    async def retry_step(self, run_id: str, step_name: str) -> None:
+        """Manually retry a dead-lettered step (see `transitions.retry_dead_letter`)."""
+        async with self.pool.connection() as conn:
+            await transitions.retry_dead_letter(conn, run_id, step_name)
+
+    # --- workers registry ---------------------------------------------------------------
+
+    async def register_worker(
+        self, worker_id: str, *, hostname: str, pid: int, concurrency: int, tools: list[str]
+    ) -> None:
+        """Insert or refresh this worker's row in the workers table."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                queries["register_worker"],
+                {
+                    "id": worker_id,
+                    "hostname": hostname,
+                    "pid": pid,
+                    "concurrency": concurrency,
+                    "tools": tools,
+                },
+            )
+
+    async def worker_heartbeat(self, worker_id: str, *, status: str = "running") -> None:
+        """Refresh the worker's ``last_heartbeat_at`` (database clock)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(queries["worker_heartbeat"], {"id": worker_id, "status": status})
+
+    async def worker_stopped(self, worker_id: str) -> None:
+        """Mark the worker stopped."""
+        async with self.pool.connection(timeout=5) as conn:
+            await conn.execute(queries["worker_stopped"], {"id": worker_id})
+
+    # --- reads --------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str, *, with_steps: bool = True) -> dict[str, Any]:
+        """The run as JSON, with every step when `with_steps`; raises `NotFound`."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["select_run"], {"run_id": run_id})
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"no run {run_id}")
+            run = run_json(row)
+            cur = await conn.execute(queries["select_run_status_counts"], {"run_id": run_id})
+            run["stepCounts"] = {r["status"]: r["n"] for r in await cur.fetchall()}
+            if with_steps:
+                cur = await conn.execute(queries["select_run_steps"], {"run_id": run_id})
+                run["steps"] = [step_json(r, run["id"]) for r in await cur.fetchall()]
+        return run
+
+    async def list_runs(
+        self, *, status: str | None, limit: int, cursor: int | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Runs newest first; returns ``(runs, next_cursor)`` (None on the last page)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                queries["list_runs"], {"status": status, "limit": limit, "cursor": cursor}
+            )
+            rows = await cur.fetchall()
+        next_cursor = rows[-1]["seq"] if len(rows) == limit else None
+        return [run_json(r) for r in rows], next_cursor
+
+    async def list_events(
+        self, run_id: str, *, after: int = 0, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """The run's audit log, oldest first, ids > `after`; raises `NotFound`."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["select_run"], {"run_id": run_id})
+            if await cur.fetchone() is None:
+                raise NotFound(f"no run {run_id}")
+            cur = await conn.execute(
+                queries["list_run_events"], {"run_id": run_id, "after": after, "limit": limit}
+            )
+            return [event_json(r) for r in await cur.fetchall()]
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        """Registered workers with heartbeat, liveness and the steps they hold."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["list_workers"], {"lease_ttl_s": self.lease_ttl_s})
+            rows = await cur.fetchall()
+        return [
+            {
+                "id": r["id"],
+                "hostname": r["hostname"],
+                "pid": r["pid"],
+                "concurrency": r["concurrency"],
+                "tools": list(r["tools"]),
+                "status": r["status"],
+                "alive": r["alive"],
+                "startedAt": _iso(r["started_at"]),
+                "lastHeartbeatAt": _iso(r["last_heartbeat_at"]),
+                "stoppedAt": _iso(r["stopped_at"]),
+                "currentSteps": r["current_steps"],
+            }
+            for r in rows
+        ]

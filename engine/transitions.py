@@ -1,0 +1,404 @@
+"""The step and run state machine. This module owns every status write in pgdag.
+
+Step states (terminal ones in brackets)::
+
+              create (no deps)
+                   |
+   create ---> pending --(last dependency succeeded)--> ready <-------------------+
+                   |                                     |  ^                       |
+                   |                                claim|  | fail (attempts left,   |
+                   |                                     v  |  after backoff)        |
+                   |                                  running --lease expired------+
+                   |                                     |    (reaper; idempotent)   |
+                   |                                     |--release (shutdown)-------+
+                   |                                     |
+                   |                  complete (token ok)|  fail (spent / not retryable),
+                   |                                     |  lease expired + "idempotent": false
+                   v                                     v
+             [skipped] <--upstream dead letter--   [succeeded]   [dead_letter] --retry--> ready
+                 |                                                (attempts reset; its skipped
+                 +--------------------------------- retry ------> pending   dependents too)
+   any unfinished step of a cancelled run --> [cancelled]
+
+Run states: pending --first claim--> running --> completed | failed | cancelled;
+failed --manual retry of a dead letter--> running.
+
+Every transition is one guarded statement (expected status, and for attempt writes the
+fencing token ``lease_token`` plus a lease still live on the database clock) or one
+transaction of such statements, and writes its audit_log rows in the same transaction. The
+audit_log trigger (migration 0001) sends the NOTIFY. A guarded write that matches nothing
+raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
+
+| transition                | from      | to                  | who             |
+|---------------------------|-----------|---------------------|-----------------|
+| create_run                | -         | pending / ready     | API             |
+| claim_steps               | ready     | running             | worker          |
+| complete_steps            | running   | succeeded (+promote)| worker          |
+| fail_attempt              | running   | ready / dead_letter | worker          |
+| release_steps             | running   | ready / dead_letter | worker shutdown |
+| reap_expired_leases       | running   | ready / dead_letter | reaper          |
+| cancel_run                | unfinished| cancelled           | API             |
+| retry_dead_letter         | dead_letter | ready (+unskip)   | API             |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow
+
+from engine.dag import RunSpec
+from engine.errors import IllegalTransition, LeaseLost, NotFound
+from engine.sql import queries
+
+logger = logging.getLogger(__name__)
+
+Conn = AsyncConnection[DictRow]
+
+TERMINAL_STEP_STATES = frozenset({"succeeded", "dead_letter", "skipped", "cancelled"})
+TERMINAL_RUN_STATES = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class ClaimedStep:
+    """An attempt a worker holds: the step, its input, and the lease's fencing token."""
+
+    id: int
+    run_id: str
+    name: str
+    tool: str
+    input: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    timeout_ms: int | None
+    idempotent: bool
+    lease_token: int
+    lease_expires_at: datetime
+
+    @property
+    def idempotency_key(self) -> str:
+        """``"<runId>:<stepName>"``: the same on every attempt of the step."""
+        return f"{self.run_id}:{self.name}"
+
+
+@dataclass(frozen=True)
+class FailOutcome:
+    """What a failed attempt led to: ``ready`` (retry at `available_at`) or ``dead_letter``."""
+
+    status: str
+    available_at: datetime
+    backoff_ms: float
+
+
+async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
+    """Insert `spec` as a new run with its steps and edges, in one transaction.
+
+    Returns ``(run_id, created)``; `created` is False when `spec.idempotency_key` already
+    names a run, which is returned instead (nothing is written). Concurrent submits with one
+    key all return the same run: the unique index makes the later inserts wait for the
+    first and then find it.
+    """
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["insert_run"],
+            {
+                "goal": spec.goal,
+                "idempotency_key": spec.idempotency_key,
+                "steps_total": len(spec.steps),
+            },
+        )
+        row = await cur.fetchone()
+        if row is None:
+            cur = await conn.execute(
+                queries["select_run_by_key"], {"idempotency_key": spec.idempotency_key}
+            )
+            existing = await cur.fetchone()
+            if existing is None:  # the conflicting run was deleted between the two statements
+                raise IllegalTransition("idempotency key conflict; submit again")
+            return str(existing["id"]), False
+        run_id = str(row["id"])
+        await conn.execute(queries["insert_steps"], {"run_id": run_id, "steps": spec.steps_json()})
+    return run_id, True
+
+
+async def claim_steps(
+    conn: Conn, *, worker_id: str, limit: int, lease_ttl_s: float
+) -> list[ClaimedStep]:
+    """Claim up to `limit` ready steps for `worker_id` (ready -> running), each with a new
+    fencing token and a lease of `lease_ttl_s` seconds on the database clock."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["claim_steps"],
+            {"worker_id": worker_id, "limit": limit, "lease_ttl_s": lease_ttl_s},
+        )
+        rows = await cur.fetchall()
+    return [
+        ClaimedStep(
+            id=r["id"],
+            run_id=str(r["run_id"]),
+            name=r["name"],
+            tool=r["tool"],
+            input=r["input"],
+            attempt=r["attempt"],
+            max_attempts=r["max_attempts"],
+            timeout_ms=r["timeout_ms"],
+            idempotent=r["idempotent"],
+            lease_token=r["lease_token"],
+            lease_expires_at=r["lease_expires_at"],
+        )
+        for r in rows
+    ]
+
+
+async def heartbeat_leases(
+    conn: Conn, leases: list[tuple[int, int]], *, lease_ttl_s: float
+) -> set[int]:
+    """Extend the leases ``[(step_id, token), ...]``; returns the ids still held.
+
+    A step missing from the result has lost its lease (expired, reaped, cancelled or
+    re-claimed): the worker must stop that attempt, whose result would be refused anyway.
+    """
+    if not leases:
+        return set()
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["heartbeat_leases"],
+            {
+                "ids": [i for i, _ in leases],
+                "tokens": [t for _, t in leases],
+                "lease_ttl_s": lease_ttl_s,
+            },
+        )
+        rows = await cur.fetchall()
+    return {r["id"] for r in rows}
+
+
+async def complete_steps(
+    conn: Conn, results: list[tuple[int, int, str]], *, worker_id: str
+) -> set[int]:
+    """Record successes ``[(step_id, token, output_json_text), ...]`` in one statement.
+
+    Each becomes ``succeeded`` only if its token is current and its lease live; dependents
+    whose last dependency this was become ``ready`` and the run finishes when nothing is
+    left, all in the same statement. Returns the ids recorded.
+    """
+    if not results:
+        return set()
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["complete_steps"],
+            {
+                "ids": [r[0] for r in results],
+                "tokens": [r[1] for r in results],
+                "outputs": [r[2] for r in results],
+                "worker_id": worker_id,
+            },
+        )
+        rows = await cur.fetchall()
+    return {r["id"] for r in rows}
+
+
+async def complete_step(
+    conn: Conn, step_id: int, token: int, output_json: str, *, worker_id: str
+) -> None:
+    """Record one success; raises `LeaseLost` when the token is not current.
+
+    Safe to call again after an ambiguous commit (the connection dropped after COMMIT):
+    finding the step already ``succeeded`` under the same token is success, not an error.
+    """
+    recorded = await complete_steps(conn, [(step_id, token, output_json)], worker_id=worker_id)
+    if step_id in recorded:
+        return
+    state = await _lease_state(conn, step_id)
+    if state is not None and state["status"] == "succeeded" and state["lease_token"] == token:
+        return
+    raise LeaseLost(_lease_lost_message(step_id, token, state))
+
+
+async def fail_attempt(
+    conn: Conn,
+    step_id: int,
+    token: int,
+    *,
+    error: str,
+    retryable: bool,
+    worker_id: str,
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+) -> FailOutcome:
+    """Record a failed attempt: back to ``ready`` after an exponential backoff with full
+    jitter when `retryable` and attempts remain, else ``dead_letter`` (its dependents are
+    skipped and the run settles). Raises `LeaseLost` when the token is not current."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["fail_attempt"],
+            {
+                "id": step_id,
+                "token": token,
+                "error": error,
+                "retryable": retryable,
+                "worker_id": worker_id,
+                "backoff_base_ms": backoff_base_ms,
+                "backoff_cap_ms": backoff_cap_ms,
+            },
+        )
+        row = await cur.fetchone()
+        if row is None:
+            state = await _lease_state(conn, step_id)
+            raise LeaseLost(_lease_lost_message(step_id, token, state))
+        if row["status"] == "dead_letter":
+            await _after_dead_letters(conn, [(row["id"], str(row["run_id"]))])
+    return FailOutcome(
+        status=row["status"], available_at=row["available_at"], backoff_ms=row["delay_ms"]
+    )
+
+
+async def release_steps(conn: Conn, leases: list[tuple[int, int]], *, worker_id: str) -> int:
+    """Hand back attempts on shutdown: idempotent steps to ``ready`` at once (attempt
+    unspent), ``"idempotent": false`` ones to ``dead_letter``. Returns how many were
+    released; leases no longer current are ignored."""
+    if not leases:
+        return 0
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["release_steps"],
+            {
+                "ids": [i for i, _ in leases],
+                "tokens": [t for _, t in leases],
+                "worker_id": worker_id,
+            },
+        )
+        rows = await cur.fetchall()
+        dead = [(r["id"], str(r["run_id"])) for r in rows if r["status"] == "dead_letter"]
+        if dead:
+            await _after_dead_letters(conn, dead)
+    return len(rows)
+
+
+async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> int | None:
+    """The reaper's pass: requeue (or dead-letter) running steps whose lease expired.
+
+    Only one process reaps at a time (a transaction-scoped advisory lock); returns None when
+    another holds it, else the number of steps reaped.
+    """
+    async with conn.transaction():
+        cur = await conn.execute(queries["reaper_try_lock"])
+        lock = await cur.fetchone()
+        if lock is None or not lock["acquired"]:
+            return None
+        cur = await conn.execute(queries["reap_expired_leases"], {"limit": limit})
+        rows = await cur.fetchall()
+        dead = [(r["id"], str(r["run_id"])) for r in rows if r["status"] == "dead_letter"]
+        if dead:
+            await _after_dead_letters(conn, dead)
+    return len(rows)
+
+
+async def cancel_run(conn: Conn, run_id: str, *, reason: str) -> int:
+    """Cancel a run that has not finished: every unfinished step becomes ``cancelled``
+    (running attempts lose their lease at once). Returns the number of steps cancelled.
+
+    Raises `NotFound` for an unknown run, `IllegalTransition` for a finished one.
+    """
+    async with conn.transaction():
+        run = await _lock_run(conn, run_id)
+        if run["status"] in TERMINAL_RUN_STATES:
+            raise IllegalTransition(f"run {run_id} is already {run['status']}")
+        cur = await conn.execute(queries["cancel_run_steps"], {"run_id": run_id, "reason": reason})
+        counted = await cur.fetchone()
+        await conn.execute(queries["cancel_run"], {"run_id": run_id, "reason": reason})
+    return int(counted["n"]) if counted else 0
+
+
+async def retry_dead_letter(conn: Conn, run_id: str, step_name: str) -> None:
+    """Put a ``dead_letter`` step back to ``ready`` with its attempts reset; its skipped
+    dependents (that no other dead letter still blocks) return to ``pending``, and a failed
+    run is running again.
+
+    Raises `NotFound` for an unknown run or step, `IllegalTransition` when the step is not
+    in ``dead_letter`` or the run was cancelled.
+    """
+    async with conn.transaction():
+        run = await _lock_run(conn, run_id)
+        if run["status"] == "cancelled":
+            raise IllegalTransition(f"run {run_id} is cancelled; its steps cannot be retried")
+        cur = await conn.execute(
+            queries["retry_dead_letter_step"], {"run_id": run_id, "step_name": step_name}
+        )
+        row = await cur.fetchone()
+        if row is None:
+            cur = await conn.execute(queries["select_run_steps"], {"run_id": run_id})
+            statuses = {r["name"]: r["status"] for r in await cur.fetchall()}
+            if step_name not in statuses:
+                raise NotFound(f"run {run_id} has no step {step_name!r}")
+            raise IllegalTransition(
+                f"step {step_name!r} is {statuses[step_name]}, not dead_letter; "
+                "only dead-lettered steps can be retried"
+            )
+        cur = await conn.execute(queries["unskip_descendants"], {"id": row["id"], "run_id": run_id})
+        unskipped = await cur.fetchone()
+        reopened = 1 + (int(unskipped["n"]) if unskipped else 0)
+        await conn.execute(queries["reopen_run"], {"run_id": run_id, "reopened": reopened})
+
+
+async def _after_dead_letters(conn: Conn, dead: list[tuple[int, str]]) -> None:
+    """Inside the dead-lettering transaction: skip the dependents and settle each run."""
+    cur = await conn.execute(queries["skip_descendants"], {"ids": [i for i, _ in dead]})
+    skipped = {str(r["run_id"]): int(r["n"]) for r in await cur.fetchall()}
+    per_run: dict[str, int] = {}
+    for _, run_id in dead:
+        per_run[run_id] = per_run.get(run_id, 0) + 1
+    for run_id in sorted(per_run):
+        n_dead = per_run[run_id]
+        await conn.execute(
+            queries["settle_run"],
+            {"run_id": run_id, "finished": n_dead + skipped.get(run_id, 0), "dead": n_dead},
+        )
+
+
+async def _lock_run(conn: Conn, run_id: str) -> DictRow:
+    cur = await conn.execute(queries["lock_run"], {"run_id": run_id})
+    run = await cur.fetchone()
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    return run
+
+
+async def _lease_state(conn: Conn, step_id: int) -> DictRow | None:
+    cur = await conn.execute(queries["step_lease_state"], {"id": step_id})
+    return await cur.fetchone()
+
+
+def _lease_lost_message(step_id: int, token: int, state: DictRow | None) -> str:
+    if state is None:
+        return f"step {step_id} no longer exists"
+    if state["lease_token"] != token:
+        return (
+            f"step {step_id}: lease token {token} is stale (current {state['lease_token']}, "
+            f"status {state['status']})"
+        )
+    if state["status"] != "running":
+        return f"step {step_id}: attempt with token {token} was ended ({state['status']})"
+    return f"step {step_id}: lease with token {token} expired"
+
+
+def output_json(output: Any) -> str:
+    """Serialise a tool's output for jsonb, or raise `ValueError` saying why it cannot be.
+
+    jsonb refuses ``\\u0000`` and non-finite numbers; deep nesting raises RecursionError in
+    CPython's json. Any of these must fail the attempt cleanly, never crash the worker.
+    """
+    try:
+        text = json.dumps(output, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"tool output is not JSON: {exc}") from exc
+    except RecursionError:
+        raise ValueError("tool output is nested too deeply to store") from None
+    if "\\u0000" in text:
+        raise ValueError("tool output contains a NUL character (\\u0000), which jsonb refuses")
+    return text

@@ -1,0 +1,31 @@
+"""alembic environment: runs migrations online against the URL given in the config.
+
+The URL arrives as the ``sqlalchemy.url`` main option, set by `engine.migrate`. The
+migrations are raw SQL (op.execute); there is no SQLAlchemy model metadata.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no database URL: run migrations with `python -m engine migrate`")
+    connectable = create_engine(url, poolclass=pool.NullPool)
+    with connectable.connect() as connection:
+        context.configure(
+            connection=connection, target_metadata=None, transaction_per_migration=True
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    connectable.dispose()
+
+
+if context.is_offline_mode():
+    raise RuntimeError("offline migrations are not supported; run `python -m engine migrate`")
+run_migrations_online()

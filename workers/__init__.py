@@ -1,0 +1,1 @@
+"""pgdag workers: the claim loop, tool execution, lease heartbeats, and the built-in tools."""

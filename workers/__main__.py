@@ -1,0 +1,76 @@
+"""``python -m workers``: run one worker process until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from engine.config import Settings
+from engine.db import open_pool, resolve_database_url
+from engine.errors import PgdagError
+from engine.store import Store
+from engine.tools import load_tool_modules
+from workers.worker import Worker
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; each setting flag overrides its environment variable."""
+    p = argparse.ArgumentParser(prog="python -m workers", description="Run a pgdag worker.")
+    p.add_argument("--concurrency", type=int, default=4, help="steps run at once (default 4)")
+    p.add_argument("--worker-id", default=None, help="worker id (default <hostname>-<pid>)")
+    p.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
+    p.add_argument("--lease-ttl", type=float, default=None, help="seconds; PGDAG_LEASE_TTL")
+    p.add_argument(
+        "--http-allow-private",
+        action="store_const",
+        const=True,
+        default=None,
+        help="let HTTP_GET_JSON reach private addresses; PGDAG_HTTP_ALLOW_PRIVATE=1",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    return p.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace) -> None:
+    """Resolve settings and the database, then run the worker to completion."""
+    settings = Settings.from_env(
+        database_url=args.database_url,
+        lease_ttl_s=args.lease_ttl,
+        http_allow_private=args.http_allow_private,
+    )
+    load_tool_modules(settings.tool_modules)
+    url = await asyncio.to_thread(resolve_database_url, settings)
+    pool = await open_pool(url, min_size=2, max_size=args.concurrency + 3, name="worker")
+    try:
+        worker = Worker(
+            Store(pool, lease_ttl_s=settings.lease_ttl_s),
+            settings,
+            database_url=url,
+            worker_id=args.worker_id,
+            concurrency=args.concurrency,
+        )
+        worker.install_signal_handlers()
+        await worker.run()
+    finally:
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(amain(args))
+    except PgdagError as exc:
+        logging.getLogger("workers").error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

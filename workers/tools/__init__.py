@@ -1,0 +1,1 @@
+"""Built-in tools. Importing `workers.tools.builtin` registers DELAY and HTTP_GET_JSON."""

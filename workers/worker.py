@@ -1,0 +1,399 @@
+"""The worker: claim ready steps, run their tools, keep their leases alive, record results.
+
+One asyncio process runs four loops:
+
+- claim loop: claims as many steps as it has free slots (``--concurrency``), wakes on
+  ``LISTEN pgdag_ready`` and polls every `poll_interval_s` as a safety net (a NOTIFY sent
+  while the listener was reconnecting is lost, so polling is never optional);
+- heartbeat loop: every third of the lease TTL, extends the leases of its attempts (by
+  fencing token) and refreshes its workers row; an attempt whose lease is gone is cancelled,
+  since its result would be refused anyway;
+- reaper loop: requeues expired leases of dead workers (one reaper at a time across all
+  processes, by advisory lock);
+- listener: the dedicated LISTEN connection, reconnected after any failure.
+
+SIGTERM/SIGINT: stop claiming, let in-flight attempts finish for `shutdown_grace_s`, then
+cancel the rest and release their leases so another worker takes them at once.
+The worker contains no SQL: every database operation is a `engine.store.Store` method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+from pydantic import ValidationError
+
+from engine.config import Settings
+from engine.db import RETRYABLE
+from engine.errors import LeaseLost, ToolError, UnknownTool
+from engine.store import Store
+from engine.tools import ToolContext, get_tool, registered_tools
+from engine.transitions import ClaimedStep, output_json
+
+logger = logging.getLogger(__name__)
+
+READY_CHANNEL = "pgdag_ready"
+
+
+@dataclass
+class _Attempt:
+    step: ClaimedStep
+    task: asyncio.Task[None] | None = None
+    lease_lost: bool = False
+
+
+@dataclass
+class WorkerStats:
+    """Counters a worker keeps about itself (logged at shutdown)."""
+
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    leases_lost: int = 0
+    released: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+def default_worker_id() -> str:
+    """``<hostname>-<pid>``: unique per live process on a host."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    """A worker process's engine: `run()` until `stop()` (or SIGTERM) and shutdown.
+
+    `store` is the database facade, `database_url` is used for the LISTEN connection,
+    `concurrency` is the number of attempts run at once.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        database_url: str,
+        worker_id: str | None = None,
+        concurrency: int = 4,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.store = store
+        self.settings = settings
+        self.database_url = database_url
+        self.worker_id = worker_id or default_worker_id()
+        self.concurrency = concurrency
+        self.stats = WorkerStats()
+        self._attempts: dict[int, _Attempt] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._heartbeat_interval_s = settings.lease_ttl_s / 3
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to shut down gracefully (what SIGTERM does)."""
+        if not self._stopping.is_set():
+            logger.info("worker %s stopping: no new claims", self.worker_id)
+        self._stopping.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT call `stop()`."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    async def run(self) -> None:
+        """Register, run the loops until `stop()`, then shut down gracefully."""
+        await self._register()
+        logger.info(
+            "worker %s started: concurrency %d, lease ttl %.1fs, tools %s",
+            self.worker_id,
+            self.concurrency,
+            self.settings.lease_ttl_s,
+            ", ".join(sorted(registered_tools())),
+        )
+        background = [
+            asyncio.create_task(self._listen_loop(), name="listen"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._reaper_loop(), name="reaper"),
+        ]
+        try:
+            await self._claim_loop()
+            await self._drain()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.store.worker_stopped(self.worker_id)
+            s = self.stats
+            logger.info(
+                "worker %s stopped: claimed %d, succeeded %d, failed %d, leases lost %d, "
+                "released %d",
+                self.worker_id,
+                s.claimed,
+                s.succeeded,
+                s.failed,
+                s.leases_lost,
+                s.released,
+            )
+
+    async def _register(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.store.register_worker(
+                    self.worker_id,
+                    hostname=socket.gethostname(),
+                    pid=os.getpid(),
+                    concurrency=self.concurrency,
+                    tools=sorted(registered_tools()),
+                )
+                return
+            except RETRYABLE as exc:
+                logger.warning("worker %s cannot register yet (%s)", self.worker_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    # --- claiming -----------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        error_delay = 0.1
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._attempts)
+            got = 0
+            if free > 0:
+                try:
+                    steps = await self.store.claim(self.worker_id, free)
+                except RETRYABLE as exc:
+                    logger.warning("claim failed (%s); retrying in %.1fs", exc, error_delay)
+                    await self._sleep_or_wake(error_delay)
+                    error_delay = min(2.0, error_delay * 2)
+                    continue
+                error_delay = 0.1
+                got = len(steps)
+                for step in steps:
+                    self._start_attempt(step)
+            if got and got == free:
+                continue  # there may be more ready work and we are full: wait for a slot
+            if got and free > got:
+                continue  # claimed everything ready; ask once more before sleeping
+            await self._sleep_or_wake(self.settings.poll_interval_s * (0.8 + random.random() * 0.4))
+
+    async def _sleep_or_wake(self, timeout_s: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+
+    def _start_attempt(self, step: ClaimedStep) -> None:
+        self.stats.claimed += 1
+        attempt = _Attempt(step=step)
+        self._attempts[step.id] = attempt
+        attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"step-{step.id}")
+
+    def _attempt_done(self, step_id: int) -> None:
+        self._attempts.pop(step_id, None)
+        self._wake.set()  # a slot is free
+
+    # --- running one attempt ------------------------------------------------------------
+
+    async def _run_attempt(self, attempt: _Attempt) -> None:
+        step = attempt.step
+        log_ctx = (step.run_id, step.name, step.attempt, self.worker_id)
+        try:
+            logger.debug("run %s step %s attempt %d on %s: started", *log_ctx)
+            try:
+                output = await self._execute(step)
+            except ToolError as exc:
+                await self._fail(attempt, str(exc), retryable=exc.retryable)
+                return
+            try:
+                text = output_json(output)
+            except ValueError as exc:
+                await self._fail(attempt, str(exc), retryable=False)
+                return
+            try:
+                await self.store.complete(step, text, worker_id=self.worker_id)
+                self.stats.succeeded += 1
+                logger.debug("run %s step %s attempt %d on %s: succeeded", *log_ctx)
+            except LeaseLost as exc:
+                self.stats.leases_lost += 1
+                logger.warning("result of run %s step %s refused: %s", step.run_id, step.name, exc)
+        except asyncio.CancelledError:
+            if not attempt.lease_lost:
+                raise  # shutdown: the lease is released by _drain
+        except Exception:
+            logger.exception("run %s step %s attempt %d on %s: cannot record outcome", *log_ctx)
+        finally:
+            self._attempt_done(step.id)
+
+    async def _execute(self, step: ClaimedStep) -> object:
+        """Run the step's tool; every failure becomes a `ToolError`."""
+        try:
+            tool = get_tool(step.tool)
+        except UnknownTool as exc:
+            raise ToolError(
+                f"worker {self.worker_id} cannot run it: {exc} (load it with PGDAG_TOOLS)",
+                retryable=True,
+            ) from None
+        try:
+            inp = tool.parse_input(step.input)
+        except ValidationError as exc:
+            raise ToolError(f"input refused by {step.tool}: {exc}", retryable=False) from None
+        ctx = ToolContext(
+            run_id=step.run_id,
+            step_name=step.name,
+            attempt=step.attempt,
+            idempotency_key=step.idempotency_key,
+            timeout_ms=step.timeout_ms,
+            http_allow_private=self.settings.http_allow_private,
+        )
+        try:
+            if step.timeout_ms is None:
+                return await tool.fn(inp, ctx)
+            async with asyncio.timeout(step.timeout_ms / 1000):
+                return await tool.fn(inp, ctx)
+        except TimeoutError:
+            raise ToolError(f"timed out after {step.timeout_ms} ms (timeoutMs)") from None
+        except (ToolError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _fail(self, attempt: _Attempt, error: str, *, retryable: bool) -> None:
+        step = attempt.step
+        self.stats.failed += 1
+        try:
+            outcome = await self.store.fail(
+                step,
+                error=error,
+                retryable=retryable,
+                worker_id=self.worker_id,
+                backoff_base_ms=self.settings.backoff_base_ms,
+                backoff_cap_ms=self.settings.backoff_cap_ms,
+            )
+        except LeaseLost as exc:
+            self.stats.leases_lost += 1
+            logger.warning(
+                "failure of run %s step %s not recorded: %s", step.run_id, step.name, exc
+            )
+            return
+        if outcome.status == "ready":
+            logger.info(
+                "run %s step %s attempt %d failed (%s); retry in %.0f ms",
+                step.run_id,
+                step.name,
+                step.attempt,
+                error,
+                outcome.backoff_ms,
+            )
+        else:
+            logger.warning(
+                "run %s step %s attempt %d failed (%s); dead letter",
+                step.run_id,
+                step.name,
+                step.attempt,
+                error,
+            )
+
+    # --- leases -------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval_s)
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        attempts = list(self._attempts.values())
+        leases = [(a.step.id, a.step.lease_token) for a in attempts]
+        try:
+            held = await self.store.heartbeat(leases)
+            await self.store.worker_heartbeat(
+                self.worker_id, status="stopping" if self._stopping.is_set() else "running"
+            )
+        except RETRYABLE as exc:
+            logger.warning("heartbeat failed: %s", exc)
+            return
+        for a in attempts:
+            if a.step.id not in held and a.task is not None and not a.task.done():
+                a.lease_lost = True
+                self.stats.leases_lost += 1
+                logger.warning(
+                    "run %s step %s attempt %d: lease lost; abandoning the attempt",
+                    a.step.run_id,
+                    a.step.name,
+                    a.step.attempt,
+                )
+                a.task.cancel()
+
+    async def _reaper_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_s * (0.75 + random.random() / 2))
+            try:
+                reaped = await self.store.reap()
+            except RETRYABLE as exc:
+                logger.debug("reaper pass failed: %s", exc)
+                continue
+            if reaped:
+                logger.info("reaper: %d expired lease(s) requeued or dead-lettered", reaped)
+                self._wake.set()
+
+    # --- wake-ups -----------------------------------------------------------------------
+
+    async def _listen_loop(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {READY_CHANNEL}")
+                    delay = 0.1
+                    self._wake.set()  # catch up on anything sent while not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("listener lost (%s); reconnecting in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Let in-flight attempts finish within the grace period, then release the rest."""
+        tasks = [a.task for a in self._attempts.values() if a.task is not None]
+        if tasks:
+            logger.info(
+                "worker %s: waiting up to %.1fs for %d in-flight step(s)",
+                self.worker_id,
+                self.settings.shutdown_grace_s,
+                len(tasks),
+            )
+            await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_s)
+        leftover = [a for a in self._attempts.values() if a.task is not None and not a.task.done()]
+        if not leftover:
+            return
+        for a in leftover:
+            assert a.task is not None
+            a.task.cancel()
+        await asyncio.gather(*(a.task for a in leftover if a.task), return_exceptions=True)
+        try:
+            released = await self.store.release(
+                [(a.step.id, a.step.lease_token) for a in leftover], worker_id=self.worker_id
+            )
+        except RETRYABLE as exc:
+            logger.warning("could not release %d step(s) (%s); the reaper will", len(leftover), exc)
+            return
+        self.stats.released += released
+        logger.info("worker %s released %d unfinished step(s)", self.worker_id, released)
