@@ -192,7 +192,7 @@ def bench_explain(base: str, n: int) -> dict[str, Any]:
             INSERT INTO steps (run_id, name, tool, input, deps_remaining, status, max_attempts,
                                available_at)
             SELECT r.id, 's' || g, 'DELAY', '{"ms":0}', 0,
-                   CASE WHEN g %% 100 = 0 THEN 'ready' ELSE 'succeeded' END, 3,
+                   CASE WHEN g % 100 = 0 THEN 'ready' ELSE 'succeeded' END, 3,
                    now() - interval '1 second'
             FROM (SELECT id, row_number() OVER () - 1 AS k FROM runs) r,
                  generate_series(r.k * 1000, r.k * 1000 + 999) g
@@ -250,17 +250,31 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     base = resolve_database_url(settings)
     results: dict[str, Any] = {"machine": machine(base)}
+    print(f"machine: {json.dumps(results['machine'])}", flush=True)
     if "accept" in only:
         r = results["accept"] = bench_accept(
             base, args.accept_steps, repeats=3 if args.quick else 5
         )
+        print(
+            f"accept   {r['steps']:>9,} steps in one POST /runs ({r['bodyBytes'] / 1e6:.2f} MB):"
+            f" median {r['medianMs']} ms (all {r['allMs']})",
+            flush=True,
+        )
     if "drain" in only:
         r = results["drain"] = bench_drain(base, args.drain_steps, workers=2, concurrency=8)
+        print(
+            f"drain    {r['steps']:>9,} DELAY(0) steps, 2 worker processes x 8:"
+            f" {r['seconds']} s, {r['stepsPerSecond']:,} steps/s ({r['status']})",
+            flush=True,
+        )
     if "explain" in only:
         r = results["explain"] = bench_explain(base, args.explain_steps)
-        for _name, _plan in r["plans"].items():
-            pass
+        print(f"explain  {r['steps']:>9,} steps in the table, 1 % ready")
+        for name, plan in r["plans"].items():
+            print(f"--- {name}")
+            print("\n".join(plan))
     args.out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {args.out}")
     return 0
 
 

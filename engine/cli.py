@@ -146,6 +146,8 @@ def _wait_healthy(client: httpx.Client, api: str, proc: subprocess.Popen[bytes],
 
 def _describe(event: dict[str, Any]) -> str:
     who = event.get("stepName") or "run"
+    if event.get("event") == "run_created":
+        return f"{who:<14} created with {(event.get('detail') or {}).get('steps', '?')} steps"
     move = f"{event.get('fromStatus') or '-'} -> {event.get('toStatus')}"
     extra = []
     if event.get("attempt"):
@@ -264,7 +266,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m engine` argument parser."""
     p = argparse.ArgumentParser(prog="python -m engine", description="pgdag engine commands")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default WARNING)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
     try:
         code: int = args.func(args)
     except PgdagError as exc:

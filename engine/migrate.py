@@ -10,21 +10,13 @@ from alembic.config import Config
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def _sqlalchemy_url(url: str) -> str:
-    """alembic speaks SQLAlchemy URLs: select the psycopg 3 driver explicitly."""
-    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
-
-
 def alembic_config(url: str) -> Config:
-    """The alembic `Config` for `url`, from the project's alembic.ini and migrations/."""
+    """The alembic `Config` for `url` (any libpq connection string: a URL or key=value
+    pairs), from the project's alembic.ini and migrations/."""
     ini = _ROOT / "alembic.ini"
     cfg = Config(str(ini)) if ini.exists() else Config()
     cfg.set_main_option("script_location", str(_ROOT / "migrations"))
-    # configparser treats % as interpolation: escape it in passwords.
-    cfg.set_main_option("sqlalchemy.url", _sqlalchemy_url(url).replace("%", "%%"))
+    cfg.attributes["conninfo"] = url  # read by migrations/env.py; never logged
     return cfg
 
 

@@ -1,11 +1,13 @@
 """alembic environment: runs migrations online against the URL given in the config.
 
-The URL arrives as the ``sqlalchemy.url`` main option, set by `engine.migrate`. The
+The libpq connection string (a URL or ``key=value`` pairs, as DATABASE_URL may be) arrives in
+``config.attributes["conninfo"]``, set by `engine.migrate`; psycopg connects with it. The
 migrations are raw SQL (op.execute); there is no SQLAlchemy model metadata.
 """
 
 from __future__ import annotations
 
+import psycopg
 from alembic import context
 from sqlalchemy import create_engine, pool
 
@@ -13,10 +15,14 @@ config = context.config
 
 
 def run_migrations_online() -> None:
-    url = config.get_main_option("sqlalchemy.url")
-    if not url:
+    conninfo = config.attributes.get("conninfo")
+    if not conninfo:
         raise RuntimeError("no database URL: run migrations with `python -m engine migrate`")
-    connectable = create_engine(url, poolclass=pool.NullPool)
+    connectable = create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: psycopg.connect(conninfo),
+        poolclass=pool.NullPool,
+    )
     with connectable.connect() as connection:
         context.configure(
             connection=connection, target_metadata=None, transaction_per_migration=True

@@ -65,7 +65,9 @@ class Server:
         return [s.path for s in self.seen]
 
 
-def _routes(server: Server) -> dict[str, Callable[[dict[str, list[str]]], tuple[int, dict[str, str], bytes]]]:
+def _routes(
+    server: Server,
+) -> dict[str, Callable[[dict[str, list[str]]], tuple[int, dict[str, str], bytes]]]:
     def fixed(status: int, body: bytes, **headers: str) -> Callable[..., Any]:
         return lambda query: (status, headers, body)
 
@@ -73,7 +75,11 @@ def _routes(server: Server) -> dict[str, Callable[[dict[str, list[str]]], tuple[
         return 302, {"Location": query["to"][0]}, b""
 
     def echo_headers(query: dict[str, list[str]]) -> tuple[int, dict[str, str], bytes]:
-        return 200, {"Content-Type": "application/json"}, json.dumps(server.seen[-1].headers).encode()
+        return (
+            200,
+            {"Content-Type": "application/json"},
+            json.dumps(server.seen[-1].headers).encode(),
+        )
 
     def stall(query: dict[str, list[str]]) -> tuple[int, dict[str, str], bytes]:
         server.stalled.set()
@@ -81,7 +87,9 @@ def _routes(server: Server) -> dict[str, Callable[[dict[str, list[str]]], tuple[
         return 200, {}, b"{}"
 
     return {
-        "/json": fixed(200, b'{"ok": true, "items": [1, 2, 3]}', **{"Content-Type": "application/json"}),
+        "/json": fixed(
+            200, b'{"ok": true, "items": [1, 2, 3]}', **{"Content-Type": "application/json"}
+        ),
         "/text": fixed(200, b"hello, not json", **{"Content-Type": "text/plain"}),
         "/big": fixed(200, b'"' + b"x" * 200_000 + b'"'),
         "/exact": fixed(200, b'"' + b"x" * (MAX_BODY_BYTES - 2) + b'"'),
@@ -144,8 +152,12 @@ def _start(tls: ssl.SSLContext | None = None) -> tuple[_HTTPServer, threading.Th
     httpd.state = Server(port=httpd.server_address[1])
     httpd.routes = _routes(httpd.state)
     if tls is not None:
-        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
-    thread = threading.Thread(target=httpd.serve_forever, name="test-http", daemon=True)
+        httpd.socket = tls.wrap_socket(
+            httpd.socket, server_side=True, do_handshake_on_connect=False
+        )
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, name="test-http", daemon=True
+    )
     thread.start()
     return httpd, thread
 
@@ -260,7 +272,13 @@ def test_404_succeeds_with_its_status(server: Server) -> None:
 
 def test_204_has_no_body_and_no_error(server: Server) -> None:
     out = fetch(server.url("/204"))
-    assert out == {"status": 204, "body": None, "truncated": False, "bytesReturned": 0, "error": None}
+    assert out == {
+        "status": 204,
+        "body": None,
+        "truncated": False,
+        "bytesReturned": 0,
+        "error": None,
+    }
 
 
 @pytest.mark.parametrize("status", [503, 429])
@@ -332,14 +350,23 @@ def test_request_headers_arrive(server: Server) -> None:
     assert "authorization" not in headers
 
 
-def test_connects_to_the_checked_address_and_sends_the_original_host(
-    server: Server, connections: list[str]
+def test_resolves_once_connects_to_the_checked_address_and_sends_the_original_host(
+    server: Server, connections: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    lookups: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(host.decode() if isinstance(host, bytes) else str(host))
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     # "2130706433" is 127.0.0.1 as one decimal number; getaddrinfo resolves it.
     out = fetch(server.url("/headers", host="2130706433"))
     headers = {k.lower(): v for k, v in out["body"].items()}
     assert headers["host"] == f"2130706433:{server.port}"
     assert connections == ["127.0.0.1"]
+    assert lookups.count("2130706433") == 1  # the name was never looked up again
 
 
 # --- failures ----------------------------------------------------------------------------
@@ -502,7 +529,7 @@ def tls_server(tmp_path: Path) -> Iterator[Server]:
         pytest.skip("needs the openssl command to make a certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
          "-subj", "/CN=2130706433", "-keyout", str(key), "-out", str(cert)],
         check=True,
         capture_output=True,
