@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -324,6 +325,17 @@ def test_gzip_bomb_is_counted_decompressed_and_truncated(server: Server) -> None
     assert out["bytesReturned"] == MAX_BODY_BYTES
 
 
+def test_gzip_bomb_is_never_inflated_in_memory(server: Server) -> None:
+    tracemalloc.start()
+    try:
+        out = fetch(server.url("/gzip-bomb"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out["truncated"] is True
+    assert peak < 2_000_000, f"peak {peak} bytes: the 5 MB body was inflated at once"
+
+
 def test_raw_deflate_is_decoded(server: Server) -> None:
     assert fetch(server.url("/deflate-raw"))["body"] == {"deflated": 1}
 
@@ -529,8 +541,9 @@ def tls_server(tmp_path: Path) -> Iterator[Server]:
         pytest.skip("needs the openssl command to make a certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-         "-subj", "/CN=2130706433", "-keyout", str(key), "-out", str(cert)],
+        [openssl, "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=2130706433",
+         "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-keyout", str(key), "-out", str(cert)],
         check=True,
         capture_output=True,
     )  # fmt: skip

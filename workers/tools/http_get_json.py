@@ -175,7 +175,6 @@ async def _send(
     except ToolError as exc:
         if hop == 0:
             raise
-        addresses = [address for _, _, _, _, (address, *_) in __import__("socket").getaddrinfo(host, port)]
         raise ToolError(
             f"redirect {hop} to {describe(url)}: {exc}", retryable=exc.retryable
         ) from None
