@@ -121,7 +121,7 @@ def _find_cycle(steps: list[StepSpec]) -> list[str] | None:
     while current not in path:
         path.append(current)
         current = next(d for d in by_name[current].depends_on if d in left)
-    cycle = [*path[path.index(current):], current]
+    cycle = [*path[path.index(current) :], current]
     cycle.reverse()
     return cycle
 

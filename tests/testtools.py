@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +52,6 @@ class FailUntilFileInput(BaseModel):
 @tool("TEST_FAIL_UNTIL_FILE", FailUntilFileInput)
 async def fail_until_file(inp: FailUntilFileInput, ctx: ToolContext) -> dict[str, object]:
     """Fail (retryably) until the file at `path` exists: a cause a person can fix."""
-    if not Path(inp.path).exists():
+    if not await asyncio.to_thread(Path(inp.path).exists):
         raise ToolError(f"{inp.path} does not exist yet")
     return {"attempt": ctx.attempt}

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from tests.support import api_server, query, wait_for, wait_run_finished, workers
 
 
@@ -85,7 +86,12 @@ def test_list_runs_pages_newest_first(client: httpx.Client) -> None:
     ],
 )
 def test_bad_graph_is_422_and_writes_nothing(
-    client: httpx.Client, db_url: str, body: dict[str, Any], step: str | None, field: str, words: str
+    client: httpx.Client,
+    db_url: str,
+    body: dict[str, Any],
+    step: str | None,
+    field: str,
+    words: str,
 ) -> None:
     before = counts(db_url)
     r = client.post("/runs", json=body)
