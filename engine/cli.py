@@ -200,7 +200,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     api = f"http://{args.host}:{args.port}"
     procs: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def interrupt(*_: object) -> None:
+        stop.set()
+        raise KeyboardInterrupt  # unwinds whatever dev is doing into the cleanup below
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # also when started with SIGINT ignored
+        signal.signal(sig, interrupt)
     try:
         api_log = logs / "api.log"
         procs.append(
@@ -243,6 +249,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             print("Ctrl+C stops the API and the workers.")
             with contextlib.suppress(KeyboardInterrupt):
                 stop.wait()
+            print("\nstopping")
             return 0
     except KeyboardInterrupt:
         return 130

@@ -193,6 +193,9 @@ def test_port_taken_by_another_program_moves_to_a_new_port(cluster: EmbeddedClus
     old_port = urlsplit(old_url).port
     assert cluster.stop() is True
     with socket.socket() as squatter:
+        # The stopped server's connections may leave the port in TIME_WAIT; SO_REUSEADDR (as
+        # postgres itself sets) lets the squatter take it anyway, and its listen() blocks it.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", old_port))
         squatter.listen()
         new_url = cluster.start()
