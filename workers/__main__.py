@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 
 from engine.config import Settings
@@ -12,7 +14,7 @@ from engine.db import open_pool, resolve_database_url
 from engine.errors import PgdagError
 from engine.store import Store
 from engine.tools import load_tool_modules
-from workers.worker import Worker
+from workers.worker import CrashPlan, Worker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +32,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="let HTTP_GET_JSON reach private addresses; PGDAG_HTTP_ALLOW_PRIVATE=1",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
-    return p.parse_args(argv)
+    test_only = p.add_argument_group(
+        "fault injection (TEST ONLY: these flags crash the worker on purpose)"
+    )
+    test_only.add_argument(
+        "--kill-after",
+        type=float,
+        default=None,
+        metavar="S",
+        help="SIGKILL this process S seconds after start",
+    )
+    test_only.add_argument(
+        "--random-failures",
+        type=float,
+        default=None,
+        metavar="P",
+        help="each attempt SIGKILLs the process with probability P, before, during or after "
+        "its tool runs (after: before the result is recorded)",
+    )
+    test_only.add_argument("--crash-seed", type=int, default=None, help="seed for the draws")
+    args = p.parse_args(argv)
+    if args.random_failures is not None and not 0 <= args.random_failures <= 1:
+        p.error("--random-failures must be between 0 and 1")
+    if args.kill_after is not None and args.kill_after < 0:
+        p.error("--kill-after must be >= 0 seconds")
+    return args
 
 
 async def amain(args: argparse.Namespace) -> None:
@@ -50,8 +76,15 @@ async def amain(args: argparse.Namespace) -> None:
             database_url=url,
             worker_id=args.worker_id,
             concurrency=args.concurrency,
+            crash_plan=(
+                CrashPlan(args.random_failures, args.crash_seed) if args.random_failures else None
+            ),
         )
         worker.install_signal_handlers()
+        if args.kill_after is not None:
+            asyncio.get_running_loop().call_later(
+                args.kill_after, os.kill, os.getpid(), signal.SIGKILL
+            )
         await worker.run()
     finally:
         await pool.close()

@@ -42,6 +42,30 @@ from engine.transitions import ClaimedStep, output_json
 logger = logging.getLogger(__name__)
 
 READY_CHANNEL = "pgdag_ready"
+CRASH_POINTS = ("before_tool", "during_tool", "after_tool")
+
+
+@dataclass(frozen=True)
+class CrashPlan:
+    """Test-only fault injection (``--random-failures P``): each attempt SIGKILLs this
+    process with probability `probability`, at a point drawn from `CRASH_POINTS`: before the
+    tool runs, while it runs, or after it returned but before the result is recorded.
+    `seed` makes the draws reproducible."""
+
+    probability: float
+    seed: int | None = None
+
+
+def _crash(point: str, step: ClaimedStep) -> None:
+    logger.warning(
+        "crash injected %s of run %s step %s attempt %d: SIGKILL self",
+        point,
+        step.run_id,
+        step.name,
+        step.attempt,
+    )
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -83,6 +107,7 @@ class Worker:
         database_url: str,
         worker_id: str | None = None,
         concurrency: int = 4,
+        crash_plan: CrashPlan | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -96,6 +121,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._heartbeat_interval_s = settings.lease_ttl_s / 3
+        self._crash_plan = crash_plan
+        self._crash_rng = random.Random(crash_plan.seed if crash_plan else None)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -210,13 +237,22 @@ class Worker:
     async def _run_attempt(self, attempt: _Attempt) -> None:
         step = attempt.step
         log_ctx = (step.run_id, step.name, step.attempt, self.worker_id)
+        crash_at = self._draw_crash_point()
         try:
             logger.debug("run %s step %s attempt %d on %s: started", *log_ctx)
+            if crash_at == "before_tool":
+                _crash(crash_at, step)
+            if crash_at == "during_tool":
+                asyncio.get_running_loop().call_later(
+                    self._crash_rng.random() * 0.05, _crash, crash_at, step
+                )
             try:
                 output = await self._execute(step)
             except ToolError as exc:
                 await self._fail(attempt, str(exc), retryable=exc.retryable)
                 return
+            if crash_at in ("during_tool", "after_tool"):
+                _crash("after_tool", step)
             try:
                 text = output_json(output)
             except ValueError as exc:
@@ -236,6 +272,12 @@ class Worker:
             logger.exception("run %s step %s attempt %d on %s: cannot record outcome", *log_ctx)
         finally:
             self._attempt_done(step.id)
+
+    def _draw_crash_point(self) -> str | None:
+        plan = self._crash_plan
+        if plan is None or self._crash_rng.random() >= plan.probability:
+            return None
+        return self._crash_rng.choice(CRASH_POINTS)
 
     async def _execute(self, step: ClaimedStep) -> object:
         """Run the step's tool; every failure becomes a `ToolError`."""
