@@ -269,6 +269,9 @@ async def _reaper_loop(store: Store, interval_s: float) -> None:
         except RETRYABLE as exc:
             logger.debug("reaper pass failed: %s", exc)
             continue
+        except Exception:  # keep reaping after an unexpected error
+            logger.exception("reaper pass failed")
+            continue
         if reaped:
             logger.info("reaper: %d expired lease(s) requeued or dead-lettered", reaped)
 

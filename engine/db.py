@@ -64,7 +64,9 @@ async def open_pool(
         open=False,
         kwargs={"row_factory": dict_row, "autocommit": True},
         connection_class=psycopg.AsyncConnection[DictRow],
-        reconnect_timeout=0,  # keep trying through a Postgres restart; never give up the pool
+        # Keep reconnecting (with the pool's own backoff) through a Postgres restart or an
+        # outage of up to an hour; 0 would give up at the first failure and shrink the pool.
+        reconnect_timeout=3600,
     )
     await pool.open(wait=True, timeout=30)
     return pool

@@ -180,14 +180,24 @@ class Store:
             return await transitions.reap_expired_leases(conn)
 
     async def cancel_run(self, run_id: str, *, reason: str = "cancelled by request") -> int:
-        """Cancel a run (see `transitions.cancel_run`)."""
-        async with self.pool.connection() as conn:
-            return await transitions.cancel_run(conn, run_id, reason=reason)
+        """Cancel a run (see `transitions.cancel_run`). Cancel locks the run before its
+        steps, the reverse of the workers' order, so it may lose a deadlock: it is retried."""
+
+        async def op() -> int:
+            async with self.pool.connection() as conn:
+                return await transitions.cancel_run(conn, run_id, reason=reason)
+
+        return await retrying(op, what=f"cancelling run {run_id}", deadline_s=10)
 
     async def retry_step(self, run_id: str, step_name: str) -> None:
-        """Manually retry a dead-lettered step (see `transitions.retry_dead_letter`)."""
-        async with self.pool.connection() as conn:
-            await transitions.retry_dead_letter(conn, run_id, step_name)
+        """Manually retry a dead-lettered step (see `transitions.retry_dead_letter`);
+        retried after a deadlock like `cancel_run`."""
+
+        async def op() -> None:
+            async with self.pool.connection() as conn:
+                await transitions.retry_dead_letter(conn, run_id, step_name)
+
+        await retrying(op, what=f"retrying step {step_name} of run {run_id}", deadline_s=10)
 
     # --- workers registry ---------------------------------------------------------------
 

@@ -12,8 +12,9 @@ Step states (terminal ones in brackets)::
                    |                                     |    (reaper; idempotent)   |
                    |                                     |--release (shutdown)-------+
                    |                                     |
-                   |                  complete (token ok)|  fail (spent / not retryable),
-                   |                                     |  lease expired + "idempotent": false
+                   |                  complete (token ok)|  fail (spent / not retryable /
+                   |                                     |  "idempotent": false), lease
+                   |                                     |  expired + "idempotent": false
                    v                                     v
              [skipped] <--upstream dead letter--   [succeeded]   [dead_letter] --retry--> ready
                  |                                                (attempts reset; its skipped
@@ -232,7 +233,8 @@ async def fail_attempt(
     backoff_cap_ms: int,
 ) -> FailOutcome:
     """Record a failed attempt: back to ``ready`` after an exponential backoff with full
-    jitter when `retryable` and attempts remain, else ``dead_letter`` (its dependents are
+    jitter when `retryable`, attempts remain and the step is idempotent (an ``"idempotent":
+    false`` step is never re-run automatically), else ``dead_letter`` (its dependents are
     skipped and the run settles). Raises `LeaseLost` when the token is not current."""
     async with conn.transaction():
         cur = await conn.execute(

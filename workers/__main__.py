@@ -9,10 +9,12 @@ import os
 import signal
 import sys
 
+from psycopg_pool import PoolTimeout
+
 from engine.config import Settings
 from engine.db import open_pool, resolve_database_url
 from engine.errors import PgdagError
-from engine.store import Store
+from engine.store import Pool, Store
 from engine.tools import load_tool_modules
 from workers.worker import CrashPlan, Worker
 
@@ -59,6 +61,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def open_pool_patiently(url: str, *, max_size: int) -> Pool:
+    """Open the worker's pool, waiting as long as it takes for Postgres to answer: a worker
+    started before its database (a reboot, a restart) waits instead of exiting."""
+    delay = 1.0
+    while True:
+        try:
+            return await open_pool(url, min_size=2, max_size=max_size, name="worker")
+        except PoolTimeout:
+            logging.getLogger("workers").warning(
+                "postgres is not answering yet; retrying in %.0fs", delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+
 async def amain(args: argparse.Namespace) -> None:
     """Resolve settings and the database, then run the worker to completion."""
     settings = Settings.from_env(
@@ -68,7 +85,7 @@ async def amain(args: argparse.Namespace) -> None:
     )
     load_tool_modules(settings.tool_modules)
     url = await asyncio.to_thread(resolve_database_url, settings)
-    pool = await open_pool(url, min_size=2, max_size=args.concurrency + 3, name="worker")
+    pool = await open_pool_patiently(url, max_size=args.concurrency + 3)
     try:
         worker = Worker(
             Store(pool, lease_ttl_s=settings.lease_ttl_s),

@@ -224,12 +224,20 @@ class Worker:
 
     def _start_attempt(self, step: ClaimedStep) -> None:
         self.stats.claimed += 1
+        previous = self._attempts.get(step.id)
+        if previous is not None and previous.task is not None and not previous.task.done():
+            # We re-claimed a step whose earlier attempt here lost its lease (it expired while
+            # heartbeats failed) but is still running: that attempt is dead, stop it.
+            previous.lease_lost = True
+            self.stats.leases_lost += 1
+            previous.task.cancel()
         attempt = _Attempt(step=step)
         self._attempts[step.id] = attempt
         attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"step-{step.id}")
 
-    def _attempt_done(self, step_id: int) -> None:
-        self._attempts.pop(step_id, None)
+    def _attempt_done(self, attempt: _Attempt) -> None:
+        if self._attempts.get(attempt.step.id) is attempt:  # not a newer attempt of the step
+            del self._attempts[attempt.step.id]
         self._wake.set()  # a slot is free
 
     # --- running one attempt ------------------------------------------------------------
@@ -271,7 +279,7 @@ class Worker:
         except Exception:
             logger.exception("run %s step %s attempt %d on %s: cannot record outcome", *log_ctx)
         finally:
-            self._attempt_done(step.id)
+            self._attempt_done(attempt)
 
     def _draw_crash_point(self) -> str | None:
         plan = self._crash_plan
@@ -353,19 +361,25 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_interval_s)
-            await self._heartbeat_once()
+            try:
+                await self._heartbeat_once()
+            except Exception:  # the loop must outlive any one failure, or leases lapse
+                logger.exception("heartbeat pass failed")
 
     async def _heartbeat_once(self) -> None:
         attempts = list(self._attempts.values())
         leases = [(a.step.id, a.step.lease_token) for a in attempts]
         try:
             held = await self.store.heartbeat(leases)
+        except RETRYABLE as exc:
+            logger.warning("lease heartbeat failed: %s", exc)
+            return
+        try:
             await self.store.worker_heartbeat(
                 self.worker_id, status="stopping" if self._stopping.is_set() else "running"
             )
         except RETRYABLE as exc:
-            logger.warning("heartbeat failed: %s", exc)
-            return
+            logger.warning("worker heartbeat failed: %s", exc)
         for a in attempts:
             if a.step.id not in held and a.task is not None and not a.task.done():
                 a.lease_lost = True
@@ -385,6 +399,9 @@ class Worker:
                 reaped = await self.store.reap()
             except RETRYABLE as exc:
                 logger.debug("reaper pass failed: %s", exc)
+                continue
+            except Exception:  # keep reaping after an unexpected error
+                logger.exception("reaper pass failed")
                 continue
             if reaped:
                 logger.info("reaper: %d expired lease(s) requeued or dead-lettered", reaped)

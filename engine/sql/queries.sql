@@ -120,20 +120,23 @@ WITH done AS (
     JOIN done ON e.parent_id = done.id
     GROUP BY e.child_id
 ), locked_children AS (
+    -- skipped children are counted down too: a manual retry of the dead letter that skipped
+    -- them returns them to pending, and their count must then be right
     SELECT c.id
     FROM steps c
     JOIN child_counts cc ON cc.child_id = c.id
-    WHERE c.status = 'pending'
+    WHERE c.status IN ('pending', 'skipped')
     ORDER BY c.id
     FOR UPDATE OF c
 ), promoted AS (
     UPDATE steps c
     SET deps_remaining = c.deps_remaining - cc.n,
-        status = CASE WHEN c.deps_remaining - cc.n = 0 THEN 'ready' ELSE c.status END,
+        status = CASE WHEN c.status = 'pending' AND c.deps_remaining - cc.n = 0 THEN 'ready'
+                      ELSE c.status END,
         available_at = now(),
         updated_at = now()
     FROM child_counts cc, locked_children lc
-    WHERE c.id = cc.child_id AND c.id = lc.id AND c.status = 'pending'
+    WHERE c.id = cc.child_id AND c.id = lc.id AND c.status IN ('pending', 'skipped')
     RETURNING c.id, c.run_id, c.name, c.status
 ), run_counts AS (
     SELECT run_id, count(*)::integer AS n FROM done GROUP BY run_id
@@ -170,13 +173,14 @@ SELECT id, status, lease_token, lease_expires_at > now() AS lease_live
 FROM steps WHERE id = %(id)s
 
 -- name: fail_attempt
--- running -> ready after a backoff (attempts left and the error is retryable) or
--- running -> dead_letter. Backoff is exponential with full jitter on the database clock:
+-- running -> ready after a backoff (attempts left, the error is retryable and the step is
+-- idempotent) or running -> dead_letter. An "idempotent": false step is never re-run
+-- automatically: its failed attempt may have had its effect, so a person decides. Backoff is exponential with full jitter on the database clock:
 -- random() * least(cap, base * 2^(attempt - 1)) ms ("Exponential Backoff And Jitter",
 -- AWS Architecture Blog, 2015).
 WITH target AS (
     SELECT s.id, s.attempt, s.max_attempts,
-           (%(retryable)s AND s.attempt < s.max_attempts) AS will_retry,
+           (%(retryable)s AND s.idempotent AND s.attempt < s.max_attempts) AS will_retry,
            least(%(backoff_cap_ms)s::float8,
                  %(backoff_base_ms)s::float8 * power(2, s.attempt - 1)) AS ceiling_ms
     FROM steps s

@@ -1,0 +1,1 @@
+"""Chaos: fault injection, the invariant checker, and the `python -m chaos` demo."""

@@ -1,0 +1,535 @@
+"""``python -m chaos``: kill workers mid-step and prove that nothing is lost or run twice.
+
+Starts the API and N worker processes on the embedded Postgres (or DATABASE_URL), a local
+side-effect ledger, and submits a DAG mixing DELAY, HTTP_GET_JSON (against the ledger) and
+CHAOS_FLAKY (fails a share of attempts transiently). Every few seconds it SIGKILLs a worker
+that holds a running step and starts a replacement; optionally it restarts Postgres too.
+At the end the invariant checker reads the audit log and the ledger, and a verdict table
+says whether every guarantee held. Exit code 0 only when they all did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from chaos.checker import Report, check_database, ledger_duplicates
+from chaos.ledger import Ledger
+from engine.config import Settings
+from engine.db import resolve_database_url
+from engine.embedded import EmbeddedCluster
+from engine.migrate import upgrade_head
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = ("completed", "failed", "cancelled")
+CHAOS_DB = "pgdag_chaos"
+
+
+@dataclass
+class Kill:
+    """One SIGKILL: which worker, when (UTC), and the step it held mid-run."""
+
+    worker_id: str
+    pid: int
+    at: datetime
+    run_id: str
+    step: str
+    attempt: int
+    lease_token: int
+    released_after_s: float | None = None
+
+
+@dataclass
+class Chaos:
+    """The demo's state: processes, the schedule, and what happened."""
+
+    args: argparse.Namespace
+    url: str
+    env: dict[str, str]
+    log_dir: Path
+    rng: random.Random
+    console: Console
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    next_worker: int = 1
+    kills: list[Kill] = field(default_factory=list)
+    pg_restarts: list[float] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+
+    def start_worker(self) -> str:
+        worker_id = f"chaos-w{self.next_worker}"
+        self.next_worker += 1
+        log = (self.log_dir / f"{worker_id}.log").open("ab")
+        self.workers[worker_id] = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--concurrency", "4", "--worker-id", worker_id],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        return worker_id
+
+
+def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> dict[str, Any]:
+    """A DAG of at least `n_steps` steps: a seed step fans out to branches of
+    fetch (HTTP) -> work (flaky) -> wait (DELAY) -> notify (HTTP), which join in two groups,
+    each recorded to the ledger, then a final step."""
+    rng = random.Random(seed)
+    branches = max(2, (n_steps - 6 + 3) // 4)
+    attempts = {"maxAttempts": 15}
+    steps: list[dict[str, Any]] = [
+        {"name": "seed", "tool": "DELAY", "input": {"ms": 200}, **attempts}
+    ]
+    waits = []
+    for i in range(branches):
+        steps += [
+            {
+                "name": f"fetch-{i}",
+                "tool": "HTTP_GET_JSON",
+                "input": {"url": f"{ledger}/fetch/{i}"},
+                "dependsOn": ["seed"],
+                **attempts,
+            },
+            {
+                "name": f"work-{i}",
+                "tool": "CHAOS_FLAKY",
+                "input": {"failureRate": failure_rate, "ms": rng.randint(300, 1500), "seed": seed},
+                "dependsOn": [f"fetch-{i}"],
+                **attempts,
+            },
+            {
+                "name": f"wait-{i}",
+                "tool": "DELAY",
+                "input": {"ms": rng.randint(500, 2000)},
+                "dependsOn": [f"work-{i}"],
+                **attempts,
+            },
+            {
+                "name": f"notify-{i}",
+                "tool": "HTTP_GET_JSON",
+                "input": {"url": f"{ledger}/notify/{i}"},
+                "dependsOn": [f"wait-{i}"],
+                **attempts,
+            },
+        ]
+        waits.append(f"notify-{i}")
+    half = len(waits) // 2
+    for group, members in (("a", waits[:half]), ("b", waits[half:])):
+        steps += [
+            {
+                "name": f"join-{group}",
+                "tool": "CHAOS_FLAKY",
+                "input": {"failureRate": failure_rate, "ms": 400, "seed": seed},
+                "dependsOn": members,
+                **attempts,
+            },
+            {
+                "name": f"record-{group}",
+                "tool": "HTTP_GET_JSON",
+                "input": {"url": f"{ledger}/record/{group}"},
+                "dependsOn": [f"join-{group}"],
+                **attempts,
+            },
+        ]
+    steps.append(
+        {
+            "name": "final",
+            "tool": "DELAY",
+            "input": {"ms": 100},
+            "dependsOn": ["record-a", "record-b"],
+            **attempts,
+        }
+    )
+    return {"goal": f"chaos demo (seed {seed})", "steps": steps}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _prepare_database(args: argparse.Namespace) -> tuple[str, EmbeddedCluster | None]:
+    settings = Settings.from_env()
+    if settings.database_url:
+        if args.postgres_restarts:
+            raise SystemExit("--postgres-restarts needs the embedded Postgres: unset DATABASE_URL")
+        upgrade_head(settings.database_url)
+        return settings.database_url, None
+    base = resolve_database_url(settings)
+    with psycopg.connect(base, autocommit=True) as conn:
+        ident = sql.Identifier(CHAOS_DB)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    info = psycopg.conninfo.conninfo_to_dict(base)
+    info["dbname"] = CHAOS_DB
+    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    upgrade_head(url)
+    return url, EmbeddedCluster(settings.home)
+
+
+def _pick_victim(chaos: Chaos) -> tuple[str, dict[str, Any]] | None:
+    """A live worker of ours holding a running step, and that step."""
+    try:
+        with psycopg.connect(
+            chaos.url, autocommit=True, row_factory=dict_row, connect_timeout=2
+        ) as conn:
+            rows = conn.execute(
+                "SELECT run_id, name, attempt, lease_owner, lease_token FROM steps"
+                " WHERE status = 'running' AND lease_owner = ANY(%s) ORDER BY id",
+                ([w for w, p in chaos.workers.items() if p.poll() is None],),
+            ).fetchall()
+    except psycopg.OperationalError:
+        return None
+    if not rows:
+        return None
+    row = chaos.rng.choice(rows)
+    return row["lease_owner"], row
+
+
+def _kill(chaos: Chaos) -> Kill | None:
+    victim = _pick_victim(chaos)
+    if victim is None:
+        return None
+    worker_id, step = victim
+    proc = chaos.workers[worker_id]
+    kill = Kill(
+        worker_id,
+        proc.pid,
+        datetime.now(UTC),
+        str(step["run_id"]),
+        step["name"],
+        step["attempt"],
+        step["lease_token"],
+    )
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    del chaos.workers[worker_id]
+    replacement = chaos.start_worker()
+    chaos.kills.append(kill)
+    chaos.console.print(
+        f"[red]kill -9[/] {worker_id} (pid {kill.pid}) during step [bold]{kill.step}[/] "
+        f"attempt {kill.attempt}; started {replacement}"
+    )
+    return kill
+
+
+def _progress(chaos: Chaos, client: httpx.Client, started: float) -> tuple[Text, bool]:
+    counts: dict[str, int] = {}
+    statuses = []
+    for run_id in chaos.run_ids:
+        run = client.get(f"/runs/{run_id}", params={}).json()
+        statuses.append(run["status"])
+        for k, v in run["stepCounts"].items():
+            counts[k] = counts.get(k, 0) + v
+    total = sum(counts.values())
+    done = counts.get("succeeded", 0)
+    width = 30
+    bar = "#" * (width * done // max(total, 1))
+    text = Text.assemble(
+        (f"{time.monotonic() - started:6.1f}s ", "dim"),
+        f"[{bar:<{width}}] {done}/{total} succeeded  ",
+        "  ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "succeeded"),
+        (f"  kills {len(chaos.kills)}", "red"),
+        (f"  pg restarts {len(chaos.pg_restarts)}", "yellow")
+        if chaos.args.postgres_restarts
+        else "",
+        f"  runs {len(chaos.run_ids)}",
+    )
+    return text, all(s in TERMINAL for s in statuses)
+
+
+def _verdict(chaos: Chaos, report: Report, ledger: Ledger, elapsed_s: float) -> int:
+    with psycopg.connect(chaos.url, row_factory=dict_row) as conn:
+        rows = conn.execute(
+            "SELECT r.id, r.status, count(*) FILTER (WHERE s.status = 'succeeded') AS ok,"
+            " count(*) AS n FROM runs r JOIN steps s ON s.run_id = r.id"
+            " WHERE r.id = ANY(%s::uuid[]) GROUP BY r.id, r.status",
+            (chaos.run_ids,),
+        ).fetchall()
+        succeeded_at = {
+            f"{e['run_id']}:{e['step_name']}": e["created_at"]
+            for e in conn.execute(
+                "SELECT run_id, step_name, created_at FROM audit_log"
+                " WHERE event = 'step_succeeded' AND run_id = ANY(%s::uuid[])",
+                (chaos.run_ids,),
+            ).fetchall()
+        }
+        # kill -> the killed step claimed again (by another worker, after the lease expired)
+        for kill in chaos.kills:
+            nxt = conn.execute(
+                "SELECT created_at FROM audit_log WHERE run_id = %s AND step_name = %s"
+                " AND event = 'step_claimed' AND lease_token > %s ORDER BY id LIMIT 1",
+                (kill.run_id, kill.step, kill.lease_token),
+            ).fetchone()
+            if nxt:
+                kill.released_after_s = (nxt["created_at"] - kill.at).total_seconds()
+        story_kill = next((k for k in chaos.kills if k.released_after_s is not None), None)
+        story = []
+        if story_kill:
+            story = conn.execute(
+                "SELECT id, event, from_status, to_status, attempt, lease_token, worker_id,"
+                " created_at FROM audit_log WHERE run_id = %s AND step_name = %s ORDER BY id",
+                (story_kill.run_id, story_kill.step),
+            ).fetchall()
+    duplicates, reruns = ledger_duplicates(ledger.requests(), succeeded_at)
+    outcomes = {r["status"] for r in rows}
+    steps_ok = sum(r["ok"] for r in rows)
+    steps_all = sum(r["n"] for r in rows)
+    releases = [k.released_after_s for k in chaos.kills if k.released_after_s is not None]
+    all_completed = outcomes == {"completed"} and len(rows) == len(chaos.run_ids)
+    passed = all_completed and report.ok and duplicates == 0
+
+    def mark(ok: bool) -> str:
+        return "[green]ok[/]" if ok else "[red]FAIL[/]"
+
+    table = Table(title="chaos verdict", show_lines=False)
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_column("", justify="center")
+    table.add_row(
+        "run outcome", ", ".join(sorted(outcomes)) + f" ({len(rows)} run(s))", mark(all_completed)
+    )
+    table.add_row("steps succeeded", f"{steps_ok}/{steps_all}", mark(steps_ok == steps_all))
+    table.add_row("attempts (claims)", str(report.attempts), "")
+    table.add_row("retries after transient failures", str(report.retries), "")
+    table.add_row("leases expired and recovered", str(report.leases_expired), "")
+    table.add_row("workers killed (kill -9 mid-step)", str(len(chaos.kills)), "")
+    if chaos.args.postgres_restarts:
+        table.add_row("postgres restarts", str(len(chaos.pg_restarts)), "")
+    table.add_row(
+        "kill -> step re-leased (median / max)",
+        f"{statistics.median(releases):.1f}s / {max(releases):.1f}s" if releases else "-",
+        "",
+    )
+    table.add_row("steps/s (succeeded / wall time)", f"{steps_ok / elapsed_s:.1f}", "")
+    table.add_row(
+        "duplicate side effects after a recorded success", str(duplicates), mark(duplicates == 0)
+    )
+    table.add_row("at-least-once re-sends before the success was recorded", str(reruns), "")
+    table.add_row(
+        '"idempotent": false steps sent to review', str(report.non_idempotent_for_review), ""
+    )
+    table.add_row("invariant violations", str(len(report.violations)), mark(report.ok))
+    chaos.console.print()
+    chaos.console.print(table)
+    for v in report.violations[:20]:
+        chaos.console.print(f"[red]violation[/] {v.kind} run {v.run_id} step {v.step}: {v.detail}")
+    if story_kill and story:
+        chaos.console.print(
+            f"\naudit log of [bold]{story_kill.step}[/], whose worker {story_kill.worker_id} "
+            f"was killed at {story_kill.at:%H:%M:%S.%f}"[:-3]
+            + ":"
+        )
+        for e in story:
+            chaos.console.print(
+                f"  {e['id']:>6} {e['created_at']:%H:%M:%S.%f}"[:-3]
+                + f"  {e['event']:<22} {e['from_status'] or '-':>8} -> {e['to_status']:<11}"
+                f" attempt {e['attempt'] or '-':<3} token {e['lease_token'] or '-':<5}"
+                f" {e['worker_id'] or ''}"
+            )
+    chaos.console.print(
+        "\n[bold green]PASS[/]: every invariant held" if passed else "\n[bold red]FAIL[/]"
+    )
+    return 0 if passed else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo; returns the exit code."""
+    console = Console() if sys.stdout.isatty() else Console(width=110)
+    seed = args.seed if args.seed is not None else random.randrange(1_000_000)
+    url, cluster = _prepare_database(args)
+    home = Settings.from_env().home.resolve()
+    log_dir = home / "chaos-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger()
+    ledger_url = ledger.start()
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PGDAG_TOOLS": "chaos.tools",
+        "PGDAG_HTTP_ALLOW_PRIVATE": "1",
+        "PGDAG_LEASE_TTL": str(args.lease_ttl),
+        "PGDAG_REAPER_INTERVAL": "0.5",
+        "PGDAG_POLL_INTERVAL": "0.5",
+        "PGDAG_BACKOFF_BASE_MS": "100",
+        "PGDAG_BACKOFF_CAP_MS": "2000",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    chaos = Chaos(args, url, env, log_dir, random.Random(seed), console)
+    port = _free_port()
+    api_log = (log_dir / "api.log").open("ab")
+    api = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--port", str(port)],
+        env=env,
+        stdout=api_log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    console.print(
+        f"[bold]pgdag chaos[/]: seed {seed}, {args.workers} workers, kill every "
+        f"~{args.kill_every}s, failure rate {args.failure_rate}, lease TTL {args.lease_ttl}s"
+        + (f", {args.postgres_restarts} postgres restart(s)" if args.postgres_restarts else "")
+    )
+    console.print(f"logs in {log_dir}; ledger at {ledger_url}")
+    started = time.monotonic()
+    try:
+        for _ in range(args.workers):
+            chaos.start_worker()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or api.poll() is not None:
+                    raise SystemExit(f"the API did not start; see {log_dir / 'api.log'}")
+                time.sleep(0.1)
+
+            def submit() -> None:
+                body = build_run(
+                    args.steps,
+                    ledger=ledger_url,
+                    failure_rate=args.failure_rate,
+                    seed=seed + len(chaos.run_ids),
+                )
+                resp = client.post("/runs", json=body)
+                resp.raise_for_status()
+                chaos.run_ids.append(resp.json()["id"])
+                console.print(f"submitted run {chaos.run_ids[-1]} ({len(body['steps'])} steps)")
+
+            submit()
+            started = time.monotonic()
+            next_kill = started + args.kill_every * (0.5 + chaos.rng.random())
+            restart_times = [started + (i + 1) * 6.0 for i in range(args.postgres_restarts)]
+            with Live(console=console, refresh_per_second=4, transient=False) as live:
+                while True:
+                    now = time.monotonic()
+                    if now - started > args.timeout:
+                        console.print(f"[red]timed out after {args.timeout}s[/]")
+                        break
+                    if args.kill_every > 0 and now >= next_kill:
+                        _kill(chaos)
+                        next_kill = now + args.kill_every * (0.5 + chaos.rng.random())
+                    if restart_times and now >= restart_times[0] and cluster is not None:
+                        restart_times.pop(0)
+                        t0 = time.monotonic()
+                        cluster.stop()
+                        cluster.start()
+                        chaos.pg_restarts.append(time.monotonic() - t0)
+                        console.print(
+                            f"[yellow]restarted postgres[/] (down {chaos.pg_restarts[-1]:.1f}s)"
+                        )
+                    try:
+                        text, finished = _progress(chaos, client, started)
+                    except (httpx.HTTPError, KeyError):
+                        time.sleep(0.25)
+                        continue  # the API is reconnecting (postgres restart)
+                    live.update(text)
+                    if finished:
+                        if now - started < args.duration:
+                            submit()  # soak: keep the engine busy until --duration
+                        elif not restart_times:
+                            break
+                    time.sleep(0.25)
+            elapsed = time.monotonic() - started
+    finally:
+        for proc in [*chaos.workers.values(), api]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*chaos.workers.values(), api]:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        ledger.stop()
+    with psycopg.connect(url) as conn:
+        report = check_database(conn, chaos.run_ids)
+    return _verdict(chaos, report, ledger, elapsed)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the demo."""
+    p = argparse.ArgumentParser(
+        prog="python -m chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
+    p.add_argument("--steps", type=int, default=30, help="steps per run, at least 10 (default 30)")
+    p.add_argument(
+        "--kill-every",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="mean seconds between kill -9s; 0 disables (default 3)",
+    )
+    p.add_argument(
+        "--failure-rate",
+        type=float,
+        default=0.4,
+        metavar="P",
+        help="share of CHAOS_FLAKY attempts that fail transiently (default 0.4)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0,
+        metavar="S",
+        help="soak: keep submitting runs for S seconds (default: one run)",
+    )
+    p.add_argument(
+        "--postgres-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also restart the embedded Postgres N times, 6 s apart",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for a reproducible schedule")
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="lease TTL for this demo (default 3 s so recovery shows quickly)",
+    )
+    p.add_argument("--timeout", type=float, default=300, metavar="S", help="give up after S s")
+    args = p.parse_args(argv)
+    if args.steps < 10:
+        p.error("--steps must be at least 10")
+    if not 0 <= args.failure_rate < 1:
+        p.error("--failure-rate must be in [0, 1)")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

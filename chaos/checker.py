@@ -1,0 +1,558 @@
+"""The chaos invariant checker: judge a whole history from the audit log, never from timing.
+
+Like Jepsen's queue checker, it reads everything that happened (the ``audit_log`` rows, with
+the final ``runs`` and ``steps`` rows) and reports every broken invariant, each as a
+`Violation` whose detail names the event ids and fencing tokens involved. `check_rows` is
+pure, for hand-made histories; `check_database` loads a consistent snapshot and calls it.
+`ledger_duplicates` compares the requests a side-effect ledger received with the recorded
+successes.
+
+Violation kinds:
+
+``overlapping_leases``
+    A step_claimed while the step's previous claim has not ended. Every claim must be
+    followed by exactly one ending event carrying its lease_token (step_succeeded,
+    step_retry_scheduled, step_dead_lettered, step_lease_expired, step_released or
+    step_cancelled) before the next claim; an ending event with no open claim, a second
+    ending of one claim, or an ending event carrying another token is reported too.
+``stale_token_success``
+    A step_succeeded whose lease_token is not the token of the step's latest step_claimed.
+``dependency_not_met``
+    A step_claimed before a step_succeeded of each of its ``depends_on`` (by event id).
+``terminal_changed``
+    Any event for a step after it reached succeeded or cancelled; after dead_letter only
+    step_retried is allowed, after skipped only step_unskipped.
+``run_status_mismatch``
+    A run's status disagrees with its steps (completed with a step not succeeded; failed with
+    a step unfinished or none in dead_letter; cancelled with a step still pending, ready or
+    running; pending or running with every step terminal) or with its last run event; or a
+    step's status disagrees with the to_status of its last event.
+``success_count``
+    A succeeded step without exactly one step_succeeded since its last step_retried.
+``non_idempotent_rerun``
+    An ``"idempotent": false`` step claimed more than once between manual retries
+    (step_retried). This is the strict at-most-once reading: a re-claim after the step's own
+    retryable failure counts too.
+``stuck_pending``
+    A step still pending although every one of its ``depends_on`` has succeeded: nothing will
+    ever make it ready, so its run can never finish. (The promotion to ready happens in the
+    statement that records the last dependency's success, so no consistent snapshot shows
+    this legitimately.)
+
+Ordering by audit_log id is the real order for one step (all its events are written under
+its row lock). Across steps it is sound for dependencies: a dependent can be claimed only
+after the statement that recorded its parent's success committed, so that success has the
+smaller id.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, LiteralString
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
+
+# The checker keeps its own copy of the state machine's vocabulary instead of importing the
+# engine's: a checker that shares the code it judges would share its mistakes.
+STEP_EVENT_STATUS: Final[Mapping[str, str]] = {
+    "step_claimed": "running",
+    "step_succeeded": "succeeded",
+    "step_retry_scheduled": "ready",
+    "step_dead_lettered": "dead_letter",
+    "step_lease_expired": "ready",
+    "step_released": "ready",
+    "step_ready": "ready",
+    "step_skipped": "skipped",
+    "step_cancelled": "cancelled",
+    "step_retried": "ready",
+    "step_unskipped": "pending",
+}
+RUN_EVENT_STATUS: Final[Mapping[str, str]] = {
+    "run_created": "pending",
+    "run_started": "running",
+    "run_completed": "completed",
+    "run_failed": "failed",
+    "run_cancelled": "cancelled",
+    "run_resumed": "running",
+}
+TERMINAL_STEP_STATES: Final = frozenset({"succeeded", "dead_letter", "skipped", "cancelled"})
+UNFINISHED_STEP_STATES: Final = frozenset({"pending", "ready", "running"})
+# Events that end an attempt (a claim). step_cancelled ends one only when a claim is open
+# (or it says it left ``running``); cancelling a pending or ready step ends no attempt.
+LEASE_ENDING_EVENTS: Final = frozenset(
+    {
+        "step_succeeded",
+        "step_retry_scheduled",
+        "step_dead_lettered",
+        "step_lease_expired",
+        "step_released",
+        "step_cancelled",
+    }
+)
+# The only event allowed after each terminal state (None: no event at all).
+ALLOWED_AFTER_TERMINAL: Final[Mapping[str, str | None]] = {
+    "succeeded": None,
+    "cancelled": None,
+    "dead_letter": "step_retried",
+    "skipped": "step_unskipped",
+}
+# detail.reason of a step_dead_lettered written because the lease ended, not by a failure.
+LEASE_ENDED_REASONS: Final = frozenset({"lease expired", "worker shutdown"})
+# How many step names a run-level violation lists before "and N more".
+LISTED_STEPS_MAX: Final = 10
+
+KINDS: Final = (
+    "overlapping_leases",
+    "stale_token_success",
+    "dependency_not_met",
+    "terminal_changed",
+    "run_status_mismatch",
+    "success_count",
+    "non_idempotent_rerun",
+    "stuck_pending",
+)
+
+# Read-only diagnostics, not engine queries: kept here rather than in engine/sql, which
+# holds what the engine runs. NULL ids means every run.
+_SELECT_RUNS: Final[LiteralString] = """
+SELECT id, status FROM runs
+WHERE %(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[])
+ORDER BY seq
+"""
+_SELECT_STEPS: Final[LiteralString] = """
+SELECT id, run_id, name, status, idempotent, depends_on FROM steps
+WHERE %(ids)s::uuid[] IS NULL OR run_id = ANY(%(ids)s::uuid[])
+ORDER BY id
+"""
+_SELECT_EVENTS: Final[LiteralString] = """
+SELECT id, run_id, step_id, step_name, event, from_status, to_status, attempt, lease_token,
+       worker_id, detail, created_at
+FROM audit_log
+WHERE %(ids)s::uuid[] IS NULL OR run_id = ANY(%(ids)s::uuid[])
+ORDER BY id
+"""
+
+Row = dict[str, Any]
+StepKey = tuple[str, str]  # (run_id, step name)
+_Add = Callable[[str, str], None]  # add(kind, detail) for one step
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken invariant: its `kind` (see the module docstring), the run, the step name
+    (None for a run-level violation) and a detail naming the event ids and tokens."""
+
+    kind: str
+    run_id: str
+    step: str | None
+    detail: str
+
+
+@dataclass
+class Report:
+    """What the checker found in a history: the violations and what happened, counted."""
+
+    violations: list[Violation] = field(default_factory=list)
+    runs: int = 0
+    steps: int = 0
+    attempts: int = 0
+    """step_claimed events."""
+    retries: int = 0
+    """step_retry_scheduled events (a failed attempt sent back after a backoff)."""
+    leases_expired: int = 0
+    """step_lease_expired events (the reaper requeued an attempt)."""
+    dead_letters: int = 0
+    """step_dead_lettered events, whatever their cause."""
+    released: int = 0
+    """step_released events (a worker's graceful shutdown handed the attempt back)."""
+    reruns_after_unrecorded_success: int = 0
+    """Left 0 by the checker; the caller fills it from `ledger_duplicates`."""
+    non_idempotent_for_review: int = 0
+    """``"idempotent": false`` steps now in dead_letter because their lease ended (the
+    reaper or a shutdown release), not because of their own failure."""
+
+    @property
+    def ok(self) -> bool:
+        """True when no violation was found."""
+        return not self.violations
+
+
+def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
+    """Check a history given as rows (dicts keyed by column name); pure, no I/O.
+
+    `runs` need ``id`` and ``status``; `steps` need ``run_id``, ``name``, ``status`` and may
+    carry ``id``, ``idempotent`` (default true) and ``depends_on`` (default none); `events`
+    are audit_log rows and need ``id``, ``run_id`` and ``event``, with ``step_name`` (or a
+    ``step_id`` found in `steps`) for step events. A missing ``to_status`` is taken from the
+    event name. Ids may be UUIDs or strings.
+    """
+    step_rows: dict[StepKey, Row] = {}
+    key_by_step_id: dict[int, StepKey] = {}
+    for s in steps:
+        key = (str(s["run_id"]), str(s["name"]))
+        step_rows[key] = s
+        if s.get("id") is not None:
+            key_by_step_id[int(s["id"])] = key
+
+    step_events: dict[StepKey, list[Row]] = defaultdict(list)
+    run_events: dict[str, list[Row]] = defaultdict(list)
+    for e in sorted(events, key=lambda e: int(e["id"])):
+        owner = _step_key(e, key_by_step_id)
+        if owner is None:
+            run_events[str(e["run_id"])].append(e)
+        else:
+            step_events[owner].append(e)
+    successes: dict[StepKey, list[int]] = {
+        key: [int(e["id"]) for e in evs if e["event"] == "step_succeeded"]
+        for key, evs in step_events.items()
+    }
+
+    report = Report(runs=len(runs), steps=len(steps))
+    out = report.violations
+    for key in sorted(step_rows.keys() | step_events.keys()):
+        _check_step(key, step_rows.get(key), step_events.get(key, []), step_rows, successes, out)
+    for key, row in sorted(step_rows.items()):
+        _check_stuck(key, row, step_rows, successes, out)
+
+    steps_by_run: dict[str, list[Row]] = defaultdict(list)
+    for (run_id, _), s in step_rows.items():
+        steps_by_run[run_id].append(s)
+    for run in runs:
+        run_id = str(run["id"])
+        _check_run(run_id, str(run["status"]), steps_by_run[run_id], run_events[run_id], out)
+
+    counts = Counter(str(e["event"]) for e in events)
+    report.attempts = counts["step_claimed"]
+    report.retries = counts["step_retry_scheduled"]
+    report.leases_expired = counts["step_lease_expired"]
+    report.dead_letters = counts["step_dead_lettered"]
+    report.released = counts["step_released"]
+    report.non_idempotent_for_review = sum(
+        1
+        for key, s in step_rows.items()
+        if s["status"] == "dead_letter"
+        and not s.get("idempotent", True)
+        and _last_dead_letter_was_lease_end(step_events.get(key, []))
+    )
+    return report
+
+
+def check_database(conn: psycopg.Connection[Any], run_ids: list[str] | None = None) -> Report:
+    """Load the runs `run_ids` (None: every run) with their steps and audit log from `conn`
+    and check them with `check_rows`.
+
+    The three reads share one snapshot (REPEATABLE READ, READ ONLY) when `conn` is idle, so
+    a live engine cannot make them disagree; inside a caller's transaction they run in that
+    transaction. Works whatever the connection's row factory; leaves no transaction open
+    that it started. Raises `psycopg.Error` on a database error.
+    """
+    ids = None if run_ids is None else [str(i) for i in run_ids]
+    idle = conn.info.transaction_status == TransactionStatus.IDLE
+    with conn.transaction():
+        cur = conn.cursor(row_factory=dict_row)
+        if idle:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        runs = cur.execute(_SELECT_RUNS, {"ids": ids}).fetchall()
+        steps = cur.execute(_SELECT_STEPS, {"ids": ids}).fetchall()
+        events = cur.execute(_SELECT_EVENTS, {"ids": ids}).fetchall()
+    return check_rows(runs, steps, events)
+
+
+def ledger_duplicates(
+    requests: list[tuple[str, datetime]], succeeded_at: dict[str, datetime]
+) -> tuple[int, int]:
+    """Compare a side-effect ledger with the recorded successes.
+
+    `requests` are ``(idempotency_key, arrival time)`` as the ledger recorded them;
+    `succeeded_at` maps ``"<runId>:<stepName>"`` to the created_at of its step_succeeded.
+    Returns ``(duplicates, at_least_once_reruns)``: duplicates are requests for a key that
+    arrived after its success was recorded (must be 0); at_least_once_reruns are the extra
+    requests (beyond the first) that arrived before it, or for a key with no success yet,
+    which at-least-once execution allows (a crash between the effect and the record).
+    Requests without a key cannot be attributed to a step and are not counted. Times must
+    be comparable (both timezone-aware).
+    """
+    duplicates = 0
+    before: Counter[str] = Counter()
+    for key, arrived_at in requests:
+        if not key:
+            continue
+        recorded_at = succeeded_at.get(key)
+        if recorded_at is not None and arrived_at > recorded_at:
+            duplicates += 1
+        else:
+            before[key] += 1
+    return duplicates, sum(n - 1 for n in before.values())
+
+
+# --- one step --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """Attempts of a step since its creation or its last step_retried."""
+
+    since: Row | None = None  # the step_retried that opened it; None: creation
+    claims: list[Row] = field(default_factory=list)
+    successes: list[Row] = field(default_factory=list)
+    ends: dict[int, Row] = field(default_factory=dict)  # claim event id -> its ending event
+
+    def describe(self) -> str:
+        return "creation" if self.since is None else _ev(self.since)
+
+
+def _check_step(
+    key: StepKey,
+    row: Row | None,
+    evs: list[Row],
+    step_rows: Mapping[StepKey, Row],
+    successes: Mapping[StepKey, list[int]],
+    out: list[Violation],
+) -> None:
+    run_id, name = key
+
+    def add(kind: str, detail: str) -> None:
+        out.append(Violation(kind, run_id, name, detail))
+
+    idempotent = True if row is None else bool(row.get("idempotent", True))
+    depends_on = [] if row is None else [str(d) for d in row.get("depends_on") or ()]
+    last_claim: Row | None = None
+    claim_open = False
+    window = _Window()
+    terminal: Row | None = None  # the event that left the step in a terminal state
+
+    def end_claim(e: Row) -> None:
+        nonlocal claim_open
+        if last_claim is None:
+            add("overlapping_leases", f"{_ev(e)} ends an attempt, but the step was never claimed")
+        elif not claim_open:
+            first = window.ends.get(int(last_claim["id"]))
+            ended = f"; it already ended with {_ev(first)}" if first else ""
+            add(
+                "overlapping_leases",
+                f"{_ev(e)} ends {_ev(last_claim)} a second time{ended}",
+            )
+        elif e.get("lease_token") != last_claim.get("lease_token"):
+            add(
+                "overlapping_leases",
+                f"{_ev(e)} carries token {e.get('lease_token')}, but the open attempt is "
+                f"{_ev(last_claim)}",
+            )
+            claim_open = False  # the write did end it, under the wrong token: report once
+        else:
+            claim_open = False
+            window.ends[int(last_claim["id"])] = e
+
+    for e in evs:
+        event = str(e["event"])
+        if terminal is not None:
+            status = _to_status(terminal)
+            allowed = ALLOWED_AFTER_TERMINAL.get(status)
+            if event != allowed:
+                also = f"; only {allowed} may follow {status}" if allowed else ""
+                add(
+                    "terminal_changed",
+                    f"{_ev(e)} after {_ev(terminal)} left the step {status}{also}",
+                )
+
+        if event == "step_claimed":
+            if last_claim is not None and claim_open:
+                add(
+                    "overlapping_leases",
+                    f"{_ev(e)} while {_ev(last_claim)} had not ended (no ending event with "
+                    f"token {last_claim.get('lease_token')})",
+                )
+            _check_dependencies(e, run_id, depends_on, step_rows, successes, add)
+            last_claim, claim_open = e, True
+            window.claims.append(e)
+        elif event == "step_succeeded":
+            window.successes.append(e)
+            if last_claim is None or e.get("lease_token") != last_claim.get("lease_token"):
+                latest = "no step_claimed before it" if last_claim is None else _ev(last_claim)
+                add(
+                    "stale_token_success",
+                    f"{_ev(e)} carries token {e.get('lease_token')}, but the step's latest "
+                    f"claim is {latest}",
+                )
+            else:
+                end_claim(e)
+        elif event in LEASE_ENDING_EVENTS and (
+            event != "step_cancelled" or claim_open or e.get("from_status") == "running"
+        ):
+            end_claim(e)
+        elif event == "step_retried":
+            _check_rerun(window, idempotent, add)
+            window = _Window(since=e)
+
+        terminal = e if _to_status(e) in TERMINAL_STEP_STATES else None
+
+    _check_rerun(window, idempotent, add)
+    if row is not None and row["status"] == "succeeded" and len(window.successes) != 1:
+        found = ", ".join(_ev(s) for s in window.successes) or "none"
+        add(
+            "success_count",
+            f"the step is succeeded with {len(window.successes)} step_succeeded since "
+            f"{window.describe()} (want exactly 1): {found}",
+        )
+    if evs:
+        last = evs[-1]
+        if row is None:
+            add(
+                "run_status_mismatch",
+                f"the audit log has events for a step the steps table lacks (last: {_ev(last)})",
+            )
+        elif _to_status(last) != row["status"]:
+            add(
+                "run_status_mismatch",
+                f"the steps table says {row['status']}, but its last event {_ev(last)} left "
+                f"it {_to_status(last)}",
+            )
+
+
+def _check_dependencies(
+    claim: Row,
+    run_id: str,
+    depends_on: list[str],
+    step_rows: Mapping[StepKey, Row],
+    successes: Mapping[StepKey, list[int]],
+    add: _Add,
+) -> None:
+    claim_id = int(claim["id"])
+    for dep in depends_on:
+        if (run_id, dep) not in step_rows and (run_id, dep) not in successes:
+            add("dependency_not_met", f"{_ev(claim)}: dependency {dep!r} is not a step of the run")
+            continue
+        ids = successes.get((run_id, dep), [])
+        if bisect.bisect_left(ids, claim_id) == 0:  # no success with a smaller id
+            later = f"; its first step_succeeded is #{ids[0]}" if ids else "; it never succeeded"
+            add(
+                "dependency_not_met",
+                f"{_ev(claim)} before any step_succeeded of dependency {dep!r}{later}",
+            )
+
+
+def _check_rerun(window: _Window, idempotent: bool, add: _Add) -> None:
+    if idempotent or len(window.claims) <= 1:
+        return
+    attempts = []
+    for c in window.claims:
+        end = window.ends.get(int(c["id"]))
+        attempts.append(f"{_ev(c)} ended by {_ev(end)}" if end else f"{_ev(c)} not ended")
+    add(
+        "non_idempotent_rerun",
+        f'an "idempotent": false step claimed {len(window.claims)} times since '
+        f"{window.describe()}: " + "; ".join(attempts),
+    )
+
+
+def _check_stuck(
+    key: StepKey,
+    row: Row,
+    step_rows: Mapping[StepKey, Row],
+    successes: Mapping[StepKey, list[int]],
+    out: list[Violation],
+) -> None:
+    if row["status"] != "pending":
+        return
+    run_id, name = key
+    deps = [str(d) for d in row.get("depends_on") or ()]
+    parents = [step_rows.get((run_id, d)) for d in deps]
+    if any(p is None or p["status"] != "succeeded" for p in parents):
+        return
+    done = ", ".join(
+        f"{d!r} (step_succeeded #{successes[(run_id, d)][-1]})"
+        if successes.get((run_id, d))
+        else f"{d!r} (no step_succeeded)"
+        for d in deps
+    )
+    out.append(
+        Violation(
+            "stuck_pending",
+            run_id,
+            name,
+            "the step is pending, but every dependency has succeeded: "
+            + (done or "it has none")
+            + "; nothing will make it ready",
+        )
+    )
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+
+def _check_run(
+    run_id: str, status: str, steps: list[Row], evs: list[Row], out: list[Violation]
+) -> None:
+    def add(detail: str) -> None:
+        out.append(Violation("run_status_mismatch", run_id, None, detail))
+
+    def having(states: Iterable[str]) -> list[Row]:
+        wanted = frozenset(states)
+        return [s for s in steps if s["status"] in wanted]
+
+    if status == "completed":
+        if bad := [s for s in steps if s["status"] != "succeeded"]:
+            add(f"run is completed, but steps are not succeeded: {_names(bad)}")
+    elif status == "failed":
+        if bad := having(UNFINISHED_STEP_STATES):
+            add(f"run is failed, but steps are unfinished: {_names(bad)}")
+        if not having({"dead_letter"}):
+            add("run is failed, but no step is in dead_letter")
+    elif status == "cancelled":
+        if bad := having(UNFINISHED_STEP_STATES):
+            add(f"run is cancelled, but steps are still unfinished: {_names(bad)}")
+    elif (
+        status in ("pending", "running")
+        and steps
+        and len(having(TERMINAL_STEP_STATES)) == len(steps)
+    ):
+        add(f"run is {status}, but every step is terminal: {_names(steps)}")
+    if evs and (left := _to_status(evs[-1])) != status:
+        add(f"runs table says {status}, but its last run event {_ev(evs[-1])} left it {left}")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _step_key(e: Row, key_by_step_id: Mapping[int, StepKey]) -> StepKey | None:
+    """The step an event belongs to, or None for a run-level event."""
+    run_id = str(e["run_id"])
+    if e.get("step_name") is not None:
+        return run_id, str(e["step_name"])
+    if e.get("step_id") is not None:
+        return key_by_step_id.get(int(e["step_id"]), (run_id, f"<step id {e['step_id']}>"))
+    return None
+
+
+def _to_status(e: Row) -> str:
+    """The status an event left its step or run in: its to_status, else from its name."""
+    if e.get("to_status") is not None:
+        return str(e["to_status"])
+    event = str(e["event"])
+    return STEP_EVENT_STATUS.get(event) or RUN_EVENT_STATUS.get(event) or "?"
+
+
+def _ev(e: Row) -> str:
+    """``step_claimed #12 (token 7)``: how details name an event."""
+    token = e.get("lease_token")
+    return f"{e['event']} #{e['id']}" + (f" (token {token})" if token is not None else "")
+
+
+def _names(steps: list[Row]) -> str:
+    shown = ", ".join(f"{s['name']} ({s['status']})" for s in steps[:LISTED_STEPS_MAX])
+    more = len(steps) - LISTED_STEPS_MAX
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _last_dead_letter_was_lease_end(evs: list[Row]) -> bool:
+    for e in reversed(evs):
+        if e["event"] == "step_dead_lettered":
+            detail = e.get("detail")
+            return isinstance(detail, Mapping) and detail.get("reason") in LEASE_ENDED_REASONS
+    return False
