@@ -11,6 +11,7 @@ says whether every guarantee held. Exit code 0 only when they all did.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import random
 import signal
@@ -34,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chaos.checker import Report, check_database, ledger_duplicates
+from chaos.faults import restart_postgres
 from chaos.ledger import Ledger
 from engine.config import Settings
 from engine.db import resolve_database_url
@@ -43,6 +45,7 @@ from engine.migrate import upgrade_head
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ("completed", "failed", "cancelled")
 CHAOS_DB = "pgdag_chaos"
+MAX_KILLS_PER_STEP = 2
 
 
 @dataclass
@@ -201,6 +204,10 @@ def _pick_victim(chaos: Chaos) -> tuple[str, dict[str, Any]] | None:
             ).fetchall()
     except psycopg.OperationalError:
         return None
+    # A kill spends the attempt it interrupts; spread kills so that no step's maxAttempts is
+    # burned by the killer alone (the point is recovery, not exhausting one step).
+    killed = collections.Counter((k.run_id, k.step) for k in chaos.kills)
+    rows = [r for r in rows if killed[(str(r["run_id"]), r["name"])] < MAX_KILLS_PER_STEP]
     if not rows:
         return None
     row = chaos.rng.choice(rows)
@@ -435,10 +442,7 @@ def run(args: argparse.Namespace) -> int:
                         next_kill = now + args.kill_every * (0.5 + chaos.rng.random())
                     if restart_times and now >= restart_times[0] and cluster is not None:
                         restart_times.pop(0)
-                        t0 = time.monotonic()
-                        cluster.stop()
-                        cluster.start()
-                        chaos.pg_restarts.append(time.monotonic() - t0)
+                        chaos.pg_restarts.append(restart_postgres(cluster))
                         console.print(
                             f"[yellow]restarted postgres[/] (down {chaos.pg_restarts[-1]:.1f}s)"
                         )
@@ -482,9 +486,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kill-every",
         type=float,
-        default=3.0,
+        default=2.0,
         metavar="S",
-        help="mean seconds between kill -9s; 0 disables (default 3)",
+        help="mean seconds between kill -9s; 0 disables (default 2)",
     )
     p.add_argument(
         "--failure-rate",
