@@ -7,6 +7,7 @@ fails with the last value seen.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -193,6 +194,27 @@ def submit(db_url: str, body: dict[str, Any]) -> str:
             await pool.close()
 
     return asyncio.run(go())
+
+
+def random_delay_dag(
+    n: int, lo_ms: int, hi_ms: int, *, seed: int, dep_share: float = 0.5
+) -> dict[str, Any]:
+    """A run of `n` DELAY steps of `lo_ms`..`hi_ms`; about `dep_share` of them depend on one
+    earlier step. Seeded, so a test sees the same graph every time."""
+    rng = random.Random(seed)
+    steps = []
+    for i in range(n):
+        deps = [f"s{rng.randrange(i)}"] if i and rng.random() < dep_share else []
+        steps.append(
+            {
+                "name": f"s{i}",
+                "tool": "DELAY",
+                "input": {"ms": rng.randint(lo_ms, hi_ms)},
+                "dependsOn": deps,
+                "maxAttempts": 20,
+            }
+        )
+    return {"steps": steps}
 
 
 def run_status(db_url: str, run_id: str) -> str:

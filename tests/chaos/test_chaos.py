@@ -27,6 +27,7 @@ from tests.support import (
     base_env,
     events,
     query,
+    random_delay_dag,
     steps_by_name,
     submit,
     wait_for,
@@ -51,20 +52,7 @@ def succeeded_once(db_url: str, run_id: str) -> None:
 
 
 def delays(n: int, lo: int, hi: int, seed: int = 1) -> dict[str, Any]:
-    rng = random.Random(seed)
-    steps: list[dict[str, Any]] = []
-    for i in range(n):
-        deps = [f"s{rng.randrange(i)}"] if i and rng.random() < 0.5 else []
-        steps.append(
-            {
-                "name": f"s{i}",
-                "tool": "DELAY",
-                "input": {"ms": rng.randint(lo, hi)},
-                "dependsOn": deps,
-                "maxAttempts": 20,
-            }
-        )
-    return {"steps": steps}
+    return random_delay_dag(n, lo, hi, seed=seed)
 
 
 def test_demo_with_fixed_seed_passes(db_url: str, tmp_path: Path) -> None:

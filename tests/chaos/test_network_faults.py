@@ -6,7 +6,6 @@ nothing, and every step must be recorded as succeeded exactly once."""
 from __future__ import annotations
 
 import collections
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,16 @@ import pytest
 
 from chaos.checker import check_database
 from chaos.proxy import TcpProxy, proxied_url
-from tests.support import Proc, events, query, steps_by_name, submit, wait_for, workers
+from tests.support import (
+    Proc,
+    events,
+    query,
+    random_delay_dag,
+    steps_by_name,
+    submit,
+    wait_for,
+    workers,
+)
 
 LEASE_TTL_S = 2.0  # what tests/support.py gives worker processes (PGDAG_LEASE_TTL)
 # Deadlines only bound a failing test; a passing one takes ~7 s. The first wait includes
@@ -34,20 +42,10 @@ def target(db_url: str) -> tuple[str, int]:
 
 def delay_run(n: int, lo_ms: int, hi_ms: int, seed: int) -> dict[str, Any]:
     """`n` DELAY steps of `lo_ms`..`hi_ms`, about a third depending on an earlier step."""
-    rng = random.Random(seed)
-    steps = []
-    for i in range(n):
-        deps = [f"s{rng.randrange(i)}"] if i and rng.random() < 0.35 else []
-        steps.append(
-            {
-                "name": f"s{i}",
-                "tool": "DELAY",
-                "input": {"ms": rng.randint(lo_ms, hi_ms)},
-                "dependsOn": deps,
-                "maxAttempts": 20,
-            }
-        )
-    return {"goal": "network faults", "steps": steps}
+    return {
+        "goal": "network faults",
+        **random_delay_dag(n, lo_ms, hi_ms, seed=seed, dep_share=0.35),
+    }
 
 
 def succeeded(db_url: str, run_id: str) -> int:
