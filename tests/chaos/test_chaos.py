@@ -267,3 +267,23 @@ def test_eight_workers_race_on_2000_steps(db_url: str, tmp_path: Path) -> None:
     succeeded_once(db_url, run_id)
     claimers = {e["worker_id"] for e in events(db_url, run_id) if e["event"] == "step_claimed"}
     assert len(claimers) == 8  # all eight really raced
+
+
+def test_kill_after_flag_sigkills_the_worker_and_its_step_is_recovered(
+    db_url: str, tmp_path: Path
+) -> None:
+    run_id = submit(db_url, {"steps": [{"name": "long", "tool": "DELAY", "input": {"ms": 4000}}]})
+    doomed = Proc(
+        ["-m", "workers", "--worker-id", "doomed", "--kill-after", "2"],
+        base_env(db_url),
+        tmp_path / "doomed.log",
+    )
+    try:
+        assert doomed.popen.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        doomed.stop()
+    assert steps_by_name(db_url, run_id)["long"]["lease_owner"] == "doomed"
+    with workers(db_url, tmp_path, n=1, id_prefix="heir"):
+        assert wait_run_finished(db_url, run_id) == "completed"
+    kinds = [e["event"] for e in events(db_url, run_id) if e["step_name"] == "long"]
+    assert kinds == ["step_claimed", "step_lease_expired", "step_claimed", "step_succeeded"]
