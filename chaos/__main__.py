@@ -182,6 +182,14 @@ def _prepare_database(args: argparse.Namespace) -> tuple[str, EmbeddedCluster | 
     base = resolve_database_url(settings)
     with psycopg.connect(base, autocommit=True) as conn:
         ident = sql.Identifier(CHAOS_DB)
+        busy = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (CHAOS_DB,)
+        ).fetchone()
+        if busy and busy[0]:
+            raise SystemExit(
+                f"another `python -m chaos` is using the {CHAOS_DB} database ({busy[0]} "
+                "connections); wait for it to finish or stop it first"
+            )
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
     info = psycopg.conninfo.conninfo_to_dict(base)
