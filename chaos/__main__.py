@@ -41,9 +41,9 @@ from engine.config import Settings
 from engine.db import resolve_database_url
 from engine.embedded import EmbeddedCluster
 from engine.migrate import upgrade_head
+from engine.transitions import TERMINAL_RUN_STATES
 
 ROOT = Path(__file__).resolve().parent.parent
-TERMINAL = ("completed", "failed", "cancelled")
 CHAOS_DB = "pgdag_chaos"
 MAX_KILLS_PER_STEP = 2
 
@@ -271,7 +271,7 @@ def _progress(chaos: Chaos, client: httpx.Client, started: float) -> tuple[Text,
         else "",
         f"  runs {len(chaos.run_ids)}",
     )
-    return text, all(s in TERMINAL for s in statuses)
+    return text, all(s in TERMINAL_RUN_STATES for s in statuses)
 
 
 def _verdict(chaos: Chaos, report: Report, ledger: Ledger, elapsed_s: float) -> int:

@@ -58,6 +58,8 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
+from engine.transitions import TERMINAL_STEP_STATES
+
 # The checker keeps its own copy of the state machine's vocabulary instead of importing the
 # engine's: a checker that shares the code it judges would share its mistakes.
 STEP_EVENT_STATUS: Final[Mapping[str, str]] = {
@@ -81,7 +83,6 @@ RUN_EVENT_STATUS: Final[Mapping[str, str]] = {
     "run_cancelled": "cancelled",
     "run_resumed": "running",
 }
-TERMINAL_STEP_STATES: Final = frozenset({"succeeded", "dead_letter", "skipped", "cancelled"})
 UNFINISHED_STEP_STATES: Final = frozenset({"pending", "ready", "running"})
 # Events that end an attempt (a claim). step_cancelled ends one only when a claim is open
 # (or it says it left ``running``); cancelling a pending or ready step ends no attempt.

@@ -21,8 +21,7 @@ import httpx
 
 from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings
 from engine.errors import PgdagError
-
-TERMINAL_RUN_STATES = ("completed", "failed", "cancelled")
+from engine.transitions import TERMINAL_RUN_STATES
 
 
 def _settings(args: argparse.Namespace) -> Settings:
