@@ -272,6 +272,15 @@ class TcpProxy:
                 logger.exception("proxy %r failed", self)
         finally:
             with contextlib.suppress(Exception):
+                # Handlers of connections accepted while stopping are still pending: end them.
+                leftover = asyncio.all_tasks(loop)
+                for task in leftover:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+                # transport.abort() closes its socket in a call_soon callback: run the ready
+                # callbacks before closing the loop, or the socket is left open (ResourceWarning).
+                for _ in range(3):
+                    loop.run_until_complete(asyncio.sleep(0))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._loop = None
