@@ -198,6 +198,10 @@ def test_zombie_past_its_lease(db_url: str, tmp_path: Path) -> None:
             what="all six running on the zombie",
         )
         zombie.signal(signal.SIGSTOP)
+        stale_tokens = {
+            e["lease_token"] for e in events(db_url, run_id) if e["event"] == "step_claimed"
+        }
+        assert len(stale_tokens) == 6
         with workers(db_url, tmp_path, n=2, id_prefix="alive"):
             wait_for(
                 lambda: (
@@ -211,8 +215,13 @@ def test_zombie_past_its_lease(db_url: str, tmp_path: Path) -> None:
     report = check(db_url, [run_id])
     assert report.leases_expired == 6
     succeeded_once(db_url, run_id)
-    winners = {e["worker_id"] for e in events(db_url, run_id) if e["event"] == "step_succeeded"}
-    assert winners <= {"alive0", "alive1"}
+    # The zombie may legitimately claim a requeued step after SIGCONT (with a
+    # fresh token); what it must never do is record a result under a lease it lost.
+    winning_tokens = {
+        e["lease_token"] for e in events(db_url, run_id) if e["event"] == "step_succeeded"
+    }
+    assert len(winning_tokens) == 6
+    assert not winning_tokens & stale_tokens
 
 
 def test_postgres_restart_twice(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
