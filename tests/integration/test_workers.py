@@ -127,9 +127,14 @@ def test_zombie_cannot_record_after_lease_expired(db_url: str, tmp_path: Path) -
         _wait_running(db_url, run_id, "slow")
         zombie.signal(signal.SIGSTOP)
         with workers(db_url, tmp_path, n=1, id_prefix="b"):
+            # Wait for b0's claim, not only the expiry: a zombie resumed while the
+            # step sits ready may claim it anew, legitimately, with a fresh token.
             wait_for(
-                lambda: any(e["event"] == "step_lease_expired" for e in events(db_url, run_id)),
-                what="lease expiry",
+                lambda: any(
+                    e["event"] == "step_claimed" and e["worker_id"] == "b0"
+                    for e in events(db_url, run_id)
+                ),
+                what="lease expiry and b0's claim",
             )
             zombie.signal(signal.SIGCONT)
             assert wait_run_finished(db_url, run_id) == "completed"
