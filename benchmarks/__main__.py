@@ -1,182 +1,79 @@
-"""``python -m benchmarks``: the engine's figures, measured on a real Postgres.
+"""``python -m benchmarks``: pgdag beside PgQueuer, Procrastinate and DBOS, and beside the
+raw commit rate of the same Postgres, measured in one run on one machine.
 
-Workloads (all by default; pick with ``--only``):
+Workloads (all by default; pick with ``--only``, repeatable):
 
-- accept:  time for ``POST /runs`` to accept one N-step run (default 5,000) over HTTP;
-- drain:   N independent DELAY(0) steps (default 10,000) drained by 2 worker processes,
-           steps/s from the first claim to the run's completion;
-- explain: EXPLAIN (ANALYZE, BUFFERS) of the claim query with 1,000,000 steps in the table.
+- w1:      flat: N independent no-op jobs enqueued, then drained by 2 worker processes;
+- w2:      DAG: runs of a 10-step diamond chain (pgdag) / 3-step workflows (DBOS);
+- w3:      pickup latency at idle, one job at a time: submit's commit -> the job starts;
+- w4:      claim rate with 1,000,000 ready steps in the table versus 10,000;
+- w5:      time to accept one 10,000-step run over HTTP;
+- w6:      table and index size and dead tuples after N steps went through;
+- w7:      RSS of a worker and of the API after w1 (measured inside w1);
+- pgbench: single-row UPDATE commits/s at 8 and 16 clients (the ceiling);
+- explain: EXPLAIN (ANALYZE, BUFFERS) of the claim and reaper queries on 1,000,000 steps.
 
-Uses ``DATABASE_URL`` when set, else the embedded cluster under ``PGDAG_HOME``. Each
-workload gets a fresh database (``pgdag_bench_<workload>``) that is dropped afterwards.
-Prints a table and writes ``benchmarks/results.json``. ``--quick`` shrinks every size.
+Peers run when installed (``pip install -e ".[bench]"``), through their own APIs, in a
+fresh database each. Uses ``DATABASE_URL`` when set, else the embedded cluster under
+``PGDAG_HOME``; fsync and synchronous_commit stay as the server has them (on by default).
+Prints a table and writes JSON (``--out``). ``--quick`` shrinks every size (~1 minute).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
-from psycopg import sql
+from rich.console import Console
+from rich.table import Table
 
+from benchmarks import pgbench, pgdag_bench
+from benchmarks.common import ROOT, machine, scratch_db
 from engine.config import Settings
 from engine.db import resolve_database_url
-from engine.migrate import upgrade_head
 from engine.sql import queries
 
-ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6", "pgbench", "peers", "explain")
 
-
-def _db_url(base: str, name: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(base)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
-
-
-@contextmanager
-def scratch_db(base: str, name: str) -> Iterator[str]:
-    """A freshly created and migrated database, dropped on exit."""
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = _db_url(base, name)
-    upgrade_head(url)
-    try:
-        yield url
-    finally:
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-def _env(url: str) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextmanager
-def processes(argvs: list[list[str]], url: str) -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *argv],
-            env=_env(url),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for argv in argvs
-    ]
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def _steps(n: int, *, fan_from_root: bool) -> list[dict[str, Any]]:
-    if fan_from_root:
-        return [{"name": "root", "tool": "DELAY", "input": {"ms": 0}}] + [
-            {"name": f"s{i}", "tool": "DELAY", "input": {"ms": 0}, "dependsOn": ["root"]}
-            for i in range(n - 1)
-        ]
-    return [{"name": f"s{i}", "tool": "DELAY", "input": {"ms": 0}} for i in range(n)]
-
-
-def bench_accept(base: str, n: int, repeats: int) -> dict[str, Any]:
-    """Time POST /runs of one n-step fan-out run against a real `engine serve`."""
-    port = _free_port()
-    with (
-        scratch_db(base, "pgdag_bench_accept") as url,
-        processes([["-m", "engine", "serve", "--port", str(port)]], url),
-    ):
-        api = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        body = json.dumps({"goal": "bench", "steps": _steps(n, fan_from_root=True)}).encode()
-        times = []
-        with httpx.Client(timeout=120) as client:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                r = client.post(
-                    f"{api}/runs", content=body, headers={"content-type": "application/json"}
-                )
-                times.append(time.perf_counter() - t0)
-                r.raise_for_status()
-    times.sort()
-    return {
-        "steps": n,
-        "bodyBytes": len(body),
-        "medianMs": round(times[len(times) // 2] * 1000),
-        "allMs": [round(t * 1000) for t in times],
-    }
-
-
-def bench_drain(base: str, n: int, workers: int, concurrency: int) -> dict[str, Any]:
-    """n DELAY(0) steps enqueued, then drained by `workers` worker processes."""
-    with scratch_db(base, "pgdag_bench_drain") as url:
-        from tests.support import submit  # the same engine call the API makes
-
-        run_id = submit(url, {"goal": "drain", "steps": _steps(n, fan_from_root=False)})
-        argvs = [
-            ["-m", "workers", "--concurrency", str(concurrency), "--worker-id", f"bench-{i}"]
-            for i in range(workers)
-        ]
-        with processes(argvs, url), psycopg.connect(url, autocommit=True) as conn:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                row = conn.execute("SELECT status FROM runs WHERE id = %s", (run_id,)).fetchone()
-                if row and row[0] in ("completed", "failed", "cancelled"):
-                    break
-                time.sleep(0.05)
-            first, last = conn.execute(
-                "SELECT min(created_at), max(created_at) FROM audit_log"
-                " WHERE run_id = %s AND event IN ('step_claimed', 'run_completed')",
-                (run_id,),
-            ).fetchone()  # type: ignore[misc]
-    secs = (last - first).total_seconds()
-    return {
-        "steps": n,
-        "workers": workers,
-        "concurrency": concurrency,
-        "status": row[0] if row else None,
-        "seconds": round(secs, 2),
-        "stepsPerSecond": round(n / secs),
-    }
+FULL = {
+    "w1_jobs": 20_000,
+    "w2_runs": 1_000,
+    "w3_jobs": 300,
+    "w3_rate": 100.0,
+    "w4_backlogs": (10_000, 1_000_000),
+    "w4_measured": 10_000,
+    "w5_steps": 10_000,
+    "w5_repeats": 3,
+    "w6_steps": 1_000_000,
+    "pgbench_seconds": 10,
+    "explain_steps": 1_000_000,
+    "dbos_workflows": 1_000,
+}
+QUICK = {
+    "w1_jobs": 1_000,
+    "w2_runs": 50,
+    "w3_jobs": 30,
+    "w3_rate": 100.0,
+    "w4_backlogs": (2_000, 20_000),
+    "w4_measured": 1_000,
+    "w5_steps": 1_000,
+    "w5_repeats": 2,
+    "w6_steps": 5_000,
+    "pgbench_seconds": 2,
+    "explain_steps": 20_000,
+    "dbos_workflows": 30,
+}
 
 
 def bench_explain(base: str, n: int) -> dict[str, Any]:
-    """EXPLAIN the claim query with n steps in the table, 1 % of them ready."""
+    """EXPLAIN the claim and reaper queries with `n` steps in the table, 1 % ready."""
     with (
         scratch_db(base, "pgdag_bench_explain") as url,
         psycopg.connect(url, autocommit=True) as conn,
@@ -215,19 +112,136 @@ def bench_explain(base: str, n: int) -> dict[str, Any]:
     return {"steps": total, "plans": plans}
 
 
-def machine(base: str) -> dict[str, Any]:
-    with psycopg.connect(base) as conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-        settings = {
-            name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]  # type: ignore[index]
-            for name in ("fsync", "synchronous_commit", "shared_buffers", "max_connections")
-        }
-    return {
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "postgres": version,
-        "settings": settings,
-    }
+def run_peers(base: str, size: dict[str, Any]) -> dict[str, Any]:
+    """W1 and W3 for each installed peer (and W2 for DBOS), each in a fresh database."""
+    try:
+        from benchmarks.peers import PEERS
+    except ImportError as exc:
+        return {"error": f"benchmarks.peers unavailable: {exc}"}
+    out: dict[str, Any] = {}
+    for name, mod in PEERS.items():
+        why = mod.available()
+        if why is not None:
+            out[name] = {"skipped": why}
+            print(f"  {name}: skipped ({why})", flush=True)
+            continue
+        res: dict[str, Any] = {"version": mod.VERSION, "config": mod.CONFIG}
+        steps: list[tuple[str, Callable[[str], dict[str, Any]]]] = [
+            ("w1", lambda url, m=mod: m.w1(url, size["w1_jobs"], 2)),
+            ("w3", lambda url, m=mod: m.w3(url, size["w3_jobs"], size["w3_rate"])),
+        ]
+        if hasattr(mod, "w2"):
+            steps.append(("w2", lambda url, m=mod: m.w2(url, size["dbos_workflows"], 2)))
+        for workload, call in steps:
+            db = f"bench_peer_{name}_{workload}"
+            try:
+                with scratch_db(base, db, migrate=False) as url:
+                    res[workload] = call(url)
+            except Exception as exc:  # one peer failing must not lose the others' figures
+                res[workload] = {"error": f"{type(exc).__name__}: {exc}"}
+                traceback.print_exc()
+            print(f"  {name} {workload}: {json.dumps(res[workload])}", flush=True)
+        out[name] = res
+    return out
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}{unit}"
+    if isinstance(value, int):
+        return f"{value:,}{unit}"
+    return f"{value}{unit}"
+
+
+def _peer(results: dict[str, Any], name: str, workload: str, key: str) -> Any:
+    peer = results.get("peers", {}).get(name, {})
+    if "skipped" in peer:
+        return "n/a"
+    entry = peer.get(workload)
+    if entry is None:
+        return None
+    if "error" in entry:
+        return "error"
+    return entry.get(key)
+
+
+def table(results: dict[str, Any]) -> Table:
+    """The summary: one row per figure, pgdag beside each peer."""
+    t = Table(title="pgdag vs peers (same machine, same Postgres, one run)")
+    for col in ("workload", "figure", "pgdag", "PgQueuer", "Procrastinate", "DBOS"):
+        t.add_column(col, justify="left" if col in ("workload", "figure") else "right")
+    peers = ("pgqueuer", "procrastinate", "dbos")
+    w1 = results.get("w1", {})
+    if "runs" in w1:
+        r = w1["runs"]
+        t.add_row(
+            "W1 flat",
+            f"{r['jobs']:,} no-op jobs, 2 procs: jobs/s (wall, incl. start-up)",
+            _fmt(r["jobsPerS"]),
+            *(_fmt(_peer(results, p, "w1", "jobsPerS")) for p in peers),
+        )
+        t.add_row("", "  same, first claim -> last success", _fmt(r["jobsPerSDb"]), "", "", "")
+    if "steps" in w1:
+        r = w1["steps"]
+        t.add_row("W1 flat", f"one run of {r['jobs']:,} steps: steps/s", _fmt(r["jobsPerS"]))
+    if "w2" in results:
+        r = results["w2"]
+        t.add_row(
+            "W2 DAG",
+            f"{r['runs']:,} runs x 10-step diamond chain: steps/s",
+            _fmt(r["stepsPerS"]),
+            "",
+            "",
+            _fmt(_peer(results, "dbos", "w2", "stepsPerS")),
+        )
+        t.add_row(
+            "",
+            "  runs/s (DBOS: 3-step workflows/s)",
+            _fmt(r["runsPerS"]),
+            "",
+            "",
+            _fmt(_peer(results, "dbos", "w2", "workflowsPerS")),
+        )
+    if "w3" in results:
+        r = results["w3"]
+        for key, label in (("p50Ms", "p50"), ("p99Ms", "p99")):
+            t.add_row(
+                "W3 pickup" if key == "p50Ms" else "",
+                f"{r['n']} jobs at {r['ratePerS']:.0f}/s, commit -> start {label} (ms)",
+                _fmt(r[key]),
+                *(_fmt(_peer(results, p, "w3", key)) for p in peers),
+            )
+    if "w4" in results:
+        r = results["w4"]
+        for backlog, rate in r["rates"].items():
+            t.add_row("W4 backlog", f"{int(backlog):,} ready: steps/s", _fmt(rate))
+        t.add_row("", "  rate at the largest / at the smallest", _fmt(r["ratio"]))
+    if "w5" in results:
+        r = results["w5"]
+        t.add_row("W5 big run", f"POST /runs, {r['steps']:,} steps: median ms", _fmt(r["medianMs"]))
+    if "w6" in results:
+        r = results["w6"]
+        for rel in ("steps", "audit_log"):
+            s = r["tables"].get(rel, {})
+            t.add_row(
+                "W6 churn" if rel == "steps" else "",
+                f"after {r['steps']:,} steps: {rel} table+indexes MB (dead tuples)",
+                f"{s.get('tableMb', 0) + s.get('indexesMb', 0):,.1f} ({s.get('dead', 0):,})",
+            )
+    if "runs" in w1:
+        rss = w1["runs"]["rss"]
+        t.add_row(
+            "W7 memory", "RSS after W1: worker / API (MiB)", f"{rss['workerMb']} / {rss['apiMb']}"
+        )
+    if "pgbench" in results and "tps" in results["pgbench"]:
+        for c, tps in results["pgbench"]["tps"].items():
+            t.add_row("ceiling", f"pgbench single-row UPDATE, {c} clients: commits/s", _fmt(tps))
+        if "runs" in w1 and "16" in results["pgbench"]["tps"]:
+            frac = w1["runs"]["jobsPerS"] / results["pgbench"]["tps"]["16"]
+            t.add_row("", "  W1 jobs/s as a fraction of 16-client UPDATEs/s", f"{frac:.2f}")
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,45 +250,61 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--only", choices=["accept", "drain", "explain"], action="append")
-    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    p.add_argument("--accept-steps", type=int, default=5000)
-    p.add_argument("--drain-steps", type=int, default=10_000)
-    p.add_argument("--explain-steps", type=int, default=1_000_000)
+    p.add_argument("--only", choices=WORKLOADS, action="append", help="run only these")
+    p.add_argument("--quick", action="store_true", help="small sizes: a ~1 minute smoke run")
+    p.add_argument("--no-peers", action="store_true", help="pgdag and pgbench only")
+    p.add_argument("--w6-steps", type=int, help="steps through W6 (default 1,000,000)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     args = p.parse_args(argv)
-    if args.quick:
-        args.accept_steps, args.drain_steps, args.explain_steps = 500, 1000, 20_000
-    only = set(args.only or ["accept", "drain", "explain"])
+    size = dict(QUICK if args.quick else FULL)
+    if args.w6_steps:
+        size["w6_steps"] = args.w6_steps
+    only = set(args.only or WORKLOADS)
+    if args.no_peers:
+        only.discard("peers")
 
-    settings = Settings.from_env()
-    base = resolve_database_url(settings)
-    results: dict[str, Any] = {"machine": machine(base)}
-    print(f"machine: {json.dumps(results['machine'])}", flush=True)
-    if "accept" in only:
-        r = results["accept"] = bench_accept(
-            base, args.accept_steps, repeats=3 if args.quick else 5
+    console = Console()
+    base = resolve_database_url(Settings.from_env())
+    results: dict[str, Any] = {"machine": machine(base), "quick": args.quick, "sizes": size}
+    console.print(f"machine: {json.dumps(results['machine'])}")
+
+    def step(name: str, call: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
+        console.print(f"[bold]{name}[/bold] ...")
+        results[name] = call()
+        console.print(f"  {json.dumps(results[name], default=str)[:400]}")
+        console.print(f"  ({time.perf_counter() - t0:.1f} s)")
+
+    if "w1" in only:
+        step(
+            "w1",
+            lambda: {
+                "runs": pgdag_bench.w1(base, size["w1_jobs"], shape="runs"),
+                "steps": pgdag_bench.w1(base, size["w1_jobs"], shape="steps"),
+            },
         )
-        print(
-            f"accept   {r['steps']:>9,} steps in one POST /runs ({r['bodyBytes'] / 1e6:.2f} MB):"
-            f" median {r['medianMs']} ms (all {r['allMs']})",
-            flush=True,
-        )
-    if "drain" in only:
-        r = results["drain"] = bench_drain(base, args.drain_steps, workers=2, concurrency=8)
-        print(
-            f"drain    {r['steps']:>9,} DELAY(0) steps, 2 worker processes x 8:"
-            f" {r['seconds']} s, {r['stepsPerSecond']:,} steps/s ({r['status']})",
-            flush=True,
-        )
+    if "w2" in only:
+        step("w2", lambda: pgdag_bench.w2(base, size["w2_runs"]))
+    if "w3" in only:
+        step("w3", lambda: pgdag_bench.w3(base, size["w3_jobs"], size["w3_rate"]))
+    if "w4" in only:
+        step("w4", lambda: pgdag_bench.w4(base, size["w4_backlogs"], size["w4_measured"]))
+    if "w5" in only:
+        step("w5", lambda: pgdag_bench.w5(base, size["w5_steps"], size["w5_repeats"]))
+    if "w6" in only:
+        step("w6", lambda: pgdag_bench.w6(base, size["w6_steps"]))
+    if "pgbench" in only:
+        step("pgbench", lambda: pgbench.run(base, (8, 16), size["pgbench_seconds"]))
+    if "peers" in only:
+        step("peers", lambda: run_peers(base, size))
     if "explain" in only:
-        r = results["explain"] = bench_explain(base, args.explain_steps)
-        print(f"explain  {r['steps']:>9,} steps in the table, 1 % ready")
-        for name, plan in r["plans"].items():
-            print(f"--- {name}")
-            print("\n".join(plan))
+        step("explain", lambda: bench_explain(base, size["explain_steps"]))
+        for name, plan in results["explain"]["plans"].items():
+            console.print(f"--- {name}\n" + "\n".join(plan), highlight=False)
+
+    console.print(table(results))
     args.out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {args.out}")
+    console.print(f"wrote {args.out}")
     return 0
 
 

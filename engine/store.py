@@ -140,6 +140,21 @@ class Store:
 
         await retrying(op, what=f"recording success of {step.name}", deadline_s=self.lease_ttl_s)
 
+    async def complete_many(
+        self, results: list[tuple[int, int, str]], *, worker_id: str
+    ) -> dict[int, str | None]:
+        """Record a batch of successes ``[(step_id, token, output_json_text)]`` in one
+        statement; see `transitions.record_successes` for the result. Retried through
+        connection loss until a lease would have expired."""
+
+        async def op() -> dict[int, str | None]:
+            async with self.pool.connection() as conn:
+                return await transitions.record_successes(conn, results, worker_id=worker_id)
+
+        return await retrying(
+            op, what=f"recording {len(results)} successes", deadline_s=self.lease_ttl_s
+        )
+
     async def fail(
         self,
         step: ClaimedStep,

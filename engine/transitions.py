@@ -221,6 +221,33 @@ async def complete_step(
     raise LeaseLost(_lease_lost_message(step_id, token, state))
 
 
+async def record_successes(
+    conn: Conn, results: list[tuple[int, int, str]], *, worker_id: str
+) -> dict[int, str | None]:
+    """Record a batch of successes ``[(step_id, token, output_json_text), ...]`` in one
+    statement (`complete_steps`) and say what became of each: ``{step_id: None}`` when it is
+    recorded, ``{step_id: reason}`` when its lease was lost (the reason is the `LeaseLost`
+    message). Like `complete_step`, safe to call again after an ambiguous commit: a step
+    found ``succeeded`` under the same token counts as recorded."""
+    recorded = await complete_steps(conn, results, worker_id=worker_id)
+    outcome: dict[int, str | None] = {r[0]: None for r in results if r[0] in recorded}
+    missing = [r for r in results if r[0] not in recorded]
+    if missing:
+        cur = await conn.execute(queries["steps_lease_state"], {"ids": [r[0] for r in missing]})
+        states = {row["id"]: row for row in await cur.fetchall()}
+        for step_id, token, _ in missing:
+            state = states.get(step_id)
+            if (
+                state is not None
+                and state["status"] == "succeeded"
+                and state["lease_token"] == token
+            ):
+                outcome[step_id] = None
+            else:
+                outcome[step_id] = _lease_lost_message(step_id, token, state)
+    return outcome
+
+
 async def fail_attempt(
     conn: Conn,
     step_id: int,

@@ -85,7 +85,9 @@ async def amain(args: argparse.Namespace) -> None:
     )
     load_tool_modules(settings.tool_modules)
     url = await asyncio.to_thread(resolve_database_url, settings)
-    pool = await open_pool_patiently(url, max_size=args.concurrency + 3)
+    # Successes share one writer (SuccessBatcher); failures and "idempotent": false results
+    # take a connection each, so a few more than the concurrency rarely helps.
+    pool = await open_pool_patiently(url, max_size=min(args.concurrency, 16) + 4)
     try:
         worker = Worker(
             Store(pool, lease_ttl_s=settings.lease_ttl_s),

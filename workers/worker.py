@@ -42,6 +42,7 @@ from engine.transitions import ClaimedStep, output_json
 logger = logging.getLogger(__name__)
 
 READY_CHANNEL = "pgdag_ready"
+MAX_CLAIM = 100  # steps claimed per statement at most
 CRASH_POINTS = ("before_tool", "during_tool", "after_tool")
 
 
@@ -73,6 +74,67 @@ class _Attempt:
     step: ClaimedStep
     task: asyncio.Task[None] | None = None
     lease_lost: bool = False
+
+
+class SuccessBatcher:
+    """Group commit for successes: attempts hand their result to `record` and wait; one
+    task writes everything handed over meanwhile in a single `complete_steps` statement
+    (up to `max_batch`), then the next batch, with no timer. At low load a batch is one step
+    and costs what a lone write costs; under load, batches grow while the previous write is
+    in flight, so the run's counter row and the commit are paid once per batch, not per step.
+
+    The price is a window between a tool returning and its result being durable: at most
+    one write in flight plus the write itself (milliseconds). A worker killed inside it
+    loses those results, and the steps run again after their lease expires (at-least-once).
+    That is why ``"idempotent": false`` steps never come here: `Worker` records them at once,
+    on their own.
+    """
+
+    def __init__(self, store: Store, worker_id: str, *, max_batch: int = 500) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.max_batch = max_batch
+        self.batches = 0
+        self._pending: list[tuple[ClaimedStep, str, asyncio.Future[str | None]]] = []
+        self._wake = asyncio.Event()
+
+    async def record(self, step: ClaimedStep, output_json_text: str) -> None:
+        """Queue `step`'s success and wait until it is committed. Raises `LeaseLost` when
+        the token was no longer current, or the database error that ended the write."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((step, output_json_text, future))
+        self._wake.set()
+        reason = await future
+        if reason is not None:
+            raise LeaseLost(reason)
+
+    async def run(self) -> None:
+        """The writer loop; runs until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                await self._write(batch)
+
+    async def _write(
+        self, batch: list[tuple[ClaimedStep, str, asyncio.Future[str | None]]]
+    ) -> None:
+        self.batches += 1
+        try:
+            outcome = await self.store.complete_many(
+                [(step.id, step.lease_token, text) for step, text, _ in batch],
+                worker_id=self.worker_id,
+            )
+        except Exception as exc:  # every waiter learns the write failed
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for step, _, future in batch:
+            if not future.done():  # the attempt may have been cancelled meanwhile
+                future.set_result(outcome.get(step.id))
 
 
 @dataclass
@@ -123,6 +185,10 @@ class Worker:
         self._heartbeat_interval_s = settings.lease_ttl_s / 3
         self._crash_plan = crash_plan
         self._crash_rng = random.Random(crash_plan.seed if crash_plan else None)
+        self._successes = SuccessBatcher(store, self.worker_id)
+        # Claim when at least this many slots are free (or nothing is in flight): one claim
+        # statement per batch of finished steps instead of one per step under load.
+        self._claim_min = max(1, min(concurrency // 4, 50))
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -153,6 +219,7 @@ class Worker:
             asyncio.create_task(self._listen_loop(), name="listen"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._reaper_loop(), name="reaper"),
+            asyncio.create_task(self._successes.run(), name="successes"),
         ]
         try:
             await self._claim_loop()
@@ -199,9 +266,9 @@ class Worker:
         while not self._stopping.is_set():
             free = self.concurrency - len(self._attempts)
             got = 0
-            if free > 0:
+            if free >= self._claim_min or (free > 0 and not self._attempts):
                 try:
-                    steps = await self.store.claim(self.worker_id, free)
+                    steps = await self.store.claim(self.worker_id, min(free, MAX_CLAIM))
                 except RETRYABLE as exc:
                     logger.warning("claim failed (%s); retrying in %.1fs", exc, error_delay)
                     await self._sleep_or_wake(error_delay)
@@ -211,10 +278,8 @@ class Worker:
                 got = len(steps)
                 for step in steps:
                     self._start_attempt(step)
-            if got and got == free:
-                continue  # there may be more ready work and we are full: wait for a slot
-            if got and free > got:
-                continue  # claimed everything ready; ask once more before sleeping
+            if got:
+                continue  # there may be more ready work: ask again (or wait for free slots)
             await self._sleep_or_wake(self.settings.poll_interval_s * (0.8 + random.random() * 0.4))
 
     async def _sleep_or_wake(self, timeout_s: float) -> None:
@@ -267,7 +332,10 @@ class Worker:
                 await self._fail(attempt, str(exc), retryable=False)
                 return
             try:
-                await self.store.complete(step, text, worker_id=self.worker_id)
+                if step.idempotent:
+                    await self._successes.record(step, text)
+                else:  # at once and alone: see SuccessBatcher
+                    await self.store.complete(step, text, worker_id=self.worker_id)
                 self.stats.succeeded += 1
                 logger.debug("run %s step %s attempt %d on %s: succeeded", *log_ctx)
             except LeaseLost as exc:

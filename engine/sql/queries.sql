@@ -172,6 +172,11 @@ SELECT id, lease_token FROM done
 SELECT id, status, lease_token, lease_expires_at > now() AS lease_live
 FROM steps WHERE id = %(id)s
 
+-- name: steps_lease_state
+-- The same for several attempts at once (a batch of successes of which some matched nothing).
+SELECT id, status, lease_token, lease_expires_at > now() AS lease_live
+FROM steps WHERE id = ANY(%(ids)s::bigint[])
+
 -- name: fail_attempt
 -- running -> ready after a backoff (attempts left, the error is retryable and the step is
 -- idempotent) or running -> dead_letter. An "idempotent": false step is never re-run

@@ -1,0 +1,165 @@
+"""What every workload of ``python -m benchmarks`` shares: scratch databases, child
+processes, the machine's description, percentiles."""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from engine.migrate import upgrade_head
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def db_url(base: str, name: str) -> str:
+    """`base` (any libpq conninfo or URL) with its database replaced by `name`."""
+    info = psycopg.conninfo.conninfo_to_dict(base)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+def _drop(base: str, name: str) -> None:
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@contextmanager
+def scratch_db(base: str, name: str, *, migrate: bool = True) -> Iterator[str]:
+    """A freshly created database `name` (pgdag's migrations applied when `migrate`),
+    dropped on exit. Yields its URL."""
+    _drop(base, name)
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = db_url(base, name)
+    if migrate:
+        upgrade_head(url)
+    try:
+        yield url
+    finally:
+        _drop(base, name)
+
+
+def child_env(url: str, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's child process: `url` as DATABASE_URL."""
+    return {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT), **extra}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def processes(
+    argvs: list[list[str]], env: dict[str, str]
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``python <argv>`` for each argv, SIGTERMed (then killed after 20 s) on exit."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *argv],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for argv in argvs
+    ]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of process `pid` in MiB (Linux /proc), 0.0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def wait_until(
+    check: Callable[[], T | None], *, timeout_s: float, what: str, interval_s: float = 0.02
+) -> T:
+    """Call `check` until it returns something truthy; raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark: gave up after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q`-quantile (0..1) of `values` by nearest rank."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def machine(base: str) -> dict[str, Any]:
+    """Cores, Python, the Postgres version and the settings that decide commit speed."""
+    names = (
+        "fsync",
+        "synchronous_commit",
+        "wal_sync_method",
+        "shared_buffers",
+        "max_connections",
+        "autovacuum",
+    )
+    with psycopg.connect(base) as conn:
+        version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        settings = {
+            name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]  # type: ignore[index]
+            for name in names
+        }
+    return {
+        "cores": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "postgres": version,
+        "settings": settings,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,235 @@
+"""PgQueuer, driven through its public API (``Queries``, ``PgQueuer``, ``@entrypoint``).
+
+Settings, from PgQueuer's own guidance:
+
+- schema by ``Queries.install()`` (what ``pgq install`` runs), durability ``durable`` (the
+  default; the faster ``balanced``/``volatile`` modes use unlogged tables), then
+  ``Queries.optimize_autovacuum()`` (``pgq autovac``: fillfactor 70 and eager autovacuum on
+  the queue table), both from docs/guides/performance-tuning.md's checklist;
+- ``batch_size`` = `BATCH_SIZE` jobs per dequeue (the default, and what PgQueuer's
+  tools/benchmark.py uses; the guide says to raise it for sub-second jobs, which we tried:
+  see the module's report);
+- `CONSUMERS_PER_PROCESS` ``PgQueuer`` instances per worker process, each on its own
+  connection, as tools/benchmark.py runs several dequeue tasks;
+- the asyncpg driver when ``asyncpg`` is installed (the guide's recommendation for
+  throughput), else psycopg's async driver (what ``pip install pgqueuer`` alone gives);
+- uvloop when installed, as ``pgq run`` does.
+
+The job is an async no-op. W1 enqueues all jobs with one batch ``Queries.enqueue`` call (one
+statement over arrays) and counts the ``pgqueuer`` table down to empty: a job leaves it
+when its completion is logged.
+
+``python -m benchmarks.peers.pgqueuer_bench worker --dsn URL [--starts FILE]`` runs one
+worker process (see `_common` for the start barrier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from benchmarks.peers._common import (
+    W3_IDLE_S,
+    W3_WARMUP_JOBS,
+    Budget,
+    StartRecorder,
+    WorkerGroup,
+    aslot_times,
+    drain_result,
+    import_problem,
+    installed_version,
+    latency_summary,
+    run_async,
+    start_barrier,
+    starts_file,
+    wait_drained,
+    wait_started,
+    worker_processes,
+)
+
+if TYPE_CHECKING:
+    from pgqueuer.ports.driver import Driver
+
+VERSION = installed_version("pgqueuer")
+BATCH_SIZE = 10
+CONSUMERS_PER_PROCESS = 2
+ENTRYPOINT = "noop"
+QUEUE_TABLE = "pgqueuer"  # the default name (no PGQUEUER_PREFIX)
+
+
+def _driver_name() -> str:
+    return "psycopg" if import_problem("asyncpg") else "asyncpg"
+
+
+CONFIG = (
+    f"pgqueuer {VERSION}: {_driver_name()} driver, {CONSUMERS_PER_PROCESS} PgQueuer consumers"
+    f" per process each on its own connection, batch_size={BATCH_SIZE}, durable tables +"
+    " `pgq autovac` (docs/guides/performance-tuning.md, tools/benchmark.py); one batch enqueue"
+)
+
+
+def available() -> str | None:
+    """None if PgQueuer imports, else why not."""
+    return import_problem("pgqueuer")
+
+
+async def _connect(dsn: str) -> Driver:
+    """A PgQueuer driver on a new connection: asyncpg when installed, else psycopg."""
+    if _driver_name() == "asyncpg":
+        import asyncpg
+        from pgqueuer.db import AsyncpgDriver
+
+        return AsyncpgDriver(await asyncpg.connect(dsn))
+    from pgqueuer.db import PsycopgDriver
+
+    return PsycopgDriver(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
+
+
+async def _close(driver: Driver) -> None:
+    conn: Any = getattr(driver, "_connection", None)
+    if conn is not None:
+        await conn.close()
+
+
+async def _install_and_enqueue(dsn: str, jobs: int) -> float:
+    """Install PgQueuer's schema in `dsn`, enqueue `jobs` no-op jobs in one batch call and
+    return the seconds the enqueue took."""
+    from pgqueuer.queries import Queries
+
+    driver = await _connect(dsn)
+    try:
+        q = Queries(driver)
+        await q.install()
+        await q.optimize_autovacuum()
+        if not jobs:
+            return 0.0
+        t0 = time.perf_counter()
+        await q.enqueue([ENTRYPOINT] * jobs, [None] * jobs, [0] * jobs)
+        return time.perf_counter() - t0
+    finally:
+        await _close(driver)
+
+
+def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
+    """W1 flat drain in the empty database `dsn`: install, enqueue `jobs` no-op jobs, then
+    drain them with `processes` worker processes. ``drainS`` runs from releasing the ready
+    workers to the queue table being empty (seconds); ``jobsPerS`` = jobs / drainS.
+
+    Raises `PeerBenchError` if a worker dies or the call overruns its budget."""
+    budget = Budget(f"pgqueuer w1 ({jobs} jobs, {processes} processes)")
+    enqueue_s = run_async(_install_and_enqueue(dsn, jobs), budget, "installing and enqueueing")
+    argvs = [["--dsn", dsn] for _ in range(processes)]
+    with (
+        worker_processes(budget.what, __name__, argvs, budget) as group,
+        psycopg.connect(dsn, autocommit=True) as conn,
+    ):
+
+        def done() -> tuple[bool, str]:
+            left = conn.execute(f"SELECT count(*) FROM {QUEUE_TABLE}").fetchone()[0]  # type: ignore[index]
+            return left == 0, f"{left} of {jobs} jobs not done"
+
+        group.go()
+        t0 = time.monotonic()
+        t1 = wait_drained(done, group, budget)
+    return drain_result(jobs, enqueue_s, t1 - t0, CONFIG)
+
+
+def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
+    """W3 pickup latency at idle in the empty database `dsn`: one worker process waiting,
+    `jobs` jobs enqueued one at a time at `rate_per_s`; latency is from the enqueue call
+    returning to the job function starting (both ``time.time_ns()``; the job appends its
+    start to a file). Returns p50/p99/max in milliseconds."""
+    budget = Budget(f"pgqueuer w3 ({jobs} jobs at {rate_per_s}/s)")
+    run_async(_install_and_enqueue(dsn, 0), budget, "installing")
+    with (
+        starts_file("pgqueuer") as starts,
+        worker_processes(
+            budget.what, __name__, [["--dsn", dsn, "--starts", str(starts)]], budget
+        ) as group,
+    ):
+        group.go()
+        enqueued = run_async(
+            _w3_submit(dsn, jobs, rate_per_s, starts, group, budget), budget, "submitting"
+        )
+        started = wait_started(starts, list(enqueued), group, budget)
+    return latency_summary(enqueued, started, CONFIG)
+
+
+async def _w3_submit(
+    dsn: str, jobs: int, rate_per_s: float, starts: Path, group: WorkerGroup, budget: Budget
+) -> dict[int, int]:
+    from pgqueuer.queries import Queries
+
+    driver = await _connect(dsn)
+    try:
+        q = Queries(driver)
+        warmup = list(range(-W3_WARMUP_JOBS, 0))
+        for seq in warmup:
+            await q.enqueue(ENTRYPOINT, str(seq).encode())
+        await asyncio.to_thread(wait_started, starts, warmup, group, budget)
+        await asyncio.sleep(W3_IDLE_S)
+        enqueued: dict[int, int] = {}
+        async for seq in aslot_times(jobs, rate_per_s):
+            await q.enqueue(ENTRYPOINT, str(seq).encode())
+            enqueued[seq] = time.time_ns()
+        return enqueued
+    finally:
+        await _close(driver)
+
+
+# --- worker process ------------------------------------------------------------------
+
+
+async def _worker(dsn: str, starts: str | None) -> None:
+    from pgqueuer import PgQueuer
+    from pgqueuer.models import Job
+
+    recorder = StartRecorder(starts) if starts else None
+    consumers: list[PgQueuer] = []
+    drivers = []
+    for _ in range(CONSUMERS_PER_PROCESS):
+        driver = await _connect(dsn)
+        drivers.append(driver)
+        pgq = PgQueuer(driver)
+
+        @pgq.entrypoint(ENTRYPOINT)
+        async def noop(job: Job) -> None:
+            started_ns = time.time_ns()
+            if recorder is not None and job.payload is not None:
+                recorder.record(int(job.payload), started_ns)
+
+        consumers.append(pgq)
+    start_barrier()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: [c.shutdown.set() for c in consumers])
+    try:
+        await asyncio.gather(*(c.run(batch_size=BATCH_SIZE) for c in consumers))
+    finally:
+        for driver in drivers:
+            await _close(driver)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.pgqueuer_bench")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("worker", help="run one PgQueuer worker process (for w1/w3)")
+    w.add_argument("--dsn", required=True)
+    w.add_argument("--starts", help="append '<seq> <start ns>' per job to this file (W3)")
+    args = p.parse_args(argv)
+    if import_problem("uvloop"):
+        asyncio.run(_worker(args.dsn, args.starts))
+    else:
+        import uvloop
+
+        uvloop.run(_worker(args.dsn, args.starts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""pgdag's side of the benchmark: workloads W1-W7 of issue 5, on a real Postgres.
+
+Every workload gets a fresh database (created, migrated, dropped afterwards), runs real
+``python -m workers`` processes (and ``python -m engine serve`` where HTTP is part of it),
+and enqueues through the engine's own API (`engine.transitions.create_run`, the call
+``POST /runs`` makes), with every guarantee on: fencing tokens, one audit row per
+transition, NOTIFY per statement, synchronous_commit and fsync as the server has them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+import psycopg
+
+from benchmarks.common import (
+    child_env,
+    free_port,
+    percentile,
+    processes,
+    rss_mb,
+    scratch_db,
+    wait_until,
+)
+from engine.dag import RunSpec, parse_run
+from engine.db import open_pool
+from engine.sql import queries
+from engine.store import Store
+from engine.tools import load_tool_modules
+
+TOOLS = "benchmarks.tools"
+WORKER_CONCURRENCY = 64
+
+
+def _spec(steps: list[dict[str, Any]], goal: str = "bench") -> RunSpec:
+    load_tool_modules(["workers.tools.builtin", TOOLS])
+    return parse_run({"goal": goal, "steps": steps}, max_steps=1_000_000)
+
+
+def enqueue(url: str, specs: list[RunSpec], *, connections: int = 4) -> tuple[list[str], float]:
+    """Create every run in `specs` through `Store.create_run` over `connections`
+    connections at once. Returns ``(run ids, seconds)``."""
+
+    async def go() -> list[str]:
+        pool = await open_pool(url, min_size=connections, max_size=connections)
+        store = Store(pool, lease_ttl_s=30)
+        sem = asyncio.Semaphore(connections)
+
+        async def one(spec: RunSpec) -> str:
+            async with sem:
+                run_id, _ = await store.create_run(spec)
+                return run_id
+
+        try:
+            return await asyncio.gather(*(one(s) for s in specs))
+        finally:
+            await pool.close()
+
+    t0 = time.perf_counter()
+    ids = asyncio.run(go())
+    return ids, time.perf_counter() - t0
+
+
+def _worker_argvs(n: int, concurrency: int) -> list[list[str]]:
+    return [
+        ["-m", "workers", "--concurrency", str(concurrency), "--worker-id", f"bench-{i}"]
+        for i in range(n)
+    ]
+
+
+def _unfinished_runs(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM runs WHERE status IN ('pending', 'running')"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _drain(
+    url: str, *, workers: int, concurrency: int, timeout_s: float, api: bool = False
+) -> dict[str, Any]:
+    """Start `workers` worker processes (and an idle API when `api`), wait until no run is
+    unfinished, and time it two ways: wall clock from spawning the processes, and the
+    database's own clock from the first claim to the last success (no process start-up)."""
+    argvs = _worker_argvs(workers, concurrency)
+    port = free_port()
+    if api:
+        argvs.append(["-m", "engine", "serve", "--port", str(port)])
+    env = child_env(url, PGDAG_TOOLS=TOOLS)
+    with processes(argvs, env) as procs, psycopg.connect(url, autocommit=True) as conn:
+        t0 = time.perf_counter()
+        wait_until(
+            lambda: _unfinished_runs(conn) == 0,
+            timeout_s=timeout_s,
+            what="every run to finish",
+            interval_s=0.01,
+        )
+        wall = time.perf_counter() - t0
+        rss = {
+            "workerMb": [round(rss_mb(p.pid), 1) for p in procs[:workers]],
+            "apiMb": round(rss_mb(procs[-1].pid), 1) if api else None,
+        }
+        first, last = conn.execute(
+            "SELECT min(created_at) FILTER (WHERE event = 'step_claimed'),"
+            "       max(created_at) FILTER (WHERE event = 'step_succeeded')"
+            " FROM audit_log"
+        ).fetchone()  # type: ignore[misc]
+        failed = conn.execute("SELECT count(*) FROM runs WHERE status <> 'completed'").fetchone()
+    return {
+        "wallS": round(wall, 3),
+        "dbS": round((last - first).total_seconds(), 3),
+        "notCompleted": int(failed[0]) if failed else None,
+        "rss": rss,
+    }
+
+
+def w1(base: str, jobs: int, *, shape: str = "runs", workers: int = 2) -> dict[str, Any]:
+    """W1 flat: `jobs` independent NOOP steps, enqueued first, then drained by `workers`
+    processes. `shape` "runs": one one-step run per job (what a queue user would do;
+    every job also starts and finishes its run); "steps": one run of `jobs` steps."""
+    name = f"pgdag_bench_w1_{shape}"
+    with scratch_db(base, name) as url:
+        if shape == "runs":
+            specs = [_spec([{"name": "job", "tool": "NOOP", "input": {}}])] * jobs
+        else:
+            specs = [_spec([{"name": f"s{i}", "tool": "NOOP", "input": {}} for i in range(jobs)])]
+        _, enqueue_s = enqueue(url, specs)
+        d = _drain(url, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600, api=True)
+    return {
+        "jobs": jobs,
+        "shape": shape,
+        "workers": workers,
+        "concurrency": WORKER_CONCURRENCY,
+        "enqueueS": round(enqueue_s, 3),
+        **d,
+        "jobsPerS": round(jobs / d["wallS"]),
+        "jobsPerSDb": round(jobs / d["dbS"]),
+    }
+
+
+def diamond_chain(length: int = 10) -> list[dict[str, Any]]:
+    """A chain of diamonds, `length` steps: a -> (b, c) -> d -> (e, f) -> g -> ... ."""
+    steps: list[dict[str, Any]] = [{"name": "s0", "tool": "NOOP", "input": {}}]
+    joins = ["s0"]
+    i = 1
+    while i < length:
+        if length - i >= 3:
+            left, right, join = f"s{i}", f"s{i + 1}", f"s{i + 2}"
+            steps += [
+                {"name": left, "tool": "NOOP", "input": {}, "dependsOn": [joins[-1]]},
+                {"name": right, "tool": "NOOP", "input": {}, "dependsOn": [joins[-1]]},
+                {"name": join, "tool": "NOOP", "input": {}, "dependsOn": [left, right]},
+            ]
+            joins.append(join)
+            i += 3
+        else:
+            steps.append(
+                {"name": f"s{i}", "tool": "NOOP", "input": {}, "dependsOn": [steps[-1]["name"]]}
+            )
+            i += 1
+    return steps
+
+
+def w2(base: str, runs: int, *, workers: int = 2) -> dict[str, Any]:
+    """W2 DAG: `runs` runs of a 10-step diamond chain, enqueued first, then drained."""
+    with scratch_db(base, "pgdag_bench_w2") as url:
+        spec = _spec(diamond_chain(10))
+        _, enqueue_s = enqueue(url, [spec] * runs)
+        d = _drain(url, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600)
+    steps = runs * 10
+    return {
+        "runs": runs,
+        "steps": steps,
+        "workers": workers,
+        "enqueueS": round(enqueue_s, 3),
+        **d,
+        "stepsPerS": round(steps / d["wallS"]),
+        "runsPerS": round(runs / d["wallS"]),
+        "stepsPerSDb": round(steps / d["dbS"]),
+    }
+
+
+def w3(base: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
+    """W3 pickup latency at idle: one worker waits (LISTEN + poll); one-step STAMP runs are
+    submitted `rate_per_s` a second. Latency = the tool's `time.time_ns()` at start minus
+    `time.time_ns()` right after the submitting transaction's COMMIT returned."""
+    with scratch_db(base, "pgdag_bench_w3") as url:
+        spec = _spec([{"name": "stamp", "tool": "STAMP", "input": {}}])
+        env = child_env(url, PGDAG_TOOLS=TOOLS)
+        with (
+            processes(_worker_argvs(1, 8), env),
+            psycopg.connect(url, autocommit=True) as conn,
+        ):
+            wait_until(
+                lambda: (
+                    conn.execute(
+                        "SELECT count(*) FROM workers WHERE status = 'running'"
+                    ).fetchone()[0]  # type: ignore[index]
+                    >= 1
+                ),
+                timeout_s=30,
+                what="the worker to register",
+            )
+            wait_until(
+                lambda: conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN pgdag_ready'"
+                ).fetchone()[0],  # type: ignore[index]
+                timeout_s=30,
+                what="the worker's LISTEN connection",
+            )
+            committed: dict[str, int] = {}
+            steps_json = spec.steps_json()
+            interval = 1 / rate_per_s
+            next_at = time.perf_counter()
+            for _ in range(jobs):
+                next_at += interval
+                with conn.transaction():
+                    run_id = str(
+                        conn.execute(
+                            queries["insert_run"],
+                            {"goal": "w3", "idempotency_key": None, "steps_total": 1},
+                        ).fetchone()[0]  # type: ignore[index]
+                    )
+                    conn.execute(queries["insert_steps"], {"run_id": run_id, "steps": steps_json})
+                committed[run_id] = time.time_ns()
+                pause = next_at - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+            wait_until(
+                lambda: conn.execute(
+                    "SELECT count(*) = %s FROM steps WHERE status = 'succeeded'", (jobs,)
+                ).fetchone()[0],  # type: ignore[index]
+                timeout_s=60,
+                what="every STAMP step to finish",
+            )
+            rows = conn.execute("SELECT run_id, output FROM steps").fetchall()
+    lat = [(out["startedNs"] - committed[str(rid)]) / 1e6 for rid, out in rows]
+    return {
+        "n": jobs,
+        "ratePerS": rate_per_s,
+        "p50Ms": round(percentile(lat, 0.5), 2),
+        "p99Ms": round(percentile(lat, 0.99), 2),
+        "maxMs": round(max(lat), 2),
+    }
+
+
+def _insert_backlog(url: str, ready: int, per_run: int = 1000) -> None:
+    """`ready` ready NOOP steps in runs of `per_run`, straight in SQL (setup, not measured)."""
+    runs = max(1, ready // per_run)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO runs (goal, status, steps_total, steps_unfinished)"
+            " SELECT 'backlog', 'pending', %s, %s FROM generate_series(1, %s)",
+            (per_run, per_run, runs),
+        )
+        conn.execute(
+            """
+            INSERT INTO steps (run_id, name, tool, input, deps_remaining, status, max_attempts)
+            SELECT r.id, 's' || g, 'NOOP', '{}', 0, 'ready', 3
+            FROM runs r, generate_series(1, %s) g
+            """,
+            (per_run,),
+        )
+        conn.execute("VACUUM ANALYZE")
+
+
+def w4(base: str, backlogs: tuple[int, ...], measured: int) -> dict[str, Any]:
+    """W4 backlog: claim-and-complete rate over the first `measured` steps with each
+    backlog of ready steps in the table (database clock, first claim to `measured`-th
+    success)."""
+    out: dict[str, Any] = {"measured": measured, "rates": {}}
+    for backlog in backlogs:
+        with scratch_db(base, f"pgdag_bench_w4_{backlog}") as url:
+            _insert_backlog(url, backlog)
+            env = child_env(url, PGDAG_TOOLS=TOOLS)
+            argvs = _worker_argvs(2, WORKER_CONCURRENCY)
+            with processes(argvs, env), psycopg.connect(url, autocommit=True) as conn:
+                wait_until(
+                    lambda: conn.execute(
+                        "SELECT count(*) >= %s FROM audit_log WHERE event = 'step_succeeded'",
+                        (measured,),
+                    ).fetchone()[0],  # type: ignore[index]
+                    timeout_s=600,
+                    what=f"{measured} successes",
+                    interval_s=0.05,
+                )
+            with psycopg.connect(url) as conn:
+                first, nth = conn.execute(
+                    """
+                    SELECT (SELECT min(created_at) FROM audit_log WHERE event = 'step_claimed'),
+                           (SELECT created_at FROM audit_log WHERE event = 'step_succeeded'
+                            ORDER BY created_at OFFSET %s - 1 LIMIT 1)
+                    """,
+                    (measured,),
+                ).fetchone()  # type: ignore[misc]
+        out["rates"][str(backlog)] = round(measured / (nth - first).total_seconds())
+    rates = list(out["rates"].values())
+    out["ratio"] = round(rates[-1] / rates[0], 3) if len(rates) > 1 else None
+    return out
+
+
+def w5(base: str, steps: int, repeats: int) -> dict[str, Any]:
+    """W5 big run: wall time of one ``POST /runs`` of a `steps`-step fan-out run against a
+    real ``engine serve`` (median of `repeats`; each creates a new run)."""
+    port = free_port()
+    with scratch_db(base, "pgdag_bench_w5") as url:
+        env = child_env(url, PGDAG_MAX_STEPS=str(max(steps, 10_000)))
+        with processes([["-m", "engine", "serve", "--port", str(port)]], env):
+            api = f"http://127.0.0.1:{port}"
+
+            def healthy() -> bool:
+                try:
+                    return httpx.get(f"{api}/health").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(healthy, timeout_s=30, what="the API to answer")
+            body = json.dumps(
+                {
+                    "goal": "w5",
+                    "steps": [{"name": "root", "tool": "DELAY", "input": {"ms": 0}}]
+                    + [
+                        {
+                            "name": f"s{i}",
+                            "tool": "DELAY",
+                            "input": {"ms": 0},
+                            "dependsOn": ["root"],
+                        }
+                        for i in range(steps - 1)
+                    ],
+                }
+            ).encode()
+            times = []
+            with httpx.Client(timeout=120) as client:
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    r = client.post(
+                        f"{api}/runs", content=body, headers={"content-type": "application/json"}
+                    )
+                    times.append(time.perf_counter() - t0)
+                    r.raise_for_status()
+    return {
+        "steps": steps,
+        "bodyBytes": len(body),
+        "medianMs": round(percentile(times, 0.5) * 1000),
+        "allMs": [round(t * 1000) for t in times],
+    }
+
+
+def _sizes(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    rows = conn.execute(
+        """
+        SELECT c.relname, pg_table_size(c.oid), pg_indexes_size(c.oid),
+               s.n_live_tup, s.n_dead_tup, s.autovacuum_count, s.n_tup_hot_upd, s.n_tup_upd
+        FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+        WHERE c.relname IN ('steps', 'audit_log', 'runs', 'step_edges')
+        ORDER BY c.relname
+        """
+    ).fetchall()
+    return {
+        r[0]: {
+            "tableMb": round(r[1] / 2**20, 1),
+            "indexesMb": round(r[2] / 2**20, 1),
+            "live": r[3],
+            "dead": r[4],
+            "autovacuums": r[5],
+            "hotUpdatePct": round(100 * r[6] / r[7], 1) if r[7] else 0.0,
+        }
+        for r in rows
+    }
+
+
+def w6(base: str, total: int, *, per_run: int = 1000, window: int = 20) -> dict[str, Any]:
+    """W6 churn: `total` NOOP steps (runs of `per_run`) go through 2 workers, submitted as
+    the table drains (at most `window` runs unfinished), with autovacuum as the server has
+    it and the table settings of the migrations. Reports sizes and dead tuples at the end."""
+    spec = _spec([{"name": f"s{i}", "tool": "NOOP", "input": {}} for i in range(per_run)])
+    runs = max(1, total // per_run)
+    with scratch_db(base, "pgdag_bench_w6") as url:
+        env = child_env(url, PGDAG_TOOLS=TOOLS)
+        t0 = time.perf_counter()
+        with (
+            processes(_worker_argvs(2, WORKER_CONCURRENCY), env),
+            psycopg.connect(url, autocommit=True) as conn,
+        ):
+            submitted = 0
+            while submitted < runs:
+                room = window - _unfinished_runs(conn)
+                if room > 0:
+                    batch = min(room, runs - submitted)
+                    enqueue(url, [spec] * batch, connections=2)
+                    submitted += batch
+                else:
+                    time.sleep(0.05)
+            wait_until(
+                lambda: _unfinished_runs(conn) == 0,
+                timeout_s=600,
+                what="the churn to finish",
+                interval_s=0.05,
+            )
+            wall = time.perf_counter() - t0
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            time.sleep(1.0)  # statistics are flushed at most once a second
+            sizes = _sizes(conn)
+    return {
+        "steps": runs * per_run,
+        "seconds": round(wall, 1),
+        "stepsPerS": round(runs * per_run / wall),
+        "tables": sizes,
+    }
