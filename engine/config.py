@@ -25,6 +25,7 @@ API_PORT_DEFAULT = 4000
 POLL_INTERVAL_S_DEFAULT = 1.0
 REAPER_INTERVAL_S_DEFAULT = 1.0
 SHUTDOWN_GRACE_S_DEFAULT = 10.0
+RETENTION_DAYS_DEFAULT = 30.0
 TOOL_MODULES_DEFAULT = ("workers.tools.builtin",)
 
 
@@ -77,6 +78,7 @@ class Settings:
     poll_interval_s: float = POLL_INTERVAL_S_DEFAULT
     reaper_interval_s: float = REAPER_INTERVAL_S_DEFAULT
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
+    retention_days: float = RETENTION_DAYS_DEFAULT
     tool_modules: tuple[str, ...] = TOOL_MODULES_DEFAULT
 
     @classmethod
@@ -128,6 +130,11 @@ class Settings:
             shutdown_grace_s=_parse_float(
                 "PGDAG_SHUTDOWN_GRACE",
                 get("PGDAG_SHUTDOWN_GRACE", str(SHUTDOWN_GRACE_S_DEFAULT)),
+                0,
+            ),
+            retention_days=_parse_float(
+                "PGDAG_RETENTION_DAYS",
+                get("PGDAG_RETENTION_DAYS", str(RETENTION_DAYS_DEFAULT)),
                 0,
             ),
             tool_modules=TOOL_MODULES_DEFAULT + extra_tools,

@@ -194,6 +194,11 @@ class Store:
         async with self.pool.connection() as conn:
             return await transitions.reap_expired_leases(conn)
 
+    async def prune(self, *, retention_s: float, limit: int = 100) -> int:
+        """One retention pass (see `transitions.prune_finished_runs`); runs deleted."""
+        async with self.pool.connection() as conn:
+            return await transitions.prune_finished_runs(conn, retention_s=retention_s, limit=limit)
+
     async def cancel_run(self, run_id: str, *, reason: str = "cancelled by request") -> int:
         """Cancel a run (see `transitions.cancel_run`). Cancel locks the run before its
         steps, the reverse of the workers' order, so it may lose a deadlock: it is retried."""

@@ -328,6 +328,17 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> int | None:
     return len(rows)
 
 
+async def prune_finished_runs(conn: Conn, *, retention_s: float, limit: int = 100) -> int:
+    """Retention: delete up to `limit` runs that finished (completed, failed or cancelled)
+    more than `retention_s` seconds ago, with their steps, edges and audit log. Returns how
+    many runs were deleted. Unfinished runs are never touched."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["prune_finished_runs"], {"retention_s": retention_s, "limit": limit}
+        )
+        return len(await cur.fetchall())
+
+
 async def cancel_run(conn: Conn, run_id: str, *, reason: str) -> int:
     """Cancel a run that has not finished: every unfinished step becomes ``cancelled``
     (running attempts lose their lease at once). Returns the number of steps cancelled.

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 READY_CHANNEL = "pgdag_ready"
 MAX_CLAIM = 100  # steps claimed per statement at most
+PRUNE_INTERVAL_S = 60.0  # how often a worker deletes runs past their retention
 CRASH_POINTS = ("before_tool", "during_tool", "after_tool")
 
 
@@ -461,6 +462,7 @@ class Worker:
                 a.task.cancel()
 
     async def _reaper_loop(self) -> None:
+        next_prune = time.monotonic() + random.random() * PRUNE_INTERVAL_S
         while True:
             await asyncio.sleep(self.settings.reaper_interval_s * (0.75 + random.random() / 2))
             try:
@@ -474,6 +476,27 @@ class Worker:
             if reaped:
                 logger.info("reaper: %d expired lease(s) requeued or dead-lettered", reaped)
                 self._wake.set()
+            if self.settings.retention_days > 0 and time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                await self._prune()
+
+    async def _prune(self) -> None:
+        """Delete finished runs older than the retention, a batch at a time."""
+        retention_s = self.settings.retention_days * 86400
+        total = 0
+        try:
+            while (n := await self.store.prune(retention_s=retention_s)) > 0:
+                total += n
+        except RETRYABLE as exc:
+            logger.debug("pruner pass failed: %s", exc)
+        except Exception:  # the reaper loop must go on
+            logger.exception("pruner pass failed")
+        if total:
+            logger.info(
+                "pruner: deleted %d run(s) finished over %g day(s) ago (PGDAG_RETENTION_DAYS)",
+                total,
+                self.settings.retention_days,
+            )
 
     # --- wake-ups -----------------------------------------------------------------------
 

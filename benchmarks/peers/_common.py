@@ -32,6 +32,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import quote, urlencode
+
+import psycopg
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -102,6 +105,25 @@ def run_async(coro: Coroutine[Any, Any, T], budget: Budget, doing: str) -> T:
             raise budget.expired(doing) from None
 
     return asyncio.run(bounded())
+
+
+def as_url(dsn: str) -> str:
+    """`dsn` as a ``postgresql://`` URL: the harness may pass libpq ``key=value`` strings,
+    which some peers (DBOS via SQLAlchemy, asyncpg) do not parse."""
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return dsn
+    info = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(dsn).items()}
+    user = quote(info.pop("user", ""), safe="")
+    password = info.pop("password", None)
+    auth = f"{user}:{quote(password, safe='')}@" if password is not None else f"{user}@"
+    host = info.pop("host", "")
+    if host.startswith("/"):  # a Unix socket directory goes in the query string
+        info["host"], host = host, ""
+    port = info.pop("port", "")
+    netloc = f"{auth if user or password else ''}{host}{':' + port if port else ''}"
+    dbname = quote(info.pop("dbname", ""), safe="")
+    query = f"?{urlencode(info)}" if info else ""
+    return f"postgresql://{netloc}/{dbname}{query}"
 
 
 def child_env() -> dict[str, str]:

@@ -42,6 +42,7 @@ from benchmarks.peers._common import (
     Budget,
     PeerBenchError,
     StartRecorder,
+    as_url,
     drain_result,
     import_problem,
     installed_version,
@@ -97,7 +98,7 @@ def _options(seq: int) -> EnqueueOptions:
 def _client(dsn: str) -> DBOSClient:
     from dbos import DBOSClient
 
-    return DBOSClient(system_database_url=dsn, application_name=APP_NAME)
+    return DBOSClient(system_database_url=as_url(dsn), application_name=APP_NAME)
 
 
 def _install_and_enqueue(dsn: str, workflows: int, steps: int) -> float:
@@ -106,6 +107,7 @@ def _install_and_enqueue(dsn: str, workflows: int, steps: int) -> float:
     import sqlalchemy as sa
     from dbos import DBOS
 
+    dsn = as_url(dsn)
     DBOS.migrate(dsn)
     if not workflows:
         return 0.0
@@ -128,7 +130,7 @@ def _drain(dsn: str, workflows: int, steps: int, processes: int, what: str) -> d
     enqueue_s = _install_and_enqueue(dsn, workflows, steps)
     if budget.left() <= 0:
         raise budget.expired("enqueueing")
-    argvs = [["--dsn", dsn, "--index", str(i)] for i in range(processes)]
+    argvs = [["--dsn", dsn, "--index", str(i), *_settings_argv()] for i in range(processes)]
     with (
         worker_processes(what, __name__, argvs, budget) as group,
         psycopg.connect(dsn, autocommit=True) as conn,
@@ -188,7 +190,7 @@ def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
         worker_processes(
             budget.what,
             __name__,
-            [["--dsn", dsn, "--index", "0", "--starts", str(starts)]],
+            [["--dsn", dsn, "--index", "0", "--starts", str(starts), *_settings_argv()]],
             budget,
         ) as group,
     ):
@@ -215,7 +217,18 @@ def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
 # --- worker process ------------------------------------------------------------------
 
 
-def _worker(dsn: str, index: int, starts: str | None) -> None:
+def _settings_argv() -> list[str]:
+    return [
+        "--worker-concurrency",
+        str(WORKER_CONCURRENCY),
+        "--polling-interval",
+        str(POLLING_INTERVAL_S),
+    ]
+
+
+def _worker(
+    dsn: str, index: int, starts: str | None, worker_concurrency: int, polling_interval_s: float
+) -> None:
     from dbos import DBOS, DBOSConfig
 
     recorder = StartRecorder(starts) if starts else None
@@ -234,7 +247,7 @@ def _worker(dsn: str, index: int, starts: str | None) -> None:
 
     config: DBOSConfig = {
         "name": APP_NAME,
-        "system_database_url": dsn,
+        "system_database_url": as_url(dsn),
         "executor_id": f"bench-{index}",
         "application_version": APP_VERSION,
         "log_level": "WARNING",
@@ -247,7 +260,7 @@ def _worker(dsn: str, index: int, starts: str | None) -> None:
     try:
         start_barrier()
         DBOS.register_queue(
-            QUEUE, worker_concurrency=WORKER_CONCURRENCY, polling_interval_sec=POLLING_INTERVAL_S
+            QUEUE, worker_concurrency=worker_concurrency, polling_interval_sec=polling_interval_s
         )
         stop.wait()
     finally:
@@ -261,8 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--dsn", required=True)
     w.add_argument("--index", type=int, required=True, help="makes the executor_id unique")
     w.add_argument("--starts", help="append '<seq> <start ns>' per workflow to this file (W3)")
+    w.add_argument("--worker-concurrency", type=int, default=WORKER_CONCURRENCY)
+    w.add_argument("--polling-interval", type=float, default=POLLING_INTERVAL_S)
     args = p.parse_args(argv)
-    _worker(args.dsn, args.index, args.starts)
+    _worker(args.dsn, args.index, args.starts, args.worker_concurrency, args.polling_interval)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from benchmarks.peers._common import (
     Budget,
     StartRecorder,
     WorkerGroup,
+    as_url,
     aslot_times,
     drain_result,
     import_problem,
@@ -85,7 +86,7 @@ async def _connect(dsn: str) -> Driver:
         import asyncpg
         from pgqueuer.db import AsyncpgDriver
 
-        return AsyncpgDriver(await asyncpg.connect(dsn))
+        return AsyncpgDriver(await asyncpg.connect(as_url(dsn)))
     from pgqueuer.db import PsycopgDriver
 
     return PsycopgDriver(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
@@ -124,7 +125,7 @@ def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
     Raises `PeerBenchError` if a worker dies or the call overruns its budget."""
     budget = Budget(f"pgqueuer w1 ({jobs} jobs, {processes} processes)")
     enqueue_s = run_async(_install_and_enqueue(dsn, jobs), budget, "installing and enqueueing")
-    argvs = [["--dsn", dsn] for _ in range(processes)]
+    argvs = [["--dsn", dsn, *_settings_argv()] for _ in range(processes)]
     with (
         worker_processes(budget.what, __name__, argvs, budget) as group,
         psycopg.connect(dsn, autocommit=True) as conn,
@@ -150,7 +151,10 @@ def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
     with (
         starts_file("pgqueuer") as starts,
         worker_processes(
-            budget.what, __name__, [["--dsn", dsn, "--starts", str(starts)]], budget
+            budget.what,
+            __name__,
+            [["--dsn", dsn, "--starts", str(starts), *_settings_argv()]],
+            budget,
         ) as group,
     ):
         group.go()
@@ -186,14 +190,18 @@ async def _w3_submit(
 # --- worker process ------------------------------------------------------------------
 
 
-async def _worker(dsn: str, starts: str | None) -> None:
+def _settings_argv() -> list[str]:
+    return ["--batch-size", str(BATCH_SIZE), "--consumers", str(CONSUMERS_PER_PROCESS)]
+
+
+async def _worker(dsn: str, starts: str | None, batch_size: int, consumers_n: int) -> None:
     from pgqueuer import PgQueuer
     from pgqueuer.models import Job
 
     recorder = StartRecorder(starts) if starts else None
     consumers: list[PgQueuer] = []
     drivers = []
-    for _ in range(CONSUMERS_PER_PROCESS):
+    for _ in range(consumers_n):
         driver = await _connect(dsn)
         drivers.append(driver)
         pgq = PgQueuer(driver)
@@ -210,7 +218,7 @@ async def _worker(dsn: str, starts: str | None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: [c.shutdown.set() for c in consumers])
     try:
-        await asyncio.gather(*(c.run(batch_size=BATCH_SIZE) for c in consumers))
+        await asyncio.gather(*(c.run(batch_size=batch_size) for c in consumers))
     finally:
         for driver in drivers:
             await _close(driver)
@@ -222,13 +230,16 @@ def main(argv: list[str] | None = None) -> None:
     w = sub.add_parser("worker", help="run one PgQueuer worker process (for w1/w3)")
     w.add_argument("--dsn", required=True)
     w.add_argument("--starts", help="append '<seq> <start ns>' per job to this file (W3)")
+    w.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    w.add_argument("--consumers", type=int, default=CONSUMERS_PER_PROCESS)
     args = p.parse_args(argv)
+    work = _worker(args.dsn, args.starts, args.batch_size, args.consumers)
     if import_problem("uvloop"):
-        asyncio.run(_worker(args.dsn, args.starts))
+        asyncio.run(work)
     else:
         import uvloop
 
-        uvloop.run(_worker(args.dsn, args.starts))
+        uvloop.run(work)
 
 
 if __name__ == "__main__":

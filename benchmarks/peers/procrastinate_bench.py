@@ -109,7 +109,7 @@ def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
     Raises `PeerBenchError` if a job fails, a worker dies or the call overruns its budget."""
     budget = Budget(f"procrastinate w1 ({jobs} jobs, {processes} processes)")
     enqueue_s = run_async(_install_and_enqueue(dsn, jobs), budget, "installing and deferring")
-    argvs = [["--dsn", dsn] for _ in range(processes)]
+    argvs = [["--dsn", dsn, "--concurrency", str(CONCURRENCY)] for _ in range(processes)]
     with (
         worker_processes(budget.what, __name__, argvs, budget) as group,
         psycopg.connect(dsn, autocommit=True) as conn,
@@ -141,7 +141,10 @@ def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
     with (
         starts_file("procrastinate") as starts,
         worker_processes(
-            budget.what, __name__, [["--dsn", dsn, "--starts", str(starts)]], budget
+            budget.what,
+            __name__,
+            [["--dsn", dsn, "--starts", str(starts), "--concurrency", str(CONCURRENCY)]],
+            budget,
         ) as group,
     ):
         group.go()
@@ -172,14 +175,14 @@ async def _w3_submit(
 # --- worker process ------------------------------------------------------------------
 
 
-async def _worker(dsn: str, starts: str | None) -> None:
+async def _worker(dsn: str, starts: str | None, concurrency: int) -> None:
     global _recorder
     _recorder = StartRecorder(starts) if starts else None
-    app, _ = _app(dsn, pool_size=CONCURRENCY + 1)
+    app, _ = _app(dsn, pool_size=concurrency + 1)
     async with app.open_async():
         start_barrier()
         # Procrastinate's own SIGTERM/SIGINT handlers stop the worker gracefully.
-        await app.run_worker_async(concurrency=CONCURRENCY, listen_notify=True)
+        await app.run_worker_async(concurrency=concurrency, listen_notify=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     w = sub.add_parser("worker", help="run one Procrastinate worker process (for w1/w3)")
     w.add_argument("--dsn", required=True)
     w.add_argument("--starts", help="append '<seq> <start ns>' per job to this file (W3)")
+    w.add_argument("--concurrency", type=int, default=CONCURRENCY)
     args = p.parse_args(argv)
-    asyncio.run(_worker(args.dsn, args.starts))
+    asyncio.run(_worker(args.dsn, args.starts, args.concurrency))
 
 
 if __name__ == "__main__":

@@ -297,6 +297,27 @@ SELECT id, run_id, status FROM upd
 -- lock; the key is an arbitrary constant owned by pgdag).
 SELECT pg_try_advisory_xact_lock(8210605541) AS acquired
 
+-- name: prune_finished_runs
+-- Retention: delete up to %(limit)s runs that finished more than %(retention_s)s seconds
+-- ago, oldest first, with their steps (ON DELETE CASCADE), edges and audit rows (explicitly:
+-- those tables have no foreign keys, see migration 0002). Runs another pruner holds are
+-- skipped. Reads runs_finished_idx.
+WITH old AS (
+    SELECT id FROM runs
+    WHERE finished_at < now() - make_interval(secs => %(retention_s)s)
+      AND status IN ('completed', 'failed', 'cancelled')
+    ORDER BY finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), edges AS (
+    DELETE FROM step_edges e USING steps s, old
+    WHERE s.run_id = old.id AND e.parent_id = s.id
+), audit AS (
+    DELETE FROM audit_log a USING old WHERE a.run_id = old.id
+)
+DELETE FROM runs r USING old WHERE r.id = old.id
+RETURNING r.id
+
 -- name: skip_descendants
 -- Dependents (transitively) of dead-lettered steps can never run: pending -> skipped.
 WITH RECURSIVE down(id) AS (

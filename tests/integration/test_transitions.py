@@ -14,7 +14,7 @@ from engine.errors import LeaseLost
 from engine.store import Store
 from engine.tools import load_tool_modules
 from engine.transitions import ClaimedStep
-from tests.support import events, steps_by_name
+from tests.support import events, query, steps_by_name
 from workers.worker import Worker
 
 load_tool_modules(["workers.tools.builtin"])
@@ -141,6 +141,80 @@ def test_reclaimed_step_stops_the_older_attempt(db_url: str) -> None:
             assert new_task is not None and not new_task.done()
             new_task.cancel()
             await asyncio.gather(new_task, return_exceptions=True)
+        finally:
+            await pool.close()
+
+    run(go())
+
+
+def test_batch_of_successes_records_live_leases_and_names_the_lost(db_url: str) -> None:
+    """One `complete_steps` statement for several attempts: current tokens are recorded
+    (a fan-in child promoted once, the run settled), a stale token is refused by name, and
+    writing the same batch again (an ambiguous commit retried) changes nothing."""
+
+    async def go() -> None:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        store = Store(pool, lease_ttl_s=30)
+        try:
+            run_id = await create(
+                store, delay("a"), delay("b"), delay("c"), delay("join", "a", "b", "c")
+            )
+            claimed = {c.name: c for c in await store.claim("w", 10)}
+            assert set(claimed) == {"a", "b", "c"}
+            stale = claimed["c"]
+            await store.release([(stale.id, stale.lease_token)], worker_id="w")
+            batch = [(claimed[n].id, claimed[n].lease_token, f'{{"n": "{n}"}}') for n in "abc"]
+            outcome = await store.complete_many(batch, worker_id="w")
+            assert outcome[claimed["a"].id] is None and outcome[claimed["b"].id] is None
+            assert "stale" in (outcome[stale.id] or "") or "ended" in (outcome[stale.id] or "")
+            again = await store.complete_many(batch[:2], worker_id="w")
+            assert again == {claimed["a"].id: None, claimed["b"].id: None}
+            steps = steps_by_name(db_url, run_id)
+            assert steps["join"]["status"] == "pending" and steps["join"]["deps_remaining"] == 1
+            c = await claim_one(store, "c")
+            assert await store.complete_many([(c.id, c.lease_token, "{}")], worker_id="w") == {
+                c.id: None
+            }
+            assert steps_by_name(db_url, run_id)["join"]["status"] == "ready"
+            kinds = [e["event"] for e in events(db_url, run_id)]
+            assert kinds.count("step_succeeded") == 3 and kinds.count("step_ready") == 1
+        finally:
+            await pool.close()
+
+    run(go())
+
+
+def test_pruner_deletes_only_runs_finished_past_retention(db_url: str) -> None:
+    """Retention: a run finished 2 days ago goes with its steps, edges and audit log; a run
+    finished now and an unfinished run stay."""
+
+    async def go() -> None:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        store = Store(pool, lease_ttl_s=30)
+        try:
+            old = await create(store, delay("a"), delay("b", "a"))
+            for name in ("a", "b"):
+                step = await claim_one(store, name)
+                await store.complete(step, "{}", worker_id="w")
+            recent = await create(store, {"name": "x", "tool": "DELAY", "input": {"ms": 0}})
+            await store.complete(await claim_one(store, "x"), "{}", worker_id="w")
+            unfinished = await create(store, delay("y"))
+            query(
+                db_url,
+                "UPDATE runs SET finished_at = now() - interval '2 days' WHERE id = %(id)s",
+                {"id": old},
+            )
+            assert await store.prune(retention_s=86400) == 1
+            assert await store.prune(retention_s=86400) == 0
+            left = {r["id"] for r in query(db_url, "SELECT id::text FROM runs")}
+            assert left == {recent, unfinished}
+            for table in ("steps", "audit_log"):
+                rows = query(
+                    db_url, f"SELECT count(*) AS n FROM {table} WHERE run_id = %(id)s", {"id": old}
+                )
+                assert rows[0]["n"] == 0, table
+            assert query(db_url, "SELECT count(*) AS n FROM step_edges")[0]["n"] == 0
+            assert len(events(db_url, recent)) > 0
         finally:
             await pool.close()
 
