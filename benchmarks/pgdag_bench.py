@@ -119,14 +119,18 @@ def _drain(
 
 def w1(base: str, jobs: int, *, shape: str = "runs", workers: int = 2) -> dict[str, Any]:
     """W1 flat: `jobs` independent NOOP steps, enqueued first, then drained by `workers`
-    processes. `shape` "runs": one one-step run per job (what a queue user would do;
-    every job also starts and finishes its run); "steps": one run of `jobs` steps."""
+    processes. `shape` "runs": one one-step run per job (every job also starts and
+    finishes its run: five audit rows a job); "steps": runs of up to 10,000 independent
+    steps (the default PGDAG_MAX_STEPS), two audit rows a step."""
     name = f"pgdag_bench_w1_{shape}"
     with scratch_db(base, name) as url:
         if shape == "runs":
             specs = [_spec([{"name": "job", "tool": "NOOP", "input": {}}])] * jobs
         else:
-            specs = [_spec([{"name": f"s{i}", "tool": "NOOP", "input": {}} for i in range(jobs)])]
+            per_run = min(jobs, 10_000)
+            specs = [
+                _spec([{"name": f"s{i}", "tool": "NOOP", "input": {}} for i in range(per_run)])
+            ] * max(1, jobs // per_run)
         _, enqueue_s = enqueue(url, specs)
         d = _drain(url, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600, api=True)
     return {
@@ -180,6 +184,7 @@ def w2(base: str, runs: int, *, workers: int = 2) -> dict[str, Any]:
         "stepsPerS": round(steps / d["wallS"]),
         "runsPerS": round(runs / d["wallS"]),
         "stepsPerSDb": round(steps / d["dbS"]),
+        "runsPerSDb": round(runs / d["dbS"]),
     }
 
 

@@ -1,15 +1,23 @@
-"""`python -m benchmarks --quick` runs end to end (a smoke check; no assertion on speed)."""
+"""`python -m benchmarks --quick` runs end to end (a smoke check; no assertion on speed).
+
+Peers are measured only where `.[bench]` is installed; CI installs `.[dev]`, so there they
+are reported as skipped, and the test checks that too.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT, base_env
 
 
+@pytest.mark.timeout(600)
 def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(
@@ -18,12 +26,27 @@ def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=540,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert results["drain"]["status"] == "completed"
-    assert results["accept"]["steps"] == 500
+    assert results["machine"]["settings"]["fsync"] == "on"
+    for shape in ("runs", "steps"):
+        w1 = results["w1"][shape]
+        assert w1["notCompleted"] == 0 and w1["jobs"] == 1000 and w1["jobsPerS"] > 0
+    assert results["w1"]["steps"]["rss"]["apiMb"] > 0
+    assert results["w2"]["notCompleted"] == 0 and results["w2"]["steps"] == 500
+    assert results["w3"]["n"] == 30 and results["w3"]["p50Ms"] > 0
+    assert set(results["w4"]["rates"]) == {"2000", "20000"}
+    assert results["w5"]["steps"] == 1000
+    assert results["w6"]["tables"]["steps"]["live"] >= 0
+    assert set(results["pgbench"]["tps"]) == {"8", "16"}
     plan = "\n".join(results["explain"]["plans"]["claim_steps"])
     assert "steps_ready_idx" in plan  # the claim reads the partial index, not the table
-    assert "drain" in proc.stdout and "accept" in proc.stdout
+    for peer in ("pgqueuer", "procrastinate", "dbos"):
+        entry = results["peers"][peer]
+        if importlib.util.find_spec(peer) is None:
+            assert "skipped" in entry
+        else:
+            assert "error" not in entry.get("w1", {}), entry
+    assert "W1 flat" in proc.stdout and "pgbench" in proc.stdout
