@@ -1,7 +1,7 @@
 """What every peer driver shares: worker subprocesses behind a start barrier, deadlines,
 paced submission, the pickup-latency record, and percentiles.
 
-Worker protocol. A driver starts ``python -m benchmarks.peers.<peer>_bench worker ...``
+Worker protocol. A driver starts ``python -m benchmarks.peers.worker <peer> ...``
 processes. Each one imports its peer, connects and registers its job functions, prints
 ``ready`` on stdout, then blocks reading stdin until the driver writes ``go``. The drain
 clock starts when the driver has written ``go`` to every worker, so interpreter start-up and
@@ -47,7 +47,9 @@ READY_TIMEOUT_S = 45.0
 STOP_GRACE_S = 10.0
 """How long a worker gets to shut down after SIGTERM before it is killed."""
 POLL_S = 0.02
-"""How often the driver polls the peer's table while waiting for a drain."""
+"""The shortest interval at which the driver polls a peer's table (or a W3 start file)."""
+POLL_MAX_S = 0.5
+"""The longest interval at which the driver polls a peer's table during a drain."""
 W3_WARMUP_JOBS = 5
 """Jobs run (and discarded) before the W3 measurement: first-call costs such as lazy imports
 and prepared statements are not pickup latency."""
@@ -163,15 +165,18 @@ class WorkerGroup:
                 )
 
     def wait_ready(self, budget: Budget) -> None:
+        """Wait until every worker has printed ``ready`` (other stdout lines are skipped)."""
         deadline = time.monotonic() + min(READY_TIMEOUT_S, max(budget.left(), 0.0))
         for i, w in enumerate(self.workers):
             assert w.proc.stdout is not None
-            line = _readline_until(w.proc.stdout, deadline)
-            if line.strip() != "ready":
+            line = "-"
+            while line and line.strip() != "ready":
+                line = _readline_until(w.proc.stdout, deadline)
+            if not line:
                 self.check_alive()
                 raise PeerBenchError(
                     f"{self.what}: worker {i} did not report ready within"
-                    f" {READY_TIMEOUT_S:.0f} s (said {line!r}); its stderr ends:\n{w.tail()}"
+                    f" {READY_TIMEOUT_S:.0f} s; its stderr ends:\n{w.tail()}"
                 )
 
     def go(self) -> None:
@@ -218,9 +223,10 @@ def _readline_until(stream: IO[str], deadline: float) -> str:
 
 @contextlib.contextmanager
 def worker_processes(
-    what: str, module: str, argvs: Sequence[Sequence[str]], budget: Budget
+    what: str, peer: str, argvs: Sequence[Sequence[str]], budget: Budget
 ) -> Iterator[WorkerGroup]:
-    """Start one ``python -m <module> worker <argv...>`` per entry of `argvs`, wait until each
+    """Start one ``python -m benchmarks.peers.worker <peer> <argv...>`` per entry of `argvs`
+    (`peer` as in `worker.PEER_MODULES`), wait until each
     has said ``ready`` (raising `PeerBenchError` with its stderr if not), and yield them
     still held at their start barrier. All are stopped on exit, also on error."""
     workers: list[_Worker] = []
@@ -229,7 +235,7 @@ def worker_processes(
         for argv in argvs:
             err = tempfile.NamedTemporaryFile(prefix="peer-worker-", suffix=".log", delete=False)  # noqa: SIM115 (closed in stop())
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, "worker", *argv],
+                [sys.executable, "-m", "benchmarks.peers.worker", peer, *argv],
                 env=child_env(),
                 cwd=ROOT,
                 stdin=subprocess.PIPE,
@@ -245,18 +251,22 @@ def worker_processes(
 
 
 def wait_drained(done: Callable[[], tuple[bool, str]], group: WorkerGroup, budget: Budget) -> float:
-    """Poll `done` (which returns ``(finished, progress text)``) every `POLL_S` until it
-    says finished; return the monotonic time it first did. Raises `PeerBenchError` if a
-    worker dies or the budget runs out."""
+    """Poll `done` (which returns ``(finished, progress text)``) until it says finished;
+    return the monotonic time it first did. The poll interval is 1 % of the time waited so
+    far, between `POLL_S` and `POLL_MAX_S`: the error stays near 1 % of the drain while the
+    polling query costs the 2-core machine little. Raises `PeerBenchError` if a worker dies
+    or the budget runs out."""
     progress = ""
+    t0 = time.monotonic()
     while True:
         finished, progress = done()
+        now = time.monotonic()
         if finished:
-            return time.monotonic()
+            return now
         group.check_alive()
         if budget.left() <= 0:
             raise budget.expired("draining", progress)
-        time.sleep(POLL_S)
+        time.sleep(min(POLL_MAX_S, max(POLL_S, 0.01 * (now - t0))))
 
 
 # --- worker side -------------------------------------------------------------------
@@ -264,11 +274,13 @@ def wait_drained(done: Callable[[], tuple[bool, str]], group: WorkerGroup, budge
 
 def start_barrier() -> None:
     """Worker side of the start barrier: say ``ready``, then wait for ``go`` on stdin.
-    Exits quietly if the driver closes stdin instead (it gave up)."""
+    Exits quietly if the driver closes stdin instead (it gave up). Afterwards stdout goes
+    to stderr: nobody reads the stdout pipe any more, and a full pipe would block."""
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     if sys.stdin.readline().strip() != "go":
         raise SystemExit(0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
 class StartRecorder:
@@ -370,12 +382,18 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
     return sorted_values[rank - 1]
 
 
-def drain_result(n: int, enqueue_s: float, drain_s: float, config: str) -> dict[str, Any]:
-    """The W1 result dict."""
-    return {
+def drain_result(
+    n: int, enqueue_s: float, drain_s: float, config: str, requested: int | None = None
+) -> dict[str, Any]:
+    """The W1 result dict; ``requestedJobs`` appears when the driver ran fewer jobs than
+    asked (a peer too slow to drain the full size within `CALL_BUDGET_S`)."""
+    result: dict[str, Any] = {
         "jobs": n,
         "enqueueS": round(enqueue_s, 3),
         "drainS": round(drain_s, 3),
         "jobsPerS": round(n / drain_s, 1),
         "config": config,
     }
+    if requested is not None and requested != n:
+        result["requestedJobs"] = requested
+    return result

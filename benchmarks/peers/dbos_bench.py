@@ -1,9 +1,11 @@
 """DBOS Transact, driven through its public API (``DBOS.migrate``, ``@DBOS.workflow``,
-``@DBOS.step``, ``DBOS.register_queue``, ``DBOSClient``).
+``@DBOS.step``, ``DBOSClient``: ``register_queue``, ``enqueue``).
 
 The shape is DBOS's "queue worker" example (docs/python/examples/queue-worker.md): worker
-processes configure and launch DBOS and register the queue; the benchmark enqueues from
-outside with a ``DBOSClient``. Settings:
+processes configure and launch DBOS; the benchmark enqueues from outside with a
+``DBOSClient``. The client also registers the queue (``DBOSClient.register_queue``, which
+persists it owned by the application), so a worker polls it from ``DBOS.launch()`` on and
+the start barrier sits just before launch. Settings:
 
 - schema by ``DBOS.migrate`` (what ``dbos migrate`` runs), LISTEN/NOTIFY and the other
   system-database settings at their defaults (pool of 20);
@@ -20,9 +22,10 @@ outside with a ``DBOSClient``. Settings:
 Workflows are enqueued with ``DBOSClient.enqueue_in_transaction``, `ENQUEUE_CHUNK` per
 transaction (DBOS has no batch enqueue; this is its way to share a commit), and the drain
 counts ``dbos.workflow_status`` rows until all are ``SUCCESS``. The drain clock includes
-the queue's registration and the first poll, as for the other peers' start-up.
+``DBOS.launch()`` (about 0.15 s) and the first polling interval, as it includes the other
+peers' start-up.
 
-``python -m benchmarks.peers.dbos_bench worker --dsn URL --index I [--starts FILE]`` runs
+``python -m benchmarks.peers.worker dbos --dsn URL --index I [--starts FILE]`` runs
 one worker process (see `_common` for the start barrier).
 """
 
@@ -62,6 +65,7 @@ VERSION = installed_version("dbos")
 WORKER_CONCURRENCY = 50
 POLLING_INTERVAL_S = 0.1
 ENQUEUE_CHUNK = 500
+W1_MAX_JOBS = 3_000
 APP_NAME = "pgdag-bench"
 APP_VERSION = "bench-1"
 QUEUE = "bench"
@@ -71,7 +75,7 @@ CONFIG = (
     f" limit, polling_interval_sec={POLLING_INTERVAL_S} (default 1.0; DBOS queues are"
     " polled), executor_id per process, sys-db pool 20 (docs/python/tutorials/"
     f"queue-tutorial.md, examples/queue-worker.md); DBOSClient.enqueue_in_transaction x"
-    f" {ENQUEUE_CHUNK}"
+    f" {ENQUEUE_CHUNK}; w1 capped at {W1_MAX_JOBS:,} workflows"
 )
 
 _STATUS_SQL = (
@@ -102,18 +106,19 @@ def _client(dsn: str) -> DBOSClient:
 
 
 def _install_and_enqueue(dsn: str, workflows: int, steps: int) -> float:
-    """Create DBOS's system schema in `dsn`, enqueue `workflows` workflows of `steps` no-op
-    steps and return the seconds the enqueue took."""
+    """Create DBOS's system schema in `dsn`, register the queue, enqueue `workflows`
+    workflows of `steps` no-op steps and return the seconds the enqueue took."""
     import sqlalchemy as sa
     from dbos import DBOS
 
     dsn = as_url(dsn)
     DBOS.migrate(dsn)
-    if not workflows:
-        return 0.0
     client = _client(dsn)
     engine = sa.create_engine(sa.make_url(dsn).set(drivername="postgresql+psycopg"))
     try:
+        client.register_queue(
+            QUEUE, worker_concurrency=WORKER_CONCURRENCY, polling_interval_sec=POLLING_INTERVAL_S
+        )
         t0 = time.perf_counter()
         for start in range(0, workflows, ENQUEUE_CHUNK):
             with engine.begin() as conn:
@@ -130,9 +135,9 @@ def _drain(dsn: str, workflows: int, steps: int, processes: int, what: str) -> d
     enqueue_s = _install_and_enqueue(dsn, workflows, steps)
     if budget.left() <= 0:
         raise budget.expired("enqueueing")
-    argvs = [["--dsn", dsn, "--index", str(i), *_settings_argv()] for i in range(processes)]
+    argvs = [["--dsn", dsn, "--index", str(i)] for i in range(processes)]
     with (
-        worker_processes(what, __name__, argvs, budget) as group,
+        worker_processes(what, "dbos", argvs, budget) as group,
         psycopg.connect(dsn, autocommit=True) as conn,
     ):
 
@@ -149,12 +154,16 @@ def _drain(dsn: str, workflows: int, steps: int, processes: int, what: str) -> d
 
 
 def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
-    """W1 in DBOS's terms, in the empty database `dsn`: `jobs` workflows of one no-op step
-    each, enqueued, then drained by `processes` worker processes (seconds from releasing
-    the ready workers to every workflow ``SUCCESS``).
+    """W1 in DBOS's terms, in the empty database `dsn`: min(`jobs`, `W1_MAX_JOBS`)
+    workflows of one no-op step each, enqueued, then drained by `processes` worker
+    processes (seconds from releasing the ready workers to every workflow ``SUCCESS``).
+    At DBOS's rate here (a few hundred workflows/s at best) 20,000 would not fit the call's
+    budget, so larger sizes are capped and the result says ``requestedJobs``.
 
     Raises `PeerBenchError` if a workflow fails, a worker dies or the call overruns."""
-    return _drain(dsn, jobs, 1, processes, f"dbos w1 ({jobs} workflows, {processes} processes)")
+    n = min(jobs, W1_MAX_JOBS)
+    r = _drain(dsn, n, 1, processes, f"dbos w1 ({n} workflows, {processes} processes)")
+    return drain_result(n, r["enqueueS"], r["drainS"], CONFIG, requested=jobs)
 
 
 def w2(dsn: str, workflows: int, processes: int = 2) -> dict[str, Any]:
@@ -189,8 +198,8 @@ def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
         starts_file("dbos") as starts,
         worker_processes(
             budget.what,
-            __name__,
-            [["--dsn", dsn, "--index", "0", "--starts", str(starts), *_settings_argv()]],
+            "dbos",
+            [["--dsn", dsn, "--index", "0", "--starts", str(starts)]],
             budget,
         ) as group,
     ):
@@ -217,18 +226,7 @@ def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
 # --- worker process ------------------------------------------------------------------
 
 
-def _settings_argv() -> list[str]:
-    return [
-        "--worker-concurrency",
-        str(WORKER_CONCURRENCY),
-        "--polling-interval",
-        str(POLLING_INTERVAL_S),
-    ]
-
-
-def _worker(
-    dsn: str, index: int, starts: str | None, worker_concurrency: int, polling_interval_s: float
-) -> None:
+def _worker(dsn: str, index: int, starts: str | None) -> None:
     from dbos import DBOS, DBOSConfig
 
     recorder = StartRecorder(starts) if starts else None
@@ -256,29 +254,21 @@ def _worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     DBOS(config=config)
+    start_barrier()
+    # The queue is already registered (by the driver's client) and owned by APP_NAME, so
+    # launch starts its poller at once.
     DBOS.launch()
     try:
-        start_barrier()
-        DBOS.register_queue(
-            QUEUE, worker_concurrency=worker_concurrency, polling_interval_sec=polling_interval_s
-        )
         stop.wait()
     finally:
         DBOS.destroy()
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.dbos_bench")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("worker", help="run one DBOS worker process (for w1/w2/w3)")
-    w.add_argument("--dsn", required=True)
-    w.add_argument("--index", type=int, required=True, help="makes the executor_id unique")
-    w.add_argument("--starts", help="append '<seq> <start ns>' per workflow to this file (W3)")
-    w.add_argument("--worker-concurrency", type=int, default=WORKER_CONCURRENCY)
-    w.add_argument("--polling-interval", type=float, default=POLLING_INTERVAL_S)
+def worker_main(argv: list[str]) -> None:
+    """Run one worker process; `argv` as for ``python -m benchmarks.peers.worker dbos``."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.worker dbos")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--index", type=int, required=True, help="makes the executor_id unique")
+    p.add_argument("--starts", help="append '<seq> <start ns>' per workflow to this file (W3)")
     args = p.parse_args(argv)
-    _worker(args.dsn, args.index, args.starts, args.worker_concurrency, args.polling_interval)
-
-
-if __name__ == "__main__":
-    main()
+    _worker(args.dsn, args.index, args.starts)

@@ -19,7 +19,7 @@ The job is an async no-op. W1 enqueues all jobs with one batch ``Queries.enqueue
 statement over arrays) and counts the ``pgqueuer`` table down to empty: a job leaves it
 when its completion is logged.
 
-``python -m benchmarks.peers.pgqueuer_bench worker --dsn URL [--starts FILE]`` runs one
+``python -m benchmarks.peers.worker pgqueuer --dsn URL [--starts FILE]`` runs one
 worker process (see `_common` for the start barrier).
 """
 
@@ -38,6 +38,7 @@ from benchmarks.peers._common import (
     W3_IDLE_S,
     W3_WARMUP_JOBS,
     Budget,
+    PeerBenchError,
     StartRecorder,
     WorkerGroup,
     as_url,
@@ -127,13 +128,21 @@ def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
     enqueue_s = run_async(_install_and_enqueue(dsn, jobs), budget, "installing and enqueueing")
     argvs = [["--dsn", dsn, *_settings_argv()] for _ in range(processes)]
     with (
-        worker_processes(budget.what, __name__, argvs, budget) as group,
+        worker_processes(budget.what, "pgqueuer", argvs, budget) as group,
         psycopg.connect(dsn, autocommit=True) as conn,
     ):
 
         def done() -> tuple[bool, str]:
             left = conn.execute(f"SELECT count(*) FROM {QUEUE_TABLE}").fetchone()[0]  # type: ignore[index]
-            return left == 0, f"{left} of {jobs} jobs not done"
+            if left:
+                return False, f"{left} of {jobs} jobs not done"
+            # A finished job leaves the queue table and gets a log row in one statement.
+            ok = conn.execute(
+                f"SELECT count(*) FROM {QUEUE_TABLE}_log WHERE status = 'successful'"
+            ).fetchone()[0]  # type: ignore[index]
+            if ok != jobs:
+                raise PeerBenchError(f"{budget.what}: {jobs - ok} jobs did not succeed")
+            return True, ""
 
         group.go()
         t0 = time.monotonic()
@@ -152,7 +161,7 @@ def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
         starts_file("pgqueuer") as starts,
         worker_processes(
             budget.what,
-            __name__,
+            "pgqueuer",
             [["--dsn", dsn, "--starts", str(starts), *_settings_argv()]],
             budget,
         ) as group,
@@ -224,14 +233,13 @@ async def _worker(dsn: str, starts: str | None, batch_size: int, consumers_n: in
             await _close(driver)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.pgqueuer_bench")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("worker", help="run one PgQueuer worker process (for w1/w3)")
-    w.add_argument("--dsn", required=True)
-    w.add_argument("--starts", help="append '<seq> <start ns>' per job to this file (W3)")
-    w.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    w.add_argument("--consumers", type=int, default=CONSUMERS_PER_PROCESS)
+def worker_main(argv: list[str]) -> None:
+    """Run one worker process; `argv` as for ``python -m benchmarks.peers.worker pgqueuer``."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.worker pgqueuer")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--starts", help="append '<seq> <start ns>' per job to this file (W3)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--consumers", type=int, default=CONSUMERS_PER_PROCESS)
     args = p.parse_args(argv)
     work = _worker(args.dsn, args.starts, args.batch_size, args.consumers)
     if import_problem("uvloop"):
@@ -240,7 +248,3 @@ def main(argv: list[str] | None = None) -> None:
         import uvloop
 
         uvloop.run(work)
-
-
-if __name__ == "__main__":
-    main()

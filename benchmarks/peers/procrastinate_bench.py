@@ -17,7 +17,7 @@ Settings, from Procrastinate's docs:
 W1 enqueues with one ``batch_defer_async`` call (docs/howto/basics/batch_defer.md) and
 counts ``todo``/``doing`` rows down to zero.
 
-``python -m benchmarks.peers.procrastinate_bench worker --dsn URL [--starts FILE]`` runs
+``python -m benchmarks.peers.worker procrastinate --dsn URL [--starts FILE]`` runs
 one worker process (see `_common` for the start barrier).
 """
 
@@ -111,7 +111,7 @@ def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
     enqueue_s = run_async(_install_and_enqueue(dsn, jobs), budget, "installing and deferring")
     argvs = [["--dsn", dsn, "--concurrency", str(CONCURRENCY)] for _ in range(processes)]
     with (
-        worker_processes(budget.what, __name__, argvs, budget) as group,
+        worker_processes(budget.what, "procrastinate", argvs, budget) as group,
         psycopg.connect(dsn, autocommit=True) as conn,
     ):
 
@@ -142,7 +142,7 @@ def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
         starts_file("procrastinate") as starts,
         worker_processes(
             budget.what,
-            __name__,
+            "procrastinate",
             [["--dsn", dsn, "--starts", str(starts), "--concurrency", str(CONCURRENCY)]],
             budget,
         ) as group,
@@ -185,16 +185,11 @@ async def _worker(dsn: str, starts: str | None, concurrency: int) -> None:
         await app.run_worker_async(concurrency=concurrency, listen_notify=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.procrastinate_bench")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("worker", help="run one Procrastinate worker process (for w1/w3)")
-    w.add_argument("--dsn", required=True)
-    w.add_argument("--starts", help="append '<seq> <start ns>' per job to this file (W3)")
-    w.add_argument("--concurrency", type=int, default=CONCURRENCY)
+def worker_main(argv: list[str]) -> None:
+    """Run one worker process; `argv` as for ``python -m benchmarks.peers.worker procrastinate``."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.worker procrastinate")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--starts", help="append '<seq> <start ns>' per job to this file (W3)")
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY)
     args = p.parse_args(argv)
     asyncio.run(_worker(args.dsn, args.starts, args.concurrency))
-
-
-if __name__ == "__main__":
-    main()
