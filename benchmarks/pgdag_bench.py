@@ -33,7 +33,7 @@ from engine.store import Store
 from engine.tools import load_tool_modules
 
 TOOLS = "benchmarks.tools"
-WORKER_CONCURRENCY = 64
+WORKER_CONCURRENCY = 256  # `--concurrency`: no-op steps need many slots to batch well
 
 
 def _spec(steps: list[dict[str, Any]], goal: str = "bench") -> RunSpec:
