@@ -116,6 +116,11 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+def _json_text(text: str, status_code: int = 200) -> Response:
+    """A response whose body is JSON text already encoded (by Postgres, see Store)."""
+    return Response(text, status_code=status_code, media_type="application/json")
+
+
 async def create_run(request: Request) -> Response:
     """Submit a run: 201 with the run, 200 with the existing run for a repeated
     idempotencyKey, 422 naming the step and problem for a bad graph (nothing written)."""
@@ -130,8 +135,7 @@ async def create_run(request: Request) -> Response:
     spec = parse_run(body, max_steps=settings.max_steps_per_run)
     store = _store(request)
     run_id, created = await store.create_run(spec)
-    run = await store.get_run(run_id)
-    return JSONResponse(run, status_code=201 if created else 200)
+    return _json_text(await store.get_run_json(run_id), status_code=201 if created else 200)
 
 
 async def list_runs(request: Request) -> Response:
@@ -158,7 +162,7 @@ async def list_runs(request: Request) -> Response:
 
 async def get_run(request: Request) -> Response:
     """The run with every step: status, attempt, output, error, times."""
-    return JSONResponse(await _store(request).get_run(_run_id(request)))
+    return _json_text(await _store(request).get_run_json(_run_id(request)))
 
 
 async def run_events(request: Request) -> Response:
@@ -175,7 +179,7 @@ async def cancel_run(request: Request) -> Response:
     run_id = _run_id(request)
     store = _store(request)
     await store.cancel_run(run_id)
-    return JSONResponse(await store.get_run(run_id))
+    return _json_text(await store.get_run_json(run_id))
 
 
 async def retry_step(request: Request) -> Response:
@@ -183,7 +187,7 @@ async def retry_step(request: Request) -> Response:
     run_id = _run_id(request)
     store = _store(request)
     await store.retry_step(run_id, request.path_params["step_name"])
-    return JSONResponse(await store.get_run(run_id))
+    return _json_text(await store.get_run_json(run_id))
 
 
 async def list_workers(request: Request) -> Response:

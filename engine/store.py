@@ -7,6 +7,7 @@ are safe to repeat are retried through connection loss (`engine.db.retrying`).
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -38,31 +39,6 @@ def run_json(row: DictRow) -> dict[str, Any]:
         "stepsTotal": row["steps_total"],
         "stepsUnfinished": row["steps_unfinished"],
         "stepsDeadLetter": row["steps_dead"],
-        "createdAt": _iso(row["created_at"]),
-        "startedAt": _iso(row["started_at"]),
-        "finishedAt": _iso(row["finished_at"]),
-        "updatedAt": _iso(row["updated_at"]),
-    }
-
-
-def step_json(row: DictRow, run_id: str) -> dict[str, Any]:
-    """A steps row as the API's camelCase JSON."""
-    return {
-        "name": row["name"],
-        "tool": row["tool"],
-        "input": row["input"],
-        "dependsOn": list(row["depends_on"]),
-        "status": row["status"],
-        "attempt": row["attempt"],
-        "maxAttempts": row["max_attempts"],
-        "timeoutMs": row["timeout_ms"],
-        "idempotent": row["idempotent"],
-        "idempotencyKey": f"{run_id}:{row['name']}",
-        "availableAt": _iso(row["available_at"]),
-        "leaseOwner": row["lease_owner"],
-        "leaseExpiresAt": _iso(row["lease_expires_at"]),
-        "output": row["output"],
-        "error": row["error"],
         "createdAt": _iso(row["created_at"]),
         "startedAt": _iso(row["started_at"]),
         "finishedAt": _iso(row["finished_at"]),
@@ -251,6 +227,13 @@ class Store:
 
     async def get_run(self, run_id: str, *, with_steps: bool = True) -> dict[str, Any]:
         """The run as JSON, with every step when `with_steps`; raises `NotFound`."""
+        run: dict[str, Any] = json.loads(await self.get_run_json(run_id, with_steps=with_steps))
+        return run
+
+    async def get_run_json(self, run_id: str, *, with_steps: bool = True) -> str:
+        """The run as JSON text (what `get_run` decodes), with every step when `with_steps`;
+        the steps' JSON is built by Postgres (``select_run_steps_json``) and spliced in,
+        never decoded. Raises `NotFound`."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(queries["select_run"], {"run_id": run_id})
             row = await cur.fetchone()
@@ -259,10 +242,13 @@ class Store:
             run = run_json(row)
             cur = await conn.execute(queries["select_run_status_counts"], {"run_id": run_id})
             run["stepCounts"] = {r["status"]: r["n"] for r in await cur.fetchall()}
-            if with_steps:
-                cur = await conn.execute(queries["select_run_steps"], {"run_id": run_id})
-                run["steps"] = [step_json(r, run["id"]) for r in await cur.fetchall()]
-        return run
+            head = json.dumps(run, separators=(",", ":"))
+            if not with_steps:
+                return head
+            cur = await conn.execute(queries["select_run_steps_json"], {"run_id": run_id})
+            steps = await cur.fetchone()
+        assert steps is not None and head.endswith("}")
+        return f'{head[:-1]},"steps":{steps["steps"]}}}'
 
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: int | None

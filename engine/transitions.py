@@ -372,12 +372,14 @@ async def retry_dead_letter(conn: Conn, run_id: str, step_name: str) -> None:
         )
         row = await cur.fetchone()
         if row is None:
-            cur = await conn.execute(queries["select_run_steps"], {"run_id": run_id})
-            statuses = {r["name"]: r["status"] for r in await cur.fetchall()}
-            if step_name not in statuses:
+            cur = await conn.execute(
+                queries["select_step_status"], {"run_id": run_id, "step_name": step_name}
+            )
+            found = await cur.fetchone()
+            if found is None:
                 raise NotFound(f"run {run_id} has no step {step_name!r}")
             raise IllegalTransition(
-                f"step {step_name!r} is {statuses[step_name]}, not dead_letter; "
+                f"step {step_name!r} is {found['status']}, not dead_letter; "
                 "only dead-lettered steps can be retried"
             )
         cur = await conn.execute(queries["unskip_descendants"], {"id": row["id"], "run_id": run_id})
