@@ -15,15 +15,19 @@ the start barrier sits just before launch. Settings:
   requires for a per-process limit;
 - ``polling_interval_sec`` = `POLLING_INTERVAL_S`. DBOS queues are polled, never woken by
   NOTIFY; the default is 1.0 s, which caps a process at ``worker_concurrency`` workflow
-  starts per second. The docs give no figure for throughput, so we chose this value by
-  measurement and say so in `CONFIG`;
+  starts per second and puts W3's pickup near half a second. The docs give no figure for
+  throughput. Measured here (W2, 1,000 workflows, 2 processes, machine shared), workflows/s
+  for worker_concurrency/polling: 50/0.1 s: 70; 100/0.1: 63; 20/0.1: 61; 100/1.0: 62;
+  50/0.05: 60 (one run each): DBOS is CPU-bound here and no setting stands out, so we keep
+  50/0.1, which also keeps W3's pickup near 50 ms instead of 500;
 - sync workflow and steps, as in the docs' examples (each workflow runs in a thread).
 
 Workflows are enqueued with ``DBOSClient.enqueue_in_transaction``, `ENQUEUE_CHUNK` per
 transaction (DBOS has no batch enqueue; this is its way to share a commit), and the drain
-counts ``dbos.workflow_status`` rows until all are ``SUCCESS``. The drain clock includes
-``DBOS.launch()`` (about 0.15 s) and the first polling interval, as it includes the other
-peers' start-up.
+counts ``dbos.workflow_status`` rows until all are ``SUCCESS``. W1 runs at most
+`W1_MAX_JOBS` workflows: at DBOS's rate here 20,000 would take minutes. The drain clock
+includes ``DBOS.launch()`` (about 0.15 s) and the first polling interval, as it includes
+the other peers' start-up.
 
 ``python -m benchmarks.peers.worker dbos --dsn URL --index I [--starts FILE]`` runs
 one worker process (see `_common` for the start barrier).
