@@ -248,8 +248,8 @@ def table(results: dict[str, Any]) -> Table:
             )
     if "w4" in results:
         r = results["w4"]
-        for backlog, rate in r["rates"].items():
-            t.add_row("W4 backlog", f"{int(backlog):,} ready: steps/s", _fmt(rate))
+        for i, (backlog, rate) in enumerate(r["rates"].items()):
+            t.add_row("" if i else "W4 backlog", f"{int(backlog):,} ready: steps/s", _fmt(rate))
         t.add_row("", "  rate at the largest / at the smallest", _fmt(r["ratio"]))
     if "w5" in results:
         r = results["w5"]
@@ -269,12 +269,61 @@ def table(results: dict[str, Any]) -> Table:
             "W7 memory", "RSS after W1: worker / API (MiB)", f"{rss['workerMb']} / {rss['apiMb']}"
         )
     if "pgbench" in results and "tps" in results["pgbench"]:
-        for c, tps in results["pgbench"]["tps"].items():
-            t.add_row("ceiling", f"pgbench single-row UPDATE, {c} clients: commits/s", _fmt(tps))
+        for i, (c, tps) in enumerate(results["pgbench"]["tps"].items()):
+            t.add_row(
+                "" if i else "ceiling",
+                f"pgbench single-row UPDATE, {c} clients: commits/s",
+                _fmt(tps),
+            )
         if "steps" in w1 and "16" in results["pgbench"]["tps"]:
             frac = w1["steps"]["jobsPerSDb"] / results["pgbench"]["tps"]["16"]
             t.add_row("", "  W1 jobs/s as a fraction of 16-client UPDATEs/s", f"{frac:.2f}")
     return t
+
+
+def goals(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """Issue 5's goals against this run's figures: ``(goal, measured, met)``; `met` is None
+    when a figure it needs is missing (a peer not installed, a workload not run)."""
+
+    def num(value: Any) -> float | None:
+        return float(value) if isinstance(value, int | float) else None
+
+    out: list[tuple[str, str, bool | None]] = []
+
+    def ratio(goal: str, a: Any, b: Any, at_least: float) -> None:
+        x, y = num(a), num(b)
+        if x is None or y is None or y == 0:
+            out.append((goal, "-", None))
+        else:
+            out.append((goal, f"{x / y:.2f}x", x / y >= at_least))
+
+    w1 = results.get("w1", {}).get("steps", {}).get("jobsPerSDb")
+    w2 = results.get("w2", {})
+    ratio("W1 >= 1.5x PgQueuer", w1, _peer(results, "pgqueuer", "w1", "jobsPerS"), 1.5)
+    ratio("W1 >= 10x Procrastinate", w1, _peer(results, "procrastinate", "w1", "jobsPerS"), 10)
+    ratio(
+        "W2 steps/s >= PgQueuer W1 jobs/s",
+        w2.get("stepsPerSDb"),
+        _peer(results, "pgqueuer", "w1", "jobsPerS"),
+        1.0,
+    )
+    ratio(
+        "W2 runs/s >= 10x DBOS workflows/s",
+        w2.get("runsPerSDb"),
+        _peer(results, "dbos", "w2", "workflowsPerS"),
+        10,
+    )
+    w3 = results.get("w3")
+    if w3:
+        out.append(("W3 p50 <= 3 ms", f"{w3['p50Ms']} ms", w3["p50Ms"] <= 3))
+        out.append(("W3 p99 <= 10 ms", f"{w3['p99Ms']} ms", w3["p99Ms"] <= 10))
+    w4 = results.get("w4")
+    if w4 and w4.get("ratio") is not None:
+        out.append(("W4 largest >= 90 % of smallest", f"{w4['ratio']:.0%}", w4["ratio"] >= 0.9))
+    w5 = results.get("w5")
+    if w5:
+        out.append(("W5 under 1 s", f"{w5['medianMs']} ms", w5["medianMs"] < 1000))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_peers:
         only.discard("peers")
 
-    console = Console()
+    console = Console(width=150)
     base = resolve_database_url(Settings.from_env())
     results: dict[str, Any] = {"machine": machine(base), "quick": args.quick, "sizes": size}
     console.print(f"machine: {json.dumps(results['machine'])}")
@@ -336,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"--- {name}\n" + "\n".join(plan), highlight=False)
 
     console.print(table(results))
+    results["goals"] = [{"goal": g, "measured": m, "met": ok} for g, m, ok in goals(results)]
+    for g in results["goals"]:
+        mark = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
+        console.print(f"goal: {g['goal']:<36} {g['measured']:>10}  {mark}", highlight=False)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     console.print(f"wrote {args.out}")
     return 0

@@ -131,13 +131,16 @@ async def claim_steps(
     conn: Conn, *, worker_id: str, limit: int, lease_ttl_s: float
 ) -> list[ClaimedStep]:
     """Claim up to `limit` ready steps for `worker_id` (ready -> running), each with a new
-    fencing token and a lease of `lease_ttl_s` seconds on the database clock."""
-    async with conn.transaction():
-        cur = await conn.execute(
-            queries["claim_steps"],
-            {"worker_id": worker_id, "limit": limit, "lease_ttl_s": lease_ttl_s},
-        )
-        rows = await cur.fetchall()
+    fencing token and a lease of `lease_ttl_s` seconds on the database clock.
+
+    One statement on an autocommit connection: it commits by itself, in one round trip
+    instead of three (BEGIN, the statement, COMMIT); a statement is atomic either way."""
+    _require_autocommit(conn)
+    cur = await conn.execute(
+        queries["claim_steps"],
+        {"worker_id": worker_id, "limit": limit, "lease_ttl_s": lease_ttl_s},
+    )
+    rows = await cur.fetchall()
     return [
         ClaimedStep(
             id=r["id"],
@@ -190,17 +193,17 @@ async def complete_steps(
     """
     if not results:
         return set()
-    async with conn.transaction():
-        cur = await conn.execute(
-            queries["complete_steps"],
-            {
-                "ids": [r[0] for r in results],
-                "tokens": [r[1] for r in results],
-                "outputs": [r[2] for r in results],
-                "worker_id": worker_id,
-            },
-        )
-        rows = await cur.fetchall()
+    _require_autocommit(conn)  # one statement, one round trip: see claim_steps
+    cur = await conn.execute(
+        queries["complete_steps"],
+        {
+            "ids": [r[0] for r in results],
+            "tokens": [r[1] for r in results],
+            "outputs": [r[2] for r in results],
+            "worker_id": worker_id,
+        },
+    )
+    rows = await cur.fetchall()
     return {r["id"] for r in rows}
 
 
@@ -409,6 +412,14 @@ async def _lock_run(conn: Conn, run_id: str) -> DictRow:
     if run is None:
         raise NotFound(f"no run {run_id}")
     return run
+
+
+def _require_autocommit(conn: Conn) -> None:
+    """Single-statement transitions run without BEGIN/COMMIT: on a connection that is not
+    in autocommit mode they would be left uncommitted, so refuse it (every pool from
+    `engine.db.open_pool` is autocommit)."""
+    if not conn.autocommit:
+        raise ValueError("pgdag transitions need an autocommit connection (engine.db.open_pool)")
 
 
 async def _lease_state(conn: Conn, step_id: int) -> DictRow | None:
