@@ -7,7 +7,9 @@ its docs recommend (see each module's docstring and ``CONFIG``).
 ``w2(dsn, workflows, processes=2)``. Each call installs the peer's schema in the empty
 database `dsn` (a libpq URL or ``key=value`` string), starts and always stops its own
 worker processes, and raises `PeerBenchError` with the worker's stderr when a worker dies
-or the call overruns `CALL_BUDGET_S`. Importing this package does not import the peers:
+or the call overruns `CALL_BUDGET_S`. Procrastinate and DBOS drain too slowly for 20,000
+jobs to fit that budget, so their ``w1`` runs at most ``W1_MAX_JOBS`` and then reports
+``requestedJobs`` beside ``jobs``. Importing this package does not import the peers:
 ``available()`` says whether one is installed (CI installs only ``.[dev]``).
 """
 
