@@ -196,6 +196,15 @@ def _peer(results: dict[str, Any], name: str, workload: str, key: str) -> Any:
     return entry.get(key)
 
 
+def _w1_cell(results: dict[str, Any], name: str, jobs: int) -> str:
+    """A peer's W1 rate, with its job count when the driver capped it below `jobs`."""
+    rate = _peer(results, name, "w1", "jobsPerS")
+    n = _peer(results, name, "w1", "jobs")
+    if isinstance(n, int) and n != jobs:
+        return f"{_fmt(rate)} ({n:,} jobs)"
+    return _fmt(rate)
+
+
 def table(results: dict[str, Any]) -> Table:
     """The summary: one row per figure, pgdag beside each peer."""
     t = Table(title="pgdag vs peers (same machine, same Postgres, one run)")
@@ -209,7 +218,7 @@ def table(results: dict[str, Any]) -> Table:
             "W1 flat",
             f"{r['jobs']:,} no-op jobs, 2 processes: jobs/s (pgdag: steps of 10,000-step runs)",
             _fmt(r["jobsPerSDb"]),
-            *(_fmt(_peer(results, p, "w1", "jobsPerS")) for p in peers),
+            *(_w1_cell(results, p, r["jobs"]) for p in peers),
         )
     if "runs" in w1:
         r = w1["runs"]
