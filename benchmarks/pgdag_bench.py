@@ -252,8 +252,11 @@ def w3(base: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
     }
 
 
-def _insert_backlog(url: str, ready: int, per_run: int = 1000) -> None:
-    """`ready` ready NOOP steps in runs of `per_run`, straight in SQL (setup, not measured)."""
+def _insert_backlog(url: str, ready: int, per_run: int = 10_000) -> None:
+    """`ready` ready NOOP steps in runs of `per_run` (the default PGDAG_MAX_STEPS), straight
+    in SQL (setup, not measured). Ids run in order within a run, as a submit makes them, so
+    a claim batch spans one run whatever the backlog: W4 then compares backlog sizes, not
+    how many runs a batch touches (each run in a batch costs a counter update and a NOTIFY)."""
     runs = max(1, ready // per_run)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
@@ -266,6 +269,7 @@ def _insert_backlog(url: str, ready: int, per_run: int = 1000) -> None:
             INSERT INTO steps (run_id, name, tool, input, deps_remaining, status, max_attempts)
             SELECT r.id, 's' || g, 'NOOP', '{}', 0, 'ready', 3
             FROM runs r, generate_series(1, %s) g
+            ORDER BY r.seq, g
             """,
             (per_run,),
         )
