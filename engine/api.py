@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dashboard.routes import routes as dashboard_routes  # the page at / (mounted only)
 from engine.config import Settings
 from engine.dag import parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
@@ -299,7 +300,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
             await pool.close()
 
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *dashboard_routes],
         lifespan=lifespan,
         exception_handlers={
             NotFound: _not_found,
