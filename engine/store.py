@@ -7,6 +7,8 @@ are safe to repeat are retried through connection loss (`engine.db.retrying`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +24,7 @@ from engine.sql import queries
 from engine.transitions import ClaimedStep, FailOutcome
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
+Conn = psycopg.AsyncConnection[DictRow]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -85,6 +88,74 @@ def event_json(row: DictRow) -> dict[str, Any]:
         "detail": row["detail"],
         "at": _iso(row["created_at"]),
     }
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """A run read under one snapshot: `run` is the ``GET /runs/{id}`` body, `event_ids` the
+    ids of the run's events visible to that snapshot, `max_event_id` the largest (0: none)."""
+
+    run: dict[str, Any]
+    event_ids: frozenset[int]
+    max_event_id: int
+
+
+@dataclass(frozen=True)
+class LiveRead:
+    """What one `read_live_events` call saw: audit `rows` in id order, and the bounds of the
+    snapshot they were read under (xid8 values as ints): every transaction with an id below
+    `snap_xmin` had ended; `snap_xmax` was the first id not yet assigned."""
+
+    rows: list[DictRow]
+    snap_xmin: int
+    snap_xmax: int
+
+
+async def _read_run(conn: Conn, run_id: str, *, with_steps: bool) -> dict[str, Any]:
+    cur = await conn.execute(queries["select_run"], {"run_id": run_id})
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"no run {run_id}")
+    run = run_json(row)
+    cur = await conn.execute(queries["select_run_status_counts"], {"run_id": run_id})
+    run["stepCounts"] = {r["status"]: r["n"] for r in await cur.fetchall()}
+    if with_steps:
+        cur = await conn.execute(queries["select_run_steps"], {"run_id": run_id})
+        run["steps"] = [step_json(r, run["id"]) for r in await cur.fetchall()]
+    return run
+
+
+async def start_live(conn: Conn) -> tuple[int, int, int]:
+    """For a new listener on `conn` (autocommit): ``(max_event_id, snap_xmin, snap_xmax)``,
+    the newest visible audit id and the bounds of the snapshot it was read under."""
+    cur = await conn.execute(queries["live_start"])
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row["max_id"]), int(row["snap_xmin"]), int(row["snap_xmax"])
+
+
+async def read_live_events(
+    conn: Conn, *, known: int, gaps: Sequence[tuple[int, int]], limit: int
+) -> LiveRead:
+    """One read of the listener on `conn` (autocommit, one statement, one snapshot): up to
+    `limit` audit rows with ``id > known`` plus every visible row inside the inclusive id
+    ranges `gaps`; see `engine.live` for why both."""
+    cur = await conn.execute(
+        queries["live_fetch"],
+        {
+            "known": known,
+            "limit": limit,
+            "gap_lo": [lo for lo, _ in gaps],
+            "gap_hi": [hi for _, hi in gaps],
+        },
+    )
+    rows = await cur.fetchall()
+    first = rows[0]
+    return LiveRead(
+        rows=[r for r in rows if r["id"] is not None],
+        snap_xmin=int(first["snap_xmin"]),
+        snap_xmax=int(first["snap_xmax"]),
+    )
 
 
 class Store:
@@ -232,17 +303,39 @@ class Store:
     async def get_run(self, run_id: str, *, with_steps: bool = True) -> dict[str, Any]:
         """The run as JSON, with every step when `with_steps`; raises `NotFound`."""
         async with self.pool.connection() as conn:
+            return await _read_run(conn, run_id, with_steps=with_steps)
+
+    async def run_snapshot(self, run_id: str) -> RunSnapshot:
+        """The run exactly as ``GET /runs/{run_id}`` shows it, with the ids of the events that
+        state includes, read in one REPEATABLE READ transaction (a single snapshot, so the
+        two agree). Raises `NotFound`."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(queries["live_begin_snapshot"])
+            run = await _read_run(conn, run_id, with_steps=True)
+            cur = await conn.execute(queries["live_run_event_ids"], {"run_id": run_id})
+            ids = [r["id"] for r in await cur.fetchall()]
+        return RunSnapshot(run=run, event_ids=frozenset(ids), max_event_id=max(ids, default=0))
+
+    async def replay_events(
+        self, run_id: str | None, *, after: int, upto: int, limit: int
+    ) -> list[DictRow]:
+        """Audit rows with ``after < id <= upto``, oldest first, at most `limit`: of one run,
+        or of every run when `run_id` is None. Rows, not JSON: the caller shapes them with
+        `event_json`. Raises `NotFound` for an unknown run."""
+        async with self.pool.connection() as conn:
+            if run_id is None:
+                cur = await conn.execute(
+                    queries["live_replay_events"], {"after": after, "upto": upto, "limit": limit}
+                )
+                return await cur.fetchall()
             cur = await conn.execute(queries["select_run"], {"run_id": run_id})
-            row = await cur.fetchone()
-            if row is None:
+            if await cur.fetchone() is None:
                 raise NotFound(f"no run {run_id}")
-            run = run_json(row)
-            cur = await conn.execute(queries["select_run_status_counts"], {"run_id": run_id})
-            run["stepCounts"] = {r["status"]: r["n"] for r in await cur.fetchall()}
-            if with_steps:
-                cur = await conn.execute(queries["select_run_steps"], {"run_id": run_id})
-                run["steps"] = [step_json(r, run["id"]) for r in await cur.fetchall()]
-        return run
+            cur = await conn.execute(
+                queries["live_replay_run_events"],
+                {"run_id": run_id, "after": after, "upto": upto, "limit": limit},
+            )
+            return await cur.fetchall()
 
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: int | None
