@@ -30,7 +30,7 @@
   const metrics = (window.pgdagMetrics = { graph: null, eventToPaintMs: [], commitToPaintMs: [], events: 0 });
   let paintWaiters = [];
 
-  const graph = new DagView($("graph"), {
+  const graph = new DagView($("graph"), $("graph-edges"), {
     onSelect: (name) => navigate(state.current && state.current.id, name),
     onMessage: (text) => {
       $("graph-msg").textContent = text;
@@ -209,17 +209,18 @@
       .map((s) => `<span class="seg" data-status="${s}" style="width:${((100 * c[s]) / total).toFixed(2)}%"></span>`)
       .join("");
     const parts = [`${c.succeeded || 0}/${run.stepsTotal} succeeded`];
-    for (const s of ["running", "ready", "dead_letter", "skipped", "cancelled"]) {
+    for (const s of ["running", "dead_letter", "skipped", "cancelled"]) {
       if (c[s] > 0) parts.push(`${c[s]} ${label(s)}`);
     }
     row.dataset.status = run.status;
     row.classList.toggle("active", !!state.current && state.current.id === id);
     row.innerHTML =
       `<div class="run-row-top"><span class="badge" data-status="${esc(run.status)}">${esc(label(run.status))}</span>` +
-      `<span class="run-goal">${esc(run.goal || "(no goal)")}</span></div>` +
+      `<span class="run-goal">${esc(run.goal || "(no goal)")}</span>` +
+      `<span class="muted run-when" title="${esc(run.id)} · ${esc(run.createdAt || "")}">${esc(ago(run.createdAt))}</span></div>` +
       `<div class="bar">${bar}</div>` +
       `<div class="run-row-bottom"><span class="run-counts">${esc(parts.join(" · "))}</span>` +
-      `<span class="muted" title="${esc(run.createdAt || "")}">${esc(run.id.slice(0, 8))} · ${esc(ago(run.createdAt))}</span></div>`;
+      `<code class="muted">${esc(run.id.slice(0, 8))}</code></div>`;
   }
 
   function flushRows() {
@@ -311,7 +312,7 @@
 
   function openRun(id) {
     closeRun();
-    const cur = { id, run: null, steps: new Map(), counts: null, lastEventId: null, socket: null, events: null };
+    const cur = { id, run: null, steps: new Map(), counts: null, lastEventId: null, snapshotId: 0, seen: new Set(), socket: null, events: null };
     state.current = cur;
     $("empty").hidden = true;
     $("run-view").hidden = false;
@@ -343,6 +344,8 @@
       cur.counts = emptyCounts();
       for (const s of run.steps) cur.counts[s.status] = (cur.counts[s.status] || 0) + 1;
       cur.lastEventId = msg.lastEventId;
+      cur.snapshotId = msg.lastEventId;
+      cur.seen = new Set();
       syncListRow(cur);
       renderHeader();
       graph.show(run, received).then(() => {
@@ -360,11 +363,15 @@
     }
     if (msg.type !== "event" || !cur.run) return;
     const e = msg.event;
-    if (cur.lastEventId !== null && e.id <= cur.lastEventId) return; // already in the snapshot
-    cur.lastEventId = e.id;
+    // Events up to the snapshot's id are in it; later ones are applied once each (ids
+    // come in commit order, which need not be id order).
+    if (e.id <= cur.snapshotId || cur.seen.has(e.id)) return;
+    cur.seen.add(e.id);
+    if (e.id > cur.lastEventId) cur.lastEventId = e.id;
     metrics.events += 1;
     applyRunEvent(cur, e);
-    paintWaiters.push([received, e.at]);
+    // Only events that recolour a node already on the page are measured.
+    if (graph.metrics && graph.metrics.runId === cur.id) paintWaiters.push([received, e.at]);
     queueFrame();
   }
 

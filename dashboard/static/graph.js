@@ -127,8 +127,12 @@
   }
 
   class DagView {
-    constructor(svg, { onSelect, onMessage }) {
+    // `svg` holds the nodes; `edgeSvg`, under it, the edges: two layers, so that recolouring
+    // a node repaints only the nodes' layer, never the thousands of edge curves.
+    constructor(svg, edgeSvg, { onSelect, onMessage }) {
       this.svg = svg;
+      this.edgeSvg = edgeSvg;
+      this.edgeViewport = null;
       this.onSelect = onSelect;
       this.onMessage = onMessage;
       this.runId = null;
@@ -141,7 +145,22 @@
       this.frame = 0;
       this.far = false;
       this.metrics = null;
+      this.touched = false; // the user panned or zoomed: keep their view on resize
       this.bindInput();
+      let last = null;
+      new ResizeObserver(() => {
+        const r = this.svg.getBoundingClientRect();
+        if (last && this.viewport && r.width && r.height) {
+          if (this.touched) {
+            this.view.x += (r.width - last.width) / 2;
+            this.view.y += (r.height - last.height) / 2;
+            this.schedule();
+          } else {
+            this.fitInitial();
+          }
+        }
+        last = { width: r.width, height: r.height };
+      }).observe(this.svg);
     }
 
     // Show `run` (with steps); resolves once its graph is on the page.
@@ -156,7 +175,9 @@
       this.steps = run.steps;
       this.nodes = new Map();
       this.selected = null;
+      this.touched = false;
       this.svg.replaceChildren();
+      this.edgeSvg.replaceChildren();
       this.onMessage(run.steps.length > BIG_NODES ? `Laying out ${run.steps.length.toLocaleString()} steps…` : "");
       let lay;
       try {
@@ -196,27 +217,34 @@
         edgeParts.push(edgePath(edgePoints, from, to));
         arrowParts.push(arrowHead(edgePoints, to));
       }
+      // Absolute coordinates, no transform per node: a transform per node gives the
+      // compositor one property node per step, which made every frame of a 2,000-step run
+      // spend hundreds of milliseconds in layerization.
       const hw = NODE_W / 2;
       const hh = NODE_H / 2;
       const nodeParts = new Array(steps.length);
       for (let i = 0; i < steps.length; i++) {
         const s = steps[i];
+        const x = (xy[2 * i] - hw).toFixed(1);
+        const y = xy[2 * i + 1] - hh;
+        const tx = (xy[2 * i] - hw + 13).toFixed(1);
         nodeParts[i] =
-          `<g class="node" data-step="${esc(s.name)}" data-status="${s.status}" transform="translate(${xy[2 * i].toFixed(1)},${xy[2 * i + 1].toFixed(1)})">` +
+          `<g class="node" data-step="${esc(s.name)}" data-status="${s.status}">` +
           `<title>${esc(s.name)}</title>` +
-          `<rect class="box" x="${-hw}" y="${-hh}" width="${NODE_W}" height="${NODE_H}" rx="6"></rect>` +
-          `<rect class="stripe" x="${-hw}" y="${-hh}" width="5" height="${NODE_H}" rx="2"></rect>` +
-          `<text class="name" x="${-hw + 13}" y="-3">${esc(shorten(s.name, NAME_CHARS))}</text>` +
-          `<text class="sub" x="${-hw + 13}" y="12">${esc(subLabel(s))}</text></g>`;
+          `<rect class="box" x="${x}" y="${y.toFixed(1)}" width="${NODE_W}" height="${NODE_H}" rx="6"></rect>` +
+          `<rect class="stripe" x="${x}" y="${y.toFixed(1)}" width="5" height="${NODE_H}" rx="2"></rect>` +
+          `<text class="name" x="${tx}" y="${(y + hh - 3).toFixed(1)}">${esc(shorten(s.name, NAME_CHARS))}</text>` +
+          `<text class="sub" x="${tx}" y="${(y + hh + 12).toFixed(1)}">${esc(subLabel(s))}</text></g>`;
       }
-      this.svg.innerHTML =
+      this.edgeSvg.innerHTML =
         `<g class="viewport"><path class="edges" d="${edgeParts.join("")}"></path>` +
-        `<path class="arrows" d="${arrowParts.join("")}"></path>` +
-        `<g class="nodes">${nodeParts.join("")}</g></g>`;
+        `<path class="arrows" d="${arrowParts.join("")}"></path></g>`;
+      this.edgeViewport = this.edgeSvg.firstChild;
+      this.svg.innerHTML = `<g class="viewport"><g class="nodes">${nodeParts.join("")}</g></g>`;
       this.viewport = this.svg.firstChild;
-      const els = this.viewport.lastChild.children;
+      const els = this.viewport.firstChild.children;
       for (let i = 0; i < steps.length; i++) {
-        this.nodes.set(steps[i].name, { el: els[i], sub: els[i].lastChild, step: steps[i] });
+        this.nodes.set(steps[i].name, { el: els[i], sub: els[i].lastChild, x: xy[2 * i], y: xy[2 * i + 1] });
       }
       this.size = { width: lay.width, height: lay.height };
       this.svg.dataset.nodes = String(steps.length);
@@ -261,6 +289,7 @@
         }
         this.view.x = drag.vx + dx;
         this.view.y = drag.vy + dy;
+        this.touched = true;
         this.schedule();
       });
       const end = (ev) => {
@@ -278,6 +307,7 @@
         "wheel",
         (ev) => {
           ev.preventDefault();
+          this.touched = true;
           if (ev.ctrlKey || ev.metaKey) {
             const r = svg.getBoundingClientRect();
             this.zoomAt(Math.exp(-ev.deltaY * 0.01), ev.clientX - r.left, ev.clientY - r.top);
@@ -301,6 +331,7 @@
     }
 
     zoom(factor) {
+      this.touched = true;
       const r = this.svg.getBoundingClientRect();
       this.zoomAt(factor, r.width / 2, r.height / 2);
     }
@@ -334,14 +365,13 @@
     reveal(name) {
       const node = this.nodes.get(name);
       if (!node) return;
-      const t = node.el.transform.baseVal.consolidate();
-      if (!t) return;
       const r = this.svg.getBoundingClientRect();
-      const sx = t.matrix.e * this.view.k + this.view.x;
-      const sy = t.matrix.f * this.view.k + this.view.y;
+      const sx = node.x * this.view.k + this.view.x;
+      const sy = node.y * this.view.k + this.view.y;
       if (sx > 40 && sx < r.width - 40 && sy > 40 && sy < r.height - 40) return;
-      this.view.x = r.width / 2 - t.matrix.e * this.view.k;
-      this.view.y = r.height / 2 - t.matrix.f * this.view.k;
+      this.touched = true;
+      this.view.x = r.width / 2 - node.x * this.view.k;
+      this.view.y = r.height / 2 - node.y * this.view.k;
       this.schedule();
     }
 
@@ -351,7 +381,9 @@
         this.frame = 0;
         if (!this.viewport) return;
         const { k, x, y } = this.view;
-        this.viewport.setAttribute("transform", `translate(${x.toFixed(1)},${y.toFixed(1)}) scale(${k.toFixed(4)})`);
+        const transform = `translate(${x.toFixed(1)},${y.toFixed(1)}) scale(${k.toFixed(4)})`;
+        this.viewport.setAttribute("transform", transform);
+        this.edgeViewport.setAttribute("transform", transform);
         const far = k < FAR_SCALE;
         if (far !== this.far) {
           this.far = far;
@@ -364,7 +396,9 @@
       this.runId = null;
       this.nodes = new Map();
       this.svg.replaceChildren();
+      this.edgeSvg.replaceChildren();
       this.viewport = null;
+      this.edgeViewport = null;
       delete this.svg.dataset.ready;
       delete this.svg.dataset.nodes;
     }
