@@ -52,6 +52,14 @@
     return payload;
   }
 
+  const CLOSE_REASONS = {
+    4401: "unauthorized (wrong or missing token)",
+    4404: "no such run",
+    4400: "bad request",
+    1013: "the API's database is unavailable",
+  };
+  const FINAL_CLOSE_CODES = new Set([4400, 4401, 4404]);
+
   // A WebSocket that reconnects with backoff. `url()` is asked for the URL before each
   // connection (so a run socket can add ?after=<last event id>). Handlers:
   // onMessage(obj), onState("open"|"closed"|"connecting", detail).
@@ -87,14 +95,22 @@
         } catch (_err) {
           return;
         }
-        this.onMessage(msg, performance.now());
+        const received = performance.now();
+        if (msg.type === "events") {
+          // ?batch=1: several events in one frame, in order
+          for (const event of msg.events) this.onMessage({ type: "event", event }, received);
+        } else {
+          this.onMessage(msg, received);
+        }
       };
       ws.onclose = (ev) => {
         if (this.ws !== ws) return;
         this.ws = null;
         if (this.closed) return;
-        const why = ev.code === 4401 ? "unauthorized (wrong or missing token)" : `closed (${ev.code})`;
-        this.onState("closed", why);
+        const why = CLOSE_REASONS[ev.code] || `closed (${ev.code})`;
+        const final = FINAL_CLOSE_CODES.has(ev.code); // retrying cannot help
+        this.onState("closed", why, final);
+        if (final) return;
         this.timer = setTimeout(() => this.connect(), this.delayMs);
         this.delayMs = Math.min(this.delayMs * 2, 5000);
       };

@@ -129,7 +129,7 @@
       run.stepCounts = countsFrom(run.stepCounts);
       const mine = state.runs.get(run.id);
       const isCurrent = state.current && state.current.id === run.id && state.current.counts;
-      if (isCurrent) {
+      if (isCurrent && mine) {
         Object.assign(mine, { goal: run.goal, createdAt: run.createdAt });
       } else if (mine && !reset && !TERMINAL_RUN.has(run.status) && mine.goal !== undefined && !mine.provisional) {
         // A running run's counts are kept live by the event stream; take the rest.
@@ -228,16 +228,26 @@
     state.dirtyRows.clear();
   }
 
-  let hellos = 0;
+  // /ws: a reconnect asks for ?after=<last id seen>, so the server replays what was missed;
+  // when it cannot (resync), the list is fetched afresh.
+  let globalLastId = null;
   function onGlobalMessage(msg) {
-    if (msg.type === "hello" || msg.type === "resync") {
-      // After a reconnect or a resync, events may have been missed: start the list afresh.
-      hellos += msg.type === "hello" ? 1 : 0;
-      loadRuns({ reset: msg.type === "resync" || hellos > 1 });
+    if (msg.type === "hello") {
+      if (globalLastId === null) {
+        globalLastId = msg.lastEventId;
+        loadRuns({ reset: true });
+      }
+      return;
+    }
+    if (msg.type === "resync") {
+      if (typeof msg.lastEventId === "number") globalLastId = msg.lastEventId;
+      loadRuns({ reset: true });
       return;
     }
     if (msg.type !== "event") return;
     const e = msg.event;
+    if (globalLastId !== null && e.id <= globalLastId) return;
+    globalLastId = e.id;
     let run = state.runs.get(e.runId);
     if (!run) {
       if (e.event !== "run_created") return; // an older run beyond the loaded page
@@ -325,11 +335,14 @@
     $("graph-msg").hidden = false;
     resetCancel();
     cur.socket = new api.LiveSocket(
-      () => api.withToken(`/ws/runs/${id}`, cur.lastEventId === null ? null : { after: cur.lastEventId }),
+      () => api.withToken(`/ws/runs/${id}`, { batch: 1, after: cur.lastEventId }),
       {
         onMessage: (msg, received) => onRunMessage(cur, msg, received),
-        onState: (s, why) => {
-          if (s === "closed" && why && why.startsWith("unauthorized")) $("graph-msg").textContent = why;
+        onState: (s, why, final) => {
+          if (s === "closed" && !cur.run) {
+            $("graph-msg").textContent = final ? `Cannot follow this run: ${why}.` : `Live connection ${why}; retrying…`;
+            $("graph-msg").hidden = false;
+          }
         },
       },
     );
@@ -357,8 +370,11 @@
       if (state.selected) renderDetail();
       return;
     }
-    if (msg.type === "resync") {
-      cur.lastEventId = null; // a fresh snapshot follows on this socket
+    if (msg.type === "resync") return; // a fresh snapshot follows on this socket
+    if (msg.type === "error") {
+      $("run-goal").textContent = msg.error === "not_found" ? "No such run" : "Error";
+      $("graph-msg").textContent = msg.message || msg.error;
+      $("graph-msg").hidden = false;
       return;
     }
     if (msg.type !== "event" || !cur.run) return;
@@ -708,8 +724,10 @@
     queueFrame();
   }, 30000);
 
-  new api.LiveSocket(() => api.withToken("/ws"), { onMessage: onGlobalMessage, onState: setConn });
-  loadRuns({ reset: true });
+  new api.LiveSocket(() => api.withToken("/ws", { batch: 1, after: globalLastId }), {
+    onMessage: onGlobalMessage,
+    onState: setConn,
+  });
   route();
   pollWorkers();
 })();

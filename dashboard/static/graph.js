@@ -147,9 +147,10 @@
       this.metrics = null;
       this.touched = false; // the user panned or zoomed: keep their view on resize
       this.bindInput();
-      let last = null;
+      this.lastSize = null; // the svg's size the view was last computed for
       new ResizeObserver(() => {
         const r = this.svg.getBoundingClientRect();
+        const last = this.lastSize;
         if (last && this.viewport && r.width && r.height) {
           if (this.touched) {
             this.view.x += (r.width - last.width) / 2;
@@ -159,7 +160,7 @@
             this.fitInitial();
           }
         }
-        last = { width: r.width, height: r.height };
+        this.lastSize = { width: r.width, height: r.height };
       }).observe(this.svg);
     }
 
@@ -339,6 +340,7 @@
     // The whole graph in view.
     fit() {
       const r = this.svg.getBoundingClientRect();
+      this.lastSize = { width: r.width, height: r.height };
       const { width, height } = this.size;
       if (!width || !height || !r.width || !r.height) return;
       const k = Math.min(r.width / width, r.height / height, 1.25);
@@ -348,8 +350,14 @@
 
     // Small graphs: all of it. Huge ones: as wide as the view, from the top, since the
     // whole of a 2,000-step graph at once is a coloured texture rather than a graph.
+    fitsWhole(r) {
+      const { width, height } = this.size;
+      return width > 0 && height > 0 && Math.min(r.width / width, r.height / height) >= 0.35;
+    }
+
     fitInitial() {
       const r = this.svg.getBoundingClientRect();
+      this.lastSize = { width: r.width, height: r.height };
       const { width, height } = this.size;
       if (!width || !height || !r.width || !r.height) return;
       const all = Math.min(r.width / width, r.height / height, 1.25);
@@ -366,6 +374,11 @@
       const node = this.nodes.get(name);
       if (!node) return;
       const r = this.svg.getBoundingClientRect();
+      this.lastSize = { width: r.width, height: r.height };
+      if (!this.touched && this.fitsWhole(r)) {
+        this.fitInitial();
+        return;
+      }
       const sx = node.x * this.view.k + this.view.x;
       const sy = node.y * this.view.k + this.view.y;
       if (sx > 40 && sx < r.width - 40 && sy > 40 && sy < r.height - 40) return;
