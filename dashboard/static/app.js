@@ -248,6 +248,7 @@
     const e = msg.event;
     if (globalLastId !== null && e.id <= globalLastId) return;
     globalLastId = e.id;
+    if (e.workerId) workersSoon();
     let run = state.runs.get(e.runId);
     if (!run) {
       if (e.event !== "run_created") return; // an older run beyond the loaded page
@@ -630,10 +631,12 @@
       .map((e) => {
         const d = e.detail && (e.detail.error || e.detail.reason);
         const transition = e.fromStatus ? `${label(e.fromStatus)} → ${label(e.toStatus)}` : label(e.toStatus);
+        const who = [e.attempt ? `try ${e.attempt}` : "", e.workerId || ""].filter(Boolean).join(" · ");
         return (
-          `<tr data-status="${esc(e.toStatus || "")}"><td class="mono">${esc(fmtTime(e.at))}</td><td>${esc(e.event)}</td>` +
-          `<td>${esc(transition)}</td><td>${e.attempt ?? ""}</td><td>${esc(e.workerId || "")}</td></tr>` +
-          (d ? `<tr class="history-detail"><td></td><td colspan="4">${esc(typeof d === "string" ? d : JSON.stringify(d))}</td></tr>` : "")
+          `<tr data-status="${esc(e.toStatus || "")}"><td class="mono">${esc(fmtTime(e.at))}</td>` +
+          `<td>${esc(e.event)}${who ? `<div class="muted small">${esc(who)}</div>` : ""}</td>` +
+          `<td>${esc(transition)}</td></tr>` +
+          (d ? `<tr class="history-detail"><td></td><td colspan="2">${esc(typeof d === "string" ? d : JSON.stringify(d))}</td></tr>` : "")
         );
       })
       .join("");
@@ -659,16 +662,33 @@
   }
 
   // --- workers ---------------------------------------------------------------------------
-  async function pollWorkers() {
-    if (!document.hidden) {
+  // Periodic, and soon after an event that names a worker (at most once a second).
+  let workersTimer = null;
+  let workersBusy = false;
+  let workersAt = 0;
+  function workersSoon() {
+    if (workersTimer || workersBusy) return;
+    const wait = Math.max(300, 1000 - (performance.now() - workersAt));
+    workersTimer = setTimeout(() => {
+      workersTimer = null;
+      pollWorkers(false);
+    }, wait);
+  }
+
+  async function pollWorkers(again = true) {
+    if (again) setTimeout(pollWorkers, WORKERS_EVERY_MS);
+    if (!document.hidden && !workersBusy) {
+      workersBusy = true;
+      workersAt = performance.now();
       try {
         const { workers } = await api.http("GET", "/workers");
         renderWorkers(workers);
       } catch (err) {
         $("workers").innerHTML = `<li class="placeholder error-text">${esc(err.message)}</li>`;
+      } finally {
+        workersBusy = false;
       }
     }
-    setTimeout(pollWorkers, WORKERS_EVERY_MS);
   }
 
   function renderWorkers(workers) {

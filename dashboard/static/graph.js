@@ -5,9 +5,10 @@
 (function () {
   const pgdag = (window.pgdag = window.pgdag || {});
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const NODE_W = 176;
+  const NODE_W = 156;
   const NODE_H = 40;
-  const NAME_CHARS = 22; // what fits in NODE_W at the name's font size
+  const NAME_CHARS = 19; // what fits in NODE_W at the name's font size
+  const SUB_CHARS = 24;
   // Above this many steps (or edges) dagre's best ranker and crossing reduction take many
   // seconds; the faster options of the same library keep a 2,000-step run to about a second.
   const BIG_NODES = 400;
@@ -81,7 +82,7 @@
           graph: {
             rankdir: "LR",
             nodesep: 10,
-            ranksep: 56,
+            ranksep: 44,
             edgesep: 6,
             marginx: 24,
             marginy: 24,
@@ -235,7 +236,7 @@
           `<rect class="box" x="${x}" y="${y.toFixed(1)}" width="${NODE_W}" height="${NODE_H}" rx="6"></rect>` +
           `<rect class="stripe" x="${x}" y="${y.toFixed(1)}" width="5" height="${NODE_H}" rx="2"></rect>` +
           `<text class="name" x="${tx}" y="${(y + hh - 3).toFixed(1)}">${esc(shorten(s.name, NAME_CHARS))}</text>` +
-          `<text class="sub" x="${tx}" y="${(y + hh + 12).toFixed(1)}">${esc(subLabel(s))}</text></g>`;
+          `<text class="sub" x="${tx}" y="${(y + hh + 12).toFixed(1)}">${esc(shorten(subLabel(s), SUB_CHARS))}</text></g>`;
       }
       this.edgeSvg.innerHTML =
         `<g class="viewport"><path class="edges" d="${edgeParts.join("")}"></path>` +
@@ -256,7 +257,7 @@
       const node = this.nodes.get(step.name);
       if (!node) return;
       if (node.el.getAttribute("data-status") !== step.status) node.el.setAttribute("data-status", step.status);
-      const label = subLabel(step);
+      const label = shorten(subLabel(step), SUB_CHARS);
       if (node.sub.textContent !== label) node.sub.textContent = label;
     }
 

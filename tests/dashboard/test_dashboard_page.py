@@ -350,7 +350,9 @@ def test_screenshot_of_the_run_view(page: Any, live: str, tmp_path: Path) -> Non
     node(page, "score-c").and_(page.locator('[data-status="running"]')).wait_for()
     node(page, "charge-cards").click()
     page.wait_for_selector('#step-history tr:has-text("step_dead_lettered")')
-    page.wait_for_selector('#workers li.worker[data-state="alive"]')
+    page.wait_for_function(
+        "document.querySelectorAll('#workers li.worker[data-state=alive]').length == 2"
+    )
     page.wait_for_selector('li.run-row[data-status="completed"]')
     shot = tmp_path / "dashboard-run.png"
     page.screenshot(path=str(shot))
