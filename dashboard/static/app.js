@@ -336,6 +336,8 @@
     $("graph-msg").hidden = false;
     resetCancel();
     cur.socket = new api.LiveSocket(
+      // ?batch=1: a burst of events (a fan-out's 2,000 steps turning ready) comes in one
+      // frame and is applied in one task and painted once.
       () => api.withToken(`/ws/runs/${id}`, { batch: 1, after: cur.lastEventId }),
       {
         onMessage: (msg, received) => onRunMessage(cur, msg, received),

@@ -289,21 +289,37 @@ def layered_dag(layers: int, width: int, *, seed: int) -> list[dict[str, Any]]:
     return steps
 
 
+def fan_dag(width: int) -> list[dict[str, Any]]:
+    """One root, `width` steps after it, two sinks after half of them each (a step may
+    depend on at most 1,000 others)."""
+    middle = [delay(f"m{i:04d}", "root", ms=i % 40) for i in range(width)]
+    return [
+        delay("root"),
+        *middle,
+        delay("sink-even", *(s["name"] for s in middle[0::2])),
+        delay("sink-odd", *(s["name"] for s in middle[1::2])),
+    ]
+
+
 @pytest.mark.timeout(400)
-def test_2000_step_run_renders_and_recolours_live(page: Any, db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["layered", "fan"])
+def test_2000_step_run_renders_and_recolours_live(
+    page: Any, db_url: str, tmp_path: Path, shape: str
+) -> None:
+    steps = layered_dag(40, 50, seed=3) if shape == "layered" else fan_dag(1997)
+    assert len(steps) == 2000
     with api_server(db_url, tmp_path) as base:
-        run = submit(base, {"goal": "2,000 steps", "steps": layered_dag(40, 50, seed=3)})
+        run = submit(base, {"goal": f"2,000 steps ({shape})", "steps": steps})
         open_page(page, f"{base}/#/runs/{run['id']}")
         page.wait_for_selector(f'#graph[data-ready="{run["id"]}"]', timeout=240_000)
         assert page.locator("#graph g.node").count() == 2000
-        assert page.locator('#graph g.node[data-status="ready"]').count() == 50
+        roots = sum(1 for s in steps if not s["dependsOn"])
+        assert page.locator('#graph g.node[data-status="ready"]').count() == roots
         graph = page.evaluate("window.pgdagMetrics.graph")
         # Workers start only now, so every recolour below happens on the rendered graph.
         with workers(db_url, tmp_path, n=2, concurrency=8):
-            page.wait_for_function(
-                "document.querySelectorAll('#graph g.node[data-status=succeeded]').length >= 300",
-                timeout=120_000,
-            )
+            succeeded = page.locator('#graph g.node[data-status="succeeded"]')
+            succeeded.nth(299).wait_for(timeout=120_000)
         samples = page.evaluate(
             """(() => {
               const q = (a, p) => { const s = [...a].sort((x, y) => x - y);
@@ -318,7 +334,7 @@ def test_2000_step_run_renders_and_recolours_live(page: Any, db_url: str, tmp_pa
         httpx.post(f"{base}/runs/{run['id']}/cancel", timeout=60)
     assert graph["nodes"] == 2000 and graph["fastLayout"] is True
     assert samples["events"] >= 300
-    print("\n2,000-step run in Chromium:", json.dumps({**graph, **samples}))
+    print(f"\n2,000-step {shape} run in Chromium:", json.dumps({**graph, **samples}))
 
 
 def test_screenshot_of_the_run_view(page: Any, live: str, tmp_path: Path) -> None:
@@ -350,9 +366,7 @@ def test_screenshot_of_the_run_view(page: Any, live: str, tmp_path: Path) -> Non
     node(page, "score-c").and_(page.locator('[data-status="running"]')).wait_for()
     node(page, "charge-cards").click()
     page.wait_for_selector('#step-history tr:has-text("step_dead_lettered")')
-    page.wait_for_function(
-        "document.querySelectorAll('#workers li.worker[data-state=alive]').length == 2"
-    )
+    page.locator('#workers li.worker[data-state="alive"]').nth(1).wait_for()
     page.wait_for_selector('li.run-row[data-status="completed"]')
     shot = tmp_path / "dashboard-run.png"
     page.screenshot(path=str(shot))
