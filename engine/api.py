@@ -299,7 +299,11 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
         app.state.settings = settings
         app.state.store = Store(pool, lease_ttl_s=settings.lease_ttl_s)
         app.state.database_url = url
-        app.state.hub = hub = EventHub(url)
+        app.state.hub = hub = EventHub(
+            url,
+            queue_max_events=settings.live_queue_max_events,
+            stall_s=settings.live_stall_s,
+        )
         await hub.start()
         reaper = asyncio.create_task(_reaper_loop(app.state.store, settings.reaper_interval_s))
         try:

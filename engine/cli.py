@@ -23,6 +23,8 @@ from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings
 from engine.errors import PgdagError
 from engine.transitions import TERMINAL_RUN_STATES
 
+WS_MAX_MESSAGE_BYTES = 64 * 1024  # the largest frame a WebSocket client may send the API
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
@@ -48,6 +50,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level.lower(),
         access_log=args.access_log,
+        # Every event frame goes to many clients: compressing it per connection would cost
+        # more CPU than sending it. Clients send nothing worth more than a few bytes.
+        ws_per_message_deflate=False,
+        ws_max_size=WS_MAX_MESSAGE_BYTES,
     )
     return 0
 

@@ -29,20 +29,25 @@ read and handed to the subscribers, or it will never commit. It tracks
   was taken before h (one sequence); it belongs to a transaction still in flight, to one
   that rolled back, or to one that committed but was not visible to that read.
 
-Every read re-reads the gaps and reports the bounds of the snapshot it ran under
-(``pg_current_snapshot()`` of the same statement). A gap found at read k (whose snapshot
-had ``xmax_k``) is settled by the first later read j whose snapshot has
-``xmin_j >= xmax_k``: every transaction that was in flight at read k has then ended, so
+Every read re-reads the gaps and reports ``snap_xmin``, the oldest transaction id still
+running under the snapshot of that same statement. Most gaps fill within milliseconds,
+when the transaction holding the id commits and its notification wakes the listener. A
+gap still open after `PROBE_AFTER_S` gets a *probe*: the next read also takes a
+transaction id X for itself (``pg_current_xact_id()``, after its snapshot), so X is larger
+than the id of every transaction that had taken one of the gap's ids. The gap is settled by
+the first later read j with ``snap_xmin_j > X``: every such transaction has ended, so the
 gap ids that committed are visible to read j (and were just read), and those still missing
-rolled back. Then F advances over everything resolved, and the held rows go out in id
-order. Normally a gap fills within milliseconds, when the transaction holding it commits
-and its notification wakes the listener; the horizon check is what settles rolled-back
-ids (and the jumps a sequence takes after a crash).
+rolled back (or were skipped, as a sequence does after a crash). Then F advances over
+everything resolved and the held rows go out in id order.
+
+(Why not ``pg_snapshot_xmax``: it is the newest *completed* transaction id + 1, and
+transactions with larger ids may be running and unlisted; a probe costs one transaction
+id, which is why only lingering gaps get one.)
 
 This relies on one property of the writers, which every transition in
-`engine.transitions` has: a transaction gets its transaction id (by writing a row) before
-it takes an audit id. (An INSERT into audit_log as the very first write of a transaction
-would take the id a few microseconds before the transaction id.)
+`engine.transitions` has: a transaction gets its transaction id (by updating or locking a
+row) before it takes an audit id. (An INSERT into audit_log as the very first write of a
+transaction would take the id a few microseconds before the transaction id.)
 
 Order and exactness
 -------------------
@@ -91,10 +96,11 @@ from engine.store import event_json, read_live_events, start_live
 logger = logging.getLogger(__name__)
 
 CHANNEL = "pgdag_events"
-QUEUE_MAX_EVENTS_DEFAULT = 2_000
-FETCH_LIMIT = 2_000
+QUEUE_MAX_EVENTS_DEFAULT = 5_000
+FETCH_LIMIT = 1_000  # rows per read; a queue must hold more than one read
 IDLE_POLL_S_DEFAULT = 1.0  # a read (and a liveness check) at least this often when quiet
 GAP_POLL_S = 0.02  # while some gap is open: read again this often to settle it
+PROBE_AFTER_S = 0.03  # a gap open this long gets a probe xid (see EventHub._want_probe)
 STALL_S_DEFAULT = 5.0  # stop holding events back for a gap older than this
 QUERY_TIMEOUT_S = 10.0  # a read that takes longer means a dead socket: reconnect
 CONNECT_TIMEOUT_S = 10
@@ -199,7 +205,7 @@ class _State:
     known: int = 0
     pending: dict[int, LiveEvent] = field(default_factory=dict)
     gaps: list[_Gap] = field(default_factory=list)
-    probes: deque[tuple[int, int]] = field(default_factory=deque)  # (snap_xmax, known)
+    probes: deque[tuple[int, int]] = field(default_factory=deque)  # (probe_xid, known)
 
 
 class EventHub:
@@ -234,7 +240,7 @@ class EventHub:
         self._advanced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: psycopg.AsyncConnection[DictRow] | None = None
-        self._startup_xmax: int | None = None
+        self._startup_xid: int | None = None
         self._started_at = 0.0
 
     # --- subscribers ------------------------------------------------------------------------
@@ -373,9 +379,9 @@ class EventHub:
 
     async def _listen(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
         if not self._started:
-            max_id, _, xmax = await asyncio.wait_for(start_live(conn), QUERY_TIMEOUT_S)
+            max_id, probe_xid = await asyncio.wait_for(start_live(conn), QUERY_TIMEOUT_S)
             self._state.frontier = self._state.known = max_id
-            self._startup_xmax = xmax
+            self._startup_xid = probe_xid
             self._started_at = time.monotonic()
             self._started = True
         while True:
@@ -397,15 +403,25 @@ class EventHub:
                     known=st.known,
                     gaps=[(g.lo, g.hi) for g in st.gaps],
                     limit=FETCH_LIMIT,
+                    probe=self._want_probe(time.monotonic()),
                 ),
                 QUERY_TIMEOUT_S,
             )
             fresh = sum(1 for r in got.rows if r["id"] > st.known)
-            self._merge(got.rows, got.snap_xmin, got.snap_xmax, time.monotonic())
+            self._merge(got.rows, got.snap_xmin, got.probe_xid, time.monotonic())
             if fresh < FETCH_LIMIT:
                 return
 
-    def _merge(self, rows: list[DictRow], snap_xmin: int, snap_xmax: int, now: float) -> None:
+    def _want_probe(self, now: float) -> bool:
+        """Whether this read should take a probe xid: some gap not yet covered by a probe has
+        stayed open for `PROBE_AFTER_S` (most gaps fill sooner, and cost nothing)."""
+        st = self._state
+        covered = st.probes[-1][1] if st.probes else st.frontier
+        return any(g.hi > covered and now - g.opened_at >= PROBE_AFTER_S for g in st.gaps)
+
+    def _merge(
+        self, rows: list[DictRow], snap_xmin: int, probe_xid: int | None, now: float
+    ) -> None:
         st = self._state
         late: list[LiveEvent] = []
         for row in rows:
@@ -432,11 +448,11 @@ class EventHub:
                 st.pending[event_id] = LiveEvent.from_row(row)
         # Settle: every transaction in flight at an earlier read has ended, so its gap ids
         # that are still missing rolled back.
-        while st.probes and snap_xmin >= st.probes[0][0]:
+        while st.probes and snap_xmin > st.probes[0][0]:
             _, upto = st.probes.popleft()
             st.gaps = [g for g in st.gaps if g.lo > upto]
-        if st.gaps and (not st.probes or st.probes[-1][1] < st.known):
-            st.probes.append((snap_xmax, st.known))
+        if probe_xid is not None:
+            st.probes.append((probe_xid, st.known))
         # A gap open for longer than stall_s stops holding events back.
         for g in st.gaps:
             if not g.passed and now - g.opened_at > self.stall_s:
@@ -449,7 +465,7 @@ class EventHub:
                     now - g.opened_at,
                 )
         if not self.ready.is_set() and (
-            (self._startup_xmax is not None and snap_xmin >= self._startup_xmax)
+            (self._startup_xid is not None and snap_xmin > self._startup_xid)
             or now - self._started_at > self.stall_s
         ):
             self.ready.set()

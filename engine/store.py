@@ -102,13 +102,14 @@ class RunSnapshot:
 
 @dataclass(frozen=True)
 class LiveRead:
-    """What one `read_live_events` call saw: audit `rows` in id order, and the bounds of the
-    snapshot they were read under (xid8 values as ints): every transaction with an id below
-    `snap_xmin` had ended; `snap_xmax` was the first id not yet assigned."""
+    """What one `read_live_events` call saw: audit `rows` in id order; `snap_xmin`, the oldest
+    transaction id (xid8, as an int) still running when the rows were read; and, when asked
+    for, `probe_xid`: a transaction id assigned after that snapshot, hence larger than the id
+    of every transaction that had taken an audit id by then."""
 
     rows: list[DictRow]
     snap_xmin: int
-    snap_xmax: int
+    probe_xid: int | None
 
 
 async def _read_run(conn: Conn, run_id: str, *, with_steps: bool) -> dict[str, Any]:
@@ -125,21 +126,23 @@ async def _read_run(conn: Conn, run_id: str, *, with_steps: bool) -> dict[str, A
     return run
 
 
-async def start_live(conn: Conn) -> tuple[int, int, int]:
-    """For a new listener on `conn` (autocommit): ``(max_event_id, snap_xmin, snap_xmax)``,
-    the newest visible audit id and the bounds of the snapshot it was read under."""
+async def start_live(conn: Conn) -> tuple[int, int]:
+    """For a new listener on `conn` (autocommit): ``(max_event_id, probe_xid)``, the newest
+    visible audit id and a transaction id larger than that of any transaction that could
+    hold a smaller audit id (see `LiveRead`)."""
     cur = await conn.execute(queries["live_start"])
     row = await cur.fetchone()
     assert row is not None
-    return int(row["max_id"]), int(row["snap_xmin"]), int(row["snap_xmax"])
+    return int(row["max_id"]), int(row["probe_xid"])
 
 
 async def read_live_events(
-    conn: Conn, *, known: int, gaps: Sequence[tuple[int, int]], limit: int
+    conn: Conn, *, known: int, gaps: Sequence[tuple[int, int]], limit: int, probe: bool
 ) -> LiveRead:
     """One read of the listener on `conn` (autocommit, one statement, one snapshot): up to
     `limit` audit rows with ``id > known`` plus every visible row inside the inclusive id
-    ranges `gaps`; see `engine.live` for why both."""
+    ranges `gaps`; with `probe`, also a `LiveRead.probe_xid` (it costs a transaction id).
+    See `engine.live` for why."""
     cur = await conn.execute(
         queries["live_fetch"],
         {
@@ -147,14 +150,16 @@ async def read_live_events(
             "limit": limit,
             "gap_lo": [lo for lo, _ in gaps],
             "gap_hi": [hi for _, hi in gaps],
+            "probe": probe,
         },
     )
     rows = await cur.fetchall()
     first = rows[0]
+    probe_xid = first["probe_xid"]
     return LiveRead(
         rows=[r for r in rows if r["id"] is not None],
         snap_xmin=int(first["snap_xmin"]),
-        snap_xmax=int(first["snap_xmax"]),
+        probe_xid=int(probe_xid) if probe_xid is not None else None,
     )
 
 

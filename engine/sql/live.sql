@@ -2,22 +2,24 @@
 -- engine/sql/__init__.py. Read-only: nothing here writes.
 
 -- name: live_start
--- Where a new listener starts: the newest visible audit id, and the bounds of the statement's
--- snapshot (xid8 as bigint) so the listener can tell when every transaction then in flight
--- has ended.
+-- Where a new listener starts: the newest visible audit id, and a transaction id assigned to
+-- this statement after its snapshot was taken, so larger than that of every transaction that
+-- could hold a smaller audit id. (pg_snapshot_xmax is not such a bound: it is the newest
+-- *completed* id + 1, and transactions with larger ids may be running.)
 SELECT coalesce((SELECT max(id) FROM audit_log), 0) AS max_id,
-       pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS snap_xmin,
-       pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS snap_xmax
+       pg_current_xact_id()::text::bigint AS probe_xid
 
 -- name: live_fetch
 -- One wake-up of the listener: up to %(limit)s audit rows above %(known)s (the highest id it
 -- has read), plus every row inside the id ranges it still waits for (%(gap_lo)s[i] ..
--- %(gap_hi)s[i]), with the bounds of the one snapshot this statement read them under. A
--- single statement in autocommit, so pg_current_snapshot() is the snapshot of the reads.
--- The snap row is always returned (LEFT JOIN), with NULL event columns when nothing is new.
+-- %(gap_hi)s[i]); snap_xmin, the oldest transaction id still running when the one snapshot
+-- of this statement was taken (a single statement in autocommit, so pg_current_snapshot()
+-- is the snapshot the rows were read under); and when %(probe)s, probe_xid: a transaction id
+-- assigned to this statement after that snapshot (see live_start). The snap row is always
+-- returned (LEFT JOIN), with NULL event columns when nothing is new.
 WITH snap AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS snap_xmin,
-           pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS snap_xmax
+           CASE WHEN %(probe)s THEN pg_current_xact_id()::text::bigint END AS probe_xid
 ), fresh AS (
     SELECT id, run_id, step_id, step_name, event, from_status, to_status, attempt,
            lease_token, worker_id, detail, created_at
@@ -33,7 +35,7 @@ WITH snap AS (
 ), found AS (
     SELECT * FROM fresh UNION ALL SELECT * FROM late
 )
-SELECT snap.snap_xmin, snap.snap_xmax, found.*
+SELECT snap.snap_xmin, snap.probe_xid, found.*
 FROM snap LEFT JOIN found ON true
 ORDER BY found.id
 
