@@ -349,25 +349,28 @@
       this.schedule();
     }
 
-    // Small graphs: all of it. Huge ones: as wide as the view, from the top, since the
-    // whole of a 2,000-step graph at once is a coloured texture rather than a graph.
     fitsWhole(r) {
       const { width, height } = this.size;
       return width > 0 && height > 0 && Math.min(r.width / width, r.height / height) >= 0.35;
     }
 
+    // Small graphs: all of it. Huge ones: at a zoom where nodes are still blocks of colour,
+    // around the run's first step (a root), since the whole of a 2,000-step graph at once
+    // is a texture rather than a graph (the Fit button shows it).
     fitInitial() {
       const r = this.svg.getBoundingClientRect();
       this.lastSize = { width: r.width, height: r.height };
       const { width, height } = this.size;
       if (!width || !height || !r.width || !r.height) return;
-      const all = Math.min(r.width / width, r.height / height, 1.25);
-      if (all >= 0.35) {
+      if (this.fitsWhole(r)) {
         this.fit();
         return;
       }
-      const k = Math.max(0.35, Math.min(1, r.width / width));
-      this.view = { k, x: Math.max(0, (r.width - width * k) / 2), y: 0 };
+      const k = 0.35;
+      const first = this.nodes.values().next().value;
+      const x = width * k <= r.width ? (r.width - width * k) / 2 : 24 - (first.x - NODE_W / 2) * k;
+      const y = height * k <= r.height ? (r.height - height * k) / 2 : r.height / 2 - first.y * k;
+      this.view = { k, x, y };
       this.schedule();
     }
 
