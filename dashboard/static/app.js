@@ -750,6 +750,11 @@
     onMessage: onGlobalMessage,
     onState: setConn,
   });
+  // Without a live connection after a few seconds, show the list anyway (it goes live
+  // once /ws says hello).
+  setTimeout(() => {
+    if (globalLastId === null) loadRuns({ reset: true });
+  }, 3000);
   route();
   pollWorkers();
 })();
