@@ -1,4 +1,5 @@
-"""The HTTP API (Starlette): runs, their events, cancel, retry, workers, health.
+"""The HTTP API (Starlette): runs, their events, cancel, retry, workers, health; and the
+WebSocket routes (`engine.ws`) fed by this process's `engine.live.EventHub`.
 
 JSON in and out, camelCase fields. Errors are ``{"error": code, "message": text}`` plus
 ``"problems"`` (each naming the step, the field and the problem) for a refused run.
@@ -20,13 +21,16 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dashboard.routes import routes as dashboard_routes  # the page at / (mounted only)
+from engine import ws
 from engine.config import Settings
 from engine.dag import parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
+from engine.live import EventHub
 from engine.store import Store
 from engine.tools import load_tool_modules
 
@@ -204,6 +208,8 @@ routes = [
     Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
     Route("/runs/{run_id}/steps/{step_name}/retry", retry_step, methods=["POST"]),
     Route("/workers", list_workers, methods=["GET"]),
+    WebSocketRoute("/ws", ws.all_events),
+    WebSocketRoute("/ws/runs/{run_id}", ws.run_events),
 ]
 
 
@@ -227,7 +233,8 @@ async def _db_down(request: Request, exc: Exception) -> Response:
 class BearerAuth:
     """ASGI middleware: when a token is configured, every HTTP and WebSocket request must
     carry ``Authorization: Bearer <token>`` (browsers may use ``?token=``). Compared in
-    constant time. Sends 401 (HTTP) or closes with 4401 before accepting (WebSocket)."""
+    constant time. Sends 401 (HTTP); a WebSocket is accepted and at once closed with code
+    4401, which a browser can see (a handshake refused with 403 shows it only 1006)."""
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
         self.app = app
@@ -255,7 +262,10 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 4401, "reason": "unauthorized"})
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.close", "code": 4401, "reason": "unauthorized"})
             return
         response = JSONResponse(
             {"error": "unauthorized", "message": "missing or wrong bearer token"},
@@ -293,6 +303,12 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
         app.state.settings = settings
         app.state.store = Store(pool, lease_ttl_s=settings.lease_ttl_s)
         app.state.database_url = url
+        app.state.hub = hub = EventHub(
+            url,
+            queue_max_events=settings.live_queue_max_events,
+            stall_s=settings.live_stall_s,
+        )
+        await hub.start()
         reaper = asyncio.create_task(_reaper_loop(app.state.store, settings.reaper_interval_s))
         try:
             yield
@@ -300,10 +316,11 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            await hub.stop()
             await pool.close()
 
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *dashboard_routes],
         lifespan=lifespan,
         exception_handlers={
             NotFound: _not_found,

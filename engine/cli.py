@@ -1,4 +1,4 @@
-"""``python -m engine``: dev, serve, migrate, and db start|stop|status|url."""
+"""``python -m engine``: dev, serve, migrate, db start|stop|status|url, submit and watch."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import httpx
 from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings
 from engine.errors import PgdagError
 from engine.transitions import TERMINAL_RUN_STATES
+
+WS_MAX_MESSAGE_BYTES = 64 * 1024  # the largest frame a WebSocket client may send the API
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -48,6 +50,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level.lower(),
         access_log=args.access_log,
+        # Every event frame goes to many clients: compressing it per connection would cost
+        # more CPU than sending it. Clients send nothing worth more than a few bytes.
+        ws_per_message_deflate=False,
+        ws_max_size=WS_MAX_MESSAGE_BYTES,
     )
     return 0
 
@@ -266,6 +272,74 @@ def cmd_dev(args: argparse.Namespace) -> int:
             print("stopped the embedded postgres (it was started by dev; --keep-db keeps it)")
 
 
+# --- submit / watch -----------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    token: str | None = args.token or _settings(args).api_token
+    return token
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow a run live over the WebSocket; 0 completed, 1 failed or cancelled."""
+    from engine.watch import watch_run
+
+    try:
+        return watch_run(args.url, args.run_id, token=_token(args))
+    except KeyboardInterrupt:
+        print(f"\nstopped watching run {args.run_id} (it goes on)", file=sys.stderr)
+        return 130
+
+
+def _problems(body: Any) -> list[str]:
+    problems = body.get("problems") if isinstance(body, dict) else None
+    if not problems:
+        return [str(body.get("message") if isinstance(body, dict) else body)]
+    lines = []
+    for p in problems:
+        where = f"step {p['step']!r}, " if p.get("step") else ""
+        lines.append(f"  {where}{p.get('field') or 'body'}: {p.get('problem')}")
+    return lines
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """POST a run from a JSON file (``-``: stdin); prints its id; ``--watch`` follows it."""
+    try:
+        raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        raise PgdagError(f"cannot read {args.file}: {exc}") from None
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise PgdagError(f"{args.file} is not valid JSON: {exc}") from None
+    token = _token(args)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        resp = httpx.post(f"{args.url.rstrip('/')}/runs", json=body, headers=headers, timeout=60)
+    except httpx.TransportError as exc:
+        raise PgdagError(f"cannot reach the API at {args.url}: {exc}") from None
+    try:
+        answer = resp.json()
+    except ValueError:
+        answer = resp.text
+    if resp.status_code == 422:
+        problems = _problems(answer)
+        print(f"error: the API refused the run ({len(problems)} problem(s)):", file=sys.stderr)
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    if resp.status_code not in (200, 201):
+        detail = answer.get("message") if isinstance(answer, dict) else answer
+        raise PgdagError(f"POST /runs answered {resp.status_code}: {detail}")
+    run_id = answer["id"]
+    if resp.status_code == 200:
+        print(f"a run with this idempotencyKey exists already: {run_id}", file=sys.stderr)
+    if not args.watch:
+        print(run_id)
+        return 0
+    print(f"submitted run {run_id} ({answer['stepsTotal']} steps)", flush=True)
+    return cmd_watch(argparse.Namespace(**{**vars(args), "run_id": run_id}))
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -298,6 +372,25 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")
     common(migrate)
     migrate.set_defaults(func=cmd_migrate)
+
+    def client(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--url",
+            default=f"http://{API_HOST_DEFAULT}:{API_PORT_DEFAULT}",
+            help="the API (default %(default)s)",
+        )
+        sp.add_argument("--token", default=None, help="bearer token; default PGDAG_API_TOKEN")
+
+    watch = sub.add_parser("watch", help="follow a run live in the terminal")
+    watch.add_argument("run_id", metavar="RUN_ID")
+    client(watch)
+    watch.set_defaults(func=cmd_watch)
+
+    submit = sub.add_parser("submit", help="submit a run from a JSON file; prints its id")
+    submit.add_argument("file", metavar="FILE.json", help="the POST /runs body; - for stdin")
+    submit.add_argument("--watch", action="store_true", help="then follow it live")
+    client(submit)
+    submit.set_defaults(func=cmd_submit)
 
     db = sub.add_parser("db", help="manage the embedded Postgres under PGDAG_HOME")
     db.add_argument("action", choices=["start", "stop", "status", "url"])

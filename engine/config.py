@@ -27,6 +27,8 @@ REAPER_INTERVAL_S_DEFAULT = 1.0
 SHUTDOWN_GRACE_S_DEFAULT = 10.0
 RETENTION_DAYS_DEFAULT = 30.0
 TOOL_MODULES_DEFAULT = ("workers.tools.builtin",)
+LIVE_QUEUE_MAX_EVENTS_DEFAULT = 5_000
+LIVE_STALL_S_DEFAULT = 5.0
 
 
 def _parse_float(name: str, raw: str, minimum: float) -> float:
@@ -80,6 +82,8 @@ class Settings:
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
     retention_days: float = RETENTION_DAYS_DEFAULT
     tool_modules: tuple[str, ...] = TOOL_MODULES_DEFAULT
+    live_queue_max_events: int = LIVE_QUEUE_MAX_EVENTS_DEFAULT
+    live_stall_s: float = LIVE_STALL_S_DEFAULT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -138,6 +142,14 @@ class Settings:
                 0,
             ),
             tool_modules=TOOL_MODULES_DEFAULT + extra_tools,
+            live_queue_max_events=_parse_int(
+                "PGDAG_LIVE_QUEUE",
+                get("PGDAG_LIVE_QUEUE", str(LIVE_QUEUE_MAX_EVENTS_DEFAULT)),
+                1,
+            ),
+            live_stall_s=_parse_float(
+                "PGDAG_LIVE_STALL", get("PGDAG_LIVE_STALL", str(LIVE_STALL_S_DEFAULT)), 0.05
+            ),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **given) if given else settings  # type: ignore[arg-type]

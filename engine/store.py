@@ -8,6 +8,8 @@ are safe to repeat are retried through connection loss (`engine.db.retrying`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +25,7 @@ from engine.sql import queries
 from engine.transitions import ClaimedStep, FailOutcome
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
+Conn = psycopg.AsyncConnection[DictRow]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -61,6 +64,90 @@ def event_json(row: DictRow) -> dict[str, Any]:
         "detail": row["detail"],
         "at": _iso(row["created_at"]),
     }
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """A run read under one snapshot: `run` is the ``GET /runs/{id}`` body, `event_ids` the
+    ids of the run's events visible to that snapshot, `max_event_id` the largest (0: none)."""
+
+    run: dict[str, Any]
+    event_ids: frozenset[int]
+    max_event_id: int
+
+
+@dataclass(frozen=True)
+class LiveRead:
+    """What one `read_live_events` call saw: audit `rows` in id order; `snap_xmin`, the oldest
+    transaction id (xid8, as an int) still running when the rows were read; and, when asked
+    for, `probe_xid`: a transaction id assigned after that snapshot, hence larger than the id
+    of every transaction that had taken an audit id by then."""
+
+    rows: list[DictRow]
+    snap_xmin: int
+    probe_xid: int | None
+
+
+async def _read_run_json(conn: Conn, run_id: str, *, with_steps: bool) -> str:
+    """The run as JSON text: the head shaped here, the steps' JSON built by Postgres
+    (``select_run_steps_json``) and spliced in, never decoded. Raises `NotFound`."""
+    cur = await conn.execute(queries["select_run"], {"run_id": run_id})
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"no run {run_id}")
+    run = run_json(row)
+    cur = await conn.execute(queries["select_run_status_counts"], {"run_id": run_id})
+    run["stepCounts"] = {r["status"]: r["n"] for r in await cur.fetchall()}
+    head = json.dumps(run, separators=(",", ":"))
+    if not with_steps:
+        return head
+    cur = await conn.execute(queries["select_run_steps_json"], {"run_id": run_id})
+    steps = await cur.fetchone()
+    assert steps is not None and head.endswith("}")
+    return f'{head[:-1]},"steps":{steps["steps"]}}}'
+
+
+async def _read_run(conn: Conn, run_id: str, *, with_steps: bool) -> dict[str, Any]:
+    """`_read_run_json`, decoded."""
+    run: dict[str, Any] = json.loads(await _read_run_json(conn, run_id, with_steps=with_steps))
+    return run
+
+
+async def start_live(conn: Conn) -> tuple[int, int]:
+    """For a new listener on `conn` (autocommit): ``(max_event_id, probe_xid)``, the newest
+    visible audit id and a transaction id larger than that of any transaction that could
+    hold a smaller audit id (see `LiveRead`)."""
+    cur = await conn.execute(queries["live_start"])
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row["max_id"]), int(row["probe_xid"])
+
+
+async def read_live_events(
+    conn: Conn, *, known: int, gaps: Sequence[tuple[int, int]], limit: int, probe: bool
+) -> LiveRead:
+    """One read of the listener on `conn` (autocommit, one statement, one snapshot): up to
+    `limit` audit rows with ``id > known`` plus every visible row inside the inclusive id
+    ranges `gaps`; with `probe`, also a `LiveRead.probe_xid` (it costs a transaction id).
+    See `engine.live` for why."""
+    cur = await conn.execute(
+        queries["live_fetch"],
+        {
+            "known": known,
+            "limit": limit,
+            "gap_lo": [lo for lo, _ in gaps],
+            "gap_hi": [hi for _, hi in gaps],
+            "probe": probe,
+        },
+    )
+    rows = await cur.fetchall()
+    first = rows[0]
+    probe_xid = first["probe_xid"]
+    return LiveRead(
+        rows=[r for r in rows if r["id"] is not None],
+        snap_xmin=int(first["snap_xmin"]),
+        probe_xid=int(probe_xid) if probe_xid is not None else None,
+    )
 
 
 class Store:
@@ -235,20 +322,39 @@ class Store:
         the steps' JSON is built by Postgres (``select_run_steps_json``) and spliced in,
         never decoded. Raises `NotFound`."""
         async with self.pool.connection() as conn:
+            return await _read_run_json(conn, run_id, with_steps=with_steps)
+
+    async def run_snapshot(self, run_id: str) -> RunSnapshot:
+        """The run exactly as ``GET /runs/{run_id}`` shows it, with the ids of the events that
+        state includes, read in one REPEATABLE READ transaction (a single snapshot, so the
+        two agree). Raises `NotFound`."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(queries["live_begin_snapshot"])
+            run = await _read_run(conn, run_id, with_steps=True)
+            cur = await conn.execute(queries["live_run_event_ids"], {"run_id": run_id})
+            ids = [r["id"] for r in await cur.fetchall()]
+        return RunSnapshot(run=run, event_ids=frozenset(ids), max_event_id=max(ids, default=0))
+
+    async def replay_events(
+        self, run_id: str | None, *, after: int, upto: int, limit: int
+    ) -> list[DictRow]:
+        """Audit rows with ``after < id <= upto``, oldest first, at most `limit`: of one run,
+        or of every run when `run_id` is None. Rows, not JSON: the caller shapes them with
+        `event_json`. Raises `NotFound` for an unknown run."""
+        async with self.pool.connection() as conn:
+            if run_id is None:
+                cur = await conn.execute(
+                    queries["live_replay_events"], {"after": after, "upto": upto, "limit": limit}
+                )
+                return await cur.fetchall()
             cur = await conn.execute(queries["select_run"], {"run_id": run_id})
-            row = await cur.fetchone()
-            if row is None:
+            if await cur.fetchone() is None:
                 raise NotFound(f"no run {run_id}")
-            run = run_json(row)
-            cur = await conn.execute(queries["select_run_status_counts"], {"run_id": run_id})
-            run["stepCounts"] = {r["status"]: r["n"] for r in await cur.fetchall()}
-            head = json.dumps(run, separators=(",", ":"))
-            if not with_steps:
-                return head
-            cur = await conn.execute(queries["select_run_steps_json"], {"run_id": run_id})
-            steps = await cur.fetchone()
-        assert steps is not None and head.endswith("}")
-        return f'{head[:-1]},"steps":{steps["steps"]}}}'
+            cur = await conn.execute(
+                queries["live_replay_run_events"],
+                {"run_id": run_id, "after": after, "upto": upto, "limit": limit},
+            )
+            return await cur.fetchall()
 
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: int | None

@@ -1,4 +1,5 @@
-"""Named SQL queries, loaded once from ``queries.sql``.
+"""Named SQL queries, loaded once from the ``.sql`` files of this package (``queries.sql``,
+``live.sql``); a name defined in two files is an error.
 
 Each query starts with a ``-- name: <query_name>`` line; the text up to the next such
 line is the query. Parameters use psycopg's ``%(name)s`` style. Runtime code never builds
@@ -26,4 +27,14 @@ def _load(path: Path) -> dict[str, LiteralString]:
     return loaded
 
 
-queries: dict[str, LiteralString] = _load(Path(__file__).with_name("queries.sql"))
+def _load_all(directory: Path) -> dict[str, LiteralString]:
+    loaded: dict[str, LiteralString] = {}
+    for path in sorted(directory.glob("*.sql")):
+        for name, body in _load(path).items():
+            if name in loaded:
+                raise ValueError(f"query {name!r} is defined twice (again in {path})")
+            loaded[name] = body
+    return loaded
+
+
+queries: dict[str, LiteralString] = _load_all(Path(__file__).parent)
