@@ -31,6 +31,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         database_url=getattr(args, "database_url", None),
         lease_ttl_s=getattr(args, "lease_ttl", None),
         api_token=getattr(args, "api_token", None),
+        live_queue_max_events=getattr(args, "live_queue", None),
+        live_stall_s=getattr(args, "live_stall", None),
     )
 
 
@@ -367,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lease-ttl", type=float, default=None, help="seconds; PGDAG_LEASE_TTL")
     serve.add_argument("--api-token", default=None, help="PGDAG_API_TOKEN")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--live-queue",
+        type=int,
+        default=None,
+        help="events a WebSocket client may lag; PGDAG_LIVE_QUEUE",
+    )
+    serve.add_argument("--live-stall", type=float, default=None, help="seconds; PGDAG_LIVE_STALL")
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")

@@ -68,11 +68,13 @@ exception to the cursor guarantee.
 
 Bounded queues
 --------------
-`EventHub` hands each event (parsed and serialised once) to every matching subscription
-without awaiting. A subscription holds at most `max_events`; when a client's sender falls
-that far behind (its socket is full), its queue is dropped and it is marked overflowed:
-its WebSocket sender tells the client ``resync`` and resynchronises it. Memory per client
-is therefore bounded, and a slow client slows nobody else.
+Each event is parsed and serialised once and appended, without awaiting, to one shared
+`EventLog` per stream (every run, and each run somebody watches); a `Subscription` is only
+a position in it, so fanning an event out costs the same for 1 or 1,000 clients. A log
+keeps its last `queue_max_events` events: a client whose sender falls further behind (its
+socket is full) has lost its place, is marked overflowed, and its WebSocket sender tells
+it ``resync`` and resynchronises it. Memory is therefore bounded whatever the clients do,
+and a slow client slows nobody else.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +113,8 @@ RECONNECT_MAX_S = 5.0
 @dataclass(frozen=True, slots=True)
 class LiveEvent:
     """One audit-log event as the API shows it (`data`, the shape of an item of
-    ``GET /runs/{id}/events``), with its JSON text serialised once for every client.
+    ``GET /runs/{id}/events``), with its JSON text and its ``{"type": "event", ...}`` frame
+    serialised once for every client.
 
     `late` marks an event delivered after the frontier had passed its id (see the module
     docstring): it is never filtered out as already seen.
@@ -121,72 +124,133 @@ class LiveEvent:
     run_id: str
     data: dict[str, Any]
     text: str
+    message: str
     late: bool = False
-
-    @property
-    def message(self) -> str:
-        """The ``{"type":"event","event":{...}}`` text frame."""
-        return '{"type": "event", "event": ' + self.text + "}"
 
     @classmethod
     def from_row(cls, row: DictRow, *, late: bool = False) -> LiveEvent:
         """Build from an audit_log row (any query selecting `event_json`'s columns)."""
         data = event_json(row)
-        return cls(id=data["id"], run_id=data["runId"], data=data, text=json.dumps(data), late=late)
+        text = json.dumps(data)
+        return cls(
+            id=data["id"],
+            run_id=data["runId"],
+            data=data,
+            text=text,
+            message='{"type": "event", "event": ' + text + "}",
+            late=late,
+        )
+
+
+def batch_message(events: Sequence[LiveEvent]) -> str:
+    """The ``{"type": "events", "events": [...]}`` frame of `events`."""
+    return '{"type": "events", "events": [' + ", ".join(e.text for e in events) + "]}"
+
+
+class EventLog:
+    """The recent events of one stream (every run, or one run), shared by its subscribers.
+
+    Events are numbered by arrival (`next_seq`); each `Subscription` keeps only its position.
+    At most `capacity` events are kept: a subscriber that falls further behind has lost its
+    place (`Subscription.overflowed`). Appending costs O(events), whatever the number of
+    subscribers, and wakes them all with one event.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._events: list[LiveEvent] = []
+        self.base_seq = 0  # the sequence number of _events[0]
+        self._changed = asyncio.Event()
+        self.subscribers = 0
+        self._batch_cache: tuple[int, int, str] | None = None
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next appended event will get."""
+        return self.base_seq + len(self._events)
+
+    def append(self, events: list[LiveEvent]) -> None:
+        """Add `events`, forget the oldest past `capacity`, wake the subscribers."""
+        self._events.extend(events)
+        excess = len(self._events) - self.capacity
+        if excess > 0:
+            del self._events[:excess]
+            self.base_seq += excess
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def slice(self, start_seq: int, limit: int) -> list[LiveEvent]:
+        """Up to `limit` events from sequence number `start_seq` (>= `base_seq`)."""
+        offset = start_seq - self.base_seq
+        return self._events[offset : offset + limit]
+
+    def batch_text(self, start_seq: int, events: list[LiveEvent]) -> str:
+        """`batch_message` of the slice `events` taken at `start_seq`, built once for all
+        the subscribers that take the same slice."""
+        key_end = start_seq + len(events)
+        cached = self._batch_cache
+        if cached is not None and cached[0] == start_seq and cached[1] == key_end:
+            return cached[2]
+        text = batch_message(events)
+        self._batch_cache = (start_seq, key_end, text)
+        return text
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once an event with sequence number >= `seq` exists."""
+        while self.next_seq <= seq:
+            await self._changed.wait()
 
 
 class Subscription:
-    """One client's bounded queue of events: of one run (`run_id`) or of all (None).
+    """One client's place in an `EventLog`: of one run (`run_id`) or of all (None).
 
-    `offer` never blocks: past `max_events` queued, the queue is emptied and `overflowed`
-    set, and the owner must resynchronise its client (`restart`).
+    The hub never waits for a subscriber. One that falls more than the log's capacity
+    behind is `overflowed`: its events are gone and its owner must resynchronise the client
+    (`restart`). Memory per subscriber is one position.
     """
 
-    __slots__ = ("_hub", "_items", "_wake", "max_events", "overflowed", "run_id")
+    __slots__ = ("_hub", "_log", "cursor", "run_id")
 
-    def __init__(self, hub: EventHub, run_id: str | None, max_events: int) -> None:
+    def __init__(self, hub: EventHub, log: EventLog, run_id: str | None) -> None:
         self._hub = hub
+        self._log = log
         self.run_id = run_id
-        self.max_events = max_events
-        self._items: deque[LiveEvent] = deque()
-        self._wake = asyncio.Event()
-        self.overflowed = False
+        self.cursor = log.next_seq
 
-    def offer(self, event: LiveEvent) -> None:
-        """Queue `event` (the hub calls this); on overflow drop everything queued."""
-        if self.overflowed:
-            return
-        if len(self._items) >= self.max_events:
-            self._items.clear()
-            self.overflowed = True
-            self._hub.overflows += 1
-        else:
-            self._items.append(event)
-        self._wake.set()
+    @property
+    def overflowed(self) -> bool:
+        """Events this subscriber had not taken were dropped."""
+        return self.cursor < self._log.base_seq
 
     def restart(self) -> int:
-        """Empty the queue and clear `overflowed`; returns the hub's frontier at this instant:
-        every event with a larger id (and any late one) will be offered from now on."""
-        self._items.clear()
-        self.overflowed = False
-        self._wake.clear()
+        """Skip everything queued and clear `overflowed`; returns the hub's frontier at this
+        instant: every event with a larger id (and any late one) comes after this."""
+        if self.overflowed:
+            self._hub.overflows += 1
+        self.cursor = self._log.next_seq
         return self._hub.frontier
 
     async def wait(self) -> None:
-        """Return when events are queued or the queue overflowed."""
-        await self._wake.wait()
+        """Return when events are queued or the subscription overflowed."""
+        await self._log.wait_beyond(self.cursor)
 
     def take(self, limit: int) -> list[LiveEvent]:
         """Up to `limit` queued events, oldest first (none after an overflow)."""
-        items = self._items
-        n = min(limit, len(items))
-        taken = [items.popleft() for _ in range(n)]
-        if not items and not self.overflowed:
-            self._wake.clear()
-        return taken
+        if self.overflowed:
+            return []
+        events = self._log.slice(self.cursor, limit)
+        self.cursor += len(events)
+        return events
+
+    def take_batch(self, limit: int) -> tuple[list[LiveEvent], str]:
+        """Like `take`, with the events' `batch_message` (shared with the other subscribers
+        that take the same events)."""
+        start = self.cursor
+        events = self.take(limit)
+        return events, self._log.batch_text(start, events) if events else ""
 
     def __len__(self) -> int:
-        return len(self._items)
+        return 0 if self.overflowed else self._log.next_seq - self.cursor
 
 
 @dataclass
@@ -235,8 +299,8 @@ class EventHub:
         self.delivered = 0
         self._state = _State()
         self._started = False
-        self._all: set[Subscription] = set()
-        self._by_run: dict[str, set[Subscription]] = {}
+        self._all = EventLog(queue_max_events)
+        self._by_run: dict[str, EventLog] = {}
         self._advanced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: psycopg.AsyncConnection[DictRow] | None = None
@@ -251,30 +315,30 @@ class EventHub:
         return self._state.frontier
 
     def subscribe(self, run_id: str | None) -> Subscription:
-        """A new subscription to one run's events (`run_id`) or to all (None). Call
-        `Subscription.restart` to learn from which id it receives."""
-        sub = Subscription(self, run_id, self.queue_max_events)
+        """A new subscription to one run's events (`run_id`) or to all (None), positioned
+        after everything offered so far. `Subscription.restart` tells from which id."""
         if run_id is None:
-            self._all.add(sub)
+            log = self._all
         else:
-            self._by_run.setdefault(run_id, set()).add(sub)
-        return sub
+            log = self._by_run.get(run_id) or self._by_run.setdefault(
+                run_id, EventLog(self.queue_max_events)
+            )
+        log.subscribers += 1
+        return Subscription(self, log, run_id)
 
     def unsubscribe(self, sub: Subscription) -> None:
-        """Stop offering events to `sub` (idempotent)."""
-        if sub.run_id is None:
-            self._all.discard(sub)
+        """Forget `sub` (once per subscription)."""
+        log = self._all if sub.run_id is None else self._by_run.get(sub.run_id)
+        if log is None:
             return
-        subs = self._by_run.get(sub.run_id)
-        if subs is not None:
-            subs.discard(sub)
-            if not subs:
-                del self._by_run[sub.run_id]
+        log.subscribers -= 1
+        if sub.run_id is not None and log.subscribers <= 0:
+            del self._by_run[sub.run_id]
 
     @property
     def subscribers(self) -> int:
         """How many subscriptions are open."""
-        return len(self._all) + sum(len(s) for s in self._by_run.values())
+        return self._all.subscribers + sum(log.subscribers for log in self._by_run.values())
 
     async def wait_frontier(self, event_id: int, timeout_s: float) -> bool:
         """Wait until the frontier reaches `event_id`; False after `timeout_s` seconds."""
@@ -494,14 +558,16 @@ class EventHub:
                 return g
         return None
 
-    def _offer(self, events: Iterable[LiveEvent]) -> None:
-        everyone = self._all
-        by_run = self._by_run
-        for event in events:
-            self.delivered += 1
-            for sub in everyone:
-                sub.offer(event)
-            subs = by_run.get(event.run_id)
-            if subs:
-                for sub in subs:
-                    sub.offer(event)
+    def _offer(self, events: list[LiveEvent]) -> None:
+        if not events:
+            return
+        self.delivered += len(events)
+        if self._all.subscribers:
+            self._all.append(events)
+        if self._by_run:
+            per_run: dict[str, list[LiveEvent]] = {}
+            for event in events:
+                if event.run_id in self._by_run:
+                    per_run.setdefault(event.run_id, []).append(event)
+            for run_id, mine in per_run.items():
+                self._by_run[run_id].append(mine)

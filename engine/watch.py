@@ -158,8 +158,9 @@ class RunView:
         when = f" in {took:.2f}s" if took is not None else ""
         return f"run {self.run['id']} {self.status}{when} ({len(self.steps)} steps: {counts})"
 
-    def render(self, max_rows: int) -> Group:
-        """The screen: a header, a table of at most `max_rows` steps, the latest events."""
+    def render(self, max_rows: int, width: int = 100) -> Group:
+        """The screen, `width` columns wide: a header, a table of at most `max_rows` steps,
+        the latest events."""
         header = Text()
         header.append(f"run {self.run['id']}  ", style="bold")
         header.append(self.status, style=STATUS_STYLE.get(self.status, ""))
@@ -171,8 +172,18 @@ class RunView:
         for status, n in sorted(self.counts().items(), key=lambda kv: kv[0]):
             summary.append(f"{status} {n}  ", style=STATUS_STYLE.get(status, ""))
         table = Table(box=None, pad_edge=False, expand=False)
-        for column in ("step", "status", "attempt", "worker", "error"):
-            table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=60)
+        names = [s["name"] for s in self.steps.values()] or ["step"]
+        workers = [s.get("leaseOwner") or "" for s in self.steps.values()] or [""]
+        fixed = {
+            "step": min(40, max(4, *map(len, names))),
+            "status": 11,
+            "attempt": 7,
+            "worker": min(24, max(6, *map(len, workers))),
+        }
+        for column, column_width in fixed.items():
+            table.add_column(column, no_wrap=True, min_width=column_width)
+        error_width = max(10, width - sum(fixed.values()) - 2 * len(fixed))
+        table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=error_width)
         steps = list(self.steps.values())
         if len(steps) > max_rows:
             steps.sort(key=lambda s: STATUS_ORDER.get(s.get("status", ""), 9))
@@ -187,7 +198,7 @@ class RunView:
             )
         if len(steps) > max_rows:
             table.add_row(f"... {len(steps) - max_rows} more", "", "", "", "")
-        recent = Text("\n".join(self.recent), style="dim")
+        recent = Text("\n".join(self.recent), style="dim", no_wrap=True, overflow="ellipsis")
         return Group(header, summary, table, recent)
 
 
@@ -248,7 +259,7 @@ class Watcher:
         if not force and now - self._drawn_at < REDRAW_S:
             return
         self._drawn_at = now
-        self.live.update(self.view.render(self._max_rows()), refresh=True)
+        self.live.update(self.view.render(self._max_rows(), self.console.size.width), refresh=True)
 
     def _line(self, text: str) -> None:
         if self.live is None:

@@ -56,7 +56,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine.db import RETRYABLE
 from engine.errors import NotFound
-from engine.live import EventHub, LiveEvent, Subscription
+from engine.live import EventHub, LiveEvent, Subscription, batch_message
 from engine.store import Store
 
 logger = logging.getLogger(__name__)
@@ -96,13 +96,17 @@ class _Stream:
         todo = list(events) if replay else [e for e in events if e.late or e.id > self.floor]
         if self.batch:
             for i in range(0, len(todo), BATCH_MAX_EVENTS):
-                chunk = todo[i : i + BATCH_MAX_EVENTS]
-                await self.websocket.send_text(
-                    '{"type": "events", "events": [' + ", ".join(e.text for e in chunk) + "]}"
-                )
+                await self.websocket.send_text(batch_message(todo[i : i + BATCH_MAX_EVENTS]))
         else:
             for event in todo:
                 await self.websocket.send_text(event.message)
+
+    def _all_new(self, events: list[LiveEvent]) -> bool:
+        """No event of `events` (in id order, late ones aside) is at or below `floor`."""
+        for event in events:
+            if not event.late:
+                return event.id > self.floor
+        return True
 
     async def pump(self, on_overflow: Callable[[], Awaitable[None]]) -> None:
         """Forward queued events until the client goes away; resynchronise on overflow."""
@@ -111,8 +115,16 @@ class _Stream:
             await self.sub.wait()
             if self.sub.overflowed:
                 await on_overflow()
-                continue
-            await self.send_events(self.sub.take(limit))
+            elif self.batch:
+                events, text = self.sub.take_batch(limit)
+                if not events:
+                    continue
+                if self._all_new(events):  # the common case: the frame shared by everyone
+                    await self.websocket.send_text(text)
+                else:
+                    await self.send_events(events)
+            else:
+                await self.send_events(self.sub.take(limit))
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def test_watch_rides_through_an_api_restart(db_url: str, tmp_path: Path) -> None
             in_pty(watch_argv(run_id, base), base_env(db_url)) as watch,
             workers(db_url, tmp_path, n=1, **TOOLS),
         ):
-            watch.wait_for_output("does not exist yet")  # the gate is failing
+            watch.wait_for_output("running -> ready")  # the gate failed, retries follow
             api.stop()
             watch.wait_for_output("reconnecting")
             gate.touch()

@@ -3,6 +3,7 @@ commit out of order, roll back, or stall. No database: what a read returns is sc
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -133,15 +134,33 @@ def test_a_gap_open_longer_than_stall_s_stops_holding_events_back() -> None:
     assert h.hub.frontier == 3
 
 
-def test_overflow_drops_the_queue_and_marks_it() -> None:
+def test_a_subscriber_more_than_the_capacity_behind_overflows() -> None:
     h = Harness()
-    h.sub.max_events = 3
+    h.hub = EventHub("postgresql://unused", queue_max_events=3)
+    h.hub._startup_xid = 0
+    h.sub = h.hub.subscribe(None)
+    other = h.hub.subscribe(None)
     assert h.read([1, 2], 50) == [1, 2]
-    h.read([3, 4, 5, 6], 50)
-    assert h.sub.overflowed and len(h.sub) == 0 and h.hub.overflows == 1
-    start = h.sub.restart()
-    assert start == 6 and not h.sub.overflowed
-    assert h.read([7], 50) == [7]
+    assert h.read([3], 50) == [3]  # `other` has taken nothing: 3 behind, the capacity
+    assert not other.overflowed and len(other) == 3
+    assert h.read([4], 50) == [4]  # now 4 behind: event 1 is gone for it
+    assert not h.sub.overflowed
+    assert other.overflowed and len(other) == 0 and other.take(10) == []
+    start = other.restart()
+    assert start == 4 and not other.overflowed and h.hub.overflows == 1
+    assert h.read([5], 50) == [5]
+    assert [e.id for e in other.take(10)] == [5]
+
+
+def test_subscribers_taking_the_same_events_share_one_batch_frame() -> None:
+    h = Harness()
+    other = h.hub.subscribe(None)
+    h.hub._merge([row(1), row(2)], 50, None, 1.0)  # type: ignore[misc]
+    events_a, text_a = h.sub.take_batch(100)
+    events_b, text_b = other.take_batch(100)
+    assert [e.id for e in events_a] == [e.id for e in events_b] == [1, 2]
+    assert text_a is text_b
+    assert json.loads(text_a) == {"type": "events", "events": [e.data for e in events_a]}
 
 
 def test_event_message_is_the_events_endpoint_shape() -> None:
