@@ -382,13 +382,32 @@ def _sizes(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     }
 
 
-def w6(base: str, total: int, *, per_run: int = 1000, window: int = 20) -> dict[str, Any]:
+RESET_TABLE_SETTINGS = """
+ALTER TABLE runs RESET (fillfactor, autovacuum_vacuum_scale_factor);
+ALTER TABLE steps RESET (autovacuum_vacuum_scale_factor, autovacuum_analyze_scale_factor);
+ALTER TABLE audit_log RESET (autovacuum_vacuum_insert_threshold,
+                             autovacuum_vacuum_insert_scale_factor)
+"""
+
+
+def w6(
+    base: str,
+    total: int,
+    *,
+    per_run: int = 1000,
+    window: int = 20,
+    table_settings: bool = True,
+) -> dict[str, Any]:
     """W6 churn: `total` NOOP steps (runs of `per_run`) go through 2 workers, submitted as
-    the table drains (at most `window` runs unfinished), with autovacuum as the server has
-    it and the table settings of the migrations. Reports sizes and dead tuples at the end."""
+    the table drains (at most `window` runs unfinished), with the server's autovacuum and
+    the migrations' table settings (or, with `table_settings` False, those reset to
+    Postgres's defaults). Reports sizes and dead tuples at the end."""
     spec = _spec([{"name": f"s{i}", "tool": "NOOP", "input": {}} for i in range(per_run)])
     runs = max(1, total // per_run)
     with scratch_db(base, "pgdag_bench_w6") as url:
+        if not table_settings:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(RESET_TABLE_SETTINGS)
         env = child_env(url, PGDAG_TOOLS=TOOLS)
         t0 = time.perf_counter()
         with (
@@ -416,6 +435,7 @@ def w6(base: str, total: int, *, per_run: int = 1000, window: int = 20) -> dict[
             sizes = _sizes(conn)
     return {
         "steps": runs * per_run,
+        "tableSettings": "migrations" if table_settings else "postgres defaults",
         "seconds": round(wall, 1),
         "stepsPerS": round(runs * per_run / wall),
         "tables": sizes,
