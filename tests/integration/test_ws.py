@@ -633,3 +633,17 @@ def test_unknown_run_bad_parameters_and_foreign_origin_are_refused(
         same = "http://" + base.removeprefix("http://")
         with ws_connect(base, "/ws", headers={"Origin": same}) as ws:
             assert recv(ws)["type"] == "hello"
+
+
+# --- the benchmark still runs -----------------------------------------------------------------
+
+
+def test_ws_latency_benchmark_smoke(db_url: str) -> None:
+    from benchmarks.ws_latency import bench_ws_latency, format_line
+
+    for batch in (False, True):
+        r = bench_ws_latency(db_url, clients=20, rate=50, seconds=2, batch=batch)
+        print(format_line(r))
+        assert r["samples"] > 0 and r["resyncs"] == 0
+        assert r["eventsPerClientMin"] == r["eventsPerClientMax"] > 0  # everyone got everything
+        assert 0 < r["p50Ms"] <= r["p99Ms"]
