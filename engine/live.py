@@ -275,10 +275,18 @@ class _State:
 class EventHub:
     """The fan-out of one API process: a LISTEN connection to `url` and the subscriptions.
 
-    `start` opens the connection and returns; `ready` is set once the frontier is exact
-    (every transaction in flight when the listener started has ended, or `stall_s` passed).
-    Connection loss is retried forever with capped exponential backoff (0.1 s .. 5 s),
-    logged as warnings; `reconnects` counts the successful ones.
+    `url` is a libpq URL or conninfo string; `queue_max_events` how many events a subscriber
+    may fall behind before it overflows (per stream, events, >= one read of `FETCH_LIMIT`
+    rows is sensible); `idle_poll_s` how often (seconds) the listener reads, and so checks
+    its connection, when no notification comes; `stall_s` how long (seconds) events wait for
+    a smaller audit id that has neither committed nor rolled back.
+
+    `start` starts the listener task and returns at once; `ready` is set once the frontier
+    is exact (every transaction that could hold an audit id when the listener started has
+    ended, or `stall_s` passed). Connection loss is retried forever with capped exponential
+    backoff (0.1 s .. 5 s), logged as warnings; `reconnects` counts the successful ones.
+    Nothing here raises to the caller: the WebSocket side sees a frontier that does not
+    advance (`wait_frontier` returns False) while Postgres is away.
     """
 
     def __init__(

@@ -458,6 +458,25 @@ def test_postgres_restart_streams_resume_with_nothing_lost(
     assert_exact_stream([e["id"] for e in got_all], db_event_ids(url, None, n_all))
 
 
+def test_listen_connection_killed_reconnects_and_loses_nothing(db_url: str, tmp_path: Path) -> None:
+    with (
+        api_process(db_url, tmp_path / "api.log") as (base, api),
+        ws_connect(base, "/ws") as ws,
+    ):
+        n = recv(ws)["lastEventId"]
+        run_id = post_run(base, random_delay_dag(30, 0, 20, seed=11))
+        killed = query(
+            db_url,
+            "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
+            " WHERE application_name = 'pgdag-api-listener' AND datname = current_database()",
+        )
+        assert [r["ok"] for r in killed] == [True]
+        with workers(db_url, tmp_path, n=1, concurrency=4):
+            got = events_until_run_ends(ws, run_id)
+        wait_for(lambda: "event listener reconnected" in api.output(), what="the reconnection")
+    assert_exact_stream([e["id"] for e in got], db_event_ids(db_url, None, n))
+
+
 # --- slow clients -------------------------------------------------------------------------
 
 
@@ -633,3 +652,17 @@ def test_unknown_run_bad_parameters_and_foreign_origin_are_refused(
         same = "http://" + base.removeprefix("http://")
         with ws_connect(base, "/ws", headers={"Origin": same}) as ws:
             assert recv(ws)["type"] == "hello"
+
+
+# --- the benchmark still runs -----------------------------------------------------------------
+
+
+def test_ws_latency_benchmark_smoke(db_url: str) -> None:
+    from benchmarks.ws_latency import bench_ws_latency, format_line
+
+    for batch in (False, True):
+        r = bench_ws_latency(db_url, clients=20, rate=50, seconds=2, batch=batch)
+        print(format_line(r))
+        assert r["samples"] > 0 and r["resyncs"] == 0
+        assert r["eventsPerClientMin"] == r["eventsPerClientMax"] > 0  # everyone got everything
+        assert 0 < r["p50Ms"] <= r["p99Ms"]
