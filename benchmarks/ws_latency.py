@@ -290,9 +290,9 @@ def _cpu_s(pid: int) -> float:
 def _api(url: str) -> Iterator[tuple[int, Any]]:
     import subprocess
 
-    from benchmarks.__main__ import _free_port
+    from benchmarks.common import free_port
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine", "serve", "--port", str(port)],
@@ -416,7 +416,7 @@ def run(
 ) -> list[dict[str, Any]]:
     """Every configuration on a scratch database of ``DATABASE_URL`` or the embedded
     cluster; returns the figures (what `main` prints), for ``python -m benchmarks``."""
-    from benchmarks.__main__ import scratch_db
+    from benchmarks.common import scratch_db
     from engine.config import Settings
     from engine.db import resolve_database_url
 
