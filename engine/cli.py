@@ -151,35 +151,19 @@ def _wait_healthy(client: httpx.Client, api: str, proc: subprocess.Popen[bytes],
     raise PgdagError(f"the API did not become healthy within 60 s; see {log}")
 
 
-def _describe(event: dict[str, Any]) -> str:
-    who = event.get("stepName") or "run"
-    if event.get("event") == "run_created":
-        return f"{who:<14} created with {(event.get('detail') or {}).get('steps', '?')} steps"
-    move = f"{event.get('fromStatus') or '-'} -> {event.get('toStatus')}"
-    extra = []
-    if event.get("attempt"):
-        extra.append(f"attempt {event['attempt']}")
-    if event.get("workerId"):
-        extra.append(f"worker {event['workerId']}")
-    detail = event.get("detail") or {}
-    if isinstance(detail, dict) and detail.get("error"):
-        extra.append(f"error: {detail['error']}")
-    return f"{who:<14} {move:<24} {', '.join(extra)}".rstrip()
-
-
 def follow_run(
     client: httpx.Client, api: str, run_id: str, *, out: Any = sys.stdout
 ) -> dict[str, Any]:
     """Print each audit-log event of the run as it happens; return the finished run."""
+    from engine.watch import describe  # the line format `watch` prints too
+
     started = time.monotonic()
     after = 0
     while True:
         events = client.get(f"{api}/runs/{run_id}/events", params={"after": after}).json()["events"]
         for event in events:
             after = event["id"]
-            print(
-                f"  +{time.monotonic() - started:5.2f}s  {_describe(event)}", file=out, flush=True
-            )
+            print(f"  +{time.monotonic() - started:5.2f}s  {describe(event)}", file=out, flush=True)
         if events and events[-1]["event"] in {f"run_{s}" for s in TERMINAL_RUN_STATES}:
             run: dict[str, Any] = client.get(f"{api}/runs/{run_id}").json()
             return run
