@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -194,6 +195,105 @@ async def retry_step(request: Request) -> Response:
     return _json_text(await store.get_run_json(run_id))
 
 
+class ReplayRequest(BaseModel):
+    """``POST /runs/{runId}/replay`` body."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_step: str = Field(alias="from", min_length=1, max_length=300)
+    reason: str = Field(default="replay requested", min_length=1, max_length=2000)
+
+
+class RetryDeadLettersRequest(BaseModel):
+    """``POST /runs/retry-dead-letters`` body: which dead letters to retry. Every filter
+    is optional; `since` / `until` bound when the step was dead-lettered."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    tool: str | None = Field(default=None, min_length=1, max_length=128)
+    run_status: str | None = Field(default=None, alias="runStatus", pattern="^(running|failed)$")
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    limit: int = Field(default=1000, ge=1, le=10_000)
+    dry_run: bool = Field(default=False, alias="dryRun")
+    reason: str = Field(default="bulk retry of dead letters", min_length=1, max_length=2000)
+
+
+async def _json_body(request: Request, model: type[BaseModel]) -> Any:
+    """The request body validated by `model`; raises `ValidationFailed` naming each field."""
+    settings: Settings = request.app.state.settings
+    raw = await _read_body(request, settings.max_body_bytes)
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (ValueError, RecursionError) as exc:
+        raise ValidationFailed(
+            [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}]
+        ) from None
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            [
+                {
+                    "step": None,
+                    "field": ".".join(str(p) for p in err["loc"]) or "body",
+                    "problem": err["msg"],
+                }
+                for err in exc.errors(include_url=False)
+            ]
+        ) from None
+
+
+async def replay_run(request: Request) -> Response:
+    """Replay from a step: ``{"from": "stepName", "reason": "..."}``. That step and every
+    step downstream of it are reset and run again; upstream outputs are reused. 200 with the
+    run; 404 unknown run or step; 409 for a cancelled run or a step to reset still running."""
+    run_id = _run_id(request)
+    body: ReplayRequest = await _json_body(request, ReplayRequest)
+    store = _store(request)
+    await store.replay(run_id, body.from_step, reason=body.reason)
+    return _json_text(await store.get_run_json(run_id))
+
+
+async def retry_dead_letters(request: Request) -> Response:
+    """Retry many dead letters at once, oldest first: ``{"tool", "runStatus", "since",
+    "until", "limit", "dryRun", "reason"}`` (all optional). Returns the steps retried (or,
+    with dryRun, that would be) and the ones that could not be, each with the reason."""
+    body: RetryDeadLettersRequest = await _json_body(request, RetryDeadLettersRequest)
+    if body.since is not None and body.until is not None and body.since >= body.until:
+        raise ValidationFailed(
+            [{"step": None, "field": "until", "problem": "must be later than since"}]
+        )
+    store = _store(request)
+    found = await store.dead_letters(
+        tool=body.tool,
+        run_status=body.run_status,
+        since=body.since,
+        until=body.until,
+        limit=body.limit,
+    )
+    retried: list[dict[str, str]] = []
+    refused: list[dict[str, str]] = []
+    for run_id, step_name in found:
+        if body.dry_run:
+            retried.append({"runId": run_id, "stepName": step_name})
+            continue
+        try:
+            await store.retry_step(run_id, step_name, reason=body.reason)
+        except (IllegalTransition, NotFound) as exc:  # retried or cancelled meanwhile
+            refused.append({"runId": run_id, "stepName": step_name, "reason": str(exc)})
+            continue
+        retried.append({"runId": run_id, "stepName": step_name})
+    return JSONResponse(
+        {
+            "dryRun": body.dry_run,
+            "matched": len(found),
+            "retried": retried,
+            "refused": refused,
+        }
+    )
+
+
 async def list_workers(request: Request) -> Response:
     """Registered workers, their heartbeat, liveness and current steps."""
     return JSONResponse({"workers": await _store(request).list_workers()})
@@ -203,10 +303,12 @@ routes = [
     Route("/health", health, methods=["GET"]),
     Route("/runs", create_run, methods=["POST"]),
     Route("/runs", list_runs, methods=["GET"]),
+    Route("/runs/retry-dead-letters", retry_dead_letters, methods=["POST"]),
     Route("/runs/{run_id}", get_run, methods=["GET"]),
     Route("/runs/{run_id}/events", run_events, methods=["GET"]),
     Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
     Route("/runs/{run_id}/steps/{step_name}/retry", retry_step, methods=["POST"]),
+    Route("/runs/{run_id}/replay", replay_run, methods=["POST"]),
     Route("/workers", list_workers, methods=["GET"]),
     WebSocketRoute("/ws", ws.all_events),
     WebSocketRoute("/ws/runs/{run_id}", ws.run_events),

@@ -18,6 +18,7 @@ BACKOFF_BASE_MS_DEFAULT = 1_000
 BACKOFF_CAP_MS_DEFAULT = 60_000
 MAX_ATTEMPTS_DEFAULT = 3
 MAX_STEPS_PER_RUN_DEFAULT = 10_000
+MAX_MAP_WIDTH_DEFAULT = 10_000
 MAX_BODY_BYTES_DEFAULT = 10 * 1024 * 1024
 HOME_DEFAULT = ".pgdag"
 API_HOST_DEFAULT = "127.0.0.1"
@@ -76,6 +77,7 @@ class Settings:
     backoff_base_ms: int = BACKOFF_BASE_MS_DEFAULT
     backoff_cap_ms: int = BACKOFF_CAP_MS_DEFAULT
     max_steps_per_run: int = MAX_STEPS_PER_RUN_DEFAULT
+    max_map_width: int = MAX_MAP_WIDTH_DEFAULT
     max_body_bytes: int = MAX_BODY_BYTES_DEFAULT
     poll_interval_s: float = POLL_INTERVAL_S_DEFAULT
     reaper_interval_s: float = REAPER_INTERVAL_S_DEFAULT
@@ -116,6 +118,11 @@ class Settings:
             max_steps_per_run=_parse_int(
                 "PGDAG_MAX_STEPS",
                 get("PGDAG_MAX_STEPS", str(MAX_STEPS_PER_RUN_DEFAULT)),
+                1,
+            ),
+            max_map_width=_parse_int(
+                "PGDAG_MAX_MAP_WIDTH",
+                get("PGDAG_MAX_MAP_WIDTH", str(MAX_MAP_WIDTH_DEFAULT)),
                 1,
             ),
             max_body_bytes=_parse_int(

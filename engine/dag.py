@@ -4,16 +4,29 @@
 raises `ValidationFailed` with every problem found, each naming the step (when there is one),
 the field and the problem. Checks: field types and ranges, step names, duplicate names,
 unknown dependencies, self-dependencies, cycles, unknown tools, inputs the tool's schema
-refuses, and the step-count limit.
+refuses, the step-count limit, references (``{"$ref": ...}``: syntax, and the step named must
+be an ancestor), map sources, trigger rules and concurrency keys.
+
+A reference is an object ``{"$ref": "<path>"}`` anywhere in a step's input (or as a step's
+``map``). Paths are dot-separated; a segment that is an integer indexes an array (negative
+counts from the end). Roots:
+
+- ``steps.<name>.output[.<path>]``: the output of `name`, which must be an ancestor of the
+  step (reachable through ``dependsOn``); ``steps.<name>.status`` and ``steps.<name>.error``
+  give its final status and error (useful after ``"runIf": "all_done"``).
+- ``item[.<path>]`` and ``index``: inside a map step's input, the child's element and its
+  position.
+
+A key that contains a dot cannot be reached (the path syntax has no escape).
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from engine.config import MAX_ATTEMPTS_DEFAULT
 from engine.errors import UnknownTool, ValidationFailed
@@ -22,6 +35,10 @@ from engine.tools import get_tool
 STEP_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_ATTEMPTS_LIMIT = 100
+PRIORITY_LIMIT = 1_000_000
+REF_FIELDS = ("output", "status", "error")
+
+RunIf = Literal["all_succeeded", "all_done", "any_failed"]
 
 Problem = dict[str, str | None]
 
@@ -40,9 +57,32 @@ class StepSpec(BaseModel):
     )
     timeout_ms: int | None = Field(default=None, ge=1, le=MAX_TIMEOUT_MS, alias="timeoutMs")
     idempotent: bool = True
+    run_if: RunIf = Field(default="all_succeeded", alias="runIf")
+    map: dict[str, Any] | None = None
+    concurrency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, alias="concurrencyKey"
+    )
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000, alias="maxConcurrency")
+
+    # Filled by parse_run from the input's references (private: a client cannot set them).
+    _refs: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _map_path: list[str] | None = PrivateAttr(default=None)
+
+    @property
+    def refs(self) -> list[dict[str, Any]]:
+        """The input's references: ``[{"at", "path", "ref", "field"}]`` (see module doc)."""
+        return self._refs
+
+    @property
+    def map_path(self) -> list[str] | None:
+        """A map step's source path, split; None for other steps."""
+        return self._map_path
 
     def to_row(self) -> dict[str, Any]:
         """The JSON object `insert_steps` reads for this step."""
+        ref_steps = sorted({r["path"][1] for r in self.refs if r["path"][0] == "steps"})
+        if self.map_path is not None:
+            ref_steps = sorted({*ref_steps, self.map_path[1]})
         return {
             "name": self.name,
             "tool": self.tool,
@@ -51,6 +91,13 @@ class StepSpec(BaseModel):
             "maxAttempts": self.max_attempts,
             "timeoutMs": self.timeout_ms,
             "idempotent": self.idempotent,
+            "runIf": self.run_if,
+            "refs": self.refs or None,
+            "refSteps": ref_steps or None,
+            "map": self.map["$ref"] if self.map is not None else None,
+            "mapPath": self.map_path,
+            "concurrencyKey": self.concurrency_key,
+            "maxConcurrency": self.max_concurrency,
         }
 
 
@@ -64,6 +111,8 @@ class RunSpec(BaseModel):
         default=None, min_length=1, max_length=255, alias="idempotencyKey"
     )
     steps: list[StepSpec] = Field(min_length=1)
+    priority: int = Field(default=0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
+    start_at: AwareDatetime | None = Field(default=None, alias="startAt")
 
     def steps_json(self) -> str:
         """All steps as the JSON array `insert_steps` takes."""
@@ -158,6 +207,7 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
         if step.name in names:
             problems.append({"step": step.name, "field": "name", "problem": "duplicate step name"})
         names.add(step.name)
+    key_limits: dict[str, tuple[int, str]] = {}
     for step in spec.steps:
         for dep in step.depends_on:
             if dep == step.name:
@@ -180,15 +230,24 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
             problems.append(
                 {"step": step.name, "field": "dependsOn", "problem": "lists a dependency twice"}
             )
+        problems.extend(_concurrency_problems(step, key_limits))
+        step_problems = _collect_step_refs(step, names)
+        problems.extend(step_problems)
         try:
             tool = get_tool(step.tool)
         except UnknownTool as exc:
             problems.append({"step": step.name, "field": "tool", "problem": str(exc)})
             continue
+        if step_problems:
+            continue
+        ref_places = [tuple(r["at"]) for r in step.refs]
         try:
             tool.parse_input(step.input)
         except ValidationError as exc:
             for err in exc.errors(include_url=False):
+                loc = tuple(str(part) for part in err["loc"])
+                if any(loc[: len(at)] == at for at in ref_places):
+                    continue  # a reference: its value is checked when the step is claimed
                 sub = _field_path(tuple(err["loc"]))
                 problems.append(
                     {
@@ -207,6 +266,187 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
                     "problem": "dependency cycle: " + " -> ".join(cycle),
                 }
             )
+        else:
+            problems.extend(_ancestor_problems(spec.steps))
     if problems:
         raise ValidationFailed(problems)
     return spec
+
+
+def _concurrency_problems(step: StepSpec, key_limits: dict[str, tuple[int, str]]) -> list[Problem]:
+    """concurrencyKey and maxConcurrency come together, and one key has one limit per run."""
+    if step.concurrency_key is None and step.max_concurrency is None:
+        return []
+    if step.concurrency_key is None:
+        return [
+            {
+                "step": step.name,
+                "field": "maxConcurrency",
+                "problem": "needs a concurrencyKey (the key it limits)",
+            }
+        ]
+    if step.max_concurrency is None:
+        return [
+            {
+                "step": step.name,
+                "field": "concurrencyKey",
+                "problem": "needs a maxConcurrency (how many steps of the key may run at once)",
+            }
+        ]
+    seen = key_limits.setdefault(step.concurrency_key, (step.max_concurrency, step.name))
+    if seen[0] != step.max_concurrency:
+        return [
+            {
+                "step": step.name,
+                "field": "maxConcurrency",
+                "problem": f"concurrencyKey {step.concurrency_key!r} has maxConcurrency "
+                f"{seen[0]} in step {seen[1]!r}; one key has one limit",
+            }
+        ]
+    return []
+
+
+def parse_ref(ref: str, names: set[str]) -> list[str]:
+    """Split a reference path into segments, the step name kept whole (names may contain
+    dots: the longest name that fits wins). Raises `ValueError` saying what is wrong."""
+    if ref == "index":
+        return ["index"]
+    if ref == "item":
+        return ["item"]
+    if ref.startswith("item."):
+        return ["item", *_segments(ref[len("item.") :], ref)]
+    if not ref.startswith("steps."):
+        raise ValueError(f"$ref {ref!r} must start with steps.<name>.output, item or index")
+    rest = ref[len("steps.") :]
+    for name in sorted(names, key=len, reverse=True):
+        if not rest.startswith(name + "."):
+            continue
+        tail = _segments(rest[len(name) + 1 :], ref)
+        if tail[0] not in REF_FIELDS:
+            continue
+        if tail[0] != "output" and len(tail) > 1:
+            raise ValueError(f"$ref {ref!r}: steps.{name}.{tail[0]} has no fields")
+        return ["steps", name, *tail]
+    raise ValueError(
+        f"$ref {ref!r} names no step of this run (the form is steps.<name>.output[.path], "
+        "or .status or .error)"
+    )
+
+
+def _segments(text: str, ref: str) -> list[str]:
+    parts = text.split(".")
+    if any(part == "" for part in parts):
+        raise ValueError(f"$ref {ref!r} has an empty path segment")
+    return parts
+
+
+def _find_refs(value: Any, at: list[str], found: list[tuple[list[str], Any]]) -> None:
+    """Every ``{"$ref": ...}`` object inside `value`, with the path of keys/indices to it."""
+    if isinstance(value, dict):
+        if "$ref" in value:
+            found.append((at, value))
+            return
+        for key, item in value.items():
+            _find_refs(item, [*at, str(key)], found)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _find_refs(item, [*at, str(index)], found)
+
+
+def _ref_problem(step: StepSpec, field: str, problem: str) -> Problem:
+    return {"step": step.name, "field": field, "problem": problem}
+
+
+def _collect_step_refs(step: StepSpec, names: set[str]) -> list[Problem]:
+    """Parse the step's references into `step.refs` / `step.map_path`; return the problems."""
+    problems: list[Problem] = []
+    found: list[tuple[list[str], Any]] = []
+    _find_refs(step.input, [], found)
+    refs: list[dict[str, Any]] = []
+    for at, obj in found:
+        field = ".".join(["input", *at])
+        ref = obj.get("$ref")
+        if len(obj) != 1:
+            problems.append(_ref_problem(step, field, 'a {"$ref": ...} object has no other keys'))
+            continue
+        if not isinstance(ref, str):
+            problems.append(_ref_problem(step, field, "$ref must be a string"))
+            continue
+        try:
+            path = parse_ref(ref, names)
+        except ValueError as exc:
+            problems.append(_ref_problem(step, field, str(exc)))
+            continue
+        if path[0] in ("item", "index") and step.map is None:
+            problems.append(
+                _ref_problem(step, field, f"$ref {ref!r}: item and index exist only in a map step")
+            )
+            continue
+        refs.append({"at": at, "path": path, "ref": ref, "field": field})
+    step._refs = refs
+    if step.map is not None:
+        ref = step.map.get("$ref")
+        if len(step.map) != 1 or not isinstance(ref, str):
+            problems.append(
+                _ref_problem(step, "map", 'must be {"$ref": "steps.<name>.output[.path]"}')
+            )
+        else:
+            try:
+                path = parse_ref(ref, names)
+            except ValueError as exc:
+                problems.append(_ref_problem(step, "map", str(exc)))
+            else:
+                if path[0] != "steps":
+                    problems.append(
+                        _ref_problem(step, "map", f"$ref {ref!r} must name a step's output")
+                    )
+                else:
+                    step._map_path = path
+    return problems
+
+
+def _ancestor_problems(steps: list[StepSpec]) -> list[Problem]:
+    """A reference may name only an ancestor: a step reachable through ``dependsOn``, which
+    is sure to have ended before this step starts."""
+    by_name = {s.name: s for s in steps}
+    memo: dict[str, frozenset[str]] = {}
+
+    def ancestors(name: str) -> frozenset[str]:
+        # Iterative post-order: a 10,000-step chain must not hit the recursion limit.
+        stack = [name]
+        while stack:
+            current = stack[-1]
+            if current in memo:
+                stack.pop()
+                continue
+            missing = [d for d in by_name[current].depends_on if d not in memo]
+            if missing:
+                stack.extend(missing)
+                continue
+            acc: set[str] = set()
+            for dep in by_name[current].depends_on:
+                acc.add(dep)
+                acc |= memo[dep]
+            memo[current] = frozenset(acc)
+            stack.pop()
+        return memo[name]
+
+    problems: list[Problem] = []
+    for step in steps:
+        named = [(r["field"], r["ref"], r["path"]) for r in step.refs if r["path"][0] == "steps"]
+        if step.map is not None and step.map_path is not None:
+            named.append(("map", step.map["$ref"], step.map_path))
+        if not named:
+            continue
+        mine = ancestors(step.name)
+        for field, ref, path in named:
+            if path[1] not in mine:
+                problems.append(
+                    _ref_problem(
+                        step,
+                        field,
+                        f"$ref {ref!r}: step {path[1]!r} is not an ancestor of {step.name!r} "
+                        "(add it, or a step that depends on it, to dependsOn)",
+                    )
+                )
+    return problems

@@ -42,6 +42,8 @@ def run_json(row: DictRow) -> dict[str, Any]:
         "stepsTotal": row["steps_total"],
         "stepsUnfinished": row["steps_unfinished"],
         "stepsDeadLetter": row["steps_dead"],
+        "priority": row["priority"],
+        "startAt": _iso(row["start_at"]),
         "createdAt": _iso(row["created_at"]),
         "startedAt": _iso(row["started_at"]),
         "finishedAt": _iso(row["finished_at"]),
@@ -88,7 +90,7 @@ class LiveRead:
     probe_xid: int | None
 
 
-async def _read_run_json(conn: Conn, run_id: str, *, with_steps: bool) -> str:
+async def _read_run_json(conn: Conn, run_id: str, *, with_steps: bool, lease_ttl_s: float) -> str:
     """The run as JSON text: the head shaped here, the steps' JSON built by Postgres
     (``select_run_steps_json``) and spliced in, never decoded. Raises `NotFound`."""
     cur = await conn.execute(queries["select_run"], {"run_id": run_id})
@@ -101,15 +103,21 @@ async def _read_run_json(conn: Conn, run_id: str, *, with_steps: bool) -> str:
     head = json.dumps(run, separators=(",", ":"))
     if not with_steps:
         return head
-    cur = await conn.execute(queries["select_run_steps_json"], {"run_id": run_id})
+    cur = await conn.execute(
+        queries["select_run_steps_json"], {"run_id": run_id, "lease_ttl_s": lease_ttl_s}
+    )
     steps = await cur.fetchone()
     assert steps is not None and head.endswith("}")
     return f'{head[:-1]},"steps":{steps["steps"]}}}'
 
 
-async def _read_run(conn: Conn, run_id: str, *, with_steps: bool) -> dict[str, Any]:
+async def _read_run(
+    conn: Conn, run_id: str, *, with_steps: bool, lease_ttl_s: float
+) -> dict[str, Any]:
     """`_read_run_json`, decoded."""
-    run: dict[str, Any] = json.loads(await _read_run_json(conn, run_id, with_steps=with_steps))
+    run: dict[str, Any] = json.loads(
+        await _read_run_json(conn, run_id, with_steps=with_steps, lease_ttl_s=lease_ttl_s)
+    )
     return run
 
 
@@ -272,15 +280,59 @@ class Store:
 
         return await retrying(op, what=f"cancelling run {run_id}", deadline_s=10)
 
-    async def retry_step(self, run_id: str, step_name: str) -> None:
+    async def retry_step(
+        self, run_id: str, step_name: str, *, reason: str = "manual retry"
+    ) -> None:
         """Manually retry a dead-lettered step (see `transitions.retry_dead_letter`);
         retried after a deadlock like `cancel_run`."""
 
         async def op() -> None:
             async with self.pool.connection() as conn:
-                await transitions.retry_dead_letter(conn, run_id, step_name)
+                await transitions.retry_dead_letter(conn, run_id, step_name, reason=reason)
 
         await retrying(op, what=f"retrying step {step_name} of run {run_id}", deadline_s=10)
+
+    async def replay(self, run_id: str, step_name: str, *, reason: str) -> int:
+        """Replay the run from `step_name` (see `transitions.replay_from`); returns how many
+        steps were reset. Retried after a deadlock like `cancel_run`."""
+
+        async def op() -> int:
+            async with self.pool.connection() as conn:
+                return await transitions.replay_from(conn, run_id, step_name, reason=reason)
+
+        return await retrying(op, what=f"replaying run {run_id} from {step_name}", deadline_s=10)
+
+    async def dead_letters(
+        self,
+        *,
+        tool: str | None,
+        run_status: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+    ) -> list[tuple[str, str]]:
+        """Dead letters matching a bulk-retry filter, oldest first: ``[(run_id, name)]``."""
+        async with self.pool.connection() as conn:
+            return await transitions.select_dead_letters(
+                conn, tool=tool, run_status=run_status, since=since, until=until, limit=limit
+            )
+
+    async def expand_map(
+        self, step: ClaimedStep, *, worker_id: str, max_width: int
+    ) -> transitions.MapExpansion:
+        """Expand a claimed map step (see `transitions.expand_map`); retried through
+        connection loss until the lease would have expired (a repeat after an ambiguous
+        commit finds the step no longer running and raises `LeaseLost`)."""
+
+        async def op() -> transitions.MapExpansion:
+            async with self.pool.connection() as conn:
+                return await transitions.expand_map(
+                    conn, step.id, step.lease_token, worker_id=worker_id, max_width=max_width
+                )
+
+        return await retrying(
+            op, what=f"expanding map step {step.name}", deadline_s=self.lease_ttl_s
+        )
 
     # --- workers registry ---------------------------------------------------------------
 
@@ -322,7 +374,9 @@ class Store:
         the steps' JSON is built by Postgres (``select_run_steps_json``) and spliced in,
         never decoded. Raises `NotFound`."""
         async with self.pool.connection() as conn:
-            return await _read_run_json(conn, run_id, with_steps=with_steps)
+            return await _read_run_json(
+                conn, run_id, with_steps=with_steps, lease_ttl_s=self.lease_ttl_s
+            )
 
     async def run_snapshot(self, run_id: str) -> RunSnapshot:
         """The run exactly as ``GET /runs/{run_id}`` shows it, with the ids of the events that
@@ -330,7 +384,7 @@ class Store:
         two agree). Raises `NotFound`."""
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(queries["live_begin_snapshot"])
-            run = await _read_run(conn, run_id, with_steps=True)
+            run = await _read_run(conn, run_id, with_steps=True, lease_ttl_s=self.lease_ttl_s)
             cur = await conn.execute(queries["live_run_event_ids"], {"run_id": run_id})
             ids = [r["id"] for r in await cur.fetchall()]
         return RunSnapshot(run=run, event_ids=frozenset(ids), max_event_id=max(ids, default=0))

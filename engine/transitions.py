@@ -40,6 +40,13 @@ raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
 | reap_expired_leases       | running   | ready / dead_letter | reaper          |
 | cancel_run                | unfinished| cancelled           | API             |
 | retry_dead_letter         | dead_letter | ready (+unskip)   | API             |
+| expand_map                | running   | pending (children ready) | worker   |
+| replay_from               | any but running | ready / pending / skipped | API   |
+
+A step's trigger rule (``runIf``, `engine.rules`) decides what happens to it when its
+dependencies end: ``complete_steps`` and ``fail_dependents`` count them down in SQL, and a
+step one of them skips makes its own dependents count down in turn (`_settle_dependents`),
+in the same transaction, so that a run can never be left waiting for a step nobody will end.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from psycopg.rows import DictRow
 
 from engine.dag import RunSpec
 from engine.errors import IllegalTransition, LeaseLost, NotFound
+from engine.rules import GraphStep, ResetStep, plan_reset
 from engine.sql import queries
 
 logger = logging.getLogger(__name__)
@@ -80,6 +88,9 @@ class ClaimedStep:
     idempotent: bool
     lease_token: int
     lease_expires_at: datetime
+    input_error: str | None = None
+    map_expand: bool = False
+    map_join: bool = False
 
     @property
     def idempotency_key(self) -> str:
@@ -111,6 +122,8 @@ async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
                 "goal": spec.goal,
                 "idempotency_key": spec.idempotency_key,
                 "steps_total": len(spec.steps),
+                "priority": spec.priority,
+                "start_at": spec.start_at,
             },
         )
         row = await cur.fetchone()
@@ -123,7 +136,15 @@ async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
                 raise IllegalTransition("idempotency key conflict; submit again")
             return str(existing["id"]), False
         run_id = str(row["id"])
-        await conn.execute(queries["insert_steps"], {"run_id": run_id, "steps": spec.steps_json()})
+        await conn.execute(
+            queries["insert_steps"],
+            {
+                "run_id": run_id,
+                "steps": spec.steps_json(),
+                "priority": spec.priority,
+                "start_at": spec.start_at,
+            },
+        )
     return run_id, True
 
 
@@ -147,7 +168,10 @@ async def claim_steps(
             run_id=str(r["run_id"]),
             name=r["name"],
             tool=r["tool"],
-            input=r["input"],
+            input=r["input"] if r["resolved_input"] is None else r["resolved_input"].get("input"),
+            input_error=None if r["resolved_input"] is None else r["resolved_input"].get("error"),
+            map_expand=r["map_expand"],
+            map_join=r["map_join"],
             attempt=r["attempt"],
             max_attempts=r["max_attempts"],
             timeout_ms=r["timeout_ms"],
@@ -185,26 +209,31 @@ async def heartbeat_leases(
 async def complete_steps(
     conn: Conn, results: list[tuple[int, int, str]], *, worker_id: str
 ) -> set[int]:
-    """Record successes ``[(step_id, token, output_json_text), ...]`` in one statement.
+    """Record successes ``[(step_id, token, output_json_text), ...]`` in one transaction.
 
     Each becomes ``succeeded`` only if its token is current and its lease live; dependents
-    whose last dependency this was become ``ready`` and the run finishes when nothing is
-    left, all in the same statement. Returns the ids recorded.
+    whose last dependency this was are decided by their trigger rule (ready, or skipped with
+    their own dependents settled) and the run finishes when nothing is left. Returns the ids
+    recorded. (The output of a map step's join is built by the statement; its text here is
+    ignored.)
     """
     if not results:
         return set()
-    _require_autocommit(conn)  # one statement, one round trip: see claim_steps
-    cur = await conn.execute(
-        queries["complete_steps"],
-        {
-            "ids": [r[0] for r in results],
-            "tokens": [r[1] for r in results],
-            "outputs": [r[2] for r in results],
-            "worker_id": worker_id,
-        },
-    )
-    rows = await cur.fetchall()
-    return {r["id"] for r in rows}
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["complete_steps"],
+            {
+                "ids": [r[0] for r in results],
+                "tokens": [r[1] for r in results],
+                "outputs": [r[2] for r in results],
+                "worker_id": worker_id,
+            },
+        )
+        rows = await cur.fetchall()
+        skipped = [(r["id"], str(r["run_id"])) for r in rows if r["skipped"]]
+        if skipped:
+            await _settle_dependents(conn, skipped, are_dead=False, already_counted=True)
+    return {r["id"] for r in rows if not r["skipped"]}
 
 
 async def complete_step(
@@ -358,10 +387,11 @@ async def cancel_run(conn: Conn, run_id: str, *, reason: str) -> int:
     return int(counted["n"]) if counted else 0
 
 
-async def retry_dead_letter(conn: Conn, run_id: str, step_name: str) -> None:
-    """Put a ``dead_letter`` step back to ``ready`` with its attempts reset; its skipped
-    dependents (that no other dead letter still blocks) return to ``pending``, and a failed
-    run is running again.
+async def retry_dead_letter(conn: Conn, run_id: str, step_name: str, *, reason: str) -> None:
+    """Put a ``dead_letter`` step back to ``ready`` with its attempts reset; its dependents
+    that are waiting or were skipped are decided again by their trigger rules (a skipped one
+    that no other dead letter blocks returns to ``pending``), and a failed run is running
+    again. Audited as ``step_retried`` / ``step_unskipped`` / ``run_resumed`` with `reason`.
 
     Raises `NotFound` for an unknown run or step, `IllegalTransition` when the step is not
     in ``dead_letter`` or the run was cancelled.
@@ -370,39 +400,208 @@ async def retry_dead_letter(conn: Conn, run_id: str, step_name: str) -> None:
         run = await _lock_run(conn, run_id)
         if run["status"] == "cancelled":
             raise IllegalTransition(f"run {run_id} is cancelled; its steps cannot be retried")
+        steps, edges = await _run_graph(conn, run_id)
+        seed = next((st for st in steps.values() if st.name == step_name), None)
+        if seed is None:
+            raise NotFound(f"run {run_id} has no step {step_name!r}")
+        if seed.status != "dead_letter":
+            raise IllegalTransition(
+                f"step {step_name!r} is {seed.status}, not dead_letter; "
+                "only dead-lettered steps can be retried"
+            )
+        plan, dropped = plan_reset(
+            steps.values(),
+            edges,
+            [seed.id],
+            follow=frozenset({"pending", "skipped"}),
+            force_ready=True,
+            delayed=bool(run["delayed"]),
+        )
+        assert not dropped  # a retry follows only waiting and skipped steps
+        events = ["step_retried" if r.id == seed.id else "step_unskipped" for r in plan]
+        await _write_reset(conn, plan, events, reason=reason, from_step=step_name)
+        await conn.execute(
+            queries["recount_run"],
+            {"run_id": run_id, "event": "run_resumed", "reason": reason, "from_step": step_name},
+        )
+
+
+async def replay_from(conn: Conn, run_id: str, step_name: str, *, reason: str) -> int:
+    """Replay a run from `step_name`: that step and everything downstream of it are reset
+    (attempts, outputs and errors cleared) and decided again by their trigger rules, while
+    the steps upstream keep their outputs, which the replayed steps' references read again.
+    A map step in the reset expands again (its old children are deleted), unless the replay
+    starts at one of its children. Audited as ``step_replayed`` and ``run_replayed`` with
+    `reason`. Returns how many steps were reset.
+
+    Raises `NotFound` for an unknown run or step; `IllegalTransition` when the run was
+    cancelled or a step to reset is running (it would be pulled from under its worker:
+    wait for it, or cancel the run).
+    """
+    async with conn.transaction():
+        run = await _lock_run(conn, run_id)
+        if run["status"] == "cancelled":
+            raise IllegalTransition(f"run {run_id} is cancelled; it cannot be replayed")
+        steps, edges = await _run_graph(conn, run_id)
+        seed = next((st for st in steps.values() if st.name == step_name), None)
+        if seed is None:
+            raise NotFound(f"run {run_id} has no step {step_name!r}")
+        plan, dropped = plan_reset(
+            steps.values(),
+            edges,
+            [seed.id],
+            follow=None,
+            force_ready=False,
+            delayed=bool(run["delayed"]),
+        )
+        busy = [steps[r.id] for r in plan if steps[r.id].status == "running"]
+        busy += [steps[i] for i in dropped if steps[i].status == "running"]
+        if busy:
+            names = ", ".join(repr(b.name) for b in busy[:5])
+            raise IllegalTransition(
+                f"cannot replay from {step_name!r}: {len(busy)} step(s) to reset are running "
+                f"({names}); wait for them to finish, or cancel the run"
+            )
+        if dropped:
+            await conn.execute(
+                queries["delete_map_children"],
+                {"ids": [r.id for r in plan if r.unexpand], "run_id": run_id},
+            )
+        await _write_reset(
+            conn, plan, ["step_replayed"] * len(plan), reason=reason, from_step=step_name
+        )
+        await conn.execute(
+            queries["recount_run"],
+            {"run_id": run_id, "event": "run_replayed", "reason": reason, "from_step": step_name},
+        )
+    return len(plan)
+
+
+async def _run_graph(conn: Conn, run_id: str) -> tuple[dict[int, GraphStep], list[tuple[int, int]]]:
+    cur = await conn.execute(queries["select_run_graph"], {"run_id": run_id})
+    steps = {
+        r["id"]: GraphStep(
+            id=r["id"],
+            name=r["name"],
+            status=r["status"],
+            run_if=r["run_if"],
+            is_map=r["is_map"],
+            map_width=r["map_width"],
+            map_parent_id=r["map_parent_id"],
+        )
+        for r in await cur.fetchall()
+    }
+    cur = await conn.execute(queries["select_run_edges"], {"run_id": run_id})
+    edges = [(r["parent_id"], r["child_id"]) for r in await cur.fetchall()]
+    return steps, edges
+
+
+async def _write_reset(
+    conn: Conn,
+    plan: list[ResetStep],
+    events: list[str],
+    *,
+    reason: str,
+    from_step: str,
+) -> None:
+    await conn.execute(
+        queries["reset_steps"],
+        {
+            "ids": [r.id for r in plan],
+            "statuses": [r.status for r in plan],
+            "remaining": [r.remaining for r in plan],
+            "failed": [r.failed for r in plan],
+            "events": events,
+            "unexpand": [r.unexpand for r in plan],
+            "reason": reason,
+            "from_step": from_step,
+        },
+    )
+
+
+async def select_dead_letters(
+    conn: Conn,
+    *,
+    tool: str | None,
+    run_status: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+) -> list[tuple[str, str]]:
+    """Dead letters matching a bulk-retry filter, oldest first: ``[(run_id, step_name)]``."""
+    cur = await conn.execute(
+        queries["select_dead_letters"],
+        {"tool": tool, "run_status": run_status, "since": since, "until": until, "limit": limit},
+    )
+    return [(str(r["run_id"]), r["name"]) for r in await cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class MapExpansion:
+    """What `expand_map` did: `width` children created, or the `problem` that stopped it
+    (nothing written; the attempt must fail, not retryable)."""
+
+    width: int | None
+    problem: str | None
+
+
+async def expand_map(
+    conn: Conn, step_id: int, token: int, *, worker_id: str, max_width: int
+) -> MapExpansion:
+    """Expand a claimed map step into one ready child per element of its source (at most
+    `max_width`); the step then waits for them. Raises `LeaseLost` when the token is not
+    current."""
+    async with conn.transaction():
         cur = await conn.execute(
-            queries["retry_dead_letter_step"], {"run_id": run_id, "step_name": step_name}
+            queries["expand_map"],
+            {"id": step_id, "token": token, "worker_id": worker_id, "max_width": max_width},
         )
         row = await cur.fetchone()
         if row is None:
-            cur = await conn.execute(
-                queries["select_step_status"], {"run_id": run_id, "step_name": step_name}
-            )
-            found = await cur.fetchone()
-            if found is None:
-                raise NotFound(f"run {run_id} has no step {step_name!r}")
-            raise IllegalTransition(
-                f"step {step_name!r} is {found['status']}, not dead_letter; "
-                "only dead-lettered steps can be retried"
-            )
-        cur = await conn.execute(queries["unskip_descendants"], {"id": row["id"], "run_id": run_id})
-        unskipped = await cur.fetchone()
-        reopened = 1 + (int(unskipped["n"]) if unskipped else 0)
-        await conn.execute(queries["reopen_run"], {"run_id": run_id, "reopened": reopened})
+            state = await _lease_state(conn, step_id)
+            raise LeaseLost(_lease_lost_message(step_id, token, state))
+    return MapExpansion(width=row["width"], problem=row["problem"])
 
 
 async def _after_dead_letters(conn: Conn, dead: list[tuple[int, str]]) -> None:
-    """Inside the dead-lettering transaction: skip the dependents and settle each run."""
-    cur = await conn.execute(queries["skip_descendants"], {"ids": [i for i, _ in dead]})
-    skipped = {str(r["run_id"]): int(r["n"]) for r in await cur.fetchall()}
-    per_run: dict[str, int] = {}
-    for _, run_id in dead:
-        per_run[run_id] = per_run.get(run_id, 0) + 1
-    for run_id in sorted(per_run):
-        n_dead = per_run[run_id]
+    """Inside the dead-lettering transaction: settle the dependents and each run."""
+    await _settle_dependents(conn, dead, are_dead=True, already_counted=False)
+
+
+async def _settle_dependents(
+    conn: Conn, ended: list[tuple[int, str]], *, are_dead: bool, already_counted: bool
+) -> None:
+    """Inside the transaction that ended `ended` (``[(step_id, run_id)]``) without success:
+    count their dependents down by their trigger rules, level by level while that skips
+    more (`fail_dependents`), then settle each run with every step that ended here.
+
+    `are_dead`: `ended` are dead letters (counted on the run as such), else skipped steps.
+    `already_counted`: the statement that ended `ended` counted them on the run already
+    (complete_steps' skips); only the steps skipped here are then counted.
+    """
+    finished: dict[str, int] = {}
+    dead_per_run: dict[str, int] = {}
+    for _, run_id in ended:
+        if not already_counted:
+            finished[run_id] = finished.get(run_id, 0) + 1
+        if are_dead:
+            dead_per_run[run_id] = dead_per_run.get(run_id, 0) + 1
+    level = [step_id for step_id, _ in ended]
+    while level:
+        cur = await conn.execute(queries["fail_dependents"], {"ids": level})
+        level = []
+        for row in await cur.fetchall():
+            if row["status"] == "skipped":
+                run_id = str(row["run_id"])
+                finished[run_id] = finished.get(run_id, 0) + 1
+                level.append(row["id"])
+    for run_id in sorted(set(finished) | set(dead_per_run)):
+        n_finished = finished.get(run_id, 0)
+        n_dead = dead_per_run.get(run_id, 0)
+        if n_finished == 0 and n_dead == 0:
+            continue
         await conn.execute(
-            queries["settle_run"],
-            {"run_id": run_id, "finished": n_dead + skipped.get(run_id, 0), "dead": n_dead},
+            queries["settle_run"], {"run_id": run_id, "finished": n_finished, "dead": n_dead}
         )
 
 

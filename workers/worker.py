@@ -320,8 +320,15 @@ class Worker:
                 asyncio.get_running_loop().call_later(
                     self._crash_rng.random() * 0.05, _crash, crash_at, step
                 )
+            if step.input_error is not None:  # a reference that did not resolve
+                await self._fail(attempt, step.input_error, retryable=False)
+                return
+            if step.map_expand:
+                await self._expand_map(attempt)
+                return
             try:
-                output = await self._execute(step)
+                # A map step's join has no tool to run: complete_steps builds its output.
+                output = None if step.map_join else await self._execute(step)
             except ToolError as exc:
                 await self._fail(attempt, str(exc), retryable=exc.retryable)
                 return
@@ -349,6 +356,28 @@ class Worker:
             logger.exception("run %s step %s attempt %d on %s: cannot record outcome", *log_ctx)
         finally:
             self._attempt_done(attempt)
+
+    async def _expand_map(self, attempt: _Attempt) -> None:
+        """A map step's first claim: one child per element of its source; the step then
+        waits for them. A source that is not an array, or too wide, fails the step for good."""
+        step = attempt.step
+        try:
+            expansion = await self.store.expand_map(
+                step, worker_id=self.worker_id, max_width=self.settings.max_map_width
+            )
+        except LeaseLost as exc:
+            self.stats.leases_lost += 1
+            logger.warning("map step %s of run %s not expanded: %s", step.name, step.run_id, exc)
+            return
+        if expansion.problem is not None:
+            await self._fail(attempt, expansion.problem, retryable=False)
+            return
+        logger.info(
+            "run %s map step %s expanded into %d children",
+            step.run_id,
+            step.name,
+            expansion.width,
+        )
 
     def _draw_crash_point(self) -> str | None:
         plan = self._crash_plan

@@ -6,8 +6,9 @@
 
 -- name: insert_run
 -- A new run, or nothing when its idempotency key is already taken (then: select_run_by_key).
-INSERT INTO runs (goal, idempotency_key, steps_total, steps_unfinished)
-VALUES (%(goal)s, %(idempotency_key)s, %(steps_total)s, %(steps_total)s)
+INSERT INTO runs (goal, idempotency_key, steps_total, steps_unfinished, priority, start_at)
+VALUES (%(goal)s, %(idempotency_key)s, %(steps_total)s, %(steps_total)s, %(priority)s,
+        %(start_at)s)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id
 
@@ -16,21 +17,38 @@ SELECT id FROM runs WHERE idempotency_key = %(idempotency_key)s
 
 -- name: insert_steps
 -- All steps of a run and their edges in one statement. %(steps)s is a JSON array of
--- {"name", "tool", "input", "dependsOn": [...], "maxAttempts", "timeoutMs", "idempotent"}.
+-- engine.dag.StepSpec.to_row() objects. Roots are ready at once, or wait as pending (no
+-- dependencies left) until %(start_at)s when the run has a start time in the future: the
+-- claim statement promotes them then. Each concurrency key's limit is upserted (one key has
+-- one limit per run: engine.dag checks it; across runs the latest submitted wins).
 WITH spec AS (
     SELECT s.name, s.tool, s.input, coalesce(s."dependsOn", '{}') AS depends_on,
-           s."maxAttempts" AS max_attempts, s."timeoutMs" AS timeout_ms, s.idempotent
+           s."maxAttempts" AS max_attempts, s."timeoutMs" AS timeout_ms, s.idempotent,
+           s."runIf" AS run_if, s.refs, s."refSteps" AS ref_steps, s.map,
+           s."mapPath" AS map_path, s."concurrencyKey" AS concurrency_key,
+           s."maxConcurrency" AS max_concurrency
     FROM jsonb_to_recordset(%(steps)s::jsonb) AS s(
         name text, tool text, input jsonb, "dependsOn" text[], "maxAttempts" integer,
-        "timeoutMs" integer, idempotent boolean)
+        "timeoutMs" integer, idempotent boolean, "runIf" text, refs jsonb, "refSteps" text[],
+        map text, "mapPath" jsonb, "concurrencyKey" text, "maxConcurrency" integer)
+), timing AS (
+    SELECT coalesce(%(start_at)s::timestamptz > now(), false) AS delayed,
+           greatest(coalesce(%(start_at)s::timestamptz, now()), now()) AS available_at
 ), inserted AS (
     INSERT INTO steps (run_id, name, tool, input, depends_on, deps_remaining, status,
-                       max_attempts, timeout_ms, idempotent)
+                       max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map,
+                       map_path, concurrency_key, max_concurrency, priority, available_at)
     SELECT %(run_id)s, name, tool, input, depends_on, cardinality(depends_on),
-           CASE WHEN cardinality(depends_on) = 0 THEN 'ready' ELSE 'pending' END,
-           max_attempts, timeout_ms, idempotent
-    FROM spec
-    RETURNING id, name, depends_on
+           CASE WHEN cardinality(depends_on) = 0 AND NOT t.delayed THEN 'ready'
+                ELSE 'pending' END,
+           max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map, map_path,
+           concurrency_key, max_concurrency, %(priority)s, t.available_at
+    FROM spec CROSS JOIN timing t
+    RETURNING id, name, depends_on, status
+), slots AS (
+    INSERT INTO concurrency_slots (key, max_running)
+    SELECT DISTINCT concurrency_key, max_concurrency FROM spec WHERE concurrency_key IS NOT NULL
+    ON CONFLICT (key) DO UPDATE SET max_running = EXCLUDED.max_running
 ), edges AS (
     INSERT INTO step_edges (parent_id, child_id)
     SELECT p.id, c.id
@@ -43,18 +61,65 @@ INSERT INTO audit_log (run_id, event, to_status, detail)
 SELECT %(run_id)s, 'run_created', 'pending',
        jsonb_build_object('steps', (SELECT count(*) FROM inserted),
                           'edges', (SELECT count(*) FROM edges),
-                          'ready', (SELECT count(*) FROM inserted WHERE depends_on = '{}'))
+                          'ready', (SELECT count(*) FROM inserted WHERE status = 'ready'),
+                          'priority', %(priority)s::integer,
+                          'startAt', %(start_at)s::timestamptz)
 
 -- name: claim_steps
--- ready -> running for up to %(limit)s steps whose backoff has passed. The MATERIALIZED CTE
--- keeps LIMIT + SKIP LOCKED from locking more rows than it returns (PostgreSQL bug #15715).
-WITH picked AS MATERIALIZED (
-    SELECT id
+-- ready -> running for up to %(limit)s steps whose backoff has passed, highest priority
+-- first, then oldest (FIFO within a priority). In the same statement:
+-- - delayed roots whose start time has come are promoted (pending -> ready) for the next
+--   claim (any claimer does it; SKIP LOCKED keeps them from waiting on each other);
+-- - steps with a concurrency key take a slot of concurrency_slots: the UPDATE of a slot row
+--   is re-checked on its newest version (READ COMMITTED's EvalPlanQual), so claimers racing
+--   for the last slot cannot both get it. Slot rows are locked in key order (no deadlock
+--   between claimers); keys already full are not picked at all;
+-- - references in the input are resolved against the outputs of the steps they name (and a
+--   map child's element) and stored with the attempt (resolved_input, and the audit row).
+-- The MATERIALIZED CTE keeps LIMIT + SKIP LOCKED from locking more rows than it returns
+-- (PostgreSQL bug #15715).
+WITH due AS (
+    SELECT id FROM steps
+    WHERE status = 'pending' AND deps_remaining = 0 AND available_at <= now()
+    ORDER BY available_at
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+), promoted_due AS (
+    UPDATE steps s SET status = 'ready', updated_at = now()
+    FROM due WHERE s.id = due.id
+    RETURNING s.id, s.run_id, s.name
+), picked AS MATERIALIZED (
+    SELECT id, concurrency_key, priority, available_at
     FROM steps
     WHERE status = 'ready' AND available_at <= now()
-    ORDER BY available_at, id
+      AND (concurrency_key IS NULL
+           OR concurrency_key NOT IN (SELECT key FROM concurrency_slots
+                                      WHERE running >= max_running))
+    ORDER BY priority DESC, available_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), wants AS (
+    SELECT concurrency_key AS key, count(*)::integer AS n
+    FROM picked WHERE concurrency_key IS NOT NULL GROUP BY concurrency_key
+), locked_slots AS (
+    SELECT cs.key FROM concurrency_slots cs JOIN wants w ON w.key = cs.key
+    ORDER BY cs.key
+    FOR UPDATE OF cs
+), grants AS (
+    UPDATE concurrency_slots cs
+    SET granted = least(w.n, greatest(cs.max_running - cs.running, 0)),
+        running = cs.running + least(w.n, greatest(cs.max_running - cs.running, 0))
+    FROM wants w JOIN locked_slots l ON l.key = w.key
+    WHERE cs.key = w.key
+    RETURNING cs.key, cs.granted
+), chosen AS (
+    SELECT p.id
+    FROM (SELECT id, concurrency_key,
+                 row_number() OVER (PARTITION BY concurrency_key
+                                    ORDER BY priority DESC, available_at, id) AS rn
+          FROM picked) p
+    LEFT JOIN grants g ON g.key = p.concurrency_key
+    WHERE p.concurrency_key IS NULL OR p.rn <= g.granted
 ), claimed AS (
     UPDATE steps s
     SET status = 'running',
@@ -63,11 +128,23 @@ WITH picked AS MATERIALIZED (
         lease_owner = %(worker_id)s,
         lease_expires_at = now() + make_interval(secs => %(lease_ttl_s)s),
         started_at = now(),
-        updated_at = now()
-    FROM picked
-    WHERE s.id = picked.id
+        updated_at = now(),
+        resolved_input = CASE WHEN s.refs IS NULL OR s.map_path IS NOT NULL THEN NULL
+            ELSE pgdag_resolve_input(s.input, s.refs, jsonb_build_object(
+                'steps', (SELECT coalesce(jsonb_object_agg(p.name,
+                              jsonb_build_object('status', p.status, 'error', p.error)
+                              || CASE WHEN p.status = 'succeeded'
+                                      THEN jsonb_build_object('output', p.output)
+                                      ELSE '{}'::jsonb END), '{}'::jsonb)
+                          FROM steps p
+                          WHERE p.run_id = s.run_id AND p.name = ANY(s.ref_steps)),
+                'item', s.map_item, 'index', s.map_index)) END
+    FROM chosen
+    WHERE s.id = chosen.id
     RETURNING s.id, s.run_id, s.name, s.tool, s.input, s.attempt, s.max_attempts,
-              s.timeout_ms, s.idempotent, s.lease_token, s.lease_expires_at
+              s.timeout_ms, s.idempotent, s.lease_token, s.lease_expires_at, s.resolved_input,
+              s.map_path IS NOT NULL AND s.map_width IS NULL AS map_expand,
+              s.map_width IS NOT NULL AS map_join
 ), started_runs AS (
     UPDATE runs r
     SET status = 'running', started_at = now(), updated_at = now()
@@ -75,12 +152,17 @@ WITH picked AS MATERIALIZED (
     RETURNING r.id
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
-                           attempt, lease_token, worker_id)
-    SELECT id, NULL, NULL, 'run_started', 'pending', 'running', NULL, NULL, %(worker_id)s
+                           attempt, lease_token, worker_id, detail)
+    SELECT id, NULL::bigint, NULL::text, 'run_started', 'pending', 'running', NULL::integer,
+           NULL::bigint, %(worker_id)s, NULL::jsonb
     FROM started_runs
     UNION ALL
+    SELECT run_id, id, name, 'step_ready', 'pending', 'ready', NULL, NULL, NULL,
+           jsonb_build_object('reason', 'startAt')
+    FROM promoted_due
+    UNION ALL
     SELECT run_id, id, name, 'step_claimed', 'ready', 'running', attempt, lease_token,
-           %(worker_id)s
+           %(worker_id)s, resolved_input
     FROM claimed
 )
 SELECT * FROM claimed ORDER BY id
@@ -100,12 +182,21 @@ RETURNING s.id
 
 -- name: complete_steps
 -- running -> succeeded for each (id, token, output) whose lease is current, in one statement:
--- promote dependents whose last dependency this was (pending -> ready), count the run down
--- and finish it when nothing is left, and audit all of it. Children are locked in id order
--- so that two completions sharing children cannot deadlock.
+-- count each dependent down (pending and skipped ones: see below) and decide the ones whose
+-- last dependency this was by their trigger rule (engine.rules.decide: ready, or skipped for
+-- an any_failed step whose dependencies all succeeded), count the run down and finish it when
+-- nothing is left, and audit all of it. A map step's own success is its join: its output is
+-- its children's outputs in order, built here. Children are locked in id order so that two
+-- completions sharing children cannot deadlock. Returns the steps recorded, then the
+-- dependents it skipped (skipped = true), whose own dependents the caller must settle in
+-- the same transaction (fail_dependents).
 WITH done AS (
     UPDATE steps s
-    SET status = 'succeeded', output = d.output, error = NULL, finished_at = now(),
+    SET status = 'succeeded',
+        output = CASE WHEN s.map_width IS NULL THEN d.output
+                      ELSE (SELECT coalesce(jsonb_agg(c.output ORDER BY c.map_index), '[]')
+                            FROM steps c WHERE c.map_parent_id = s.id) END,
+        error = NULL, finished_at = now(),
         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(outputs)s::jsonb[])
          AS d(id, token, output)
@@ -121,9 +212,13 @@ WITH done AS (
     GROUP BY e.child_id
 ), locked_children AS (
     -- skipped children are counted down too: a manual retry of the dead letter that skipped
-    -- them returns them to pending, and their count must then be right
+    -- them recounts them, but a replay or retry may find them again
     -- (the count rides along, so that promoted joins one CTE, not two: no n x n loop)
-    SELECT c.id, cc.n
+    SELECT c.id, cc.n, c.status AS old_status,
+           CASE WHEN c.status <> 'pending' OR c.deps_remaining - cc.n > 0 THEN c.status
+                WHEN c.run_if = 'any_failed' AND c.deps_failed = 0 AND c.map_width IS NULL
+                    THEN 'skipped'
+                ELSE 'ready' END AS new_status
     FROM steps c
     JOIN child_counts cc ON cc.child_id = c.id
     WHERE c.status IN ('pending', 'skipped')
@@ -132,15 +227,23 @@ WITH done AS (
 ), promoted AS (
     UPDATE steps c
     SET deps_remaining = c.deps_remaining - lc.n,
-        status = CASE WHEN c.status = 'pending' AND c.deps_remaining - lc.n = 0 THEN 'ready'
-                      ELSE c.status END,
+        status = lc.new_status,
         available_at = now(),
+        finished_at = CASE WHEN lc.new_status = 'skipped' THEN coalesce(c.finished_at, now())
+                           END,
+        error = CASE WHEN lc.old_status = 'pending' AND lc.new_status = 'skipped'
+                     THEN 'skipped: runIf any_failed, and every dependency succeeded'
+                     ELSE c.error END,
         updated_at = now()
     FROM locked_children lc
     WHERE c.id = lc.id AND c.status IN ('pending', 'skipped')
-    RETURNING c.id, c.run_id, c.name, c.status
+    RETURNING c.id, c.run_id, c.name, c.status, lc.old_status
 ), run_counts AS (
-    SELECT run_id, count(*)::integer AS n FROM done GROUP BY run_id
+    SELECT run_id, count(*)::integer AS n
+    FROM (SELECT run_id FROM done
+          UNION ALL
+          SELECT run_id FROM promoted WHERE old_status = 'pending' AND status = 'skipped') f
+    GROUP BY run_id
 ), settled AS (
     UPDATE runs r
     SET steps_unfinished = r.steps_unfinished - rc.n,
@@ -159,13 +262,15 @@ WITH done AS (
            worker_id
     FROM done
     UNION ALL
-    SELECT run_id, id, name, 'step_ready', 'pending', 'ready', NULL, NULL, NULL
-    FROM promoted WHERE status = 'ready'
+    SELECT run_id, id, name, 'step_' || status, 'pending', status, NULL, NULL, NULL
+    FROM promoted WHERE old_status = 'pending' AND status IN ('ready', 'skipped')
     UNION ALL
     SELECT id, NULL, NULL, 'run_' || status, 'running', status, NULL, NULL, NULL
     FROM settled WHERE status IN ('completed', 'failed')
 )
-SELECT id, lease_token FROM done
+SELECT id, run_id, lease_token, false AS skipped FROM done
+UNION ALL
+SELECT id, run_id, NULL, true FROM promoted WHERE old_status = 'pending' AND status = 'skipped'
 
 -- name: step_lease_state
 -- What became of an attempt whose write matched nothing (lease lost, or an ambiguous commit
@@ -319,24 +424,50 @@ WITH old AS (
 DELETE FROM runs r USING old WHERE r.id = old.id
 RETURNING r.id
 
--- name: skip_descendants
--- Dependents (transitively) of dead-lettered steps can never run: pending -> skipped.
-WITH RECURSIVE down(id) AS (
-    SELECT e.child_id FROM step_edges e WHERE e.parent_id = ANY(%(ids)s::bigint[])
-    UNION
-    SELECT e.child_id FROM step_edges e JOIN down d ON e.parent_id = d.id
+-- name: fail_dependents
+-- Steps %(ids)s ended without succeeding (dead_letter or skipped): count each direct
+-- dependent down and up its failed count, and decide it by its trigger rule
+-- (engine.rules.decide): an all_succeeded step (and a map step waiting for its children) is
+-- skipped at once; an all_done or any_failed one becomes ready when this was its last
+-- dependency, and keeps waiting otherwise. Skipped dependents are counted too (the retry of
+-- a dead letter recounts them). Returns the dependents whose status changed; the caller
+-- repeats this for the ones it skipped, in the same transaction, and settles their runs.
+WITH child_counts AS (
+    SELECT e.child_id, count(*)::integer AS n
+    FROM step_edges e WHERE e.parent_id = ANY(%(ids)s::bigint[])
+    GROUP BY e.child_id
+), locked AS (
+    SELECT c.id, cc.n, c.status AS old_status,
+           CASE WHEN c.status <> 'pending' THEN c.status
+                WHEN c.run_if = 'all_succeeded' OR c.map_width IS NOT NULL THEN 'skipped'
+                WHEN c.deps_remaining - cc.n > 0 THEN 'pending'
+                ELSE 'ready' END AS new_status
+    FROM steps c
+    JOIN child_counts cc ON cc.child_id = c.id
+    WHERE c.status IN ('pending', 'skipped')
+    ORDER BY c.id
+    FOR UPDATE OF c
 ), upd AS (
     UPDATE steps s
-    SET status = 'skipped', finished_at = now(), updated_at = now(),
-        error = 'skipped: an upstream step is in dead_letter'
-    FROM down
-    WHERE s.id = down.id AND s.status = 'pending'
-    RETURNING s.id, s.run_id, s.name
+    SET deps_remaining = s.deps_remaining - l.n,
+        deps_failed = s.deps_failed + l.n,
+        status = l.new_status,
+        available_at = now(),
+        finished_at = CASE WHEN l.new_status = 'skipped' THEN coalesce(s.finished_at, now()) END,
+        error = CASE WHEN l.old_status = 'skipped' THEN s.error
+                     WHEN l.new_status <> 'skipped' THEN NULL
+                     WHEN s.map_width IS NOT NULL THEN 'skipped: a map child did not succeed'
+                     ELSE 'skipped: a dependency did not succeed (runIf all_succeeded)' END,
+        updated_at = now()
+    FROM locked l
+    WHERE s.id = l.id AND s.status IN ('pending', 'skipped')
+    RETURNING s.id, s.run_id, s.name, s.status, l.old_status
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status)
-    SELECT run_id, id, name, 'step_skipped', 'pending', 'skipped' FROM upd
+    SELECT run_id, id, name, 'step_' || status, old_status, status
+    FROM upd WHERE status <> old_status
 )
-SELECT run_id, count(*)::integer AS n FROM upd GROUP BY run_id
+SELECT id, run_id, status FROM upd WHERE status <> old_status
 
 -- name: settle_run
 -- Count finished steps off a run and finish it when none is left: failed if any step is in
@@ -360,7 +491,8 @@ WITH upd AS (
 SELECT id, status FROM upd
 
 -- name: lock_run
-SELECT id, status FROM runs WHERE id = %(run_id)s FOR UPDATE
+SELECT id, status, coalesce(start_at > now(), false) AS delayed
+FROM runs WHERE id = %(run_id)s FOR UPDATE
 
 -- name: cancel_run_steps
 WITH upd AS (
@@ -393,64 +525,188 @@ WITH upd AS (
 )
 SELECT id FROM upd
 
--- name: retry_dead_letter_step
--- dead_letter -> ready with attempts reset (a person's manual retry).
-WITH upd AS (
-    UPDATE steps s
-    SET status = 'ready', attempt = 0, available_at = now(), error = NULL, output = NULL,
-        finished_at = NULL, updated_at = now()
-    WHERE s.run_id = %(run_id)s AND s.name = %(step_name)s AND s.status = 'dead_letter'
-    RETURNING s.id, s.run_id, s.name
-), audit AS (
-    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status, detail)
-    SELECT run_id, id, name, 'step_retried', 'dead_letter', 'ready',
-           jsonb_build_object('reason', 'manual retry')
-    FROM upd
-)
-SELECT id FROM upd
+-- name: select_run_graph
+-- A run's steps, for engine.transitions' reset (manual retry and replay), which evaluates
+-- the trigger rules of the steps it resets in Python (engine.rules) under the run's lock.
+SELECT id, name, status, run_if, map_path IS NOT NULL AS is_map, map_width, map_parent_id,
+       lease_owner, attempt
+FROM steps WHERE run_id = %(run_id)s
 
--- name: unskip_descendants
--- After a manual retry of %(id)s: its skipped descendants return to pending, except those
--- that also descend from another step still in dead_letter.
-WITH RECURSIVE down(id) AS (
-    SELECT child_id FROM step_edges WHERE parent_id = %(id)s
-    UNION
-    SELECT e.child_id FROM step_edges e JOIN down d ON e.parent_id = d.id
-), other_dead(id) AS (
-    SELECT id FROM steps
-    WHERE run_id = %(run_id)s AND status = 'dead_letter' AND id <> %(id)s
-), still_blocked(id) AS (
-    SELECT e.child_id FROM step_edges e JOIN other_dead o ON e.parent_id = o.id
-    UNION
-    SELECT e.child_id FROM step_edges e JOIN still_blocked b ON e.parent_id = b.id
+-- name: select_run_edges
+SELECT e.parent_id, e.child_id
+FROM step_edges e JOIN steps s ON s.id = e.child_id
+WHERE s.run_id = %(run_id)s
+
+-- name: delete_map_children
+-- A map step being replayed drops the children of its last expansion (it expands again when
+-- it next runs), with their edges and audit rows (never running: the caller checks).
+WITH gone AS (
+    DELETE FROM steps s WHERE s.map_parent_id = ANY(%(ids)s::bigint[])
+    RETURNING s.id
+), edges AS (
+    DELETE FROM step_edges e USING gone WHERE e.child_id = gone.id OR e.parent_id = gone.id
+), audit AS (
+    DELETE FROM audit_log a USING gone WHERE a.run_id = %(run_id)s AND a.step_id = gone.id
+)
+SELECT count(*)::integer AS n FROM gone
+
+-- name: reset_steps
+-- Reset steps for a manual retry or a replay: each (id, status, deps_remaining, deps_failed)
+-- was decided by engine.rules under the run's lock; attempts, outputs, errors and leases are
+-- cleared, an unexpanded map step forgets its width. A step still pending with nothing left
+-- to wait for is a delayed root: it waits for the run's start time. Audits the steps whose
+-- status changed with %(events)s and the reason.
+WITH u AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(remaining)s::integer[],
+                         %(failed)s::integer[], %(events)s::text[], %(unexpand)s::boolean[])
+             AS u(id, status, remaining, failed, event, unexpand)
+), old AS (
+    SELECT s.id, s.status FROM steps s JOIN u ON u.id = s.id ORDER BY s.id FOR UPDATE OF s
 ), upd AS (
     UPDATE steps s
-    SET status = 'pending', finished_at = NULL, error = NULL, updated_at = now()
-    FROM down
-    WHERE s.id = down.id AND s.status = 'skipped'
-      AND s.id NOT IN (SELECT id FROM still_blocked)
-    RETURNING s.id, s.run_id, s.name
+    SET status = u.status, deps_remaining = u.remaining, deps_failed = u.failed, attempt = 0,
+        output = NULL, resolved_input = NULL,
+        error = CASE WHEN u.status <> 'skipped' THEN NULL
+                     WHEN old.status = 'skipped' THEN s.error
+                     ELSE 'skipped: a dependency did not succeed' END,
+        map_width = CASE WHEN u.unexpand THEN NULL ELSE s.map_width END,
+        available_at = CASE WHEN u.status = 'pending' AND u.remaining = 0
+                            THEN greatest(coalesce(r.start_at, now()), now()) ELSE now() END,
+        lease_owner = NULL, lease_expires_at = NULL, started_at = NULL,
+        finished_at = CASE WHEN u.status = 'skipped' THEN now() END,
+        updated_at = now()
+    FROM u, old, runs r
+    WHERE s.id = u.id AND old.id = u.id AND r.id = s.run_id
+    RETURNING s.id, s.run_id, s.name, s.status, old.status AS from_status, u.event
 ), audit AS (
-    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status)
-    SELECT run_id, id, name, 'step_unskipped', 'skipped', 'pending' FROM upd
+    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status, detail)
+    SELECT run_id, id, name, event, from_status, status,
+           jsonb_build_object('reason', %(reason)s::text, 'from', %(from_step)s::text)
+    FROM upd WHERE status <> from_status OR event = 'step_replayed'
 )
 SELECT count(*)::integer AS n FROM upd
 
--- name: reopen_run
--- A manual retry brings a run back: failed -> running, with the retried steps counted again.
-WITH upd AS (
+-- name: recount_run
+-- After a reset: the run's counters from its steps, and its status from them (pending if it
+-- never started, running while anything is unfinished). Audited with %(event)s.
+WITH c AS (
+    SELECT count(*)::integer AS total,
+           (count(*) FILTER (WHERE status IN ('pending', 'ready', 'running')))::integer
+               AS unfinished,
+           (count(*) FILTER (WHERE status = 'dead_letter'))::integer AS dead
+    FROM steps WHERE run_id = %(run_id)s
+), upd AS (
     UPDATE runs r
-    SET steps_unfinished = r.steps_unfinished + %(reopened)s,
-        steps_dead = r.steps_dead - 1,
-        status = CASE WHEN r.status = 'failed' THEN 'running' ELSE r.status END,
-        finished_at = NULL, updated_at = now()
+    SET steps_total = c.total, steps_unfinished = c.unfinished, steps_dead = c.dead,
+        status = CASE WHEN c.unfinished = 0 AND c.dead > 0 THEN 'failed'
+                      WHEN c.unfinished = 0 THEN 'completed'
+                      WHEN r.started_at IS NULL THEN 'pending'
+                      ELSE 'running' END,
+        finished_at = CASE WHEN c.unfinished = 0 THEN coalesce(r.finished_at, now()) END,
+        updated_at = now()
+    FROM c
     WHERE r.id = %(run_id)s
     RETURNING r.id, r.status, (SELECT status FROM runs o WHERE o.id = %(run_id)s) AS from_status
 ), audit AS (
-    INSERT INTO audit_log (run_id, event, from_status, to_status)
-    SELECT id, 'run_resumed', from_status, status FROM upd WHERE from_status <> status
+    INSERT INTO audit_log (run_id, event, from_status, to_status, detail)
+    SELECT id, %(event)s, from_status, status,
+           jsonb_build_object('reason', %(reason)s::text, 'from', %(from_step)s::text)
+    FROM upd WHERE from_status <> status OR %(event)s = 'run_replayed'
 )
-SELECT id, status FROM upd
+SELECT id, status, from_status FROM upd
+
+-- name: select_dead_letters
+-- Dead letters for a bulk retry, oldest first: filtered by tool, by their run's status and by
+-- when they were dead-lettered (finished_at); steps_dead_letter_idx. Runs that were
+-- cancelled are left out (their steps cannot be retried).
+SELECT s.run_id, s.name, s.tool, s.finished_at
+FROM steps s JOIN runs r ON r.id = s.run_id
+WHERE s.status = 'dead_letter'
+  AND r.status <> 'cancelled'
+  AND (%(tool)s::text IS NULL OR s.tool = %(tool)s)
+  AND (%(run_status)s::text IS NULL OR r.status = %(run_status)s)
+  AND (%(since)s::timestamptz IS NULL OR s.finished_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR s.finished_at < %(until)s)
+ORDER BY s.finished_at, s.id
+LIMIT %(limit)s
+
+-- name: expand_map
+-- A claimed map step expands: its source ($ref, map_path) is resolved against the outputs
+-- of the steps it names; it must be an array of at most %(max_width)s elements. Each element
+-- becomes a ready child "<name>[<index>]" with the step's tool, input, limits and key; the
+-- step waits for its children as if they were its dependencies (edges child -> step), and
+-- its next claim is its join (complete_steps builds the output). No children: the join is
+-- ready at once. Returns the width, or the problem when the source does not fit (nothing is
+-- written then; the caller fails the attempt, not retryable). Guarded by the lease token.
+WITH target AS (
+    SELECT s.id, s.run_id, s.name, s.map, s.attempt, s.lease_token,
+           pgdag_resolve_input('{"items": null}'::jsonb,
+               jsonb_build_array(jsonb_build_object('at', '["items"]'::jsonb,
+                   'path', s.map_path, 'ref', s.map, 'field', 'map')),
+               jsonb_build_object('steps', (
+                   SELECT coalesce(jsonb_object_agg(p.name,
+                              jsonb_build_object('status', p.status, 'error', p.error)
+                              || CASE WHEN p.status = 'succeeded'
+                                      THEN jsonb_build_object('output', p.output)
+                                      ELSE '{}'::jsonb END), '{}'::jsonb)
+                   FROM steps p
+                   WHERE p.run_id = s.run_id AND p.name = s.map_path ->> 1))) AS src
+    FROM steps s
+    WHERE s.id = %(id)s AND s.lease_token = %(token)s AND s.status = 'running'
+      AND s.lease_expires_at > now() AND s.map_path IS NOT NULL AND s.map_width IS NULL
+    FOR UPDATE
+), checked AS (
+    SELECT t.*, t.src -> 'input' -> 'items' AS items,
+           CASE WHEN t.src ? 'error' THEN t.src ->> 'error'
+                WHEN jsonb_typeof(t.src -> 'input' -> 'items') <> 'array'
+                    THEN format('map: $ref %%s is %%s, not an array', t.map,
+                                jsonb_typeof(t.src -> 'input' -> 'items'))
+                WHEN jsonb_array_length(t.src -> 'input' -> 'items') > %(max_width)s
+                    THEN format('map: $ref %%s has %%s elements, over the fan-out cap of %%s '
+                                '(PGDAG_MAX_MAP_WIDTH)', t.map,
+                                jsonb_array_length(t.src -> 'input' -> 'items'), %(max_width)s)
+           END AS problem
+    FROM target t
+), children AS (
+    INSERT INTO steps (run_id, name, tool, input, depends_on, deps_remaining, status,
+                       max_attempts, timeout_ms, idempotent, refs, ref_steps, priority,
+                       concurrency_key, max_concurrency, map_parent_id, map_index, map_item)
+    SELECT m.run_id, m.name || '[' || (e.ord - 1) || ']', m.tool, m.input, '{}', 0, 'ready',
+           m.max_attempts, m.timeout_ms, m.idempotent, m.refs, m.ref_steps, m.priority,
+           m.concurrency_key, m.max_concurrency, m.id, (e.ord - 1)::integer, e.value
+    FROM checked c
+    JOIN steps m ON m.id = c.id
+    CROSS JOIN LATERAL jsonb_array_elements(c.items) WITH ORDINALITY AS e(value, ord)
+    WHERE c.problem IS NULL
+    RETURNING id, map_parent_id
+), edges AS (
+    INSERT INTO step_edges (parent_id, child_id)
+    SELECT id, map_parent_id FROM children
+), width AS (
+    SELECT c.id, c.run_id, c.name, c.attempt, c.lease_token, c.map, c.problem,
+           CASE WHEN c.problem IS NULL THEN jsonb_array_length(c.items) END AS n
+    FROM checked c
+), expanded AS (
+    UPDATE steps s
+    SET status = CASE WHEN w.n > 0 THEN 'pending' ELSE 'ready' END,
+        deps_remaining = w.n, deps_failed = 0, map_width = w.n, available_at = now(),
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM width w
+    WHERE s.id = w.id AND w.problem IS NULL
+    RETURNING s.id, s.run_id, s.name, s.status, s.attempt, s.lease_token, w.n, w.map
+), counted AS (
+    UPDATE runs r
+    SET steps_total = r.steps_total + e.n, steps_unfinished = r.steps_unfinished + e.n,
+        updated_at = now()
+    FROM expanded e WHERE r.id = e.run_id
+), audit AS (
+    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
+                           attempt, lease_token, worker_id, detail)
+    SELECT run_id, id, name, 'step_map_expanded', 'running', status, attempt, lease_token,
+           %(worker_id)s, jsonb_build_object('width', n, 'map', map)
+    FROM expanded
+)
+SELECT w.id, w.n AS width, w.problem FROM width w
 
 -- name: register_worker
 INSERT INTO workers (id, hostname, pid, concurrency, tools, status, started_at,
@@ -470,26 +726,74 @@ WHERE id = %(id)s
 
 -- name: select_run
 SELECT id, seq, goal, status, idempotency_key, steps_total, steps_unfinished, steps_dead,
-       created_at, started_at, finished_at, updated_at
+       priority, start_at, created_at, started_at, finished_at, updated_at
 FROM runs WHERE id = %(run_id)s
-
--- name: select_step_status
-SELECT status FROM steps WHERE run_id = %(run_id)s AND name = %(step_name)s
 
 -- name: select_run_steps_json
 -- Every step of the run as the API's JSON array, built here: for a 10,000-step run this is
 -- 3 to 5 times faster than decoding the rows and encoding them again in Python (measured).
--- The one definition of a step's JSON shape.
+-- The one definition of a step's JSON shape. Each unfinished step says what it is waiting
+-- for (waitingFor), first reason that holds:
+--   running        -> {"reason": "running", "worker", "leaseExpiresAt"}
+--   pending        -> "dependencies" (the unfinished ones, named), "mapChildren" (a map
+--                     step's children left), or "startAt" (a delayed root, until when)
+--   ready          -> "backoff" (until availableAt), "concurrencyKey" (the key is full),
+--                     "noLiveWorker" (no live worker has the tool), else "queued"
+-- Live worker: not stopped, heartbeat within %(lease_ttl_s)s.
+WITH waiting_deps AS (
+    SELECT e.child_id AS id, json_agg(p.name ORDER BY p.id) AS names
+    FROM steps c
+    JOIN step_edges e ON e.child_id = c.id
+    JOIN steps p ON p.id = e.parent_id
+    WHERE c.run_id = %(run_id)s AND c.status = 'pending' AND c.map_width IS NULL
+      AND p.status IN ('pending', 'ready', 'running')
+    GROUP BY e.child_id
+), live_tools AS (
+    SELECT coalesce(array_agg(DISTINCT t), '{}') AS tools
+    FROM workers w CROSS JOIN LATERAL unnest(w.tools) AS t
+    WHERE w.status <> 'stopped'
+      AND w.last_heartbeat_at > now() - make_interval(secs => %(lease_ttl_s)s)
+)
 SELECT coalesce(json_agg(json_build_object(
-           'name', name, 'tool', tool, 'input', input, 'dependsOn', depends_on,
-           'status', status, 'attempt', attempt, 'maxAttempts', max_attempts,
-           'timeoutMs', timeout_ms, 'idempotent', idempotent,
-           'idempotencyKey', run_id || ':' || name,
-           'availableAt', available_at, 'leaseOwner', lease_owner,
-           'leaseExpiresAt', lease_expires_at, 'output', output, 'error', error,
-           'createdAt', created_at, 'startedAt', started_at, 'finishedAt', finished_at,
-           'updatedAt', updated_at) ORDER BY id), '[]')::text AS steps
-FROM steps WHERE run_id = %(run_id)s
+           'name', s.name, 'tool', s.tool, 'input', s.input, 'dependsOn', s.depends_on,
+           'runIf', s.run_if, 'status', s.status, 'attempt', s.attempt,
+           'maxAttempts', s.max_attempts, 'timeoutMs', s.timeout_ms,
+           'idempotent', s.idempotent, 'idempotencyKey', s.run_id || ':' || s.name,
+           'priority', s.priority, 'concurrencyKey', s.concurrency_key,
+           'maxConcurrency', s.max_concurrency, 'map', s.map, 'mapWidth', s.map_width,
+           'mapIndex', s.map_index,
+           'mapOf', m.name,
+           'resolvedInput', s.resolved_input -> 'input',
+           'availableAt', s.available_at, 'leaseOwner', s.lease_owner,
+           'leaseExpiresAt', s.lease_expires_at, 'output', s.output, 'error', s.error,
+           'waitingFor', CASE
+               WHEN s.status IN ('succeeded', 'dead_letter', 'skipped', 'cancelled') THEN NULL
+               WHEN s.status = 'running' THEN json_build_object(
+                   'reason', 'running', 'worker', s.lease_owner,
+                   'leaseExpiresAt', s.lease_expires_at)
+               WHEN s.status = 'pending' AND s.map_width IS NOT NULL THEN json_build_object(
+                   'reason', 'mapChildren', 'remaining', s.deps_remaining,
+                   'width', s.map_width)
+               WHEN s.status = 'pending' AND s.deps_remaining > 0 THEN json_build_object(
+                   'reason', 'dependencies', 'steps', coalesce(wd.names, '[]'::json))
+               WHEN s.status = 'pending' THEN json_build_object(
+                   'reason', 'startAt', 'until', s.available_at)
+               WHEN s.available_at > now() THEN json_build_object(
+                   'reason', 'backoff', 'until', s.available_at, 'attempt', s.attempt)
+               WHEN cs.running >= cs.max_running THEN json_build_object(
+                   'reason', 'concurrencyKey', 'key', cs.key, 'running', cs.running,
+                   'maxConcurrency', cs.max_running)
+               WHEN NOT s.tool = ANY(lt.tools) THEN json_build_object(
+                   'reason', 'noLiveWorker', 'tool', s.tool)
+               ELSE json_build_object('reason', 'queued') END,
+           'createdAt', s.created_at, 'startedAt', s.started_at, 'finishedAt', s.finished_at,
+           'updatedAt', s.updated_at) ORDER BY s.id), '[]')::text AS steps
+FROM steps s
+CROSS JOIN live_tools lt
+LEFT JOIN waiting_deps wd ON wd.id = s.id
+LEFT JOIN concurrency_slots cs ON cs.key = s.concurrency_key
+LEFT JOIN steps m ON m.id = s.map_parent_id
+WHERE s.run_id = %(run_id)s
 
 -- name: select_run_status_counts
 SELECT status, count(*)::integer AS n FROM steps WHERE run_id = %(run_id)s GROUP BY status
@@ -497,7 +801,7 @@ SELECT status, count(*)::integer AS n FROM steps WHERE run_id = %(run_id)s GROUP
 -- name: list_runs
 -- Newest first, keyset-paginated on seq (cursor = the last seq seen).
 SELECT id, seq, goal, status, idempotency_key, steps_total, steps_unfinished, steps_dead,
-       created_at, started_at, finished_at, updated_at
+       priority, start_at, created_at, started_at, finished_at, updated_at
 FROM runs
 WHERE (%(status)s::text IS NULL OR status = %(status)s)
   AND (%(cursor)s::bigint IS NULL OR seq < %(cursor)s)
