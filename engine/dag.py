@@ -246,7 +246,9 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
         except ValidationError as exc:
             for err in exc.errors(include_url=False):
                 loc = tuple(str(part) for part in err["loc"])
-                if any(loc[: len(at)] == at for at in ref_places):
+                if err["type"] != "extra_forbidden" and any(
+                    loc[: len(at)] == at for at in ref_places
+                ):
                     continue  # a reference: its value is checked when the step is claimed
                 sub = _field_path(tuple(err["loc"]))
                 problems.append(

@@ -55,3 +55,59 @@ async def fail_until_file(inp: FailUntilFileInput, ctx: ToolContext) -> dict[str
     if not await asyncio.to_thread(Path(inp.path).exists):
         raise ToolError(f"{inp.path} does not exist yet")
     return {"attempt": ctx.attempt}
+
+
+class EmitInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: object = None
+
+
+@tool("TEST_EMIT", EmitInput)
+async def emit(inp: EmitInput, ctx: ToolContext) -> object:
+    """Return `value` as the output (a list to map over, an object to reference)."""
+    return inp.value
+
+
+class EchoInput(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+@tool("TEST_ECHO", EchoInput)
+async def echo(inp: EchoInput, ctx: ToolContext) -> dict[str, object]:
+    """Return the input it was given (after its references were resolved)."""
+    return {"got": inp.model_dump(), "step": ctx.step_name}
+
+
+class MapItemInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int
+    flaky: bool = False
+
+
+@tool("TEST_MAP_ITEM", MapItemInput)
+async def map_item(inp: MapItemInput, ctx: ToolContext) -> dict[str, object]:
+    """Double `n`; a `flaky` element fails its first attempt (retryable)."""
+    if inp.flaky and ctx.attempt == 1:
+        raise ToolError(f"planned transient failure of element {inp.n}")
+    return {"n": inp.n, "double": 2 * inp.n, "key": ctx.idempotency_key}
+
+
+class BarrierInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dir: str
+    parties: int = Field(ge=1)
+
+
+@tool("TEST_BARRIER", BarrierInput)
+async def barrier(inp: BarrierInput, ctx: ToolContext) -> dict[str, object]:
+    """Arrive at a barrier (a file per party in `dir`), wait until all `parties` arrived,
+    then return together: siblings on different workers finish at the same instant."""
+    folder = Path(inp.dir)
+    await asyncio.to_thread((folder / ctx.step_name).touch)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while len(await asyncio.to_thread(lambda: list(folder.iterdir()))) < inp.parties:
+        if loop.time() > deadline:
+            raise ToolError("barrier: not every party arrived within 30 s")
+        await asyncio.sleep(0.002)
+    return {"arrived": ctx.step_name}
