@@ -10,6 +10,7 @@ Workloads (all by default; pick with ``--only``, repeatable):
 - w5:      time to accept one 10,000-step run over HTTP;
 - w6:      table and index size and dead tuples after N steps went through;
 - w7:      RSS of a worker and of the API after w1 (measured inside w1);
+- w8:      map fan-out: one map step into 10,000 no-op children, submit -> the join starts;
 - pgbench: single-row UPDATE commits/s at 8 and 16 clients (the ceiling);
 - explain: EXPLAIN (ANALYZE, BUFFERS) of the claim and reaper queries on 1,000,000 steps.
 
@@ -40,9 +41,9 @@ from engine.config import Settings
 from engine.db import resolve_database_url
 from engine.sql import queries
 
-WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6", "pgbench", "peers", "explain")
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6", "w8", "pgbench", "peers", "explain")
 
-FULL = {
+FULL: dict[str, Any] = {
     "w1_jobs": 20_000,
     "w2_runs": 1_000,
     "w3_jobs": 300,
@@ -52,11 +53,13 @@ FULL = {
     "w5_steps": 10_000,
     "w5_repeats": 3,
     "w6_steps": 1_000_000,
+    "w8_children": 10_000,
+    "w8_repeats": 3,
     "pgbench_seconds": 10,
     "explain_steps": 1_000_000,
     "dbos_workflows": 1_000,
 }
-QUICK = {
+QUICK: dict[str, Any] = {
     "w1_jobs": 1_000,
     "w2_runs": 50,
     "w3_jobs": 30,
@@ -66,6 +69,8 @@ QUICK = {
     "w5_steps": 1_000,
     "w5_repeats": 2,
     "w6_steps": 5_000,
+    "w8_children": 500,
+    "w8_repeats": 3,
     "pgbench_seconds": 2,
     "explain_steps": 20_000,
     "dbos_workflows": 30,
@@ -137,8 +142,28 @@ def bench_explain(base: str, n: int) -> dict[str, Any]:
             cur = conn.execute(explain + queries["reap_expired_leases"], {"limit": 1000})
             plans["reap_expired_leases"] = [r[0] for r in cur.fetchall()]
             raise psycopg.Rollback()  # EXPLAIN ANALYZE ran the writes: undo them
-        total = conn.execute("SELECT count(*) FROM steps").fetchone()[0]  # type: ignore[index]
-    return {"steps": total, "plans": plans}
+        row = conn.execute("SELECT count(*) FROM steps").fetchone()
+    return {"steps": row[0] if row else None, "plans": plans}
+
+
+def _peer_calls(
+    mod: Any, size: dict[str, Any]
+) -> list[tuple[str, Callable[[str], dict[str, Any]]]]:
+    """The workloads peer module `mod` runs: W1 and W3, and W2 where it has one."""
+
+    def w1(url: str) -> dict[str, Any]:
+        return mod.w1(url, size["w1_jobs"], 2)  # type: ignore[no-any-return]
+
+    def w2(url: str) -> dict[str, Any]:
+        return mod.w2(url, size["dbos_workflows"], 2)  # type: ignore[no-any-return]
+
+    def w3(url: str) -> dict[str, Any]:
+        return mod.w3(url, size["w3_jobs"], size["w3_rate"])  # type: ignore[no-any-return]
+
+    calls: list[tuple[str, Callable[[str], dict[str, Any]]]] = [("w1", w1), ("w3", w3)]
+    if hasattr(mod, "w2"):
+        calls.append(("w2", w2))
+    return calls
 
 
 def run_peers(base: str, size: dict[str, Any]) -> dict[str, Any]:
@@ -155,13 +180,7 @@ def run_peers(base: str, size: dict[str, Any]) -> dict[str, Any]:
             print(f"  {name}: skipped ({why})", flush=True)
             continue
         res: dict[str, Any] = {"version": mod.VERSION, "config": mod.CONFIG}
-        steps: list[tuple[str, Callable[[str], dict[str, Any]]]] = [
-            ("w1", lambda url, m=mod: m.w1(url, size["w1_jobs"], 2)),
-            ("w3", lambda url, m=mod: m.w3(url, size["w3_jobs"], size["w3_rate"])),
-        ]
-        if hasattr(mod, "w2"):
-            steps.append(("w2", lambda url, m=mod: m.w2(url, size["dbos_workflows"], 2)))
-        for workload, call in steps:
+        for workload, call in _peer_calls(mod, size):
             db = f"bench_peer_{name}_{workload}"
             try:
                 with scratch_db(base, db, migrate=False) as url:
@@ -272,6 +291,26 @@ def table(results: dict[str, Any]) -> Table:
                 f"after {r['steps']:,} steps: {rel} table+indexes MB (dead tuples)",
                 f"{s.get('tableMb', 0) + s.get('indexesMb', 0):,.1f} ({s.get('dead', 0):,})",
             )
+    if "w8" in results:
+        r = results["w8"]
+        every = " / ".join(_fmt(v) if v is None else f"{v:.2f}" for v in r["joinStartAllS"])
+        t.add_row(
+            "W8 map",
+            f"{r['children']:,} no-op children, {r['workers']} processes: submit -> join"
+            f" start, median s ({every})",
+            "-" if r["joinStartS"] is None else f"{r['joinStartS']:.2f}",
+        )
+        t.add_row(
+            "",
+            "  submit -> map expanded, median s",
+            "-" if r["expandS"] is None else f"{r['expandS']:.3f}",
+        )
+        t.add_row("", "  children/s, expanded -> last child done", _fmt(r["childrenPerS"]))
+        t.add_row(
+            "",
+            "  map output: JSON array of the children's outputs, in order",
+            f"{_fmt(r['outputLength'])} {'ok' if r['outputOk'] else 'WRONG'}",
+        )
     if "steps" in w1:
         rss = w1["steps"]["rss"]
         t.add_row(
@@ -332,6 +371,15 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     w5 = results.get("w5")
     if w5:
         out.append(("W5 under 1 s", f"{w5['medianMs']} ms", w5["medianMs"] < 1000))
+    w8 = results.get("w8")
+    if w8:
+        goal = f"W8 map {w8['children']:,} -> join start under 10 s"
+        secs = num(w8.get("joinStartS"))
+        if secs is None:
+            out.append((goal, "-", False))
+        else:
+            wrong = "" if w8["outputOk"] else " (output WRONG)"
+            out.append((goal, f"{secs:.2f} s{wrong}", secs < 10 and bool(w8["outputOk"])))
     return out
 
 
@@ -384,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         step("w5", lambda: pgdag_bench.w5(base, size["w5_steps"], size["w5_repeats"]))
     if "w6" in only:
         step("w6", lambda: pgdag_bench.w6(base, size["w6_steps"]))
+    if "w8" in only:
+        step("w8", lambda: pgdag_bench.w8_map(base, size["w8_children"], size["w8_repeats"]))
     if "pgbench" in only:
         step("pgbench", lambda: pgbench.run(base, (8, 16), size["pgbench_seconds"]))
     if "peers" in only:
@@ -397,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     results["goals"] = [{"goal": g, "measured": m, "met": ok} for g, m, ok in goals(results)]
     for g in results["goals"]:
         mark = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
-        console.print(f"goal: {g['goal']:<36} {g['measured']:>10}  {mark}", highlight=False)
+        console.print(f"goal: {g['goal']:<40} {g['measured']:>10}  {mark}", highlight=False)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     console.print(f"wrote {args.out}")
     return 0

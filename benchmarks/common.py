@@ -69,18 +69,24 @@ def free_port() -> int:
 
 @contextmanager
 def processes(
-    argvs: list[list[str]], env: dict[str, str]
+    argvs: list[list[str]], env: dict[str, str], *, log_dir: Path | None = None
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``python <argv>`` for each argv, SIGTERMed (then killed after 20 s) on exit."""
+    """``python <argv>`` for each argv, SIGTERMed (then killed after 20 s) on exit. Their
+    output is discarded, or with `log_dir` written to ``<log_dir>/<i>.log`` (stdout and
+    stderr together; see `log_tail`)."""
+    logs = []
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        logs = [(log_dir / f"{i}.log").open("wb") for i in range(len(argvs))]
     procs = [
         subprocess.Popen(
             [sys.executable, *argv],
             env=env,
             cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=logs[i] if logs else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if logs else subprocess.DEVNULL,
         )
-        for argv in argvs
+        for i, argv in enumerate(argvs)
     ]
     try:
         yield procs
@@ -94,6 +100,17 @@ def processes(
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for f in logs:
+            f.close()
+
+
+def log_tail(log_dir: Path, lines: int = 20) -> str:
+    """The last `lines` lines of each ``<log_dir>/*.log`` that `processes` wrote."""
+    parts = []
+    for path in sorted(log_dir.glob("*.log")):
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {path.name}\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def rss_mb(pid: int) -> float:

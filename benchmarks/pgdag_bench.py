@@ -1,4 +1,5 @@
-"""pgdag's side of the benchmark: workloads W1-W7 of issue 5, on a real Postgres.
+"""pgdag's side of the benchmark: workloads W1-W7 of issue 5 and W8 (map fan-out), on a
+real Postgres.
 
 Every workload gets a fresh database (created, migrated, dropped afterwards), runs real
 ``python -m workers`` processes (and ``python -m engine serve`` where HTTP is part of it),
@@ -11,7 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import statistics
+import tempfile
 import time
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +26,7 @@ import psycopg
 from benchmarks.common import (
     child_env,
     free_port,
+    log_tail,
     percentile,
     processes,
     rss_mb,
@@ -70,6 +77,30 @@ def _worker_argvs(n: int, concurrency: int) -> list[list[str]]:
         ["-m", "workers", "--concurrency", str(concurrency), "--worker-id", f"bench-{i}"]
         for i in range(n)
     ]
+
+
+def _wait_workers_ready(conn: psycopg.Connection[Any], workers: int) -> None:
+    """Wait until `workers` workers are registered as running and as many LISTEN connections
+    are open on this database, so that process start-up is not part of what is timed."""
+    wait_until(
+        lambda: (
+            conn.execute("SELECT count(*) FROM workers WHERE status = 'running'").fetchone()[0]  # type: ignore[index]
+            >= workers
+        ),
+        timeout_s=30,
+        what=f"{workers} worker(s) to register",
+    )
+    wait_until(
+        lambda: (
+            conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE query = 'LISTEN pgdag_ready' AND datname = current_database()"
+            ).fetchone()[0]  # type: ignore[index]
+            >= workers
+        ),
+        timeout_s=30,
+        what="the workers' LISTEN connections",
+    )
 
 
 def _unfinished_runs(conn: psycopg.Connection[Any]) -> int:
@@ -199,23 +230,7 @@ def w3(base: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
             processes(_worker_argvs(1, 8), env),
             psycopg.connect(url, autocommit=True) as conn,
         ):
-            wait_until(
-                lambda: (
-                    conn.execute(
-                        "SELECT count(*) FROM workers WHERE status = 'running'"
-                    ).fetchone()[0]  # type: ignore[index]
-                    >= 1
-                ),
-                timeout_s=30,
-                what="the worker to register",
-            )
-            wait_until(
-                lambda: conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN pgdag_ready'"
-                ).fetchone()[0],  # type: ignore[index]
-                timeout_s=30,
-                what="the worker's LISTEN connection",
-            )
+            _wait_workers_ready(conn, 1)
             committed: dict[str, int] = {}
             steps_json = spec.steps_json()
             interval = 1 / rate_per_s
@@ -226,10 +241,19 @@ def w3(base: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
                     run_id = str(
                         conn.execute(
                             queries["insert_run"],
-                            {"goal": "w3", "idempotency_key": None, "steps_total": 1},
+                            {
+                                "goal": "w3",
+                                "idempotency_key": None,
+                                "steps_total": 1,
+                                "priority": 0,
+                                "start_at": None,
+                            },
                         ).fetchone()[0]  # type: ignore[index]
                     )
-                    conn.execute(queries["insert_steps"], {"run_id": run_id, "steps": steps_json})
+                    conn.execute(
+                        queries["insert_steps"],
+                        {"run_id": run_id, "steps": steps_json, "priority": 0, "start_at": None},
+                    )
                 committed[run_id] = time.time_ns()
                 pause = next_at - time.perf_counter()
                 if pause > 0:
@@ -439,4 +463,199 @@ def w6(
         "seconds": round(wall, 1),
         "stepsPerS": round(runs * per_run / wall),
         "tables": sizes,
+    }
+
+
+FINISHED = ("completed", "failed", "cancelled")
+
+
+def map_steps(children: int) -> list[dict[str, Any]]:
+    """W8's run: ``list`` emits ``[0 .. children-1]``, the map step ``each`` fans out one
+    NOOP child per element, ``join`` depends on ``each`` (so on every child)."""
+    return [
+        {"name": "list", "tool": "BENCH_EMIT_LIST", "input": {"n": children}},
+        {
+            "name": "each",
+            "tool": "NOOP",
+            "input": {},
+            "map": {"$ref": "steps.list.output.items"},
+            "dependsOn": ["list"],
+        },
+        {"name": "join", "tool": "NOOP", "input": {}, "dependsOn": ["each"]},
+    ]
+
+
+def _seconds(a: datetime | None, b: datetime | None) -> float | None:
+    return None if a is None or b is None else round((b - a).total_seconds(), 3)
+
+
+def _map_run_figures(conn: psycopg.Connection[Any], run_id: str, children: int) -> dict[str, Any]:
+    """One finished W8 run: its timings on the database clock, from the run's `created_at`
+    (the submit's transaction), and whether the map output is what the children returned,
+    in order."""
+    row = conn.execute(
+        """
+        SELECT r.status, r.created_at, l.started_at, l.output,
+               (SELECT a.created_at FROM audit_log a
+                WHERE a.run_id = r.id AND a.step_id = e.id AND a.event = 'step_map_expanded'
+                ORDER BY a.id LIMIT 1),
+               (SELECT max(c.finished_at) FROM steps c WHERE c.map_parent_id = e.id),
+               e.id, e.map_width, e.finished_at, e.output, j.started_at, j.status
+        FROM runs r
+        JOIN steps l ON l.run_id = r.id AND l.name = 'list'
+        JOIN steps e ON e.run_id = r.id AND e.name = 'each'
+        JOIN steps j ON j.run_id = r.id AND j.name = 'join'
+        WHERE r.id = %s
+        """,
+        (run_id,),
+    ).fetchone()
+    assert row is not None, run_id
+    (
+        run_status,
+        created,
+        list_started,
+        list_output,
+        expanded,
+        children_done,
+        each_id,
+        width,
+        each_finished,
+        each_output,
+        join_started,
+        join_status,
+    ) = row
+    kids = conn.execute(
+        "SELECT name, map_index, map_item, status, output FROM steps"
+        " WHERE map_parent_id = %s ORDER BY map_index",
+        (each_id,),
+    ).fetchall()
+    problems = []
+    if run_status != "completed" or join_status != "succeeded":
+        problems.append(f"run {run_status}, join {join_status}")
+    if list_output != {"items": list(range(children))}:
+        problems.append("list's output is not [0 .. n-1]")
+    if width != children or len(kids) != children:
+        problems.append(f"map width {width}, {len(kids)} children, expected {children}")
+    if not isinstance(each_output, list):
+        problems.append(f"each's output is {type(each_output).__name__}, not a JSON array")
+    elif len(each_output) != children:
+        problems.append(f"each's output has {len(each_output)} elements, expected {children}")
+    else:
+        for i, (name, index, item, status, output) in enumerate(kids):
+            if (name, index, item, status) != (f"each[{i}]", i, i, "succeeded"):
+                problems.append(f"child {i} is {(name, index, item, status)}")
+                break
+            if each_output[i] != output:
+                problems.append(f"each's output[{i}] is not child {name}'s output")
+                break
+    if join_started is None:
+        problems.append("join never started")
+    elif children_done is None or each_finished is None or join_started < each_finished:
+        problems.append("join started before the map step joined")
+    expand_s = _seconds(created, expanded)
+    join_s = _seconds(created, join_started)
+    children_s = _seconds(expanded, children_done)
+    return {
+        "runId": run_id,
+        "joinStartS": join_s,
+        "listStartS": _seconds(created, list_started),
+        "expandS": expand_s,
+        "childrenDoneS": _seconds(created, children_done),
+        "mapJoinedS": _seconds(created, each_finished),
+        "childrenPerS": round(children / children_s) if children_s else None,
+        "outputLength": len(each_output) if isinstance(each_output, list) else None,
+        "outputOk": not problems,
+        "problems": problems,
+    }
+
+
+def w8_map(
+    base: str, children: int, repeats: int = 3, *, workers: int = 2, timeout_s: float = 300
+) -> dict[str, Any]:
+    """W8 map fan-out: a run whose map step fans out into `children` NOOP children, then a
+    join step, with `workers` worker processes already registered and listening. Time from
+    the run's `created_at` to the join step's `started_at` (database clock); `repeats` runs
+    one after the other (each once the one before it has completed) in one database with the
+    same workers; median and every value. Also: the map's expansion time (its
+    ``step_map_expanded`` audit row), children/s from expansion to the last child's success,
+    and a check that the map step's output is the children's outputs, `children` long, in
+    order."""
+    spec = _spec(map_steps(children), goal="w8 map")
+    load_before = os.getloadavg()
+    runs: list[dict[str, Any]] = []
+    with (
+        scratch_db(base, "pgdag_bench_w8") as url,
+        tempfile.TemporaryDirectory(prefix="pgdag_w8_") as tmp,
+    ):
+        logs = Path(tmp)
+        env = child_env(url, PGDAG_TOOLS=TOOLS, PGDAG_MAX_MAP_WIDTH=str(max(children, 10_000)))
+        argvs = _worker_argvs(workers, WORKER_CONCURRENCY)
+        with (
+            processes(argvs, env, log_dir=logs) as procs,
+            psycopg.connect(url, autocommit=True) as conn,
+        ):
+            _wait_workers_ready(conn, workers)
+            for _ in range(repeats):
+                (run_id,), _ = enqueue(url, [spec], connections=1)
+
+                def run_state(run_id: str = run_id) -> tuple[Any, ...]:
+                    dead = [p.pid for p in procs if p.poll() is not None]
+                    if dead:
+                        raise RuntimeError(
+                            f"benchmark w8: worker process(es) {dead} exited\n{log_tail(logs)}"
+                        )
+                    row = conn.execute(
+                        "SELECT r.status, j.started_at FROM runs r"
+                        " JOIN steps j ON j.run_id = r.id AND j.name = 'join'"
+                        " WHERE r.id = %s",
+                        (run_id,),
+                    ).fetchone()
+                    assert row is not None
+                    return tuple(row)
+
+                try:
+                    wait_until(  # (or the run to end without it: a failed map)
+                        lambda: run_state()[1] is not None or run_state()[0] in FINISHED,
+                        timeout_s=timeout_s,
+                        what="the join step to start",
+                        interval_s=0.01,
+                    )
+                    wait_until(
+                        lambda: run_state()[0] in FINISHED,
+                        timeout_s=60,
+                        what="the run to finish",
+                        interval_s=0.01,
+                    )
+                except TimeoutError as exc:
+                    counts = conn.execute(
+                        "SELECT name ~ '^each\\[' AS child, status, count(*) FROM steps"
+                        " WHERE run_id = %s GROUP BY 1, 2 ORDER BY 1, 2",
+                        (run_id,),
+                    ).fetchall()
+                    raise TimeoutError(
+                        f"{exc}\nrun {run_id} steps (child?, status, count): {counts}\n"
+                        f"{log_tail(logs)}"
+                    ) from None
+                runs.append(_map_run_figures(conn, run_id, children))
+    load_after = os.getloadavg()
+
+    def med(key: str) -> float | None:
+        values = [r[key] for r in runs if r[key] is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    return {
+        "children": children,
+        "workers": workers,
+        "concurrency": WORKER_CONCURRENCY,
+        "repeats": repeats,
+        "joinStartS": med("joinStartS"),
+        "joinStartAllS": [r["joinStartS"] for r in runs],
+        "expandS": med("expandS"),
+        "expandAllS": [r["expandS"] for r in runs],
+        "childrenPerS": med("childrenPerS"),
+        "childrenPerSAll": [r["childrenPerS"] for r in runs],
+        "outputLength": min((r["outputLength"] or 0) for r in runs) if runs else None,
+        "outputOk": bool(runs) and all(r["outputOk"] for r in runs),
+        "loadAvg": {"before": list(load_before), "after": list(load_after)},
+        "runs": runs,
     }

@@ -258,7 +258,9 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
                         "problem": f"{step.tool}: {err['msg']}",
                     }
                 )
-    if not problems:
+    # The graph checks need every name unique and every dependency known; the other
+    # problems (a tool, an input) do not stop them, so a refusal names everything at once.
+    if not any(p["field"] in ("name", "dependsOn") for p in problems):
         cycle = _find_cycle(spec.steps)
         if cycle is not None:
             problems.append(

@@ -40,6 +40,15 @@ def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
     assert set(results["w4"]["rates"]) == {"2000", "20000"}
     assert results["w5"]["steps"] == 1000
     assert results["w6"]["tables"]["steps"]["live"] >= 0
+    w8 = results["w8"]
+    assert w8["children"] == 500 and w8["repeats"] == 3
+    assert w8["outputOk"] is True and w8["outputLength"] == 500, w8["runs"]
+    for key in ("joinStartS", "expandS", "childrenPerS"):
+        assert isinstance(w8[key], int | float) and w8[key] > 0, (key, w8)
+    for key in ("joinStartAllS", "expandAllS", "childrenPerSAll"):
+        assert len(w8[key]) == 3 and all(isinstance(v, int | float) and v > 0 for v in w8[key])
+    assert all(r["expandS"] < r["joinStartS"] for r in w8["runs"]), w8["runs"]
+    assert any(g["goal"].startswith("W8 map") for g in results["goals"])
     assert set(results["pgbench"]["tps"]) == {"8", "16"}
     plan = "\n".join(results["explain"]["plans"]["claim_steps"])
     assert "steps_ready_idx" in plan  # the claim reads the partial index, not the table
@@ -49,4 +58,4 @@ def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
             assert "skipped" in entry
         else:
             assert "error" not in entry.get("w1", {}), entry
-    assert "W1 flat" in proc.stdout and "pgbench" in proc.stdout
+    assert "W1 flat" in proc.stdout and "W8 map" in proc.stdout and "pgbench" in proc.stdout
