@@ -12,37 +12,58 @@ Violation kinds:
 ``overlapping_leases``
     A step_claimed while the step's previous claim has not ended. Every claim must be
     followed by exactly one ending event carrying its lease_token (step_succeeded,
-    step_retry_scheduled, step_dead_lettered, step_lease_expired, step_released or
-    step_cancelled) before the next claim; an ending event with no open claim, a second
-    ending of one claim, or an ending event carrying another token is reported too.
+    step_retry_scheduled, step_dead_lettered, step_lease_expired, step_released,
+    step_map_expanded or step_cancelled) before the next claim; an ending event with no open
+    claim, a second ending of one claim, an ending event carrying another token, or a reset
+    (step_retried, step_unskipped, step_replayed) while a claim is open is reported too.
 ``stale_token_success``
     A step_succeeded whose lease_token is not the token of the step's latest step_claimed.
 ``dependency_not_met``
-    A step_claimed before a step_succeeded of each of its ``depends_on`` (by event id).
+    A step_claimed its trigger rule (``run_if``) did not allow. ``all_succeeded`` (the
+    default): every ``depends_on`` is succeeded at the claim (its last event with a smaller
+    id is a step_succeeded). ``all_done``: every one had ended (terminal) when the step was
+    last decided ready; ``any_failed``: the same, with at least one of them not succeeded
+    (dead_letter, skipped or cancelled). The decision is the step's latest event to
+    ``ready`` before the claim other than a requeue (step_retry_scheduled,
+    step_lease_expired, step_released) or a manual retry of the step itself (step_retried,
+    which forces it ready): a manual retry of a dependency does not take back a dependent
+    already decided. A decision written by a reset (step_replayed, step_retried,
+    step_unskipped) is judged after the whole reset statement. A map step's claims: the
+    first (ended by step_map_expanded) is judged by its rule over its ``depends_on``; its
+    join (a claim after the expansion) needs every child of that expansion succeeded.
 ``terminal_changed``
-    Any event for a step after it reached succeeded or cancelled; after dead_letter only
-    step_retried is allowed, after skipped only step_unskipped.
+    Any event for a step after it reached cancelled; after succeeded only step_replayed is
+    allowed, after dead_letter step_retried or step_replayed, after skipped step_unskipped
+    or step_replayed.
 ``run_status_mismatch``
-    A run's status disagrees with its steps (completed with a step not succeeded; failed with
-    a step unfinished or none in dead_letter; cancelled with a step still pending, ready or
-    running; pending or running with every step terminal) or with its last run event; or a
-    step's status disagrees with the to_status of its last event.
+    A run's status disagrees with its steps (completed with a step unfinished, in dead_letter
+    or cancelled; failed with a step unfinished or none in dead_letter; cancelled with a step
+    still pending, ready or running; pending or running with every step terminal) or with
+    its last run event; or a step's status disagrees with the to_status of its last event.
 ``success_count``
-    A succeeded step without exactly one step_succeeded since its last step_retried.
+    A succeeded step without exactly one step_succeeded since its last step_retried or
+    step_replayed (each reopens the step: a new success is expected after it).
 ``non_idempotent_rerun``
     An ``"idempotent": false`` step claimed more than once between manual retries
-    (step_retried). This is the strict at-most-once reading: a re-claim after the step's own
-    retryable failure counts too.
+    (step_retried) or replays (step_replayed). This is the strict at-most-once reading: a
+    re-claim after the step's own retryable failure counts too. A map step runs no tool of
+    its own (its claims expand it and join its children), so it is not counted.
 ``stuck_pending``
-    A step still pending although every one of its ``depends_on`` has succeeded: nothing will
-    ever make it ready, so its run can never finish. (The promotion to ready happens in the
-    statement that records the last dependency's success, so no consistent snapshot shows
-    this legitimately.)
+    A step still pending although its trigger rule has decided it: every dependency has
+    ended (or, for ``all_succeeded``, one ended without succeeding), so nothing will ever
+    make it ready or skip it, and its run can never finish. An expanded map step waits for
+    its children as ``all_succeeded``. A pending step with nothing to wait for is stuck too,
+    unless its run has a start time (``start_at``): the claim promotes such delayed roots.
+    (The decisions happen in the statements that end each dependency, so no consistent
+    snapshot shows this legitimately.)
 
 Ordering by audit_log id is the real order for one step (all its events are written under
 its row lock). Across steps it is sound for dependencies: a dependent can be claimed only
-after the statement that recorded its parent's success committed, so that success has the
-smaller id.
+after the statement that recorded its parent's end committed, so that end has the smaller
+id; and a statement that ends a step and decides its dependents writes the end first.
+
+Rows may describe steps the engine has since deleted (a replay drops a map step's old
+children with their audit rows); a step with events but no row is reported, never a crash.
 """
 
 from __future__ import annotations
@@ -61,7 +82,8 @@ from psycopg.rows import dict_row
 from engine.transitions import TERMINAL_STEP_STATES
 
 # The checker keeps its own copy of the state machine's vocabulary instead of importing the
-# engine's: a checker that shares the code it judges would share its mistakes.
+# engine's: a checker that shares the code it judges would share its mistakes. The engine
+# always sets to_status; these are the fallbacks for hand-made rows without one.
 STEP_EVENT_STATUS: Final[Mapping[str, str]] = {
     "step_claimed": "running",
     "step_succeeded": "succeeded",
@@ -74,6 +96,8 @@ STEP_EVENT_STATUS: Final[Mapping[str, str]] = {
     "step_cancelled": "cancelled",
     "step_retried": "ready",
     "step_unskipped": "pending",
+    "step_map_expanded": "pending",
+    "step_replayed": "pending",
 }
 RUN_EVENT_STATUS: Final[Mapping[str, str]] = {
     "run_created": "pending",
@@ -82,8 +106,12 @@ RUN_EVENT_STATUS: Final[Mapping[str, str]] = {
     "run_failed": "failed",
     "run_cancelled": "cancelled",
     "run_resumed": "running",
+    "run_replayed": "running",
 }
 UNFINISHED_STEP_STATES: Final = frozenset({"pending", "ready", "running"})
+# Trigger rules (steps.run_if), as engine/rules.py describes them.
+RUN_IF_RULES: Final = ("all_succeeded", "all_done", "any_failed")
+DEFAULT_RUN_IF: Final = "all_succeeded"
 # Events that end an attempt (a claim). step_cancelled ends one only when a claim is open
 # (or it says it left ``running``); cancelling a pending or ready step ends no attempt.
 LEASE_ENDING_EVENTS: Final = frozenset(
@@ -93,15 +121,20 @@ LEASE_ENDING_EVENTS: Final = frozenset(
         "step_dead_lettered",
         "step_lease_expired",
         "step_released",
+        "step_map_expanded",
         "step_cancelled",
     }
 )
-# The only event allowed after each terminal state (None: no event at all).
-ALLOWED_AFTER_TERMINAL: Final[Mapping[str, str | None]] = {
-    "succeeded": None,
-    "cancelled": None,
-    "dead_letter": "step_retried",
-    "skipped": "step_unskipped",
+# Events that send an attempt back to ready: not a new decision of the trigger rule.
+REQUEUE_EVENTS: Final = frozenset({"step_retry_scheduled", "step_lease_expired", "step_released"})
+# Resets by a person (manual retry, replay): one statement writes each batch of them.
+RESET_EVENTS: Final = frozenset({"step_retried", "step_unskipped", "step_replayed"})
+# The events allowed after each terminal state.
+ALLOWED_AFTER_TERMINAL: Final[Mapping[str, frozenset[str]]] = {
+    "succeeded": frozenset({"step_replayed"}),
+    "cancelled": frozenset(),
+    "dead_letter": frozenset({"step_retried", "step_replayed"}),
+    "skipped": frozenset({"step_unskipped", "step_replayed"}),
 }
 # detail.reason of a step_dead_lettered written because the lease ended, not by a failure.
 LEASE_ENDED_REASONS: Final = frozenset({"lease expired", "worker shutdown"})
@@ -122,12 +155,14 @@ KINDS: Final = (
 # Read-only diagnostics, not engine queries: kept here rather than in engine/sql, which
 # holds what the engine runs. NULL ids means every run.
 _SELECT_RUNS: Final[LiteralString] = """
-SELECT id, status FROM runs
+SELECT id, status, start_at FROM runs
 WHERE %(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[])
 ORDER BY seq
 """
 _SELECT_STEPS: Final[LiteralString] = """
-SELECT id, run_id, name, status, idempotent, depends_on FROM steps
+SELECT id, run_id, name, status, idempotent, depends_on, run_if,
+       map_path IS NOT NULL AS is_map, map_width, map_parent_id, map_index
+FROM steps
 WHERE %(ids)s::uuid[] IS NULL OR run_id = ANY(%(ids)s::uuid[])
 ORDER BY id
 """
@@ -187,46 +222,29 @@ class Report:
 def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     """Check a history given as rows (dicts keyed by column name); pure, no I/O.
 
-    `runs` need ``id`` and ``status``; `steps` need ``run_id``, ``name``, ``status`` and may
-    carry ``id``, ``idempotent`` (default true) and ``depends_on`` (default none); `events`
-    are audit_log rows and need ``id``, ``run_id`` and ``event``, with ``step_name`` (or a
-    ``step_id`` found in `steps`) for step events. A missing ``to_status`` is taken from the
-    event name. Ids may be UUIDs or strings.
+    `runs` need ``id`` and ``status`` and may carry ``start_at`` (default none); `steps` need
+    ``run_id``, ``name``, ``status`` and may carry ``id``, ``idempotent`` (default true),
+    ``depends_on`` (default none), ``run_if`` (default ``all_succeeded``), ``is_map``
+    (default false), ``map_width``, and ``map_parent_id`` / ``map_index`` (a map child: the
+    id of its map step); `events` are audit_log rows and need ``id``, ``run_id`` and
+    ``event``, with ``step_name`` (or a ``step_id`` found in `steps`) for step events. A
+    missing ``to_status`` is taken from the event name. Ids may be UUIDs or strings.
     """
-    step_rows: dict[StepKey, Row] = {}
-    key_by_step_id: dict[int, StepKey] = {}
-    for s in steps:
-        key = (str(s["run_id"]), str(s["name"]))
-        step_rows[key] = s
-        if s.get("id") is not None:
-            key_by_step_id[int(s["id"])] = key
-
-    step_events: dict[StepKey, list[Row]] = defaultdict(list)
-    run_events: dict[str, list[Row]] = defaultdict(list)
-    for e in sorted(events, key=lambda e: int(e["id"])):
-        owner = _step_key(e, key_by_step_id)
-        if owner is None:
-            run_events[str(e["run_id"])].append(e)
-        else:
-            step_events[owner].append(e)
-    successes: dict[StepKey, list[int]] = {
-        key: [int(e["id"]) for e in evs if e["event"] == "step_succeeded"]
-        for key, evs in step_events.items()
-    }
-
+    h = _History(steps, events)
     report = Report(runs=len(runs), steps=len(steps))
     out = report.violations
-    for key in sorted(step_rows.keys() | step_events.keys()):
-        _check_step(key, step_rows.get(key), step_events.get(key, []), step_rows, successes, out)
-    for key, row in sorted(step_rows.items()):
-        _check_stuck(key, row, step_rows, successes, out)
+    for key in sorted(h.step_rows.keys() | h.step_events.keys()):
+        _check_step(key, h, out)
+    delayed = {str(r["id"]) for r in runs if r.get("start_at") is not None}
+    for key, row in sorted(h.step_rows.items()):
+        _check_stuck(key, row, h, key[0] in delayed, out)
 
     steps_by_run: dict[str, list[Row]] = defaultdict(list)
-    for (run_id, _), s in step_rows.items():
+    for (run_id, _), s in h.step_rows.items():
         steps_by_run[run_id].append(s)
     for run in runs:
         run_id = str(run["id"])
-        _check_run(run_id, str(run["status"]), steps_by_run[run_id], run_events[run_id], out)
+        _check_run(run_id, str(run["status"]), steps_by_run[run_id], h.run_events[run_id], out)
 
     counts = Counter(str(e["event"]) for e in events)
     report.attempts = counts["step_claimed"]
@@ -236,10 +254,10 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     report.released = counts["step_released"]
     report.non_idempotent_for_review = sum(
         1
-        for key, s in step_rows.items()
+        for key, s in h.step_rows.items()
         if s["status"] == "dead_letter"
         and not s.get("idempotent", True)
-        and _last_dead_letter_was_lease_end(step_events.get(key, []))
+        and _last_dead_letter_was_lease_end(h.step_events.get(key, []))
     )
     return report
 
@@ -292,14 +310,84 @@ def ledger_duplicates(
     return duplicates, sum(n - 1 for n in before.values())
 
 
+# --- the history, indexed ----------------------------------------------------------------
+
+
+class _History:
+    """The rows of a history indexed for the checks: each step's row and events (by id),
+    each run's events, map children, and each step's status at any event id."""
+
+    def __init__(self, steps: list[Row], events: list[Row]) -> None:
+        self.step_rows: dict[StepKey, Row] = {}
+        key_by_step_id: dict[int, StepKey] = {}
+        for s in steps:
+            key = (str(s["run_id"]), str(s["name"]))
+            self.step_rows[key] = s
+            if s.get("id") is not None:
+                key_by_step_id[int(s["id"])] = key
+        children: dict[StepKey, list[tuple[int, StepKey]]] = defaultdict(list)
+        for key, s in self.step_rows.items():
+            parent = s.get("map_parent_id")
+            if parent is not None and int(parent) in key_by_step_id:
+                index = s.get("map_index")
+                children[key_by_step_id[int(parent)]].append(
+                    (-1 if index is None else int(index), key)
+                )
+        self.children: dict[StepKey, list[StepKey]] = {
+            k: [c for _, c in sorted(v)] for k, v in children.items()
+        }
+
+        self.step_events: dict[StepKey, list[Row]] = defaultdict(list)
+        self.run_events: dict[str, list[Row]] = defaultdict(list)  # run-level events only
+        self._run_seq: dict[str, list[Row]] = defaultdict(list)  # every event of the run
+        for e in sorted(events, key=lambda e: int(e["id"])):
+            owner = _step_key(e, key_by_step_id)
+            self._run_seq[str(e["run_id"])].append(e)
+            if owner is None:
+                self.run_events[str(e["run_id"])].append(e)
+            else:
+                self.step_events[owner].append(e)
+        self._ids = {k: [int(e["id"]) for e in evs] for k, evs in self.step_events.items()}
+        self._run_ids = {r: [int(e["id"]) for e in evs] for r, evs in self._run_seq.items()}
+        self.successes: dict[StepKey, list[int]] = {
+            key: [int(e["id"]) for e in evs if e["event"] == "step_succeeded"]
+            for key, evs in self.step_events.items()
+        }
+
+    def knows(self, key: StepKey) -> bool:
+        return key in self.step_rows or key in self.step_events
+
+    def last_before(self, key: StepKey, event_id: float) -> Row | None:
+        """The step's last event with an id smaller than `event_id`, if any."""
+        ids = self._ids.get(key, [])
+        i = bisect.bisect_left(ids, event_id)
+        return self.step_events[key][i - 1] if i else None
+
+    def status_at(self, key: StepKey, event_id: float) -> str | None:
+        """The status the step's events had left it in just before `event_id`; None before
+        its first event (created pending or ready: unfinished either way)."""
+        last = self.last_before(key, event_id)
+        return None if last is None else _to_status(last)
+
+    def after_reset(self, e: Row) -> float:
+        """The id just past the reset statement that wrote `e`: the run's next event that is
+        not a reset (a reset statement writes its rows in no particular order)."""
+        run_id = str(e["run_id"])
+        ids, seq = self._run_ids.get(run_id, []), self._run_seq.get(run_id, [])
+        i = bisect.bisect_right(ids, int(e["id"]))
+        while i < len(seq) and seq[i]["event"] in RESET_EVENTS:
+            i += 1
+        return ids[i] if i < len(seq) else float("inf")
+
+
 # --- one step --------------------------------------------------------------------------------
 
 
 @dataclass
 class _Window:
-    """Attempts of a step since its creation or its last step_retried."""
+    """Attempts of a step since its creation or its last reset (step_retried, step_replayed)."""
 
-    since: Row | None = None  # the step_retried that opened it; None: creation
+    since: Row | None = None  # the reset that opened it; None: creation
     claims: list[Row] = field(default_factory=list)
     successes: list[Row] = field(default_factory=list)
     ends: dict[int, Row] = field(default_factory=dict)  # claim event id -> its ending event
@@ -308,25 +396,25 @@ class _Window:
         return "creation" if self.since is None else _ev(self.since)
 
 
-def _check_step(
-    key: StepKey,
-    row: Row | None,
-    evs: list[Row],
-    step_rows: Mapping[StepKey, Row],
-    successes: Mapping[StepKey, list[int]],
-    out: list[Violation],
-) -> None:
+def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
     run_id, name = key
+    row = h.step_rows.get(key)
+    evs = h.step_events.get(key, [])
 
     def add(kind: str, detail: str) -> None:
         out.append(Violation(kind, run_id, name, detail))
 
     idempotent = True if row is None else bool(row.get("idempotent", True))
+    rule = DEFAULT_RUN_IF if row is None else str(row.get("run_if") or DEFAULT_RUN_IF)
     depends_on = [] if row is None else [str(d) for d in row.get("depends_on") or ()]
+    expansions = [int(e["id"]) for e in evs if e["event"] == "step_map_expanded"]
+    is_map = bool(expansions) or (row is not None and bool(row.get("is_map", False)))
     last_claim: Row | None = None
     claim_open = False
     window = _Window()
     terminal: Row | None = None  # the event that left the step in a terminal state
+    decision: Row | None = None  # the event that last decided the step ready
+    expansion: Row | None = None  # the step_map_expanded the step now waits on, if any
 
     def end_claim(e: Row) -> None:
         nonlocal claim_open
@@ -354,9 +442,10 @@ def _check_step(
         event = str(e["event"])
         if terminal is not None:
             status = _to_status(terminal)
-            allowed = ALLOWED_AFTER_TERMINAL.get(status)
-            if event != allowed:
-                also = f"; only {allowed} may follow {status}" if allowed else ""
+            allowed = ALLOWED_AFTER_TERMINAL.get(status, frozenset())
+            if event not in allowed:
+                only = " or ".join(sorted(allowed))
+                also = f"; only {only} may follow {status}" if allowed else ""
                 add(
                     "terminal_changed",
                     f"{_ev(e)} after {_ev(terminal)} left the step {status}{also}",
@@ -369,7 +458,11 @@ def _check_step(
                     f"{_ev(e)} while {_ev(last_claim)} had not ended (no ending event with "
                     f"token {last_claim.get('lease_token')})",
                 )
-            _check_dependencies(e, run_id, depends_on, step_rows, successes, add)
+            if is_map and expansion is not None:
+                if int(expansion["id"]) == expansions[-1]:  # older children were deleted
+                    _check_join(e, expansion, h.children.get(key, []), h, add)
+            else:
+                _check_dependencies(e, key, depends_on, rule, decision, h, add)
             last_claim, claim_open = e, True
             window.claims.append(e)
         elif event == "step_succeeded":
@@ -387,13 +480,30 @@ def _check_step(
             event != "step_cancelled" or claim_open or e.get("from_status") == "running"
         ):
             end_claim(e)
-        elif event == "step_retried":
-            _check_rerun(window, idempotent, add)
+        elif event in RESET_EVENTS and claim_open and last_claim is not None:
+            add(
+                "overlapping_leases",
+                f"{_ev(e)} reset the step while {_ev(last_claim)} had not ended",
+            )
+            claim_open = False
+
+        if event == "step_map_expanded":
+            expansion = e
+        elif event == "step_retried" or (
+            event == "step_replayed" and not _replay_keeps_expansion(e, name)
+        ):
+            expansion = None  # expands again (plan_reset's unexpand)
+        if event in ("step_retried", "step_replayed"):
+            _check_rerun(window, idempotent or is_map, add)
             window = _Window(since=e)
+        to_status = _to_status(e)
+        if to_status == "ready" and event not in REQUEUE_EVENTS and event != "step_retried":
+            decision = e
+        elif to_status in ("pending", "skipped"):
+            decision = None
+        terminal = e if to_status in TERMINAL_STEP_STATES else None
 
-        terminal = e if _to_status(e) in TERMINAL_STEP_STATES else None
-
-    _check_rerun(window, idempotent, add)
+    _check_rerun(window, idempotent or is_map, add)
     if row is not None and row["status"] == "succeeded" and len(window.successes) != 1:
         found = ", ".join(_ev(s) for s in window.successes) or "none"
         add(
@@ -416,25 +526,87 @@ def _check_step(
             )
 
 
+def _replay_keeps_expansion(e: Row, name: str) -> bool:
+    """A replay keeps a map step's expansion only when it started at one of its children."""
+    detail = e.get("detail")
+    start = detail.get("from") if isinstance(detail, Mapping) else None
+    return isinstance(start, str) and start.startswith(f"{name}[") and start.endswith("]")
+
+
 def _check_dependencies(
     claim: Row,
-    run_id: str,
+    key: StepKey,
     depends_on: list[str],
-    step_rows: Mapping[StepKey, Row],
-    successes: Mapping[StepKey, list[int]],
+    rule: str,
+    decision: Row | None,
+    h: _History,
     add: _Add,
 ) -> None:
+    run_id = key[0]
     claim_id = int(claim["id"])
+    deps = []
     for dep in depends_on:
-        if (run_id, dep) not in step_rows and (run_id, dep) not in successes:
+        if h.knows((run_id, dep)):
+            deps.append(dep)
+        else:
             add("dependency_not_met", f"{_ev(claim)}: dependency {dep!r} is not a step of the run")
-            continue
-        ids = successes.get((run_id, dep), [])
-        if bisect.bisect_left(ids, claim_id) == 0:  # no success with a smaller id
-            later = f"; its first step_succeeded is #{ids[0]}" if ids else "; it never succeeded"
+    if rule not in ("all_done", "any_failed"):
+        for dep in deps:
+            status = h.status_at((run_id, dep), claim_id)
+            if status == "succeeded":
+                continue
+            ids = h.successes.get((run_id, dep), [])
+            if bisect.bisect_left(ids, claim_id) == 0:  # no success with a smaller id
+                later = (
+                    f"; its first step_succeeded is #{ids[0]}" if ids else "; it never succeeded"
+                )
+                add(
+                    "dependency_not_met",
+                    f"{_ev(claim)} before any step_succeeded of dependency {dep!r}{later}",
+                )
+            else:
+                last = h.last_before((run_id, dep), claim_id)
+                add(
+                    "dependency_not_met",
+                    f"{_ev(claim)} while dependency {dep!r} was {status} (after "
+                    f"{_ev(last) if last else 'its creation'})",
+                )
+        return
+
+    # all_done / any_failed: judged when the step was decided ready.
+    if decision is None:
+        at, when = float(claim_id), _ev(claim)
+    elif decision["event"] in RESET_EVENTS:
+        at, when = h.after_reset(decision), f"{_ev(decision)} (after its reset)"
+    else:
+        at, when = float(int(decision["id"])), _ev(decision)
+    statuses = {dep: h.status_at((run_id, dep), at) for dep in deps}
+    for dep, status in statuses.items():
+        if status not in TERMINAL_STEP_STATES:
             add(
                 "dependency_not_met",
-                f"{_ev(claim)} before any step_succeeded of dependency {dep!r}{later}",
+                f"{_ev(claim)} (runIf {rule}, decided by {when}) while dependency {dep!r} "
+                f"had not ended ({status or 'not started'})",
+            )
+    if rule == "any_failed" and statuses and all(s == "succeeded" for s in statuses.values()):
+        add(
+            "dependency_not_met",
+            f"{_ev(claim)} (runIf any_failed, decided by {when}) though every dependency "
+            f"had succeeded: {', '.join(repr(d) for d in statuses)}",
+        )
+
+
+def _check_join(
+    claim: Row, expansion: Row, children: list[StepKey], h: _History, add: _Add
+) -> None:
+    claim_id = int(claim["id"])
+    for child in children:
+        status = h.status_at(child, claim_id)
+        if status != "succeeded":
+            add(
+                "dependency_not_met",
+                f"{_ev(claim)} joins the map step expanded by {_ev(expansion)} while its "
+                f"child {child[1]!r} was {status or 'not started'}",
             )
 
 
@@ -452,34 +624,53 @@ def _check_rerun(window: _Window, idempotent: bool, add: _Add) -> None:
     )
 
 
-def _check_stuck(
-    key: StepKey,
-    row: Row,
-    step_rows: Mapping[StepKey, Row],
-    successes: Mapping[StepKey, list[int]],
-    out: list[Violation],
-) -> None:
+def _decide(rule: str, *, remaining: int, failed: int) -> str:
+    """The checker's own statement of the trigger rules (see the module docstring):
+    ``pending``, ``ready`` or ``skipped``. An unknown rule is read as all_succeeded."""
+    if rule not in ("all_done", "any_failed") and failed > 0:
+        return "skipped"
+    if remaining > 0:
+        return "pending"
+    if rule == "any_failed" and failed == 0:
+        return "skipped"
+    return "ready"
+
+
+def _check_stuck(key: StepKey, row: Row, h: _History, delayed: bool, out: list[Violation]) -> None:
     if row["status"] != "pending":
         return
     run_id, name = key
-    deps = [str(d) for d in row.get("depends_on") or ()]
-    parents = [step_rows.get((run_id, d)) for d in deps]
-    if any(p is None or p["status"] != "succeeded" for p in parents):
+    children = h.children.get(key, [])
+    if row.get("map_width") is not None or children:  # an expanded map step
+        rule, deps, what = "all_succeeded", children, "child"
+    else:
+        rule = str(row.get("run_if") or DEFAULT_RUN_IF)
+        deps = [(run_id, str(d)) for d in row.get("depends_on") or ()]
+        what = "dependency"
+    if not deps and delayed:
+        return  # a delayed root: the claim promotes it when the run's start time comes
+    parents = [h.step_rows.get(d) for d in deps]
+    if any(p is None for p in parents):
+        return  # cannot judge what is not there
+    statuses = [str(p["status"]) for p in parents if p is not None]
+    remaining = sum(1 for s in statuses if s in UNFINISHED_STEP_STATES)
+    failed = sum(1 for s in statuses if s not in UNFINISHED_STEP_STATES and s != "succeeded")
+    verdict = _decide(rule, remaining=remaining, failed=failed)
+    if verdict == "pending":
         return
     done = ", ".join(
-        f"{d!r} (step_succeeded #{successes[(run_id, d)][-1]})"
-        if successes.get((run_id, d))
-        else f"{d!r} (no step_succeeded)"
-        for d in deps
+        f"{d[1]!r} {s} (step_succeeded #{h.successes[d][-1]})"
+        if s == "succeeded" and h.successes.get(d)
+        else f"{d[1]!r} {s}"
+        for d, s in zip(deps, statuses, strict=True)
     )
     out.append(
         Violation(
             "stuck_pending",
             run_id,
             name,
-            "the step is pending, but every dependency has succeeded: "
-            + (done or "it has none")
-            + "; nothing will make it ready",
+            f"the step is pending, but by runIf {rule} it should be {verdict}: "
+            f"{what} statuses " + (done or f"none (no {what})") + "; nothing will decide it",
         )
     )
 
@@ -498,8 +689,9 @@ def _check_run(
         return [s for s in steps if s["status"] in wanted]
 
     if status == "completed":
-        if bad := [s for s in steps if s["status"] != "succeeded"]:
-            add(f"run is completed, but steps are not succeeded: {_names(bad)}")
+        # skipped steps (skipped by a trigger rule) do not fail a run
+        if bad := [s for s in steps if s["status"] not in ("succeeded", "skipped")]:
+            add(f"run is completed, but steps are neither succeeded nor skipped: {_names(bad)}")
     elif status == "failed":
         if bad := having(UNFINISHED_STEP_STATES):
             add(f"run is failed, but steps are unfinished: {_names(bad)}")

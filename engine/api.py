@@ -227,7 +227,8 @@ async def _json_body(request: Request, model: type[BaseModel]) -> Any:
         body = json.loads(raw) if raw.strip() else {}
     except (ValueError, RecursionError) as exc:
         raise ValidationFailed(
-            [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}]
+            [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}],
+            subject="request",
         ) from None
     try:
         return model.model_validate(body)
@@ -240,7 +241,8 @@ async def _json_body(request: Request, model: type[BaseModel]) -> Any:
                     "problem": err["msg"],
                 }
                 for err in exc.errors(include_url=False)
-            ]
+            ],
+            subject="request",
         ) from None
 
 
@@ -262,7 +264,8 @@ async def retry_dead_letters(request: Request) -> Response:
     body: RetryDeadLettersRequest = await _json_body(request, RetryDeadLettersRequest)
     if body.since is not None and body.until is not None and body.since >= body.until:
         raise ValidationFailed(
-            [{"step": None, "field": "until", "problem": "must be later than since"}]
+            [{"step": None, "field": "until", "problem": "must be later than since"}],
+            subject="request",
         )
     store = _store(request)
     found = await store.dead_letters(

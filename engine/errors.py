@@ -24,12 +24,12 @@ class ValidationFailed(PgdagError):
     `problems` is a list of ``{"step": name | None, "field": path, "problem": text}``.
     """
 
-    def __init__(self, problems: list[dict[str, str | None]]) -> None:
+    def __init__(self, problems: list[dict[str, str | None]], *, subject: str = "run") -> None:
         self.problems = problems
-        first = problems[0] if problems else {"problem": "invalid run"}
+        first = problems[0] if problems else {"problem": f"invalid {subject}"}
         where = f"step {first.get('step')!r}: " if first.get("step") else ""
         super().__init__(
-            f"invalid run: {where}{first.get('field') or ''} {first['problem']}".strip()
+            f"invalid {subject}: {where}{first.get('field') or ''} {first['problem']}".strip()
         )
 
 

@@ -76,6 +76,7 @@ def plan_reset(
     follow: frozenset[str] | None,
     force_ready: bool,
     delayed: bool,
+    reexpand: bool = True,
 ) -> tuple[list[ResetStep], list[int]]:
     """Plan a reset from `seeds` (step ids) downstream; nothing is written here.
 
@@ -87,7 +88,9 @@ def plan_reset(
     dead letter). With `delayed` (the run's start time is still ahead), a root that would be
     ready waits as ``pending`` instead.
 
-    A map step in the set whose children are not themselves seeds is reset to expand again:
+    With `reexpand` (a replay), a map step in the set whose children are not themselves
+    seeds is reset to expand again (a retry never re-expands: a map step dead-lettered at its
+    join keeps its children and joins again):
     its children are returned as the second element, to delete, and its dependencies are its
     declared ones again. Returns ``(reset steps in topological order, child ids to delete)``.
     """
@@ -113,7 +116,8 @@ def plan_reset(
     unexpand = {
         i
         for i in chosen
-        if by_id[i].is_map
+        if reexpand
+        and by_id[i].is_map
         and by_id[i].map_width is not None
         and not any(by_id[s].map_parent_id == i for s in seed_ids)
     }

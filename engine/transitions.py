@@ -416,6 +416,7 @@ async def retry_dead_letter(conn: Conn, run_id: str, step_name: str, *, reason: 
             follow=frozenset({"pending", "skipped"}),
             force_ready=True,
             delayed=bool(run["delayed"]),
+            reexpand=False,
         )
         assert not dropped  # a retry follows only waiting and skipped steps
         events = ["step_retried" if r.id == seed.id else "step_unskipped" for r in plan]

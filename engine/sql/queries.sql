@@ -528,9 +528,14 @@ SELECT id FROM upd
 -- name: select_run_graph
 -- A run's steps, for engine.transitions' reset (manual retry and replay), which evaluates
 -- the trigger rules of the steps it resets in Python (engine.rules) under the run's lock.
+-- Every step row is locked (in id order, like complete_steps' children) until the reset
+-- commits: a claim skips them and a completion waits, so nothing the plan was made from can
+-- change under it (a replay once reset a step a worker had claimed meanwhile).
 SELECT id, name, status, run_if, map_path IS NOT NULL AS is_map, map_width, map_parent_id,
        lease_owner, attempt
 FROM steps WHERE run_id = %(run_id)s
+ORDER BY id
+FOR UPDATE
 
 -- name: select_run_edges
 SELECT e.parent_id, e.child_id
@@ -690,6 +695,7 @@ WITH target AS (
     UPDATE steps s
     SET status = CASE WHEN w.n > 0 THEN 'pending' ELSE 'ready' END,
         deps_remaining = w.n, deps_failed = 0, map_width = w.n, available_at = now(),
+        attempt = s.attempt - 1,  -- expanding ran no tool: the join's claim is the attempt
         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     FROM width w
     WHERE s.id = w.id AND w.problem IS NULL
@@ -740,15 +746,12 @@ FROM runs WHERE id = %(run_id)s
 --   ready          -> "backoff" (until availableAt), "concurrencyKey" (the key is full),
 --                     "noLiveWorker" (no live worker has the tool), else "queued"
 -- Live worker: not stopped, heartbeat within %(lease_ttl_s)s.
-WITH waiting_deps AS (
-    SELECT e.child_id AS id, json_agg(p.name ORDER BY p.id) AS names
-    FROM steps c
-    JOIN step_edges e ON e.child_id = c.id
-    JOIN steps p ON p.id = e.parent_id
-    WHERE c.run_id = %(run_id)s AND c.status = 'pending' AND c.map_width IS NULL
-      AND p.status IN ('pending', 'ready', 'running')
-    GROUP BY e.child_id
-), live_tools AS (
+-- The per-step lookups are LATERAL index probes, guarded so that only the steps that need
+-- one make it: right after a run is inserted its tables have no statistics yet, and a
+-- planner guessing at joins over the run's steps and edges took 120 s for a 10,000-step
+-- layered run (measured: a seq scan of steps per pending step); probes on unique keys cost
+-- the same with or without statistics.
+WITH live_tools AS (
     SELECT coalesce(array_agg(DISTINCT t), '{}') AS tools
     FROM workers w CROSS JOIN LATERAL unnest(w.tools) AS t
     WHERE w.status <> 'stopped'
@@ -790,9 +793,22 @@ SELECT coalesce(json_agg(json_build_object(
            'updatedAt', s.updated_at) ORDER BY s.id), '[]')::text AS steps
 FROM steps s
 CROSS JOIN live_tools lt
-LEFT JOIN waiting_deps wd ON wd.id = s.id
-LEFT JOIN concurrency_slots cs ON cs.key = s.concurrency_key
-LEFT JOIN steps m ON m.id = s.map_parent_id
+LEFT JOIN LATERAL (
+    -- one lookup per dependency on the unique (run_id, name) index: the planner can pick
+    -- nothing else for it, statistics or not (a join here once seq-scanned steps per step)
+    SELECT json_agg(d.name ORDER BY d.ord) AS names
+    FROM unnest(s.depends_on) WITH ORDINALITY AS d(name, ord)
+    WHERE s.status = 'pending' AND s.deps_remaining > 0 AND s.map_width IS NULL
+      AND (SELECT p.status FROM steps p WHERE p.run_id = s.run_id AND p.name = d.name)
+          IN ('pending', 'ready', 'running')
+) wd ON true
+LEFT JOIN LATERAL (
+    SELECT c.key, c.running, c.max_running FROM concurrency_slots c
+    WHERE s.concurrency_key IS NOT NULL AND c.key = s.concurrency_key
+) cs ON true
+LEFT JOIN LATERAL (
+    SELECT m.name FROM steps m WHERE s.map_parent_id IS NOT NULL AND m.id = s.map_parent_id
+) m ON true
 WHERE s.run_id = %(run_id)s
 
 -- name: select_run_status_counts

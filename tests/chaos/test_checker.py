@@ -39,33 +39,104 @@ class History:
         self.steps: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self._token = 100
+        self._step_id = 0
+        self._event_id = 0
 
     def new_run(
-        self, deps: dict[str, list[str]], *, run: str = R1, not_idempotent: tuple[str, ...] = ()
+        self,
+        deps: dict[str, list[str]],
+        *,
+        run: str = R1,
+        not_idempotent: tuple[str, ...] = (),
+        run_if: dict[str, str] | None = None,
+        maps: tuple[str, ...] = (),
+        start_at: datetime | None = None,
     ) -> None:
+        """A new run. Rows carry ``run_if`` / ``is_map`` / ``start_at`` only when given, so
+        the checker's defaults for rows without them are exercised too."""
         self.runs[run] = {"id": run, "status": None}
+        if start_at is not None:
+            self.runs[run]["start_at"] = start_at
         for name, d in deps.items():
-            self.steps[(run, name)] = {
-                "id": len(self.steps) + 1,
+            self._step_id += 1
+            row = {
+                "id": self._step_id,
                 "run_id": run,
                 "name": name,
-                "status": "pending" if d else "ready",
+                "status": "pending" if d or start_at is not None else "ready",
                 "idempotent": name not in not_idempotent,
                 "depends_on": d,
             }
+            if run_if and name in run_if:
+                row["run_if"] = run_if[name]
+            if name in maps:
+                row.update(is_map=True, map_width=None)
+            self.steps[(run, name)] = row
         self.run_event("run_created", run=run)
 
-    def run_event(self, event: str, *, run: str = R1) -> int:
+    def run_event(self, event: str, *, run: str = R1, to: str | None = None) -> int:
         row = self.runs[run]
-        return self._append(run, None, event, row["status"], RUN_EVENT_STATUS[event], row)
+        to = to or RUN_EVENT_STATUS[event]
+        return self._append(run, None, event, row["status"], to, row)
 
     def ev(
-        self, step: str, event: str, token: int | None = None, *, run: str = R1, **detail: Any
+        self,
+        step: str,
+        event: str,
+        token: int | None = None,
+        *,
+        run: str = R1,
+        to: str | None = None,
+        **detail: Any,
     ) -> int:
-        """Append a step event; returns its id."""
+        """Append a step event (to_status `to`, else the usual one); returns its id."""
         row = self.steps[(run, step)]
-        to = STEP_EVENT_STATUS[event]
+        to = to or STEP_EVENT_STATUS[event]
         return self._append(run, step, event, row["status"], to, row, token, detail or None)
+
+    def expand(self, step: str, token: int, width: int, *, run: str = R1) -> list[str]:
+        """step_map_expanded of a claimed map step into `width` ready children (created
+        without an event, as the engine does); returns their names."""
+        row = self.steps[(run, step)]
+        names = [f"{step}[{i}]" for i in range(width)]
+        for i, name in enumerate(names):
+            self._step_id += 1
+            self.steps[(run, name)] = {
+                "id": self._step_id,
+                "run_id": run,
+                "name": name,
+                "status": "ready",
+                "idempotent": row["idempotent"],
+                "depends_on": [],
+                "map_parent_id": row["id"],
+                "map_index": i,
+            }
+        row["map_width"] = width
+        self.ev(step, "step_map_expanded", token, run=run, to="pending" if width else "ready")
+        return names
+
+    def replay(
+        self, start: str, statuses: dict[str, str], *, run: str = R1, unexpand: tuple[str, ...] = ()
+    ) -> None:
+        """A replay from `start`: the children of the map steps `unexpand` are deleted with
+        their audit rows, each step of `statuses` gets a step_replayed to its new status,
+        then run_replayed."""
+        for m in unexpand:
+            parent = self.steps[(run, m)]
+            parent["map_width"] = None
+            gone = {k for k, s in self.steps.items() if s.get("map_parent_id") == parent["id"]}
+            for k in gone:
+                del self.steps[k]
+            self.events = [e for e in self.events if (e["run_id"], e["step_name"]) not in gone]
+        for name, status in statuses.items():
+            self.ev(name, "step_replayed", run=run, to=status, reason="replay", **{"from": start})
+        self.run_event("run_replayed", run=run)
+
+    def succeed(self, *steps: str, run: str = R1) -> None:
+        """Claim and complete each step in turn."""
+        for step in steps:
+            t = self.claim(step, run=run)
+            self.ev(step, "step_succeeded", t, run=run)
 
     def claim(self, step: str, *, run: str = R1) -> int:
         """step_claimed with a new token (and run_started for a pending run); returns it."""
@@ -89,7 +160,8 @@ class History:
         token: int | None = None,
         detail: dict[str, Any] | None = None,
     ) -> int:
-        event_id = len(self.events) + 1
+        self._event_id += 1
+        event_id = self._event_id
         self.events.append(
             {
                 "id": event_id,
@@ -404,6 +476,82 @@ def non_idempotent_reclaimed_after(ending: str, **detail: Any) -> Callable[[], H
     return build
 
 
+def any_failed_claimed_though_all_succeeded() -> History:
+    h = History()
+    h.new_run({"a": [], "on_fail": ["a"]}, run_if={"on_fail": "any_failed"})
+    h.succeed("a")
+    h.ev("on_fail", "step_ready")  # the rule says skipped
+    h.succeed("on_fail")
+    h.run_event("run_completed")
+    return h
+
+
+def all_done_claimed_before_its_dependency_ended() -> History:
+    h = History()
+    h.new_run({"a": [], "cleanup": ["a"]}, run_if={"cleanup": "all_done"})
+    ta = h.claim("a")
+    h.ev("cleanup", "step_ready")  # a is still running
+    h.succeed("cleanup")
+    h.ev("a", "step_succeeded", ta)
+    h.run_event("run_completed")
+    return h
+
+
+def map_joined_before_a_child_succeeded() -> History:
+    h = History()
+    h.new_run({"list": [], "m": ["list"]}, maps=("m",))
+    h.succeed("list")
+    h.ev("m", "step_ready")
+    m0, m1 = h.expand("m", h.claim("m"), 2)
+    h.succeed(m0)
+    h.ev("m", "step_ready")  # m[1] has not even started
+    t = h.claim("m")
+    h.succeed(m1)
+    h.ev("m", "step_succeeded", t)
+    h.run_event("run_completed")
+    return h
+
+
+def map_rejoined_before_its_replayed_child_succeeded() -> History:
+    h = History()
+    h.new_run({"m": []}, maps=("m",))
+    children = h.expand("m", h.claim("m"), 2)
+    h.succeed(*children)
+    h.ev("m", "step_ready")
+    h.succeed("m")
+    h.run_event("run_completed")
+    h.replay("m[1]", {"m[1]": "ready", "m": "pending"})  # the expansion is kept
+    h.ev("m", "step_ready")
+    t = h.claim("m")  # a join, but m[1] is only ready
+    h.succeed("m[1]")
+    h.ev("m", "step_succeeded", t)
+    h.run_event("run_completed")
+    return h
+
+
+def replayed_while_claimed() -> History:
+    h = one_step()
+    h.claim("a")
+    h.replay("a", {"a": "ready"})  # a replay must refuse a running step
+    return h  # the worker's attempt was pulled from under it; nothing else shows it
+
+
+def all_done_pending_after_its_dependency_died() -> History:
+    h = History()
+    h.new_run({"a": [], "cleanup": ["a"]}, run_if={"cleanup": "all_done"})
+    t = h.claim("a")
+    h.ev("a", "step_dead_lettered", t, error="boom", retryable=False)
+    return h  # cleanup should have become ready with the dead letter
+
+
+def map_pending_after_its_children_succeeded() -> History:
+    h = History()
+    h.new_run({"m": []}, maps=("m",))
+    for child in h.expand("m", h.claim("m"), 2):
+        h.succeed(child)  # the last success should have made m ready for its join
+    return h
+
+
 CASES = {
     "claimed while claimed": Case("overlapping_leases", claimed_twice),
     "ended with another token": Case("overlapping_leases", ended_with_another_token),
@@ -438,6 +586,25 @@ CASES = {
         non_idempotent_reclaimed_after("step_retry_scheduled", error="timeout", retryable=True),
     ),
     "pending though its parents succeeded": Case("stuck_pending", pending_after_parents_succeeded),
+    "any_failed claimed, all succeeded": Case(
+        "dependency_not_met", any_failed_claimed_though_all_succeeded
+    ),
+    "all_done claimed before its dependency ended": Case(
+        "dependency_not_met", all_done_claimed_before_its_dependency_ended
+    ),
+    "map joined before a child succeeded": Case(
+        "dependency_not_met", map_joined_before_a_child_succeeded
+    ),
+    "map re-joined before its replayed child succeeded": Case(
+        "dependency_not_met", map_rejoined_before_its_replayed_child_succeeded
+    ),
+    "replayed while claimed": Case("overlapping_leases", replayed_while_claimed),
+    "all_done pending after its dependency died": Case(
+        "stuck_pending", all_done_pending_after_its_dependency_died
+    ),
+    "map pending after its children succeeded": Case(
+        "stuck_pending", map_pending_after_its_children_succeeded
+    ),
 }
 
 
@@ -493,6 +660,232 @@ def test_non_idempotent_claims_are_counted_per_manual_retry() -> None:
     report = h.check()
     assert report.ok, explain(report)
     assert report.non_idempotent_for_review == 0  # reviewed: no longer in dead_letter
+
+
+# --- trigger rules, map fan-out, replay: clean histories ------------------------------------
+
+
+def test_all_done_and_any_failed_steps_claimed_after_a_dead_dependency_are_fine() -> None:
+    """work dies: next (all_succeeded) is skipped and after_next with it; cleanup (all_done)
+    and alert (any_failed) run, after_skip (all_done) runs after its skipped dependency."""
+    h = History()
+    h.new_run(
+        {
+            "work": [],
+            "other": [],
+            "next": ["work"],
+            "after_next": ["next"],
+            "cleanup": ["work", "other"],
+            "alert": ["work"],
+            "after_skip": ["next"],
+        },
+        run_if={"cleanup": "all_done", "alert": "any_failed", "after_skip": "all_done"},
+    )
+    to = h.claim("other")
+    t = h.claim("work")
+    h.ev("work", "step_dead_lettered", t, error="boom", retryable=False)
+    h.ev("next", "step_skipped")
+    h.ev("alert", "step_ready")
+    h.ev("after_next", "step_skipped")
+    h.ev("after_skip", "step_ready")
+    report = h.check()
+    assert report.ok, explain(report)  # all_done waits for other, though work is dead
+    h.ev("other", "step_succeeded", to)
+    h.ev("cleanup", "step_ready")
+    h.succeed("cleanup", "alert", "after_skip")
+    h.run_event("run_failed")
+    report = h.check()
+    assert report.ok, explain(report)
+
+
+def test_completed_run_with_rule_skipped_steps_is_fine() -> None:
+    """Everything succeeds: the any_failed branch is skipped (its all_succeeded dependent in
+    cascade), the all_done notify runs, and the run is completed, not failed."""
+    h = History()
+    h.new_run(
+        {"a": [], "on_fail": ["a"], "page": ["on_fail"], "notify": ["page", "a"]},
+        run_if={"on_fail": "any_failed", "notify": "all_done"},
+    )
+    h.succeed("a")
+    h.ev("on_fail", "step_skipped")
+    h.ev("page", "step_skipped")
+    h.ev("notify", "step_ready")
+    h.succeed("notify")
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+    h.runs[R1]["status"] = "failed"  # a skipped step does not make a run failed
+    assert kinds(h.check()) == {"run_status_mismatch"}
+
+
+def test_manual_retry_of_a_dependency_does_not_take_back_a_decided_dependent() -> None:
+    """work dies, cleanup (all_done) and alert (any_failed) become ready; a person retries
+    work before they are claimed (the retry leaves ready dependents alone). Their claims
+    while work runs again, or after it succeeded, are what the engine does: fine."""
+    h = History()
+    h.new_run(
+        {"work": [], "cleanup": ["work"], "alert": ["work"]},
+        run_if={"cleanup": "all_done", "alert": "any_failed"},
+    )
+    t = h.claim("work")
+    h.ev("work", "step_dead_lettered", t, error="boom", retryable=False)
+    h.ev("cleanup", "step_ready")
+    h.ev("alert", "step_ready")
+    h.ev("work", "step_retried", reason="manual retry")
+    h.succeed("cleanup")  # work is ready again
+    h.succeed("work")
+    h.succeed("alert")  # work has succeeded by now
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+
+
+def map_run(*, not_idempotent: bool = False) -> History:
+    """list -> m (a map step over 3 elements; m[1] fails once and is retried, unless the
+    step is "idempotent": false, which its children inherit) -> after."""
+    h = History()
+    h.new_run(
+        {"list": [], "m": ["list"], "after": ["m"]},
+        maps=("m",),
+        not_idempotent=("m",) if not_idempotent else (),
+    )
+    h.succeed("list")
+    h.ev("m", "step_ready")
+    children = h.expand("m", h.claim("m"), 3)
+    if not not_idempotent:
+        t = h.claim(children[1])
+        h.ev(children[1], "step_retry_scheduled", t, error="transient", retryable=True)
+    h.succeed(*children)
+    h.ev("m", "step_ready")
+    h.succeed("m")  # the join
+    h.ev("after", "step_ready")
+    h.succeed("after")
+    h.run_event("run_completed")
+    return h
+
+
+def test_map_step_with_expansion_and_join_claims_is_fine() -> None:
+    h = map_run()
+    report = h.check()
+    assert report.ok, explain(report)
+    assert (report.steps, report.attempts, report.retries) == (6, 8, 1)
+    claims = [e for e in h.events if e["step_name"] == "m" and e["event"] == "step_claimed"]
+    assert len(claims) == 2  # expansion, then join
+
+
+def test_non_idempotent_map_step_is_not_a_rerun() -> None:
+    """A map step's two claims run no tool of its own: not an at-most-once violation."""
+    report = map_run(not_idempotent=True).check()
+    assert report.ok, explain(report)
+
+
+def test_empty_map_joins_at_once() -> None:
+    h = History()
+    h.new_run({"m": []}, maps=("m",))
+    assert h.expand("m", h.claim("m"), 0) == []  # running -> ready: the join is next
+    h.succeed("m")
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+
+
+def test_replay_reopening_succeeded_steps_then_new_successes_is_fine() -> None:
+    """a -> b ("idempotent": false) completes, is replayed from a, and completes again:
+    each step has two step_succeeded in all but one since its step_replayed, and b's second
+    claim follows a person's replay, not an automatic re-run."""
+    h = History()
+    h.new_run({"a": [], "b": ["a"]}, not_idempotent=("b",))
+    h.succeed("a")
+    h.ev("b", "step_ready")
+    h.succeed("b")
+    h.run_event("run_completed")
+    h.replay("a", {"a": "ready", "b": "pending"})
+    assert h.runs[R1]["status"] == "running"
+    h.succeed("a")
+    h.ev("b", "step_ready")
+    h.succeed("b")
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+    h.events = [e for e in h.events if (e["step_name"], e["event"]) != ("b", "step_replayed")]
+    assert {"success_count", "terminal_changed", "non_idempotent_rerun"} <= kinds(h.check())
+
+
+def test_replay_from_a_map_child_keeps_the_expansion() -> None:
+    """Replayed from m[1]: m keeps its children and its next claim is a join, judged
+    against its children; replayed from list: m's children are deleted, it expands again
+    into new ones, and the old join is not judged against them."""
+    h = map_run()
+    h.replay("m[1]", {"m[1]": "ready", "m": "pending", "after": "pending"})
+    h.succeed("m[1]")
+    h.ev("m", "step_ready")
+    h.succeed("m")
+    h.ev("after", "step_ready")
+    h.succeed("after")
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+
+    h.replay("list", {"list": "ready", "m": "pending", "after": "pending"}, unexpand=("m",))
+    assert (R1, "m[0]") not in h.steps
+    h.succeed("list")
+    h.ev("m", "step_ready")
+    children = h.expand("m", h.claim("m"), 2)
+    h.succeed(*children)
+    h.ev("m", "step_ready")
+    h.succeed("m")
+    h.ev("after", "step_ready")
+    h.succeed("after")
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+
+
+def test_replay_deciding_a_dependent_in_the_same_statement() -> None:
+    """A reset statement writes its step_replayed rows in no particular order: judged after
+    the whole statement. x (any_failed) was decided ready when w died and stayed ready
+    across w's manual retry; a replay from x skips it (w succeeded by now) and decides its
+    all_done dependent s ready, in the same statement, s's row written first."""
+    h = History()
+    h.new_run({"w": [], "x": ["w"], "s": ["x"]}, run_if={"x": "any_failed", "s": "all_done"})
+    t = h.claim("w")
+    h.ev("w", "step_dead_lettered", t, error="boom", retryable=False)
+    h.ev("x", "step_ready")
+    h.ev("w", "step_retried", reason="manual retry")
+    h.succeed("w")
+    h.replay("x", {"s": "ready", "x": "skipped"})  # x is still ready at s's step_replayed
+    h.succeed("s")
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+
+
+def test_delayed_root_waits_pending() -> None:
+    h = History()
+    h.new_run({"a": [], "b": ["a"]}, start_at=datetime(2030, 1, 1, tzinfo=UTC))
+    report = h.check()
+    assert report.ok, explain(report)  # a waits for the start time, not stuck
+    h.ev("a", "step_ready", reason="startAt")
+    h.succeed("a")
+    h.ev("b", "step_ready")
+    h.succeed("b")
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+    undelayed = History()
+    undelayed.new_run({"a": []})
+    undelayed.steps[(R1, "a")]["status"] = "pending"  # no start time: nothing promotes it
+    assert kinds(undelayed.check()) == {"stuck_pending"}
+
+
+def test_missing_step_rows_do_not_crash() -> None:
+    """Events of a step whose row is gone, and a join whose child row is gone, are reported
+    (or not judged), never a crash."""
+    h = map_run()
+    del h.steps[(R1, "m[2]")]
+    report = h.check()
+    assert kinds(report) == {"run_status_mismatch"}, explain(report)
+    assert [v.step for v in report.violations] == ["m[2]"]
 
 
 # --- against a real database ------------------------------------------------------------------
