@@ -392,7 +392,7 @@ async def _reaper_loop(store: Store, interval_s: float) -> None:
             logger.exception("reaper pass failed")
             continue
         if reaped:
-            logger.info("reaper: %d expired lease(s) requeued or dead-lettered", reaped)
+            logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped)
 
 
 def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIApp:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -41,6 +43,16 @@ REF_FIELDS = ("output", "status", "error")
 RunIf = Literal["all_succeeded", "all_done", "any_failed"]
 
 Problem = dict[str, str | None]
+
+
+@dataclass
+class StepRefs:
+    """A step's references as `parse_run` parsed them: `refs` are
+    ``[{"at": [...], "path": [...], "ref": "...", "field": "input...."}]``; `map_path` is a map
+    step's source path, split (None for other steps)."""
+
+    refs: list[dict[str, Any]] = dataclass_field(default_factory=list)
+    map_path: list[str] | None = None
 
 
 class StepSpec(BaseModel):
@@ -64,43 +76,36 @@ class StepSpec(BaseModel):
     )
     max_concurrency: int | None = Field(default=None, ge=1, le=100_000, alias="maxConcurrency")
 
-    # Filled by parse_run from the input's references (private: a client cannot set them).
-    # (default=None, not default_factory: pydantic inspects a factory's signature for every
-    # instance, which made parsing 10,000 steps take seconds)
-    _refs: list[dict[str, Any]] | None = PrivateAttr(default=None)
-    _map_path: list[str] | None = PrivateAttr(default=None)
-
-    @property
-    def refs(self) -> list[dict[str, Any]]:
-        """The input's references: ``[{"at", "path", "ref", "field"}]`` (see module doc)."""
-        return self._refs or []
-
-    @property
-    def map_path(self) -> list[str] | None:
-        """A map step's source path, split; None for other steps."""
-        return self._map_path
-
-    def to_row(self) -> dict[str, Any]:
-        """The JSON object `insert_steps` reads for this step."""
-        ref_steps = sorted({r["path"][1] for r in self.refs if r["path"][0] == "steps"})
-        if self.map_path is not None:
-            ref_steps = sorted({*ref_steps, self.map_path[1]})
-        return {
+    def to_row(self, parsed: StepRefs | None = None) -> dict[str, Any]:
+        """The JSON object `insert_steps` reads for this step, with its references as
+        `parse_run` parsed them (`RunSpec.rows` passes them)."""
+        refs = parsed.refs if parsed is not None else []
+        map_path = parsed.map_path if parsed is not None else None
+        ref_steps = sorted({r["path"][1] for r in refs if r["path"][0] == "steps"})
+        if map_path is not None:
+            ref_steps = sorted({*ref_steps, map_path[1]})
+        row: dict[str, Any] = {
             "name": self.name,
             "tool": self.tool,
             "input": self.input,
             "dependsOn": self.depends_on,
             "maxAttempts": self.max_attempts,
-            "timeoutMs": self.timeout_ms,
             "idempotent": self.idempotent,
-            "runIf": self.run_if,
-            "refs": self.refs or None,
+        }
+        # The rest only when set: insert_steps reads a missing key as NULL (its default), and
+        # a 10,000-step run's JSON stays half the size.
+        optional = {
+            "timeoutMs": self.timeout_ms,
+            "runIf": None if self.run_if == "all_succeeded" else self.run_if,
+            "refs": refs or None,
             "refSteps": ref_steps or None,
             "map": self.map["$ref"] if self.map is not None else None,
-            "mapPath": self.map_path,
+            "mapPath": map_path,
             "concurrencyKey": self.concurrency_key,
             "maxConcurrency": self.max_concurrency,
         }
+        row.update((k, v) for k, v in optional.items() if v is not None)
+        return row
 
 
 class RunSpec(BaseModel):
@@ -116,9 +121,28 @@ class RunSpec(BaseModel):
     priority: int = Field(default=0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
     start_at: AwareDatetime | None = Field(default=None, alias="startAt")
 
+    # Filled by parse_run (private: a client cannot set it): step name -> its references.
+    _parsed: dict[str, StepRefs] | None = PrivateAttr(default=None)
+
+    def refs_of(self, name: str) -> StepRefs:
+        """The references `parse_run` found in step `name` (none for a step it did not see)."""
+        return (self._parsed or {}).get(name) or StepRefs()
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every step as `StepSpec.to_row` shapes it, with its references, and
+        ``maySkipChildren`` on the steps an ``any_failed`` dependent waits for."""
+        awaited = {d for s in self.steps if s.run_if == "any_failed" for d in s.depends_on}
+        rows = []
+        for s in self.steps:
+            row = s.to_row(self.refs_of(s.name))
+            if s.name in awaited:
+                row["maySkipChildren"] = True
+            rows.append(row)
+        return rows
+
     def steps_json(self) -> str:
         """All steps as the JSON array `insert_steps` takes."""
-        return json.dumps([s.to_row() for s in self.steps], separators=(",", ":"))
+        return json.dumps(self.rows(), separators=(",", ":"))
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -210,6 +234,7 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
             problems.append({"step": step.name, "field": "name", "problem": "duplicate step name"})
         names.add(step.name)
     key_limits: dict[str, tuple[int, str]] = {}
+    refs_by_step: dict[str, StepRefs] = {}
     for step in spec.steps:
         for dep in step.depends_on:
             if dep == step.name:
@@ -233,7 +258,9 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
                 {"step": step.name, "field": "dependsOn", "problem": "lists a dependency twice"}
             )
         problems.extend(_concurrency_problems(step, key_limits))
-        step_problems = _collect_step_refs(step, names)
+        step_problems: list[Problem] = []
+        parsed = _collect_step_refs(step, names, step_problems)
+        refs_by_step[step.name] = parsed
         problems.extend(step_problems)
         try:
             tool = get_tool(step.tool)
@@ -242,7 +269,7 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
             continue
         if step_problems:
             continue
-        ref_places = [tuple(r["at"]) for r in step.refs]
+        ref_places = [tuple(r["at"]) for r in parsed.refs]
         try:
             tool.parse_input(step.input)
         except ValidationError as exc:
@@ -273,9 +300,10 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
                 }
             )
         else:
-            problems.extend(_ancestor_problems(spec.steps))
+            problems.extend(_ancestor_problems(spec.steps, refs_by_step))
     if problems:
         raise ValidationFailed(problems)
+    spec._parsed = refs_by_step
     return spec
 
 
@@ -364,9 +392,9 @@ def _ref_problem(step: StepSpec, field: str, problem: str) -> Problem:
     return {"step": step.name, "field": field, "problem": problem}
 
 
-def _collect_step_refs(step: StepSpec, names: set[str]) -> list[Problem]:
-    """Parse the step's references into `step.refs` / `step.map_path`; return the problems."""
-    problems: list[Problem] = []
+def _collect_step_refs(step: StepSpec, names: set[str], problems: list[Problem]) -> StepRefs:
+    """Parse the step's references; append what is wrong with them to `problems`."""
+    parsed = StepRefs()
     found: list[tuple[list[str], Any]] = []
     _find_refs(step.input, [], found)
     refs: list[dict[str, Any]] = []
@@ -390,7 +418,7 @@ def _collect_step_refs(step: StepSpec, names: set[str]) -> list[Problem]:
             )
             continue
         refs.append({"at": at, "path": path, "ref": ref, "field": field})
-    step._refs = refs
+    parsed.refs = refs
     if step.map is not None:
         ref = step.map.get("$ref")
         if len(step.map) != 1 or not isinstance(ref, str):
@@ -408,14 +436,14 @@ def _collect_step_refs(step: StepSpec, names: set[str]) -> list[Problem]:
                         _ref_problem(step, "map", f"$ref {ref!r} must name a step's output")
                     )
                 else:
-                    step._map_path = path
-    return problems
+                    parsed.map_path = path
+    return parsed
 
 
-def _ancestor_problems(steps: list[StepSpec]) -> list[Problem]:
+def _ancestor_problems(steps: list[StepSpec], parsed: dict[str, StepRefs]) -> list[Problem]:
     """A reference may name only an ancestor: a step reachable through ``dependsOn``, which
     is sure to have ended before this step starts."""
-    if not any(s.refs or s.map_path for s in steps):
+    if not any(p.refs or p.map_path for p in parsed.values()):
         return []
     # Ancestor sets as bitsets (Python ints, bit i = step i), built in topological order:
     # linear in steps x dependencies x (steps / 64), where sets of names were quadratic.
@@ -444,9 +472,10 @@ def _ancestor_problems(steps: list[StepSpec]) -> list[Problem]:
 
     problems: list[Problem] = []
     for step in steps:
-        named = [(r["field"], r["ref"], r["path"]) for r in step.refs if r["path"][0] == "steps"]
-        if step.map is not None and step.map_path is not None:
-            named.append(("map", step.map["$ref"], step.map_path))
+        mine = parsed.get(step.name) or StepRefs()
+        named = [(r["field"], r["ref"], r["path"]) for r in mine.refs if r["path"][0] == "steps"]
+        if step.map is not None and mine.map_path is not None:
+            named.append(("map", step.map["$ref"], mine.map_path))
         if not named:
             continue
         for field, ref, path in named:

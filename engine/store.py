@@ -206,13 +206,18 @@ class Store:
         async def op() -> None:
             async with self.pool.connection() as conn:
                 await transitions.complete_step(
-                    conn, step.id, step.lease_token, output_json, worker_id=worker_id
+                    conn,
+                    step.id,
+                    step.lease_token,
+                    output_json,
+                    worker_id=worker_id,
+                    may_skip=step.may_skip_children,
                 )
 
         await retrying(op, what=f"recording success of {step.name}", deadline_s=self.lease_ttl_s)
 
     async def complete_many(
-        self, results: list[tuple[int, int, str]], *, worker_id: str
+        self, results: list[tuple[int, int, str]], *, worker_id: str, may_skip: bool = True
     ) -> dict[int, str | None]:
         """Record a batch of successes ``[(step_id, token, output_json_text)]`` in one
         statement; see `transitions.record_successes` for the result. Retried through
@@ -220,7 +225,9 @@ class Store:
 
         async def op() -> dict[int, str | None]:
             async with self.pool.connection() as conn:
-                return await transitions.record_successes(conn, results, worker_id=worker_id)
+                return await transitions.record_successes(
+                    conn, results, worker_id=worker_id, may_skip=may_skip
+                )
 
         return await retrying(
             op, what=f"recording {len(results)} successes", deadline_s=self.lease_ttl_s

@@ -91,6 +91,7 @@ class ClaimedStep:
     input_error: str | None = None
     map_expand: bool = False
     map_join: bool = False
+    may_skip_children: bool = True
 
     @property
     def idempotency_key(self) -> str:
@@ -172,6 +173,7 @@ async def claim_steps(
             input_error=None if r["resolved_input"] is None else r["resolved_input"].get("error"),
             map_expand=r["map_expand"],
             map_join=r["map_join"],
+            may_skip_children=r["may_skip_children"],
             attempt=r["attempt"],
             max_attempts=r["max_attempts"],
             timeout_ms=r["timeout_ms"],
@@ -207,44 +209,76 @@ async def heartbeat_leases(
 
 
 async def complete_steps(
-    conn: Conn, results: list[tuple[int, int, str]], *, worker_id: str
+    conn: Conn,
+    results: list[tuple[int, int, str]],
+    *,
+    worker_id: str,
+    may_skip: bool = True,
 ) -> set[int]:
-    """Record successes ``[(step_id, token, output_json_text), ...]`` in one transaction.
+    """Record successes ``[(step_id, token, output_json_text), ...]``.
 
     Each becomes ``succeeded`` only if its token is current and its lease live; dependents
-    whose last dependency this was are decided by their trigger rule (ready, or skipped with
-    their own dependents settled) and the run finishes when nothing is left. Returns the ids
-    recorded. (The output of a map step's join is built by the statement; its text here is
-    ignored.)
+    whose last dependency this was are decided by their trigger rule and the run finishes
+    when nothing is left. Returns the ids recorded. (The output of a map step's join is built
+    by the statement; its text here is ignored.)
+
+    `may_skip`: some step of the batch has a dependent with ``"runIf": "any_failed"``
+    (`ClaimedStep.may_skip_children`), which its success may skip; the statement then runs in
+    a transaction with the settling of the skipped step's own dependents. Otherwise it runs
+    alone on the autocommit connection: one round trip, and the run row's lock is released
+    when the statement ends instead of a COMMIT round trip later (measured: that wait cost
+    W2, whose completions share run rows, about a third of its rate).
     """
     if not results:
         return set()
+    if not may_skip and conn.autocommit:
+        rows = await _complete_statement(conn, results, worker_id)
+        skipped = [(r["id"], str(r["run_id"])) for r in rows if r["skipped"]]
+        if skipped:  # may_skip_children is set at submit for every such parent: not expected
+            logger.warning("completion skipped %d step(s) its caller did not expect", len(skipped))
+            async with conn.transaction():
+                await _settle_dependents(conn, skipped, are_dead=False, already_counted=True)
+        return {r["id"] for r in rows if not r["skipped"]}
     async with conn.transaction():
-        cur = await conn.execute(
-            queries["complete_steps"],
-            {
-                "ids": [r[0] for r in results],
-                "tokens": [r[1] for r in results],
-                "outputs": [r[2] for r in results],
-                "worker_id": worker_id,
-            },
-        )
-        rows = await cur.fetchall()
+        rows = await _complete_statement(conn, results, worker_id)
         skipped = [(r["id"], str(r["run_id"])) for r in rows if r["skipped"]]
         if skipped:
             await _settle_dependents(conn, skipped, are_dead=False, already_counted=True)
     return {r["id"] for r in rows if not r["skipped"]}
 
 
+async def _complete_statement(
+    conn: Conn, results: list[tuple[int, int, str]], worker_id: str
+) -> list[DictRow]:
+    cur = await conn.execute(
+        queries["complete_steps"],
+        {
+            "ids": [r[0] for r in results],
+            "tokens": [r[1] for r in results],
+            "outputs": [r[2] for r in results],
+            "worker_id": worker_id,
+        },
+    )
+    return await cur.fetchall()
+
+
 async def complete_step(
-    conn: Conn, step_id: int, token: int, output_json: str, *, worker_id: str
+    conn: Conn,
+    step_id: int,
+    token: int,
+    output_json: str,
+    *,
+    worker_id: str,
+    may_skip: bool = True,
 ) -> None:
     """Record one success; raises `LeaseLost` when the token is not current.
 
     Safe to call again after an ambiguous commit (the connection dropped after COMMIT):
     finding the step already ``succeeded`` under the same token is success, not an error.
     """
-    recorded = await complete_steps(conn, [(step_id, token, output_json)], worker_id=worker_id)
+    recorded = await complete_steps(
+        conn, [(step_id, token, output_json)], worker_id=worker_id, may_skip=may_skip
+    )
     if step_id in recorded:
         return
     state = await _lease_state(conn, step_id)
@@ -254,14 +288,18 @@ async def complete_step(
 
 
 async def record_successes(
-    conn: Conn, results: list[tuple[int, int, str]], *, worker_id: str
+    conn: Conn,
+    results: list[tuple[int, int, str]],
+    *,
+    worker_id: str,
+    may_skip: bool = True,
 ) -> dict[int, str | None]:
     """Record a batch of successes ``[(step_id, token, output_json_text), ...]`` in one
     statement (`complete_steps`) and say what became of each: ``{step_id: None}`` when it is
     recorded, ``{step_id: reason}`` when its lease was lost (the reason is the `LeaseLost`
     message). Like `complete_step`, safe to call again after an ambiguous commit: a step
     found ``succeeded`` under the same token counts as recorded."""
-    recorded = await complete_steps(conn, results, worker_id=worker_id)
+    recorded = await complete_steps(conn, results, worker_id=worker_id, may_skip=may_skip)
     outcome: dict[int, str | None] = {r[0]: None for r in results if r[0] in recorded}
     missing = [r for r in results if r[0] not in recorded]
     if missing:
@@ -342,10 +380,11 @@ async def release_steps(conn: Conn, leases: list[tuple[int, int]], *, worker_id:
 
 
 async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> int | None:
-    """The reaper's pass: requeue (or dead-letter) running steps whose lease expired.
+    """The reaper's pass: requeue (or dead-letter) running steps whose lease expired, and
+    make ready the delayed roots whose run's startAt has come.
 
     Only one process reaps at a time (a transaction-scoped advisory lock); returns None when
-    another holds it, else the number of steps reaped.
+    another holds it, else the number of steps requeued, dead-lettered or made ready.
     """
     async with conn.transaction():
         cur = await conn.execute(queries["reaper_try_lock"])
@@ -357,7 +396,9 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> int | None:
         dead = [(r["id"], str(r["run_id"])) for r in rows if r["status"] == "dead_letter"]
         if dead:
             await _after_dead_letters(conn, dead)
-    return len(rows)
+        cur = await conn.execute(queries["promote_due_steps"], {"limit": limit})
+        due = await cur.fetchone()
+    return len(rows) + (int(due["n"]) if due else 0)
 
 
 async def prune_finished_runs(conn: Conn, *, retention_s: float, limit: int = 100) -> int:

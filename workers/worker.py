@@ -127,6 +127,7 @@ class SuccessBatcher:
             outcome = await self.store.complete_many(
                 [(step.id, step.lease_token, text) for step, text, _ in batch],
                 worker_id=self.worker_id,
+                may_skip=any(step.may_skip_children for step, _, _ in batch),
             )
         except Exception as exc:  # every waiter learns the write failed
             for _, _, future in batch:
@@ -503,7 +504,7 @@ class Worker:
                 logger.exception("reaper pass failed")
                 continue
             if reaped:
-                logger.info("reaper: %d expired lease(s) requeued or dead-lettered", reaped)
+                logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped)
                 self._wake.set()
             if self.settings.retention_days > 0 and time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL_S

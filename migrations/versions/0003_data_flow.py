@@ -12,6 +12,8 @@ Steps:
 - ``map`` / ``map_path``: a map step's source; ``map_width`` its child count once expanded;
   ``map_parent_id`` / ``map_index`` / ``map_item`` on each child.
 - ``priority`` (copied from the run), ``concurrency_key`` / ``max_concurrency``.
+- ``may_skip_children``: a dependent has ``"runIf": "any_failed"``, so this step's success
+  may skip it (and the completion must then run in a transaction that settles the skip).
 
 ``steps_ready_idx`` becomes ``(priority DESC, available_at, id)``: the claim's order.
 Delayed roots (``startAt``) wait as ``pending`` with no dependencies left; the claim
@@ -57,7 +59,8 @@ ALTER TABLE steps
     ADD COLUMN map_width integer CHECK (map_width >= 0),
     ADD COLUMN map_parent_id bigint,
     ADD COLUMN map_index integer,
-    ADD COLUMN map_item jsonb;
+    ADD COLUMN map_item jsonb,
+    ADD COLUMN may_skip_children boolean NOT NULL DEFAULT false;
 
 DROP INDEX steps_ready_idx;
 CREATE INDEX steps_ready_idx ON steps (priority DESC, available_at, id) WHERE status = 'ready';
@@ -188,7 +191,7 @@ ALTER TABLE steps
     DROP COLUMN concurrency_key, DROP COLUMN max_concurrency, DROP COLUMN refs,
     DROP COLUMN ref_steps, DROP COLUMN resolved_input, DROP COLUMN map, DROP COLUMN map_path,
     DROP COLUMN map_width, DROP COLUMN map_parent_id, DROP COLUMN map_index,
-    DROP COLUMN map_item;
+    DROP COLUMN map_item, DROP COLUMN may_skip_children;
 ALTER TABLE runs DROP COLUMN priority, DROP COLUMN start_at;
 """
 

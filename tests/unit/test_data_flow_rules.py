@@ -46,7 +46,7 @@ def test_reference_to_an_ancestor_is_accepted_and_parsed() -> None:
         },
         max_steps=10,
     )
-    row = spec.steps[2].to_row()
+    row = spec.rows()[2]
     assert row["refs"] == [
         {
             "at": ["url"],
@@ -125,7 +125,7 @@ def test_a_map_step_may_use_item_and_index_and_its_schema_is_checked_around_them
         },
         max_steps=10,
     )
-    row = spec.steps[1].to_row()
+    row = spec.rows()[1]
     assert row["mapPath"] == ["steps", "list", "output", "items"]
     assert row["refs"][0]["path"] == ["item", "wait"]
     # a field that is not a reference is still checked against the tool's schema
