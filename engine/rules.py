@@ -19,7 +19,7 @@ Python, used by `plan_reset` and checked against the SQL by the tests.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 UNFINISHED = frozenset({"pending", "ready", "running"})
@@ -172,9 +172,3 @@ def plan_reset(
                 if indegree[child] == 0:
                     order.append(child)
     return plan, sorted(dropped)
-
-
-def running_in(steps: Mapping[int, GraphStep], ids: Iterable[int]) -> list[GraphStep]:
-    """The steps among `ids` that are running (a reset must not pull a step from under a
-    worker)."""
-    return [steps[i] for i in ids if steps[i].status == "running"]

@@ -438,13 +438,9 @@ async def retry_dead_letter(conn: Conn, run_id: str, step_name: str, *, reason: 
     in ``dead_letter`` or the run was cancelled.
     """
     async with conn.transaction():
-        run = await _lock_run(conn, run_id)
-        if run["status"] == "cancelled":
-            raise IllegalTransition(f"run {run_id} is cancelled; its steps cannot be retried")
-        steps, edges = await _run_graph(conn, run_id)
-        seed = next((st for st in steps.values() if st.name == step_name), None)
-        if seed is None:
-            raise NotFound(f"run {run_id} has no step {step_name!r}")
+        run, steps, edges, seed = await _reset_target(
+            conn, run_id, step_name, refusal="its steps cannot be retried"
+        )
         if seed.status != "dead_letter":
             raise IllegalTransition(
                 f"step {step_name!r} is {seed.status}, not dead_letter; "
@@ -481,13 +477,9 @@ async def replay_from(conn: Conn, run_id: str, step_name: str, *, reason: str) -
     wait for it, or cancel the run).
     """
     async with conn.transaction():
-        run = await _lock_run(conn, run_id)
-        if run["status"] == "cancelled":
-            raise IllegalTransition(f"run {run_id} is cancelled; it cannot be replayed")
-        steps, edges = await _run_graph(conn, run_id)
-        seed = next((st for st in steps.values() if st.name == step_name), None)
-        if seed is None:
-            raise NotFound(f"run {run_id} has no step {step_name!r}")
+        run, steps, edges, seed = await _reset_target(
+            conn, run_id, step_name, refusal="it cannot be replayed"
+        )
         plan, dropped = plan_reset(
             steps.values(),
             edges,
@@ -517,6 +509,21 @@ async def replay_from(conn: Conn, run_id: str, step_name: str, *, reason: str) -
             {"run_id": run_id, "event": "run_replayed", "reason": reason, "from_step": step_name},
         )
     return len(plan)
+
+
+async def _reset_target(
+    conn: Conn, run_id: str, step_name: str, *, refusal: str
+) -> tuple[DictRow, dict[int, GraphStep], list[tuple[int, int]], GraphStep]:
+    """Inside a reset's transaction: lock the run and its steps, and find the step named.
+    Raises `NotFound`, or `IllegalTransition` (with `refusal`) for a cancelled run."""
+    run = await _lock_run(conn, run_id)
+    if run["status"] == "cancelled":
+        raise IllegalTransition(f"run {run_id} is cancelled; {refusal}")
+    steps, edges = await _run_graph(conn, run_id)
+    seed = next((st for st in steps.values() if st.name == step_name), None)
+    if seed is None:
+        raise NotFound(f"run {run_id} has no step {step_name!r}")
+    return run, steps, edges, seed
 
 
 async def _run_graph(conn: Conn, run_id: str) -> tuple[dict[int, GraphStep], list[tuple[int, int]]]:

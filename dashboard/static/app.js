@@ -403,6 +403,11 @@
       }
     }
     if (e.stepName) {
+      if (e.event === "step_map_expanded" || e.event === "step_replayed") {
+        // Steps were added (a map's children) or may be gone (a replayed map's): the
+        // snapshot has the new shape.
+        reloadSoon(cur);
+      }
       const s = cur.steps.get(e.stepName);
       if (!s) return;
       const prev = s.status;
@@ -547,7 +552,7 @@
     const s = cur.steps.get(name);
     if (got && s) {
       // Status and attempt stay as the live stream has them; the rest comes from the GET.
-      for (const k of ["input", "output", "error", "availableAt", "leaseOwner", "leaseExpiresAt", "startedAt", "finishedAt", "createdAt", "timeoutMs", "idempotent", "maxAttempts"]) {
+      for (const k of ["input", "resolvedInput", "output", "error", "waitingFor", "availableAt", "leaseOwner", "leaseExpiresAt", "startedAt", "finishedAt", "createdAt", "timeoutMs", "idempotent", "maxAttempts"]) {
         s[k] = got[k];
       }
       if (got.status === s.status) s.stale = false;
@@ -581,6 +586,33 @@
     if (state.current === cur && state.selected) renderDetail();
   }
 
+  function reloadSoon(cur) {
+    if (cur.reload) return;
+    cur.reload = setTimeout(() => {
+      if (state.current === cur) openRun(cur.id);
+    }, 250);
+  }
+
+  function describeWaiting(w) {
+    if (!w || w.reason === "running") return null;
+    switch (w.reason) {
+      case "dependencies":
+        return `dependencies: ${w.steps.join(", ")}`;
+      case "mapChildren":
+        return `${w.remaining} of ${w.width} map children`;
+      case "startAt":
+        return `the run's start time, ${fmtTime(w.until)}`;
+      case "backoff":
+        return `backoff after attempt ${w.attempt}, until ${fmtTime(w.until)}`;
+      case "concurrencyKey":
+        return `concurrency key ${w.key} (${w.running} of ${w.maxConcurrency} running)`;
+      case "noLiveWorker":
+        return `a live worker with the tool ${w.tool}`;
+      default:
+        return "a free worker slot";
+    }
+  }
+
   function renderDetail() {
     const cur = state.current;
     const name = state.selected;
@@ -607,10 +639,18 @@
       ["attempt", `${s.attempt} of ${s.maxAttempts}`],
       ["worker", worker || "—"],
       ["depends on", s.dependsOn.length ? s.dependsOn.join(", ") : "—"],
+    ];
+    if (s.runIf && s.runIf !== "all_succeeded") facts.push(["runs if", s.runIf]);
+    if (s.map) facts.push(["map over", s.mapWidth == null ? s.map : `${s.map} (${s.mapWidth} children)`]);
+    if (s.mapOf) facts.push(["map child", `${s.mapOf} #${s.mapIndex}`]);
+    if (s.concurrencyKey) facts.push(["concurrency key", `${s.concurrencyKey} (at most ${s.maxConcurrency})`]);
+    const waiting = TERMINAL_STEP.has(s.status) ? null : describeWaiting(s.waitingFor);
+    if (waiting) facts.push(["waiting for", waiting]);
+    facts.push(
       ["created", fmtTime(s.createdAt)],
       ["started", s.startedAt ? fmtTime(s.startedAt) : "—"],
       ["finished", s.finishedAt ? fmtTime(s.finishedAt) : "—"],
-    ];
+    );
     if (s.startedAt && s.finishedAt) facts.push(["took", fmtDuration(Date.parse(s.finishedAt) - Date.parse(s.startedAt))]);
     if (s.status === "ready" && s.availableAt) facts.push(["available at", fmtTime(s.availableAt)]);
     if (s.status === "running" && s.leaseExpiresAt) facts.push(["lease expires", fmtTime(s.leaseExpiresAt)]);
@@ -618,7 +658,7 @@
     facts.push(["idempotent", s.idempotent ? "yes" : "no (never re-run automatically)"]);
     facts.push(["idempotency key", s.idempotencyKey]);
     $("step-facts").innerHTML = facts.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join("");
-    $("step-input").textContent = json(s.input);
+    $("step-input").textContent = s.resolvedInput == null ? json(s.input) : `${json(s.resolvedInput)}\n\n(as submitted: ${json(s.input)})`;
     $("step-output").textContent = s.stale && s.status === "succeeded" && s.output == null ? "loading…" : json(s.output);
     $("step-error-block").hidden = !s.error;
     $("step-error").textContent = s.error || "";

@@ -68,6 +68,11 @@
         const j = index.get(d);
         if (j !== undefined) edges.push(j, i);
       }
+      if (s.mapOf) {
+        // a map child feeds its map step, which joins the children's outputs
+        const j = index.get(s.mapOf);
+        if (j !== undefined) edges.push(i, j);
+      }
     });
     const big = steps.length > BIG_NODES || edges.length / 2 > BIG_EDGES;
     const id = ++layoutSeq;

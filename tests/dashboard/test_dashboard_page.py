@@ -210,6 +210,46 @@ def test_click_dead_lettered_step_and_retry(page: Any, live: str, tmp_path: Path
     assert_not_reloaded(page)
 
 
+def test_map_children_appear_live_and_a_step_says_what_it_waits_for(
+    page: Any, live: str, tmp_path: Path
+) -> None:
+    """A map step's children are not in the first snapshot: they appear once it expands,
+    joined to it by edges; a waiting step's detail names what it waits for."""
+    flag = tmp_path / "go"
+    run = submit(
+        live,
+        {
+            "goal": "map on the page",
+            "steps": [
+                {"name": "list", "tool": "TEST_EMIT", "input": {"value": [1, 2, 3]}},
+                {
+                    "name": "each",
+                    "tool": "TEST_FAIL_UNTIL_FILE",
+                    "input": {"path": str(flag)},
+                    "map": {"$ref": "steps.list.output"},
+                    "dependsOn": ["list"],
+                    "maxAttempts": 50,
+                },
+                delay("after", "each"),
+            ],
+        },
+    )
+    open_page(page, f"{live}/#/runs/{run['id']}")
+    for i in range(3):
+        node(page, f"each[{i}]").wait_for()  # the children arrived without a reload
+    node(page, "after").click()
+    page.wait_for_selector('#step-facts:has-text("waiting for")')
+    page.wait_for_selector('#step-facts:has-text("dependencies: each")')
+    node(page, "each").click()
+    page.wait_for_selector('#step-facts:has-text("map over")')
+    page.wait_for_selector('#step-facts:has-text("3 children")')
+    flag.write_text("go")
+    node(page, "after").and_(page.locator('[data-status="succeeded"]')).wait_for()
+    page.wait_for_selector('#run-status[data-status="completed"]')
+    assert page.locator("#graph g.node").count() == 6
+    assert_not_reloaded(page)
+
+
 def test_cancel_button_cancels_the_run(page: Any, live: str, db_url: str) -> None:
     steps = [delay("slow", ms=60_000), delay("b", "slow")]
     run = submit(live, {"goal": "to cancel", "steps": steps})
