@@ -71,10 +71,10 @@ SELECT %(run_id)s, 'run_created', 'pending',
 -- name: claim_steps
 -- ready -> running for up to %(limit)s steps whose backoff has passed, highest priority
 -- first, then oldest (FIFO within a priority). In the same statement:
--- - steps with a concurrency key take a slot of concurrency_slots: the UPDATE of a slot row
---   is re-checked on its newest version (READ COMMITTED's EvalPlanQual), so claimers racing
---   for the last slot cannot both get it. Slot rows are locked in key order (no deadlock
---   between claimers); keys already full are not picked at all;
+-- - steps with a concurrency key take a slot of concurrency_slots (pgdag_take_slots,
+--   migration 0003: the slot row's UPDATE is re-checked on its newest version, so claimers
+--   racing for the last slot cannot both get it; rows locked in key order); keys already
+--   full are not picked at all;
 -- - references in the input are resolved against the outputs of the steps they name (and a
 --   map child's element) and stored with the attempt (resolved_input, and the audit row).
 -- The MATERIALIZED CTE keeps LIMIT + SKIP LOCKED from locking more rows than it returns
@@ -89,30 +89,13 @@ WITH picked AS MATERIALIZED (
     ORDER BY priority DESC, available_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-), wants AS (
-    SELECT concurrency_key AS key, count(*)::integer AS n
-    FROM picked WHERE concurrency_key IS NOT NULL GROUP BY concurrency_key
-), locked_slots AS (
-    SELECT cs.key FROM concurrency_slots cs JOIN wants w ON w.key = cs.key
-    ORDER BY cs.key
-    FOR UPDATE OF cs
-), grants AS (
-    UPDATE concurrency_slots cs
-    SET granted = least(w.n, greatest(cs.max_running - cs.running, 0)),
-        running = cs.running + least(w.n, greatest(cs.max_running - cs.running, 0))
-    FROM wants w JOIN locked_slots l ON l.key = w.key
-    WHERE cs.key = w.key
-    RETURNING cs.key, cs.granted
 ), chosen AS (
     SELECT id FROM picked WHERE concurrency_key IS NULL
     UNION ALL
-    SELECT p.id
-    FROM (SELECT id, concurrency_key,
-                 row_number() OVER (PARTITION BY concurrency_key
-                                    ORDER BY priority DESC, available_at, id) AS rn
-          FROM picked WHERE concurrency_key IS NOT NULL) p
-    JOIN grants g ON g.key = p.concurrency_key
-    WHERE p.rn <= g.granted
+    SELECT pgdag_take_slots(array_agg(id ORDER BY priority DESC, available_at, id),
+                            array_agg(concurrency_key ORDER BY priority DESC, available_at, id))
+    FROM picked WHERE concurrency_key IS NOT NULL
+    HAVING count(*) > 0
 ), claimed AS (
     UPDATE steps s
     SET status = 'running',
@@ -123,15 +106,9 @@ WITH picked AS MATERIALIZED (
         started_at = now(),
         updated_at = now(),
         resolved_input = CASE WHEN s.refs IS NULL OR s.map_path IS NOT NULL THEN NULL
-            ELSE pgdag_resolve_input(s.input, s.refs, jsonb_build_object(
-                'steps', (SELECT coalesce(jsonb_object_agg(p.name,
-                              jsonb_build_object('status', p.status, 'error', p.error)
-                              || CASE WHEN p.status = 'succeeded'
-                                      THEN jsonb_build_object('output', p.output)
-                                      ELSE '{}'::jsonb END), '{}'::jsonb)
-                          FROM steps p
-                          WHERE p.run_id = s.run_id AND p.name = ANY(s.ref_steps)),
-                'item', s.map_item, 'index', s.map_index)) END
+            ELSE pgdag_resolve_input(s.input, s.refs,
+                     pgdag_ref_context(s.run_id, s.ref_steps)
+                     || jsonb_build_object('item', s.map_item, 'index', s.map_index)) END
     FROM chosen
     WHERE s.id = chosen.id
     RETURNING s.id, s.run_id, s.name, s.tool, s.input, s.attempt, s.max_attempts,
@@ -660,14 +637,7 @@ WITH target AS (
            pgdag_resolve_input('{"items": null}'::jsonb,
                jsonb_build_array(jsonb_build_object('at', '["items"]'::jsonb,
                    'path', s.map_path, 'ref', s.map, 'field', 'map')),
-               jsonb_build_object('steps', (
-                   SELECT coalesce(jsonb_object_agg(p.name,
-                              jsonb_build_object('status', p.status, 'error', p.error)
-                              || CASE WHEN p.status = 'succeeded'
-                                      THEN jsonb_build_object('output', p.output)
-                                      ELSE '{}'::jsonb END), '{}'::jsonb)
-                   FROM steps p
-                   WHERE p.run_id = s.run_id AND p.name = s.map_path ->> 1))) AS src
+               pgdag_ref_context(s.run_id, ARRAY[s.map_path ->> 1])) AS src
     FROM steps s
     WHERE s.id = %(id)s AND s.lease_token = %(token)s AND s.status = 'running'
       AND s.lease_expires_at > now() AND s.map_path IS NOT NULL AND s.map_width IS NULL
