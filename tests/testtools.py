@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,7 +64,7 @@ class EmitInput(BaseModel):
 
 
 @tool("TEST_EMIT", EmitInput)
-async def emit(inp: EmitInput, ctx: ToolContext) -> object:
+async def emit_tool(inp: EmitInput, ctx: ToolContext) -> object:
     """Return `value` as the output (a list to map over, an object to reference)."""
     return inp.value
 
@@ -73,7 +74,7 @@ class EchoInput(BaseModel):
 
 
 @tool("TEST_ECHO", EchoInput)
-async def echo(inp: EchoInput, ctx: ToolContext) -> dict[str, object]:
+async def echo_tool(inp: EchoInput, ctx: ToolContext) -> dict[str, object]:
     """Return the input it was given (after its references were resolved)."""
     return {"got": inp.model_dump(), "step": ctx.step_name}
 
@@ -111,3 +112,22 @@ async def barrier(inp: BarrierInput, ctx: ToolContext) -> dict[str, object]:
             raise ToolError("barrier: not every party arrived within 30 s")
         await asyncio.sleep(0.002)
     return {"arrived": ctx.step_name}
+
+
+# Step builders for run bodies that use these tools.
+
+
+def emit(name: str, value: Any, *deps: str, **extra: Any) -> dict[str, Any]:
+    """A TEST_EMIT step whose output is `value`."""
+    return {
+        "name": name,
+        "tool": "TEST_EMIT",
+        "input": {"value": value},
+        "dependsOn": list(deps),
+        **extra,
+    }
+
+
+def echo(name: str, inp: dict[str, Any], *deps: str, **extra: Any) -> dict[str, Any]:
+    """A TEST_ECHO step: its output is `inp` as it ran (references resolved)."""
+    return {"name": name, "tool": "TEST_ECHO", "input": inp, "dependsOn": list(deps), **extra}

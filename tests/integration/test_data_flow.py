@@ -23,24 +23,11 @@ from tests.support import (
     wait_run_finished,
     workers,
 )
+from tests.testtools import echo, emit
 
 load_tool_modules(["workers.tools.builtin", "tests.testtools"])  # submit() validates inputs
 
 TOOLS = {"PGDAG_TOOLS": "tests.testtools", "PGDAG_HTTP_ALLOW_PRIVATE": "1"}
-
-
-def emit(name: str, value: Any, *deps: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "tool": "TEST_EMIT",
-        "input": {"value": value},
-        "dependsOn": list(deps),
-        **extra,
-    }
-
-
-def echo(name: str, inp: dict[str, Any], *deps: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "tool": "TEST_ECHO", "input": inp, "dependsOn": list(deps), **extra}
 
 
 def api_steps(base: str, run_id: str) -> dict[str, dict[str, Any]]:
