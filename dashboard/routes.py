@@ -77,8 +77,14 @@ _TEMPLATE = _page_template()
 
 
 async def page(request: Request) -> Response:
-    """The dashboard page; asset URLs carry ``?token=`` when the page was opened with one."""
-    token = request.query_params.get("token")
+    """The dashboard page; asset URLs carry ``?token=`` when the page was opened with one.
+
+    That is the configured token, percent-encoded: the request got here past the bearer
+    check, so the token it carried is that one however the address bar spelt it (a
+    base64 token's ``+`` pasted as it is would read as a space in a form-decoded query).
+    """
+    configured: str | None = request.app.state.settings.api_token
+    token = configured if configured and "token" in request.query_params else None
     query = f"?token={quote(token, safe='')}" if token else ""
     body = _TEMPLATE.replace("{{static}}", STATIC_URL).replace("{{query}}", html.escape(query))
     return HTMLResponse(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import random
@@ -20,10 +19,11 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from dashboard.routes import routes as dashboard_routes  # the page at / (mounted only)
 from engine import ws
@@ -31,6 +31,7 @@ from engine.config import Settings
 from engine.dag import parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
+from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.live import EventHub
 from engine.store import Store
 from engine.tools import load_tool_modules
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 500
+CORS_MAX_AGE_S = 600  # how long a browser may cache a preflight answer
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -335,51 +337,6 @@ async def _db_down(request: Request, exc: Exception) -> Response:
     return _error(503, "database_unavailable", f"postgres is not answering: {type(exc).__name__}")
 
 
-class BearerAuth:
-    """ASGI middleware: when a token is configured, every HTTP and WebSocket request must
-    carry ``Authorization: Bearer <token>`` (browsers may use ``?token=``). Compared in
-    constant time. Sends 401 (HTTP); a WebSocket is accepted and at once closed with code
-    4401, which a browser can see (a handshake refused with 403 shows it only 1006)."""
-
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        self.app = app
-        self.token = token.encode() if token else None
-
-    def _authorized(self, scope: Scope) -> bool:
-        assert self.token is not None
-        for key, value in scope.get("headers", []):
-            if key == b"authorization":
-                scheme, _, given = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
-                    return True
-        query = scope.get("query_string", b"").decode("latin-1")
-        for pair in query.split("&"):
-            name, _, value = pair.partition("=")
-            if name == "token" and hmac.compare_digest(value.encode(), self.token):
-                return True
-        return False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        if self._authorized(scope):
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "websocket":
-            message = await receive()
-            if message["type"] == "websocket.connect":
-                await send({"type": "websocket.accept"})
-                await send({"type": "websocket.close", "code": 4401, "reason": "unauthorized"})
-            return
-        response = JSONResponse(
-            {"error": "unauthorized", "message": "missing or wrong bearer token"},
-            status_code=401,
-            headers={"WWW-Authenticate": 'Bearer realm="pgdag"'},
-        )
-        await response(scope, receive, send)
-
-
 async def _reaper_loop(store: Store, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s * (0.75 + random.random() / 2))
@@ -395,8 +352,20 @@ async def _reaper_loop(store: Store, interval_s: float) -> None:
             logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped)
 
 
-def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIApp:
-    """The ASGI app. `database_url` defaults to `resolve_database_url(settings)` at startup."""
+def create_app(
+    settings: Settings,
+    *,
+    database_url: str | None = None,
+    bound: tuple[str, int] | None = None,
+) -> ASGIApp:
+    """The ASGI app behind its guards (`engine.guards`: Host and WebSocket Origin, CORS
+    when ``settings.cors_origins`` is set, bearer token, JSON-only state changes).
+
+    `database_url` defaults to `resolve_database_url(settings)` at startup. `bound` is the
+    (host, port) the server listens on: that name and port are answered besides the
+    loopback names and ``settings.allowed_hosts`` (not for a wildcard bind like 0.0.0.0).
+    Raises `ValueError` for a `bound` host that is not a host name or address.
+    """
     load_tool_modules(settings.tool_modules)
 
     @contextlib.asynccontextmanager
@@ -434,4 +403,17 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
             **{cls: _db_down for cls in RETRYABLE},
         },
     )
-    return BearerAuth(app, settings.api_token)
+    guarded: ASGIApp = BearerAuth(JsonOnly(app), settings.api_token)
+    if settings.cors_origins:
+        # Before auth: a browser sends the preflight without credentials. No cookies are
+        # used (the token is a header), so no credentials mode.
+        guarded = CORSMiddleware(
+            guarded,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=CORS_MAX_AGE_S,
+        )
+    return HostGuard(
+        guarded, AllowedHosts(settings.allowed_hosts, bound), cors_origins=settings.cors_origins
+    )

@@ -33,7 +33,16 @@ def _settings(args: argparse.Namespace) -> Settings:
         api_token=getattr(args, "api_token", None),
         live_queue_max_events=getattr(args, "live_queue", None),
         live_stall_s=getattr(args, "live_stall", None),
+        allowed_hosts=_list_flag(getattr(args, "allowed_hosts", None)),
+        cors_origins=_list_flag(getattr(args, "cors_origins", None)),
     )
+
+
+def _list_flag(raw: str | None) -> tuple[str, ...] | None:
+    """A comma-separated flag as a tuple; None (not given) leaves the environment's value."""
+    if raw is None:
+        return None
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
 # --- serve / migrate / db ---------------------------------------------------------------
@@ -47,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, bound=(args.host, args.port)),
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
@@ -125,6 +134,16 @@ def example_run(api: str) -> dict[str, Any]:
     }
 
 
+def _client_host(bind: str) -> str:
+    """Where a local client reaches a server bound to `bind`: a wildcard bind (0.0.0.0,
+    ::) is reached on loopback, a name the API always answers to (`engine.guards`)."""
+    if bind in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind in ("::", "[::]"):
+        return "[::1]"
+    return f"[{bind}]" if ":" in bind and not bind.startswith("[") else bind
+
+
 def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("ab")
     return subprocess.Popen(
@@ -188,7 +207,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DATABASE_URL": url, "PGDAG_HTTP_ALLOW_PRIVATE": "1"}
-    api = f"http://{args.host}:{args.port}"
+    # The flags reach `serve` through its environment (each flag has its variable).
+    env["PGDAG_ALLOWED_HOSTS"] = ",".join(settings.allowed_hosts)
+    env["PGDAG_CORS_ORIGINS"] = ",".join(settings.cors_origins)
+    api = f"http://{_client_host(args.host)}:{args.port}"
     procs: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
 
@@ -338,12 +360,27 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
 
+    def guards(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--allowed-hosts",
+            default=None,
+            help="comma-separated Host names (name or name:port) answered besides --host and "
+            "localhost; * for any (behind a proxy that sets Host); PGDAG_ALLOWED_HOSTS",
+        )
+        sp.add_argument(
+            "--cors-origins",
+            default=None,
+            help="comma-separated browser origins (https://host[:port]) allowed cross-origin; "
+            "none by default; PGDAG_CORS_ORIGINS",
+        )
+
     dev = sub.add_parser("dev", help="embedded Postgres + API + 2 workers + an example run")
     common(dev)
     dev.add_argument("--host", default=API_HOST_DEFAULT)
     dev.add_argument("--port", type=int, default=API_PORT_DEFAULT)
     dev.add_argument("--once", action="store_true", help="exit after the example run")
     dev.add_argument("--keep-db", action="store_true", help="leave the embedded Postgres running")
+    guards(dev)
     dev.set_defaults(func=cmd_dev)
 
     serve = sub.add_parser("serve", help="run the HTTP API")
@@ -360,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="events a WebSocket client may lag; PGDAG_LIVE_QUEUE",
     )
     serve.add_argument("--live-stall", type=float, default=None, help="seconds; PGDAG_LIVE_STALL")
+    guards(serve)
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.errors import ConfigError
+from engine.guards import check_cors_origin, parse_host_entry
 
 LEASE_TTL_S_DEFAULT = 30.0
 BACKOFF_BASE_MS_DEFAULT = 1_000
@@ -30,6 +31,11 @@ RETENTION_DAYS_DEFAULT = 30.0
 TOOL_MODULES_DEFAULT = ("workers.tools.builtin",)
 LIVE_QUEUE_MAX_EVENTS_DEFAULT = 5_000
 LIVE_STALL_S_DEFAULT = 5.0
+# Host names (and host:port) the API answers to besides its bound address and the
+# loopback names (`engine.guards.LOCAL_HOSTS`); "*" means any Host.
+ALLOWED_HOSTS_DEFAULT: tuple[str, ...] = ()
+# Browser origins allowed to call the API cross-origin (CORS); none by default.
+CORS_ORIGINS_DEFAULT: tuple[str, ...] = ()
 
 
 def _parse_float(name: str, raw: str, minimum: float) -> float:
@@ -50,6 +56,11 @@ def _parse_int(name: str, raw: str, minimum: int) -> int:
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
     return value
+
+
+def _parse_list(raw: str) -> tuple[str, ...]:
+    """A comma-separated list; blanks around items and empty items are dropped."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -86,6 +97,24 @@ class Settings:
     tool_modules: tuple[str, ...] = TOOL_MODULES_DEFAULT
     live_queue_max_events: int = LIVE_QUEUE_MAX_EVENTS_DEFAULT
     live_stall_s: float = LIVE_STALL_S_DEFAULT
+    allowed_hosts: tuple[str, ...] = ALLOWED_HOSTS_DEFAULT
+    cors_origins: tuple[str, ...] = CORS_ORIGINS_DEFAULT
+
+    def __post_init__(self) -> None:
+        """Check the host and origin lists, whether they came from the environment or a flag.
+
+        Raises `ConfigError` naming the variable and the bad item.
+        """
+        for entry in self.allowed_hosts:
+            try:
+                parse_host_entry(entry)
+            except ValueError as exc:
+                raise ConfigError(f"PGDAG_ALLOWED_HOSTS: {exc}") from None
+        for origin in self.cors_origins:
+            try:
+                check_cors_origin(origin)
+            except ValueError as exc:
+                raise ConfigError(f"PGDAG_CORS_ORIGINS: {exc}") from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -157,6 +186,8 @@ class Settings:
             live_stall_s=_parse_float(
                 "PGDAG_LIVE_STALL", get("PGDAG_LIVE_STALL", str(LIVE_STALL_S_DEFAULT)), 0.05
             ),
+            allowed_hosts=_parse_list(get("PGDAG_ALLOWED_HOSTS", "")),
+            cors_origins=_parse_list(get("PGDAG_CORS_ORIGINS", "")),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **given) if given else settings  # type: ignore[arg-type]

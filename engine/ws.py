@@ -35,8 +35,9 @@ the events queued for you at that moment (at most `BATCH_MAX_EVENTS`) in one fra
 the same order. For clients that follow many events: a frame costs the server about as
 much as an event.
 
-Both endpoints honour ``PGDAG_API_TOKEN`` (`engine.api.BearerAuth`: close 4401) and refuse
-a browser ``Origin`` that is not the API's own host (HTTP 403 at the handshake). Other
+Both endpoints honour ``PGDAG_API_TOKEN`` (`engine.guards.BearerAuth`: close 4401) and refuse
+a Host the API does not answer to (HTTP 421 at the handshake) and a browser ``Origin`` whose
+host is not one of those nor in ``PGDAG_CORS_ORIGINS`` (HTTP 403; `engine.guards`). Other
 close codes: 4400 a bad query parameter, 1013 the database or the live feed is
 unavailable (try again later). Messages from the client are read and ignored.
 """
@@ -50,7 +51,6 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -68,7 +68,6 @@ SNAPSHOT_WAIT_S = 10.0
 READY_WAIT_S = 10.0
 
 CLOSE_BAD_REQUEST = 4400
-CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_TRY_AGAIN_LATER = 1013
 
@@ -130,15 +129,6 @@ class _Stream:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _origin_allowed(websocket: WebSocket) -> bool:
-    """No Origin (not a browser), or the Origin's host:port is the Host this API serves."""
-    origin = websocket.headers.get("origin")
-    if origin is None:
-        return True
-    host = websocket.headers.get("host", "")
-    return urlsplit(origin).netloc.lower() == host.lower()
-
-
 async def _close(websocket: WebSocket, code: int, error: str, message: str) -> None:
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         await websocket.send_text(json.dumps({"type": "error", "error": error, "message": message}))
@@ -156,11 +146,8 @@ def _query_int(websocket: WebSocket, name: str) -> int | None:
 
 
 async def _open(websocket: WebSocket) -> tuple[EventHub, Store, int | None, bool] | None:
-    """Check the origin, accept, parse ``after`` and ``batch``, wait for the live feed;
-    None when the socket was closed instead."""
-    if not _origin_allowed(websocket):
-        await websocket.close(CLOSE_FORBIDDEN, "origin not allowed")
-        return None
+    """Accept, parse ``after`` and ``batch``, wait for the live feed; None when the socket
+    was closed instead. (Host and Origin were checked by `engine.guards.HostGuard`.)"""
     await websocket.accept()
     try:
         after = _query_int(websocket, "after")

@@ -4,7 +4,25 @@
 "use strict";
 (function () {
   const pgdag = (window.pgdag = window.pgdag || {});
-  const token = new URLSearchParams(window.location.search).get("token");
+  const token = pageToken();
+
+  // The page's ?token=, percent-decoded with "+" kept as "+" (URLSearchParams would read it
+  // as a space): a bearer token never holds a space (RFC 6750 section 2.1), and a base64
+  // token pasted into the address bar as it is keeps its "+". Every URL below sends it
+  // percent-encoded (URLSearchParams.set: "+" as %2B, "/" as %2F, "=" as %3D).
+  function pageToken() {
+    for (const part of window.location.search.slice(1).split("&")) {
+      const eq = part.indexOf("=");
+      if (eq <= 0 || part.slice(0, eq) !== "token") continue;
+      const raw = part.slice(eq + 1);
+      try {
+        return decodeURIComponent(raw) || null;
+      } catch (_err) {
+        return raw || null; // a stray "%": the server reads it as it is too
+      }
+    }
+    return null;
+  }
 
   function withToken(path, params) {
     const url = new URL(path, window.location.origin);
@@ -26,12 +44,14 @@
   }
 
   // fetch JSON; throws ApiError carrying the API's {"error", "message"} when not 2xx.
+  // Every request but a GET says it is JSON, body or not: the API refuses (415) a
+  // state-changing request that does not, so that no other site's form can make one.
   async function http(method, path, { params, body } = {}) {
     let response;
     try {
       response = await fetch(withToken(path, params), {
         method,
-        headers: body === undefined ? {} : { "Content-Type": "application/json" },
+        headers: method === "GET" ? {} : { "Content-Type": "application/json" },
         body: body === undefined ? undefined : JSON.stringify(body),
         cache: "no-store",
       });

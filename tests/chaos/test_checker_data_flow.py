@@ -187,7 +187,7 @@ def test_retried_dead_map_children_and_rules_below_the_map(db_url: str, tmp_path
         assert report.ok
         marker.touch()
         for i in range(3):
-            r = httpx.post(f"{base}/runs/{run_id}/steps/m[{i}]/retry", timeout=10)
+            r = httpx.post(f"{base}/runs/{run_id}/steps/m[{i}]/retry", json={}, timeout=10)
             assert r.status_code == 200, r.text
         assert wait_run_finished(db_url, run_id) == "completed"
     assert steps_by_name(db_url, run_id)["after"]["status"] == "succeeded"

@@ -290,7 +290,7 @@ def test_api_error_is_shown_to_the_user(page: Any, live: str, tmp_path: Path) ->
     # Someone else retries it first, over the API, and it succeeds; the page's button is
     # hidden as that arrives live, so the late click is made through the button's handler.
     flag.write_text("fixed")
-    r = httpx.post(f"{live}/runs/{run['id']}/steps/x/retry")
+    r = httpx.post(f"{live}/runs/{run['id']}/steps/x/retry", json={})
     assert r.status_code == 200, r.text
     page.wait_for_selector('#run-status[data-status="completed"]')
     page.evaluate("document.getElementById('retry-step').click()")
@@ -371,7 +371,7 @@ def test_2000_step_run_renders_and_recolours_live(
                       commitToPaintP99: q(m.commitToPaintMs, 0.99)};
             })()"""
         )
-        httpx.post(f"{base}/runs/{run['id']}/cancel", timeout=60)
+        httpx.post(f"{base}/runs/{run['id']}/cancel", json={}, timeout=60)
     assert graph["nodes"] == 2000 and graph["fastLayout"] is True
     assert samples["events"] >= 300
     print(f"\n2,000-step {shape} run in Chromium:", json.dumps({**graph, **samples}))
@@ -413,4 +413,4 @@ def test_screenshot_of_the_run_view(page: Any, live: str, tmp_path: Path) -> Non
     assert shot.stat().st_size > 10_000
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copyfile(shot, os.environ[SCREENSHOT_ENV])
-    httpx.post(f"{live}/runs/{run['id']}/cancel")
+    httpx.post(f"{live}/runs/{run['id']}/cancel", json={})

@@ -20,6 +20,9 @@ def client(db_url: str, tmp_path: Path) -> Iterator[httpx.Client]:
         yield c
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def delay(name: str, *deps: str, ms: int = 0, **extra: Any) -> dict[str, Any]:
     return {"name": name, "tool": "DELAY", "input": {"ms": ms}, "dependsOn": list(deps), **extra}
 
@@ -119,10 +122,10 @@ def test_body_too_large_and_bad_json_are_422(db_url: str, tmp_path: Path) -> Non
                 yield b"x" * 1024
             yield b'", "steps": []}'
 
-        r = httpx.post(f"{base}/runs", content=chunks())
+        r = httpx.post(f"{base}/runs", content=chunks(), headers=JSON)
         assert r.status_code == 422
         assert "body too large" in r.json()["problems"][0]["problem"]
-        r = httpx.post(f"{base}/runs", content=b"{not json")
+        r = httpx.post(f"{base}/runs", content=b"{not json", headers=JSON)
         assert r.status_code == 422 and "not valid JSON" in r.json()["problems"][0]["problem"]
     assert counts(db_url) == before
 
@@ -138,24 +141,25 @@ def test_unknown_run_is_404(client: httpx.Client) -> None:
     assert client.get("/runs/not-a-uuid").status_code == 404
     r = client.get("/runs/00000000-0000-0000-0000-000000000000")
     assert r.status_code == 404 and r.json()["error"] == "not_found"
-    assert client.post("/runs/00000000-0000-0000-0000-000000000000/cancel").status_code == 404
+    r = client.post("/runs/00000000-0000-0000-0000-000000000000/cancel", json={})
+    assert r.status_code == 404
 
 
 def test_cancel_then_cancel_again_is_409(client: httpx.Client) -> None:
     run = client.post("/runs", json={"steps": [delay("a"), delay("b", "a")]}).json()
-    r = client.post(f"/runs/{run['id']}/cancel")
+    r = client.post(f"/runs/{run['id']}/cancel", json={})
     assert r.status_code == 200
     assert r.json()["status"] == "cancelled"
     assert {s["status"] for s in r.json()["steps"]} == {"cancelled"}
-    r = client.post(f"/runs/{run['id']}/cancel")
+    r = client.post(f"/runs/{run['id']}/cancel", json={})
     assert r.status_code == 409 and "already cancelled" in r.json()["message"]
 
 
 def test_retry_refuses_a_step_not_in_dead_letter(client: httpx.Client) -> None:
     run = client.post("/runs", json={"steps": [delay("a")]}).json()
-    r = client.post(f"/runs/{run['id']}/steps/a/retry")
+    r = client.post(f"/runs/{run['id']}/steps/a/retry", json={})
     assert r.status_code == 409 and "not dead_letter" in r.json()["message"]
-    r = client.post(f"/runs/{run['id']}/steps/zzz/retry")
+    r = client.post(f"/runs/{run['id']}/steps/zzz/retry", json={})
     assert r.status_code == 404
 
 
@@ -183,7 +187,7 @@ def test_workers_lists_live_worker_and_its_step(
         assert w["id"] == "w0" and w["alive"] is True and w["status"] == "running"
         assert w["currentSteps"][0]["stepName"] == "long"
         assert w["currentSteps"][0]["runId"] == run["id"]
-        client.post(f"/runs/{run['id']}/cancel")
+        client.post(f"/runs/{run['id']}/cancel", json={})
     w = next(w for w in client.get("/workers").json()["workers"] if w["id"] == "w0")
     assert w["status"] == "stopped" and w["alive"] is False
 

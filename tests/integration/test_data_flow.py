@@ -349,7 +349,7 @@ def test_retrying_a_dead_map_child_lets_the_map_join(db_url: str, tmp_path: Path
         assert steps["m"]["status"] == "skipped" and steps["after"]["status"] == "skipped"
         marker.touch()
         for i in range(3):
-            r = httpx.post(f"{base}/runs/{run_id}/steps/m[{i}]/retry", timeout=10)
+            r = httpx.post(f"{base}/runs/{run_id}/steps/m[{i}]/retry", json={}, timeout=10)
             assert r.status_code == 200, r.text
         assert wait_run_finished(db_url, run_id) == "completed"
     steps = steps_by_name(db_url, run_id)
@@ -442,7 +442,7 @@ def test_replay_refuses_running_steps_and_cancelled_runs(db_url: str, tmp_path: 
         r = httpx.post(f"{base}/runs/{run_id}/replay", json={"from": "slow"}, timeout=10)
         assert r.status_code == 409 and "'slow'" in r.json()["message"]
         assert steps_by_name(db_url, run_id)["slow"]["status"] == "running"  # untouched
-        httpx.post(f"{base}/runs/{run_id}/cancel", timeout=10).raise_for_status()
+        httpx.post(f"{base}/runs/{run_id}/cancel", json={}, timeout=10).raise_for_status()
         r = httpx.post(f"{base}/runs/{run_id}/replay", json={"from": "b"}, timeout=10)
         assert r.status_code == 409 and "cancelled" in r.json()["message"]
 

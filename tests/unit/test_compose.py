@@ -147,6 +147,19 @@ def check_api_token_passed_through(compose: Compose, dockerfile: str) -> None:
     assert env.get("PGDAG_API_TOKEN") == "${PGDAG_API_TOKEN:-}", env.get("PGDAG_API_TOKEN")
 
 
+def check_api_hosts_and_open_health(compose: Compose, dockerfile: str) -> None:
+    """Bound to 0.0.0.0 the API answers only the loopback names and PGDAG_ALLOWED_HOSTS:
+    other containers reach it as `api`. /health needs no token, so the probe sends none."""
+    api = compose["services"]["api"]
+    hosts = environment(api).get("PGDAG_ALLOWED_HOSTS", "")
+    assert hosts.startswith("${PGDAG_ALLOWED_HOSTS:-"), f"not overridable: {hosts!r}"
+    default = hosts.removeprefix("${PGDAG_ALLOWED_HOSTS:-").removesuffix("}").split(",")
+    assert "api" in default, f"other containers reach the API as 'api': {hosts!r}"
+    test = healthcheck_text(api)
+    assert "127.0.0.1:4000/health" in test or "localhost:4000/health" in test, test
+    assert "Authorization" not in test and "TOKEN" not in test, f"probe sends a token: {test!r}"
+
+
 def check_workers(compose: Compose, dockerfile: str) -> None:
     workers = compose["services"]["workers"]
     assert depends_condition(workers, "postgres") == "service_healthy"
@@ -217,6 +230,7 @@ CHECKS: list[Callable[[Compose, str], None]] = [
     check_api_migrates_then_serves,
     check_api_published_and_healthchecked,
     check_api_token_passed_through,
+    check_api_hosts_and_open_health,
     check_workers,
     check_workers_scalable,
     check_same_image,
@@ -298,6 +312,27 @@ BREAKAGES: list[tuple[Callable[..., None], Callable[[Compose], None] | None, Any
     (check_api_migrates_then_serves, _set("api.command", f"{MIGRATE} && {SERVE[:-5]} 8000"), None),
     (check_workers, _set("workers.command", "python -m workers"), None),
     (check_api_token_passed_through, _set("api.environment.PGDAG_API_TOKEN", "secret"), None),
+    (check_api_hosts_and_open_health, _drop("api.environment.PGDAG_ALLOWED_HOSTS"), None),
+    (
+        check_api_hosts_and_open_health,
+        _set("api.environment.PGDAG_ALLOWED_HOSTS", "${PGDAG_ALLOWED_HOSTS:-localhost}"),
+        None,
+    ),
+    (
+        check_api_hosts_and_open_health,
+        _set(
+            "api.healthcheck.test", ["CMD", "python", "-c", "u.urlopen('http://evil:4000/health')"]
+        ),
+        None,
+    ),
+    (
+        check_api_hosts_and_open_health,
+        _set(
+            "api.healthcheck.test",
+            ["CMD", "sh", "-c", 'curl -H "Authorization: Bearer $$T" 127.0.0.1:4000/health'],
+        ),
+        None,
+    ),
     (check_workers, _set("workers.depends_on", {"api": {"condition": "service_healthy"}}), None),
     (check_workers, _set("workers.depends_on.api.condition", "service_started"), None),
     (check_workers, _set("workers.command", ["python", "-m", "engine", "serve"]), None),
