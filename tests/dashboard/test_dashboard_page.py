@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -299,20 +300,36 @@ def test_api_error_is_shown_to_the_user(page: Any, live: str, tmp_path: Path) ->
     page.wait_for_selector('.toast.error:has-text("Retry failed")')
 
 
-def test_token_mode(page: Any, db_url: str, tmp_path: Path) -> None:
-    token = "s3cret-t0ken"
+# `openssl rand -base64`-shaped: every character that URL encoding changes ('+', '/', '=').
+B64_TOKEN = "q+Lz/9Xw0r+T1sA/bcQ="
+
+
+@pytest.mark.parametrize("spelling", ["percent-encoded", "pasted-as-is"])
+def test_token_mode(page: Any, db_url: str, tmp_path: Path, spelling: str) -> None:
+    """A base64 token works end to end: the page, its assets, HTTP calls, the WebSockets,
+    the layout worker and a POST (cancel) made by the page, whether the address bar holds
+    it percent-encoded or as `openssl` printed it."""
+    token = B64_TOKEN
+    in_url = quote(token, safe="") if spelling == "percent-encoded" else token
     with (
         api_server(db_url, tmp_path, PGDAG_API_TOKEN=token) as base,
         workers(db_url, tmp_path, n=1),
     ):
         assert httpx.get(f"{base}/").status_code == 401
         assert httpx.get(f"{base}/dashboard/static/app.js").status_code == 401
-        open_page(page, f"{base}/?token={token}")
+        open_page(page, f"{base}/?token={in_url}")
         run = submit(base, {"goal": "with a token", "steps": [delay("a"), delay("b", "a")]}, token)
         page.locator(f'li.run-row[data-run-id="{run["id"]}"]').click()
         node(page, "b").and_(page.locator('[data-status="succeeded"]')).wait_for()
         page.wait_for_selector('#workers li.worker[data-state="alive"]')
         assert "token=" in page.url
+        slow = submit(base, {"goal": "cancel me", "steps": [delay("slow", ms=60_000)]}, token)
+        page.locator(f'li.run-row[data-run-id="{slow["id"]}"]').click()
+        node(page, "slow").and_(page.locator('[data-status="running"]')).wait_for()
+        page.locator("#cancel-run").click()  # arms
+        page.locator("#cancel-run").click()  # confirms: a POST with the token
+        page.wait_for_selector('#run-status[data-status="cancelled"]')
+        assert wait_run_finished(db_url, slow["id"], timeout_s=30) == "cancelled"
         assert_not_reloaded(page)
 
 
