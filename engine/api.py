@@ -3,6 +3,9 @@ WebSocket routes (`engine.ws`) fed by this process's `engine.live.EventHub`.
 
 JSON in and out, camelCase fields. Errors are ``{"error": code, "message": text}`` plus
 ``"problems"`` (each naming the step, the field and the problem) for a refused run.
+In front of the routes, `engine.guards` answers 421 for a Host the API does not answer
+to, 401 without the token (when one is set; ``/health`` is open) and 415 for a POST that is
+not ``Content-Type: application/json``; CORS only for ``PGDAG_CORS_ORIGINS``.
 The API process also runs a reaper loop (one reaper at a time across all processes).
 """
 
