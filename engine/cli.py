@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings
+from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings, parse_list
 from engine.errors import PgdagError
 from engine.transitions import TERMINAL_RUN_STATES
 
@@ -40,9 +40,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _list_flag(raw: str | None) -> tuple[str, ...] | None:
     """A comma-separated flag as a tuple; None (not given) leaves the environment's value."""
-    if raw is None:
-        return None
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
+    return None if raw is None else parse_list(raw)
 
 
 # --- serve / migrate / db ---------------------------------------------------------------

@@ -58,8 +58,9 @@ def _parse_int(name: str, raw: str, minimum: int) -> int:
     return value
 
 
-def _parse_list(raw: str) -> tuple[str, ...]:
-    """A comma-separated list; blanks around items and empty items are dropped."""
+def parse_list(raw: str) -> tuple[str, ...]:
+    """A comma-separated list (``PGDAG_ALLOWED_HOSTS``, ``PGDAG_CORS_ORIGINS`` and their
+    flags); blanks around items and empty items are dropped."""
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
@@ -186,8 +187,8 @@ class Settings:
             live_stall_s=_parse_float(
                 "PGDAG_LIVE_STALL", get("PGDAG_LIVE_STALL", str(LIVE_STALL_S_DEFAULT)), 0.05
             ),
-            allowed_hosts=_parse_list(get("PGDAG_ALLOWED_HOSTS", "")),
-            cors_origins=_parse_list(get("PGDAG_CORS_ORIGINS", "")),
+            allowed_hosts=parse_list(get("PGDAG_ALLOWED_HOSTS", "")),
+            cors_origins=parse_list(get("PGDAG_CORS_ORIGINS", "")),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **given) if given else settings  # type: ignore[arg-type]
