@@ -14,12 +14,6 @@ import pytest
 from tests.support import api_server, query, wait_for, wait_run_finished, workers
 
 
-@pytest.fixture
-def client(db_url: str, tmp_path: Path) -> Iterator[httpx.Client]:
-    with api_server(db_url, tmp_path) as base, httpx.Client(base_url=base, timeout=60) as c:
-        yield c
-
-
 def delay(name: str, *deps: str, ms: int = 0, **extra: Any) -> dict[str, Any]:
     return {"name": name, "tool": "DELAY", "input": {"ms": ms}, "dependsOn": list(deps), **extra}
 
