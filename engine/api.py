@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dashboard.routes import routes as dashboard_routes  # the page at / (mounted only)
 from engine import ws
 from engine.config import Settings
-from engine.dag import parse_run
+from engine.dag import ApiDatetime, parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
 from engine.live import EventHub
@@ -212,8 +212,8 @@ class RetryDeadLettersRequest(BaseModel):
 
     tool: str | None = Field(default=None, min_length=1, max_length=128)
     run_status: str | None = Field(default=None, alias="runStatus", pattern="^(running|failed)$")
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: ApiDatetime | None = None
+    until: ApiDatetime | None = None
     limit: int = Field(default=1000, ge=1, le=10_000)
     dry_run: bool = Field(default=False, alias="dryRun")
     reason: str = Field(default="bulk retry of dead letters", min_length=1, max_length=2000)

@@ -26,9 +26,18 @@ import json
 from collections import deque
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+)
 
 from engine.config import MAX_ATTEMPTS_DEFAULT
 from engine.errors import UnknownTool, ValidationFailed
@@ -39,6 +48,33 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_LIMIT = 1_000_000
 REF_FIELDS = ("output", "status", "error")
+
+# Every point in time the API accepts lies in [TIMESTAMP_MIN, TIMESTAMP_MAX] once converted to
+# UTC. Python's datetime holds years 1..9999 and Postgres' timestamptz 4713 BC..294276 AD, but
+# psycopg loads a timestamptz into a datetime in the session's time zone: a value outside
+# years 1..9999 there cannot be read back, and every read that includes it fails. The upper
+# bound keeps a day in hand for any session time zone (Postgres allows offsets up to 15:59);
+# the lower is the Unix epoch: nothing a workflow engine schedules or filters on is earlier.
+TIMESTAMP_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+TIMESTAMP_MAX = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+TIMESTAMP_RANGE = "1970-01-01T00:00:00Z .. 9999-12-30T23:59:59.999999Z"
+
+
+def bounded_utc(value: datetime) -> datetime:
+    """`value` (timezone-aware) converted to UTC, if it lies between `TIMESTAMP_MIN` and
+    `TIMESTAMP_MAX` there; raises `ValueError` saying the range otherwise (pydantic turns it
+    into a field error)."""
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:  # year 0 or 10000 once the offset is applied
+        utc = None
+    if utc is None or not TIMESTAMP_MIN <= utc <= TIMESTAMP_MAX:
+        raise ValueError(f"must lie in {TIMESTAMP_RANGE} once converted to UTC")
+    return utc
+
+
+# A timestamp as the API takes it: ISO 8601 with an offset, bounded, converted to UTC.
+ApiDatetime = Annotated[AwareDatetime, AfterValidator(bounded_utc)]
 
 RunIf = Literal["all_succeeded", "all_done", "any_failed"]
 
@@ -119,7 +155,7 @@ class RunSpec(BaseModel):
     )
     steps: list[StepSpec] = Field(min_length=1)
     priority: int = Field(default=0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
-    start_at: AwareDatetime | None = Field(default=None, alias="startAt")
+    start_at: ApiDatetime | None = Field(default=None, alias="startAt")
 
     # Filled by parse_run (private: a client cannot set it): step name -> its references.
     _parsed: dict[str, StepRefs] | None = PrivateAttr(default=None)
