@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dashboard.routes import routes as dashboard_routes  # the page at / (mounted only)
 from engine import ws
 from engine.config import Settings
-from engine.dag import ApiDatetime, parse_run
+from engine.dag import ApiDatetime, parse_run, text_problems
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
 from engine.live import EventHub
@@ -230,6 +230,9 @@ async def _json_body(request: Request, model: type[BaseModel]) -> Any:
             [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}],
             subject="request",
         ) from None
+    bad_text = text_problems(body, runs=False)
+    if bad_text:
+        raise ValidationFailed(bad_text, subject="request")
     try:
         return model.model_validate(body)
     except ValidationError as exc:

@@ -76,6 +76,74 @@ def bounded_utc(value: datetime) -> datetime:
 # A timestamp as the API takes it: ISO 8601 with an offset, bounded, converted to UTC.
 ApiDatetime = Annotated[AwareDatetime, AfterValidator(bounded_utc)]
 
+NUL_PROBLEM = "contains NUL (\\u0000), which PostgreSQL text and jsonb cannot store"
+SURROGATE_PROBLEM = (
+    "contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode text; "
+    "PostgreSQL text and jsonb cannot store it"
+)
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return NUL_PROBLEM
+    try:
+        text.encode("utf-8")  # json.loads pairs surrogates; one left alone cannot encode
+    except UnicodeEncodeError:
+        return SURROGATE_PROBLEM
+    return None
+
+
+def _safe_segment(key: str) -> str:
+    """`key` as a field-path segment that can always be sent back (escapes made visible)."""
+    return key if _text_problem(key) is None else key.encode("unicode_escape").decode("ascii")
+
+
+def unstorable_text(value: Any) -> list[tuple[list[str | int], str]]:
+    """Every string in `value` (a decoded JSON document: keys included) that PostgreSQL
+    cannot store, as ``(path, problem)``: NUL, which neither ``text`` nor ``jsonb`` accepts
+    (PostgreSQL docs, 8.3 Character Types and 8.14 JSON Types), and a lone UTF-16 surrogate
+    (``"\\ud800"`` in JSON), which is not valid Unicode. For a bad key the path is that of
+    the object holding it and the problem says "a key". Iterative: any nesting depth."""
+    found: list[tuple[list[str | int], str]] = []
+    todo: list[tuple[list[str | int], Any]] = [([], value)]
+    while todo:
+        at, item = todo.pop()
+        if isinstance(item, str):
+            problem = _text_problem(item)
+            if problem is not None:
+                found.append((at, problem))
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                problem = _text_problem(key)
+                if problem is not None:
+                    found.append((at, f"a key {problem}"))
+                    continue
+                todo.append(([*at, key], child))
+        elif isinstance(item, list):
+            todo.extend(([*at, i], child) for i, child in enumerate(item))
+    found.sort(key=lambda f: [str(p) for p in f[0]])
+    return found
+
+
+def text_problems(body: Any, *, runs: bool = True) -> list[Problem]:
+    """`unstorable_text` of a request body as problems naming the field; with `runs`, paths
+    under ``steps.<i>`` name the step (its name, or ``#i`` when the name itself is bad) and
+    the field inside it."""
+    problems: list[Problem] = []
+    for at, problem in unstorable_text(body):
+        step: str | None = None
+        rest = at
+        if runs and len(at) >= 2 and at[0] == "steps" and isinstance(at[1], int):
+            name = _step_name_at(body, at[1])
+            step = name if _text_problem(name) is None else f"#{at[1]}"
+            rest = at[2:]
+        field = ".".join(_safe_segment(p) if isinstance(p, str) else str(p) for p in rest)
+        problems.append(
+            {"step": step, "field": field or ("step" if step else "body"), "problem": problem}
+        )
+    return problems
+
+
 RunIf = Literal["all_succeeded", "all_done", "any_failed"]
 
 Problem = dict[str, str | None]
@@ -246,6 +314,9 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
         raise ValidationFailed(
             [{"step": None, "field": "body", "problem": "must be a JSON object"}]
         )
+    bad_text = text_problems(body)
+    if bad_text:  # before anything else, so no problem text echoes what cannot be sent back
+        raise ValidationFailed(bad_text)
     raw_steps = body.get("steps")
     if isinstance(raw_steps, list) and len(raw_steps) > max_steps:
         raise ValidationFailed(

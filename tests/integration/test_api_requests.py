@@ -5,12 +5,19 @@ included, on a keep-alive connection that survives it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.integration.test_api import counts, delay
+from tests.support import api_server
+
+
+def post_raw(c: httpx.Client, path: str, text: str) -> httpx.Response:
+    """POST `text` as the body, as it is: JSON escapes such as ``\\u0000`` reach the server."""
+    return c.post(path, content=text.encode(), headers={"Content-Type": "application/json"})
 
 
 def assert_refused(
@@ -27,6 +34,12 @@ def assert_refused(
     assert c.get("/runs").status_code == 200
     problem: dict[str, Any] = next(p for p in payload["problems"] if p["field"] == field)
     return problem
+
+
+def local_port(r: httpx.Response) -> int:
+    """The client-side port of the connection that carried `r` (same port: same connection)."""
+    port: int = r.extensions["network_stream"].get_extra_info("client_addr")[1]
+    return port
 
 
 # --- timestamps -----------------------------------------------------------------------------
@@ -64,3 +77,84 @@ def test_retry_dead_letters_bounds_since_and_until(client: httpx.Client, field: 
         assert [p["field"] for p in payload["problems"]] == [field]
     ok = client.post("/runs/retry-dead-letters", json={"since": "1970-01-01T00:00:00Z"})
     assert ok.status_code == 200, ok.text
+
+
+# --- text Postgres cannot store ---------------------------------------------------------------
+
+
+STEP_A = '{"name": "a", "tool": "DELAY", "input": {"ms": 0}}'
+
+
+def with_step(fields: str) -> str:
+    """A body of JSON text: `fields`, then one good step."""
+    return "{" + fields + ', "steps": [' + STEP_A + "]}"
+
+
+def emit_step(value_text: str) -> str:
+    """A body of JSON text: one TEST_EMIT step (its input takes any JSON) with `value_text`."""
+    return '{"steps": [{"name": "a", "tool": "TEST_EMIT", "input": {"value": ' + value_text + "}}]}"
+
+
+@pytest.mark.parametrize(
+    ("body", "step", "field"),
+    [
+        (with_step('"goal": "x\\u0000y"'), None, "goal"),
+        (with_step('"goal": "x\\ud800y"'), None, "goal"),
+        (with_step('"idempotencyKey": "k\\u0000"'), None, "idempotencyKey"),
+        ('{"steps": [{"name": "a\\u0000", "tool": "DELAY", "input": {}}]}', "#0", "name"),
+        (
+            '{"steps": [{"name": "a", "tool": "DELAY", "input": {"ms": 0},'
+            ' "concurrencyKey": "k\\u0000", "maxConcurrency": 1}]}',
+            "a",
+            "concurrencyKey",
+        ),
+        (
+            '{"steps": [{"name": "a", "tool": "DELAY", "input": {"ms": 0},'
+            ' "concurrencyKey": "k\\udfff", "maxConcurrency": 1}]}',
+            "a",
+            "concurrencyKey",
+        ),
+        (with_step('"\\ud800": 1'), None, "body"),
+    ],
+)
+def test_nul_and_lone_surrogates_are_422_naming_the_field(
+    client: httpx.Client, db_url: str, body: str, step: str | None, field: str
+) -> None:
+    r = post_raw(client, "/runs", body)
+    problem = assert_refused(client, db_url, r, field, step)
+    assert "NUL" in problem["problem"] or "surrogate" in problem["problem"]
+    # The keep-alive connection is still good, and the API still accepts runs.
+    ok = client.post("/runs", json={"steps": [delay("a")]})
+    assert ok.status_code == 201 and local_port(ok) == local_port(r)
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ('["ok", "\\u0000"]', "input.value.1"),
+        ('{"y": "\\ud800"}', "input.value.y"),
+        ('{"k\\u0000": 1}', "input.value"),
+        ('{"\\ud83d": 1}', "input.value"),
+    ],
+)
+def test_nul_and_lone_surrogates_anywhere_in_a_step_input_are_422(
+    db_url: str, tmp_path: Path, value: str, field: str
+) -> None:
+    with (
+        api_server(db_url, tmp_path, PGDAG_TOOLS="tests.testtools") as base,
+        httpx.Client(base_url=base, timeout=60) as c,
+    ):
+        r = post_raw(c, "/runs", emit_step(value))
+        problem = assert_refused(c, db_url, r, field, "a")
+        assert "NUL" in problem["problem"] or "surrogate" in problem["problem"]
+        ok = post_raw(c, "/runs", emit_step('"fine"'))
+        assert ok.status_code == 201 and local_port(ok) == local_port(r)
+
+
+def test_nul_in_a_replay_or_bulk_retry_body_is_422(client: httpx.Client) -> None:
+    run = client.post("/runs", json={"steps": [delay("a")]}).json()
+    r = post_raw(client, f"/runs/{run['id']}/replay", '{"from": "a", "reason": "r\\u0000"}')
+    assert r.status_code == 422 and r.json()["problems"][0]["field"] == "reason", r.text
+    r = post_raw(client, "/runs/retry-dead-letters", '{"tool": "\\ud800"}')
+    assert r.status_code == 422 and r.json()["problems"][0]["field"] == "tool", r.text
+    assert client.get(f"/runs/{run['id']}").status_code == 200
