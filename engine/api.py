@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -31,6 +32,7 @@ from engine.config import Settings
 from engine.dag import ApiDatetime, parse_run, text_problems
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
+from engine.internal_error import InternalErrorGuard
 from engine.live import EventHub
 from engine.store import Store
 from engine.tools import load_tool_modules
@@ -430,6 +432,8 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
     app = Starlette(
         routes=[*routes, *dashboard_routes],
         lifespan=lifespan,
+        # Anything the handlers below do not cover: a JSON 500, the connection kept.
+        middleware=[Middleware(InternalErrorGuard)],
         exception_handlers={
             NotFound: _not_found,
             IllegalTransition: _conflict,

@@ -5,6 +5,7 @@ included, on a keep-alive connection that survives it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,10 @@ import httpx
 import pytest
 
 from tests.integration.test_api import counts, delay
-from tests.support import api_server
+from tests.integration.test_ws import close_code, recv, ws_connect
+from tests.support import api_server, query, submit
+
+INTERNAL = {"error": "internal", "message": "internal error; see the server log"}
 
 
 def post_raw(c: httpx.Client, path: str, text: str) -> httpx.Response:
@@ -158,3 +162,44 @@ def test_nul_in_a_replay_or_bulk_retry_body_is_422(client: httpx.Client) -> None
     r = post_raw(client, "/runs/retry-dead-letters", '{"tool": "\\ud800"}')
     assert r.status_code == 422 and r.json()["problems"][0]["field"] == "tool", r.text
     assert client.get(f"/runs/{run['id']}").status_code == 200
+
+
+# --- the 500 --------------------------------------------------------------------------------
+
+
+def test_internal_error_is_json_keeps_the_connection_and_logs_the_traceback(
+    client: httpx.Client, db_url: str, tmp_path: Path
+) -> None:
+    ok = client.get("/workers")
+    assert ok.status_code == 200
+    query(db_url, "DROP TABLE workers CASCADE")  # a schema broken under the API's feet
+    r = client.get("/workers")
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == INTERNAL
+    assert r.headers.get("connection", "").lower() != "close"
+    after = client.get("/health")
+    assert after.status_code == 200 and local_port(after) == local_port(r)
+    log = (tmp_path / "api.log").read_text()
+    assert "Traceback" in log and "UndefinedTable" in log
+    assert "Traceback" not in r.text
+
+
+def test_websocket_internal_error_closes_1011_without_a_traceback(
+    db_url: str, tmp_path: Path
+) -> None:
+    run_id = submit(db_url, {"steps": [{"name": "a", "tool": "DELAY", "input": {"ms": 0}}]})
+    # A run stored before startAt was bounded: year 0 in UTC, which Python cannot load.
+    query(db_url, "UPDATE runs SET start_at = '0001-12-31 23:00:00+00 BC'")
+    with api_server(db_url, tmp_path) as base:
+        with ws_connect(base, f"/ws/runs/{run_id}") as ws:
+            message = recv(ws)
+            assert message == {"type": "error", **INTERNAL}
+            assert close_code(ws) == 1011
+        with httpx.Client(base_url=base) as c:
+            r = c.get(f"/runs/{run_id}")
+            assert r.status_code == 500 and r.json() == INTERNAL
+            assert c.get("/health").status_code == 200
+    log = (tmp_path / "api.log").read_text()
+    assert "Traceback" in log
+    assert json.dumps(message).find("Traceback") == -1
