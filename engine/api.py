@@ -130,7 +130,8 @@ def _json_text(text: str, status_code: int = 200) -> Response:
 
 async def create_run(request: Request) -> Response:
     """Submit a run: 201 with the run, 200 with the existing run for a repeated
-    idempotencyKey, 422 naming the step and problem for a bad graph (nothing written)."""
+    idempotencyKey with the same payload, 422 naming the step and problem for a bad graph
+    (nothing written) and ``idempotency_key_reused`` for a key reused with another payload."""
     settings: Settings = request.app.state.settings
     raw = await _read_body(request, settings.max_body_bytes)
     try:
@@ -333,7 +334,7 @@ async def _conflict(request: Request, exc: Exception) -> Response:
 
 async def _invalid(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ValidationFailed)
-    return _error(422, "invalid_request", str(exc), problems=exc.problems)
+    return _error(422, exc.code, str(exc), problems=exc.problems)
 
 
 async def _db_down(request: Request, exc: Exception) -> Response:

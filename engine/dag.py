@@ -22,6 +22,7 @@ A key that contains a dot cannot be reached (the path syntax has no escape).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from dataclasses import dataclass
@@ -243,6 +244,15 @@ class RunSpec(BaseModel):
                 row["maySkipChildren"] = True
             rows.append(row)
         return rows
+
+    def fingerprint(self) -> str:
+        """The sha256 (hex) of this run's canonical JSON: the parsed body with every default
+        filled in, ``startAt`` in UTC, keys sorted, no whitespace, the idempotency key left
+        out. Two bodies that submit the same run have the same fingerprint, however they are
+        spelled; ``runs.idempotency_fingerprint`` keeps it (migration 0005)."""
+        doc = self.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def steps_json(self) -> str:
         """All steps as the JSON array `insert_steps` takes."""

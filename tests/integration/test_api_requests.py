@@ -5,6 +5,7 @@ included, on a keep-alive connection that survives it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,71 @@ def test_nul_in_a_replay_or_bulk_retry_body_is_422(client: httpx.Client) -> None
     r = post_raw(client, "/runs/retry-dead-letters", '{"tool": "\\ud800"}')
     assert r.status_code == 422 and r.json()["problems"][0]["field"] == "tool", r.text
     assert client.get(f"/runs/{run['id']}").status_code == 200
+
+
+# --- idempotency keys -------------------------------------------------------------------------
+
+
+def test_same_key_same_payload_is_the_run_another_payload_is_422(
+    client: httpx.Client, db_url: str
+) -> None:
+    body = {"idempotencyKey": "order-7", "goal": "g", "steps": [delay("a"), delay("b", "a")]}
+    first = client.post("/runs", json=body)
+    assert first.status_code == 201
+    # The same payload, spelled differently: defaults explicit, keys reordered, startAt absent.
+    same = {
+        "steps": [
+            {**delay("a"), "maxAttempts": 3, "idempotent": True, "runIf": "all_succeeded"},
+            delay("b", "a"),
+        ],
+        "priority": 0,
+        "goal": "g",
+        "idempotencyKey": "order-7",
+    }
+    again = client.post("/runs", json=same)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    other = client.post("/runs", json={**body, "goal": "another goal"})
+    assert other.status_code == 422, other.text
+    payload = other.json()
+    assert payload["error"] == "idempotency_key_reused"
+    assert [p["field"] for p in payload["problems"]] == ["idempotencyKey"]
+    assert "order-7" in payload["message"]
+    assert counts(db_url)[:2] == (1, 2)
+
+
+def test_start_at_in_another_zone_is_the_same_payload(client: httpx.Client) -> None:
+    body = {"idempotencyKey": "k", "startAt": "2030-01-01T01:00:00+01:00", "steps": [delay("a")]}
+    first = client.post("/runs", json=body)
+    again = client.post("/runs", json={**body, "startAt": "2030-01-01T00:00:00Z"})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
+
+
+def test_concurrent_submits_one_key_two_payloads(db_url: str, tmp_path: Path) -> None:
+    body = {"idempotencyKey": "order-42", "steps": [delay("a"), delay("b", "a")]}
+    other = {**body, "goal": "not the same"}
+
+    async def burst(base: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            first = await c.post("/runs", json=body)
+            rest = await asyncio.gather(
+                *(c.post("/runs", json=body if i % 2 else other) for i in range(32))
+            )
+            return [first, *rest]
+
+    with api_server(db_url, tmp_path) as base:
+        responses = asyncio.run(burst(base))
+    assert responses[0].status_code == 201
+    assert sorted(r.status_code for r in responses[1:]) == [200] * 16 + [422] * 16
+    assert len({r.json()["id"] for r in responses if r.status_code < 300}) == 1
+    assert counts(db_url)[:2] == (1, 2)
+
+
+def test_run_from_before_the_fingerprint_keeps_its_key(client: httpx.Client, db_url: str) -> None:
+    first = client.post("/runs", json={"idempotencyKey": "old", "steps": [delay("a")]}).json()
+    query(db_url, "UPDATE runs SET idempotency_fingerprint = NULL")  # as migrated from 0003
+    r = client.post("/runs", json={"idempotencyKey": "old", "goal": "new", "steps": [delay("b")]})
+    assert r.status_code == 200 and r.json()["id"] == first["id"]
 
 
 # --- the 500 --------------------------------------------------------------------------------

@@ -21,3 +21,8 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     assert tables(db_url) >= TABLES
     indexes = {r["indexname"] for r in query(db_url, "SELECT indexname FROM pg_indexes")}
     assert {"steps_ready_idx", "steps_lease_idx", "audit_log_run_idx"} <= indexes
+    columns = query(
+        db_url,
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'",
+    )
+    assert "idempotency_fingerprint" in {c["column_name"] for c in columns}
