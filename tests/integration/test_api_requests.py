@@ -255,7 +255,8 @@ def test_websocket_internal_error_closes_1011_without_a_traceback(
     db_url: str, tmp_path: Path
 ) -> None:
     run_id = submit(db_url, {"steps": [{"name": "a", "tool": "DELAY", "input": {"ms": 0}}]})
-    # A run stored before startAt was bounded: year 0 in UTC, which Python cannot load.
+    # A start time no read can load (year 0 in UTC), written straight to the table: what the
+    # API stored before startAt was bounded, until migration 0005 repaired such rows.
     query(db_url, "UPDATE runs SET start_at = '0001-12-31 23:00:00+00 BC'")
     with api_server(db_url, tmp_path) as base:
         with ws_connect(base, f"/ws/runs/{run_id}") as ws:
