@@ -20,8 +20,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,10 +32,11 @@ from starlette.types import ASGIApp
 from dashboard.routes import routes as dashboard_routes  # the page at / (mounted only)
 from engine import ws
 from engine.config import Settings
-from engine.dag import parse_run
+from engine.dag import ApiDatetime, parse_run, text_problems
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
+from engine.internal_error import InternalErrorGuard
 from engine.live import EventHub
 from engine.store import Store
 from engine.tools import load_tool_modules
@@ -133,7 +135,8 @@ def _json_text(text: str, status_code: int = 200) -> Response:
 
 async def create_run(request: Request) -> Response:
     """Submit a run: 201 with the run, 200 with the existing run for a repeated
-    idempotencyKey, 422 naming the step and problem for a bad graph (nothing written)."""
+    idempotencyKey with the same payload, 422 naming the step and problem for a bad graph
+    (nothing written) and ``idempotency_key_reused`` for a key reused with another payload."""
     settings: Settings = request.app.state.settings
     raw = await _read_body(request, settings.max_body_bytes)
     try:
@@ -217,8 +220,8 @@ class RetryDeadLettersRequest(BaseModel):
 
     tool: str | None = Field(default=None, min_length=1, max_length=128)
     run_status: str | None = Field(default=None, alias="runStatus", pattern="^(running|failed)$")
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: ApiDatetime | None = None
+    until: ApiDatetime | None = None
     limit: int = Field(default=1000, ge=1, le=10_000)
     dry_run: bool = Field(default=False, alias="dryRun")
     reason: str = Field(default="bulk retry of dead letters", min_length=1, max_length=2000)
@@ -235,6 +238,9 @@ async def _json_body(request: Request, model: type[BaseModel]) -> Any:
             [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}],
             subject="request",
         ) from None
+    bad_text = text_problems(body, runs=False)
+    if bad_text:
+        raise ValidationFailed(bad_text, subject="request")
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -333,7 +339,7 @@ async def _conflict(request: Request, exc: Exception) -> Response:
 
 async def _invalid(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ValidationFailed)
-    return _error(422, "invalid_request", str(exc), problems=exc.problems)
+    return _error(422, exc.code, str(exc), problems=exc.problems)
 
 
 async def _db_down(request: Request, exc: Exception) -> Response:
@@ -399,6 +405,8 @@ def create_app(
     app = Starlette(
         routes=[*routes, *dashboard_routes],
         lifespan=lifespan,
+        # Anything the handlers below do not cover: a JSON 500, the connection kept.
+        middleware=[Middleware(InternalErrorGuard)],
         exception_handlers={
             NotFound: _not_found,
             IllegalTransition: _conflict,

@@ -22,13 +22,23 @@ A key that contains a dot cannot be reached (the path syntax has no escape).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+)
 
 from engine.config import MAX_ATTEMPTS_DEFAULT
 from engine.errors import UnknownTool, ValidationFailed
@@ -39,6 +49,101 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_LIMIT = 1_000_000
 REF_FIELDS = ("output", "status", "error")
+
+# Every point in time the API accepts lies in [TIMESTAMP_MIN, TIMESTAMP_MAX] once converted to
+# UTC. Python's datetime holds years 1..9999 and Postgres' timestamptz 4713 BC..294276 AD, but
+# psycopg loads a timestamptz into a datetime in the session's time zone: a value outside
+# years 1..9999 there cannot be read back, and every read that includes it fails. The upper
+# bound keeps a day in hand for any session time zone (Postgres allows offsets up to 15:59);
+# the lower is the Unix epoch: nothing a workflow engine schedules or filters on is earlier.
+TIMESTAMP_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+TIMESTAMP_MAX = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+TIMESTAMP_RANGE = "1970-01-01T00:00:00Z .. 9999-12-30T23:59:59.999999Z"
+
+
+def bounded_utc(value: datetime) -> datetime:
+    """`value` (timezone-aware) converted to UTC, if it lies between `TIMESTAMP_MIN` and
+    `TIMESTAMP_MAX` there; raises `ValueError` saying the range otherwise (pydantic turns it
+    into a field error)."""
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:  # year 0 or 10000 once the offset is applied
+        utc = None
+    if utc is None or not TIMESTAMP_MIN <= utc <= TIMESTAMP_MAX:
+        raise ValueError(f"must lie in {TIMESTAMP_RANGE} once converted to UTC")
+    return utc
+
+
+# A timestamp as the API takes it: ISO 8601 with an offset, bounded, converted to UTC.
+ApiDatetime = Annotated[AwareDatetime, AfterValidator(bounded_utc)]
+
+NUL_PROBLEM = "contains NUL (\\u0000), which PostgreSQL text and jsonb cannot store"
+SURROGATE_PROBLEM = (
+    "contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode text; "
+    "PostgreSQL text and jsonb cannot store it"
+)
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return NUL_PROBLEM
+    try:
+        text.encode("utf-8")  # json.loads pairs surrogates; one left alone cannot encode
+    except UnicodeEncodeError:
+        return SURROGATE_PROBLEM
+    return None
+
+
+def _safe_segment(key: str) -> str:
+    """`key` as a field-path segment that can always be sent back (escapes made visible)."""
+    return key if _text_problem(key) is None else key.encode("unicode_escape").decode("ascii")
+
+
+def unstorable_text(value: Any) -> list[tuple[list[str | int], str]]:
+    """Every string in `value` (a decoded JSON document: keys included) that PostgreSQL
+    cannot store, as ``(path, problem)``: NUL, which neither ``text`` nor ``jsonb`` accepts
+    (PostgreSQL docs, 8.3 Character Types and 8.14 JSON Types), and a lone UTF-16 surrogate
+    (``"\\ud800"`` in JSON), which is not valid Unicode. For a bad key the path is that of
+    the object holding it and the problem says "a key". Iterative: any nesting depth."""
+    found: list[tuple[list[str | int], str]] = []
+    todo: list[tuple[list[str | int], Any]] = [([], value)]
+    while todo:
+        at, item = todo.pop()
+        if isinstance(item, str):
+            problem = _text_problem(item)
+            if problem is not None:
+                found.append((at, problem))
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                problem = _text_problem(key)
+                if problem is not None:
+                    found.append((at, f"a key {problem}"))
+                    continue
+                todo.append(([*at, key], child))
+        elif isinstance(item, list):
+            todo.extend(([*at, i], child) for i, child in enumerate(item))
+    found.sort(key=lambda f: [str(p) for p in f[0]])
+    return found
+
+
+def text_problems(body: Any, *, runs: bool = True) -> list[Problem]:
+    """`unstorable_text` of a request body as problems naming the field; with `runs`, paths
+    under ``steps.<i>`` name the step (its name, or ``#i`` when the name itself is bad) and
+    the field inside it."""
+    problems: list[Problem] = []
+    for at, problem in unstorable_text(body):
+        step: str | None = None
+        rest = at
+        if runs and len(at) >= 2 and at[0] == "steps" and isinstance(at[1], int):
+            name = _step_name_at(body, at[1])
+            step = name if _text_problem(name) is None else f"#{at[1]}"
+            rest = at[2:]
+        field = ".".join(_safe_segment(p) if isinstance(p, str) else str(p) for p in rest)
+        problems.append(
+            {"step": step, "field": field or ("step" if step else "body"), "problem": problem}
+        )
+    return problems
+
 
 RunIf = Literal["all_succeeded", "all_done", "any_failed"]
 
@@ -119,7 +224,7 @@ class RunSpec(BaseModel):
     )
     steps: list[StepSpec] = Field(min_length=1)
     priority: int = Field(default=0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
-    start_at: AwareDatetime | None = Field(default=None, alias="startAt")
+    start_at: ApiDatetime | None = Field(default=None, alias="startAt")
 
     # Filled by parse_run (private: a client cannot set it): step name -> its references.
     _parsed: dict[str, StepRefs] | None = PrivateAttr(default=None)
@@ -139,6 +244,15 @@ class RunSpec(BaseModel):
                 row["maySkipChildren"] = True
             rows.append(row)
         return rows
+
+    def fingerprint(self) -> str:
+        """The sha256 (hex) of this run's canonical JSON: the parsed body with every default
+        filled in, ``startAt`` in UTC, keys sorted, no whitespace, the idempotency key left
+        out. Two bodies that submit the same run have the same fingerprint, however they are
+        spelled; ``runs.idempotency_fingerprint`` keeps it (migration 0005)."""
+        doc = self.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def steps_json(self) -> str:
         """All steps as the JSON array `insert_steps` takes."""
@@ -210,6 +324,9 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
         raise ValidationFailed(
             [{"step": None, "field": "body", "problem": "must be a JSON object"}]
         )
+    bad_text = text_problems(body)
+    if bad_text:  # before anything else, so no problem text echoes what cannot be sent back
+        raise ValidationFailed(bad_text)
     raw_steps = body.get("steps")
     if isinstance(raw_steps, list) and len(raw_steps) > max_steps:
         raise ValidationFailed(

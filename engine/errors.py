@@ -21,8 +21,11 @@ class EmbeddedPostgresError(PgdagError):
 class ValidationFailed(PgdagError):
     """A submitted run is not a valid graph; nothing was written.
 
-    `problems` is a list of ``{"step": name | None, "field": path, "problem": text}``.
+    `problems` is a list of ``{"step": name | None, "field": path, "problem": text}``;
+    `code` is the ``"error"`` of the 422 answer.
     """
+
+    code = "invalid_request"
 
     def __init__(self, problems: list[dict[str, str | None]], *, subject: str = "run") -> None:
         self.problems = problems
@@ -31,6 +34,34 @@ class ValidationFailed(PgdagError):
         super().__init__(
             f"invalid {subject}: {where}{first.get('field') or ''} {first['problem']}".strip()
         )
+
+
+class IdempotencyKeyReused(ValidationFailed):
+    """A client idempotency key already names a run submitted with another payload.
+
+    The IETF draft *The Idempotency-Key HTTP Header Field*
+    (draft-ietf-httpapi-idempotency-key-header, section 2.7) makes a key reused with a
+    different request payload an error, and suggests 422; nothing was written.
+    """
+
+    code = "idempotency_key_reused"
+
+    def __init__(self, key: str, run_id: str) -> None:
+        super().__init__(
+            [
+                {
+                    "step": None,
+                    "field": "idempotencyKey",
+                    "problem": f"already used by run {run_id} with a different payload; "
+                    "use a new key for a different run",
+                }
+            ]
+        )
+        self.args = (
+            f"idempotencyKey {key!r} is already used by run {run_id} with a different "
+            "payload; use a new key for a different run",
+        )
+        self.run_id = run_id
 
 
 class NotFound(PgdagError):

@@ -61,7 +61,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
 from engine.dag import RunSpec
-from engine.errors import IllegalTransition, LeaseLost, NotFound
+from engine.errors import IdempotencyKeyReused, IllegalTransition, LeaseLost, NotFound
 from engine.rules import GraphStep, ResetStep, plan_reset
 from engine.sql import queries
 
@@ -112,16 +112,23 @@ async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
     """Insert `spec` as a new run with its steps and edges, in one transaction.
 
     Returns ``(run_id, created)``; `created` is False when `spec.idempotency_key` already
-    names a run, which is returned instead (nothing is written). Concurrent submits with one
-    key all return the same run: the unique index makes the later inserts wait for the
-    first and then find it.
+    names a run submitted with the same payload (`RunSpec.fingerprint`), which is returned
+    instead (nothing is written). Concurrent submits with one key all return the same run:
+    the unique index makes the later inserts wait for the first and then find it.
+
+    Raises `IdempotencyKeyReused` when the key names a run submitted with another payload
+    (draft-ietf-httpapi-idempotency-key-header: a key reused with a different payload is an
+    error). A run created before migration 0005 has no fingerprint: its key returns it
+    whatever the payload, as it did when it was created.
     """
+    fingerprint = spec.fingerprint() if spec.idempotency_key is not None else None
     async with conn.transaction():
         cur = await conn.execute(
             queries["insert_run"],
             {
                 "goal": spec.goal,
                 "idempotency_key": spec.idempotency_key,
+                "idempotency_fingerprint": fingerprint,
                 "steps_total": len(spec.steps),
                 "priority": spec.priority,
                 "start_at": spec.start_at,
@@ -129,12 +136,16 @@ async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
         )
         row = await cur.fetchone()
         if row is None:
+            assert spec.idempotency_key is not None  # only a key can conflict
             cur = await conn.execute(
                 queries["select_run_by_key"], {"idempotency_key": spec.idempotency_key}
             )
             existing = await cur.fetchone()
             if existing is None:  # the conflicting run was deleted between the two statements
                 raise IllegalTransition("idempotency key conflict; submit again")
+            known = existing["idempotency_fingerprint"]
+            if known is not None and known != fingerprint:
+                raise IdempotencyKeyReused(spec.idempotency_key, str(existing["id"]))
             return str(existing["id"]), False
         run_id = str(row["id"])
         await conn.execute(

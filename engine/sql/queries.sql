@@ -6,14 +6,19 @@
 
 -- name: insert_run
 -- A new run, or nothing when its idempotency key is already taken (then: select_run_by_key).
-INSERT INTO runs (goal, idempotency_key, steps_total, steps_unfinished, priority, start_at)
-VALUES (%(goal)s, %(idempotency_key)s, %(steps_total)s, %(steps_total)s, %(priority)s,
-        %(start_at)s)
+-- %(idempotency_fingerprint)s is the sha256 of the run's canonical JSON (engine.dag.RunSpec
+-- .fingerprint), NULL without a key.
+INSERT INTO runs (goal, idempotency_key, idempotency_fingerprint, steps_total, steps_unfinished,
+                  priority, start_at)
+VALUES (%(goal)s, %(idempotency_key)s, %(idempotency_fingerprint)s, %(steps_total)s,
+        %(steps_total)s, %(priority)s, %(start_at)s)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id
 
 -- name: select_run_by_key
-SELECT id FROM runs WHERE idempotency_key = %(idempotency_key)s
+-- The run a client idempotency key names, and the fingerprint of the payload it was created
+-- with (NULL for a run created before migration 0005: the key alone decides).
+SELECT id, idempotency_fingerprint FROM runs WHERE idempotency_key = %(idempotency_key)s
 
 -- name: insert_steps
 -- All steps of a run and their edges in one statement. %(steps)s is a JSON array of

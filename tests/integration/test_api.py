@@ -13,13 +13,6 @@ import pytest
 
 from tests.support import api_server, query, wait_for, wait_run_finished, workers
 
-
-@pytest.fixture
-def client(db_url: str, tmp_path: Path) -> Iterator[httpx.Client]:
-    with api_server(db_url, tmp_path) as base, httpx.Client(base_url=base, timeout=60) as c:
-        yield c
-
-
 JSON = {"Content-Type": "application/json"}
 
 

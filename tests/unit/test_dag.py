@@ -98,3 +98,19 @@ def test_field_errors_name_the_field(body: Any, field: str) -> None:
 def test_every_problem_is_reported_at_once() -> None:
     ps = problems({"steps": [delay("a", "x"), {"name": "b", "tool": "NOPE", "input": {}}]})
     assert {p["step"] for p in ps} == {"a", "b"}
+
+
+def test_fingerprint_is_of_the_run_not_its_spelling() -> None:
+    base = {"goal": "g", "steps": [delay("a"), delay("b", "a")], "startAt": "2030-01-01T00:00Z"}
+    spelled = {
+        "startAt": "2030-01-01T02:00:00+02:00",
+        "steps": [{**delay("a"), "maxAttempts": 3, "idempotent": True}, delay("b", "a")],
+        "priority": 0,
+        "idempotencyKey": "not part of it",
+        "goal": "g",
+    }
+    fingerprint = parse_run(base, max_steps=10).fingerprint()
+    assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
+    assert parse_run(spelled, max_steps=10).fingerprint() == fingerprint
+    for change in ({"goal": "h"}, {"priority": 1}, {"steps": [delay("a")]}):
+        assert parse_run({**base, **change}, max_steps=10).fingerprint() != fingerprint
