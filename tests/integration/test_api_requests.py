@@ -270,3 +270,18 @@ def test_websocket_internal_error_closes_1011_without_a_traceback(
     log = (tmp_path / "api.log").read_text()
     assert "Traceback" in log
     assert json.dumps(message).find("Traceback") == -1
+
+
+@pytest.mark.parametrize("name", ["%00", "%ED%A0%80", "a%00b"])
+def test_a_step_name_postgres_cannot_hold_in_the_path_is_404(
+    client: httpx.Client, db_url: str, name: str
+) -> None:
+    """A NUL (or bytes that are no UTF-8) in the step name of the retry path names no step:
+    404 in the JSON shape, never a 500 from the query Postgres refuses."""
+    run = client.post(
+        "/runs", json={"steps": [delay("a")]}, headers={"Content-Type": "application/json"}
+    ).json()
+    r = client.post(f"/runs/{run['id']}/steps/{name}/retry", json={})
+    assert r.status_code == 404, r.text
+    assert r.json()["error"] == "not_found"
+    assert client.get(f"/runs/{run['id']}").status_code == 200
