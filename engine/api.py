@@ -32,6 +32,8 @@ from engine.dag import parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
 from engine.live import EventHub
+from engine.schema import SchemaGate, SchemaGuard
+from engine.startup import wait_for_postgres
 from engine.store import Store
 from engine.tools import load_tool_modules
 
@@ -111,13 +113,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def health(request: Request) -> Response:
-    """200 ``{"status": "ok"}`` when Postgres answers, else 503."""
+    """200 ``{"status": "ok"}`` when Postgres answers and its schema is at this package's
+    head; else 503 ``{"status": "unavailable", "error": ...}`` saying which (for the schema,
+    with the advice to run ``python -m engine migrate``)."""
     try:
         await asyncio.wait_for(_store(request).ping(), timeout=3)
     except Exception as exc:
         return JSONResponse(
             {"status": "unavailable", "error": f"postgres: {type(exc).__name__}"}, status_code=503
         )
+    gate: SchemaGate = request.app.state.schema_gate
+    problem = await gate.current()
+    if problem is not None:
+        return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -380,9 +388,11 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
-async def _reaper_loop(store: Store, interval_s: float) -> None:
+async def _reaper_loop(store: Store, interval_s: float, gate: SchemaGate) -> None:
     while True:
         await asyncio.sleep(interval_s * (0.75 + random.random() / 2))
+        if await gate.current() is not None:
+            continue  # no schema to reap in (yet); /health says so
         try:
             reaped = await store.reap()
         except RETRYABLE as exc:
@@ -396,15 +406,25 @@ async def _reaper_loop(store: Store, interval_s: float) -> None:
 
 
 def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIApp:
-    """The ASGI app. `database_url` defaults to `resolve_database_url(settings)` at startup."""
+    """The ASGI app. `database_url` defaults to `resolve_database_url(settings)` at startup.
+
+    Start-up waits up to `settings.db_wait_s` for Postgres and fails (`DatabaseUnavailable`)
+    on errors waiting cannot cure; a schema not at head does not stop it: every route but
+    /health and the page answers 503 with the migrate advice until it is (`SchemaGate`).
+    """
     load_tool_modules(settings.tool_modules)
+    gate = SchemaGate()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         url = database_url
         if url is None:
             url = await asyncio.to_thread(resolve_database_url, settings)
+        await wait_for_postgres(url, wait_s=settings.db_wait_s)
         pool = await open_pool(url, min_size=2, max_size=10, name="api")
+        gate.pool = pool
+        app.state.schema_gate = gate
+        await gate.current()  # logs the problem once, if there is one
         app.state.settings = settings
         app.state.store = Store(pool, lease_ttl_s=settings.lease_ttl_s)
         app.state.database_url = url
@@ -414,7 +434,9 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
             stall_s=settings.live_stall_s,
         )
         await hub.start()
-        reaper = asyncio.create_task(_reaper_loop(app.state.store, settings.reaper_interval_s))
+        reaper = asyncio.create_task(
+            _reaper_loop(app.state.store, settings.reaper_interval_s, gate)
+        )
         try:
             yield
         finally:
@@ -422,6 +444,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
             await hub.stop()
+            await gate.close()
             await pool.close()
 
     app = Starlette(
@@ -434,4 +457,4 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
             **{cls: _db_down for cls in RETRYABLE},
         },
     )
-    return BearerAuth(app, settings.api_token)
+    return BearerAuth(SchemaGuard(app, gate), settings.api_token)

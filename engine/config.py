@@ -6,6 +6,7 @@ flags and passes them to `Settings.from_env(overrides=...)`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ RETENTION_DAYS_DEFAULT = 30.0
 TOOL_MODULES_DEFAULT = ("workers.tools.builtin",)
 LIVE_QUEUE_MAX_EVENTS_DEFAULT = 5_000
 LIVE_STALL_S_DEFAULT = 5.0
+DB_WAIT_S_DEFAULT = 30.0
 
 
 def _parse_float(name: str, raw: str, minimum: float) -> float:
@@ -37,6 +39,8 @@ def _parse_float(name: str, raw: str, minimum: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if math.isnan(value):
+        raise ConfigError(f"{name} must be a number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
     return value
@@ -67,6 +71,9 @@ class Settings:
 
     Durations carry their unit in the name (`_s` seconds, `_ms` milliseconds).
     `database_url` is None when the embedded cluster under `home` is to be used.
+    `db_wait_s` is how long a process waits at start-up for Postgres to answer before it
+    exits naming the problem (``PGDAG_DB_WAIT``; ``inf`` waits for ever); errors that
+    waiting cannot cure (a wrong password, an unknown database) end it at once.
     """
 
     database_url: str | None = None
@@ -86,6 +93,7 @@ class Settings:
     tool_modules: tuple[str, ...] = TOOL_MODULES_DEFAULT
     live_queue_max_events: int = LIVE_QUEUE_MAX_EVENTS_DEFAULT
     live_stall_s: float = LIVE_STALL_S_DEFAULT
+    db_wait_s: float = DB_WAIT_S_DEFAULT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -156,6 +164,10 @@ class Settings:
             ),
             live_stall_s=_parse_float(
                 "PGDAG_LIVE_STALL", get("PGDAG_LIVE_STALL", str(LIVE_STALL_S_DEFAULT)), 0.05
+            ),
+            # Seconds a process waits at start-up for Postgres to answer; "inf": for ever.
+            db_wait_s=_parse_float(
+                "PGDAG_DB_WAIT", get("PGDAG_DB_WAIT", str(DB_WAIT_S_DEFAULT)), 0
             ),
         )
         given = {k: v for k, v in overrides.items() if v is not None}

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import psycopg
@@ -22,6 +23,8 @@ from engine.config import Settings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 5  # libpq connect_timeout (whole seconds) of dedicated connections
 
 # Errors after which the same operation may succeed on a fresh connection: the server went
 # away or restarted (OperationalError), or the transaction lost a race (SQLSTATE 40001
@@ -49,8 +52,37 @@ def resolve_database_url(settings: Settings) -> str:
     return url
 
 
+@dataclass
+class Backoff:
+    """Capped exponential backoff with jitter for reconnect loops: `next_delay` returns a
+    pause (seconds) drawn from [d/2, d], where d starts at `first_s` and doubles after every
+    call up to `max_s` ("equal jitter"); `reset` after a success starts again from `first_s`.
+    """
+
+    first_s: float
+    max_s: float
+    _next_s: float = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._next_s = self.first_s
+
+    def next_delay(self) -> float:
+        """The pause before the next try, in seconds; the one after will be longer."""
+        delay = self._next_s * (0.5 + random.random() / 2)
+        self._next_s = min(self.max_s, self._next_s * 2)
+        return delay
+
+    def reset(self) -> None:
+        """Start again from `first_s` (call it once a connection proved healthy)."""
+        self._next_s = self.first_s
+
+
 async def open_pool(
-    url: str, *, min_size: int = 1, max_size: int = 4, name: str = "pgdag"
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    name: str = "pgdag",
 ) -> AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]:
     """Open an async pool of dict-row connections to `url` and wait until one is ready.
 
