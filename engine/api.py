@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 500
+# How long a request waits for a pooled connection before it answers 503: the bound on a
+# read during a Postgres outage (plus the pool's connect_timeout, see engine.db).
+POOL_TIMEOUT_S = 5.0
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -421,7 +424,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> ASGIAp
         if url is None:
             url = await asyncio.to_thread(resolve_database_url, settings)
         await wait_for_postgres(url, wait_s=settings.db_wait_s)
-        pool = await open_pool(url, min_size=2, max_size=10, name="api")
+        pool = await open_pool(url, min_size=2, max_size=10, name="api", timeout_s=POOL_TIMEOUT_S)
         gate.pool = pool
         app.state.schema_gate = gate
         await gate.current()  # logs the problem once, if there is one

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CONNECT_TIMEOUT_S = 5  # libpq connect_timeout (whole seconds) of dedicated connections
+POOL_TIMEOUT_S_DEFAULT = 30.0  # how long a caller waits for a pooled connection
+CONNECT_TIMEOUT_S = 5  # libpq connect_timeout of the pool's connections (whole seconds)
 
 # Errors after which the same operation may succeed on a fresh connection: the server went
 # away or restarted (OperationalError), or the transaction lost a race (SQLSTATE 40001
@@ -83,10 +84,14 @@ async def open_pool(
     min_size: int = 1,
     max_size: int = 4,
     name: str = "pgdag",
+    timeout_s: float = POOL_TIMEOUT_S_DEFAULT,
 ) -> AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]:
     """Open an async pool of dict-row connections to `url` and wait until one is ready.
 
-    Raises `psycopg_pool.PoolTimeout` when no connection can be made within 30 s.
+    `timeout_s` is how long `pool.connection()` waits for a connection by default before
+    it raises `psycopg_pool.PoolTimeout` (an `OperationalError`): during an outage, the
+    bound on how long a caller hangs. Each connection attempt gives up after
+    `CONNECT_TIMEOUT_S`. Raises `PoolTimeout` when no connection can be made within 30 s.
     """
     pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
         url,
@@ -94,7 +99,12 @@ async def open_pool(
         max_size=max_size,
         name=name,
         open=False,
-        kwargs={"row_factory": dict_row, "autocommit": True},
+        kwargs={
+            "row_factory": dict_row,
+            "autocommit": True,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+        },
+        timeout=timeout_s,
         connection_class=psycopg.AsyncConnection[DictRow],
         # Keep reconnecting (with the pool's own backoff) through a Postgres restart or an
         # outage of up to an hour; 0 would give up at the first failure and shrink the pool.
