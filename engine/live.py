@@ -455,7 +455,7 @@ class EventHub:
         if self._failures:
             self.reconnects += 1
             logger.warning(
-                "event listener back after %.1fs and %d failed attempt(s); "
+                "event listener reconnected after %.1fs and %d failed attempt(s); "
                 "reading the audit log from id %d",
                 time.monotonic() - self._down_since,
                 self._failures,
