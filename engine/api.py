@@ -38,6 +38,8 @@ from engine.errors import IllegalTransition, NotFound, ValidationFailed
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.internal_error import InternalErrorGuard
 from engine.live import EventHub
+from engine.schema import SchemaGate, SchemaGuard
+from engine.startup import wait_for_postgres
 from engine.store import Store
 from engine.tools import load_tool_modules
 
@@ -47,6 +49,9 @@ RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 500
 CORS_MAX_AGE_S = 600  # how long a browser may cache a preflight answer
+# How long a request waits for a pooled connection before it answers 503: the bound on a
+# read during a Postgres outage (plus the pool's connect_timeout, see engine.db).
+POOL_TIMEOUT_S = 5.0
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -118,13 +123,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def health(request: Request) -> Response:
-    """200 ``{"status": "ok"}`` when Postgres answers, else 503."""
+    """200 ``{"status": "ok"}`` when Postgres answers and its schema is at this package's
+    head; else 503 ``{"status": "unavailable", "error": ...}`` saying which (for the schema,
+    with the advice to run ``python -m engine migrate``)."""
     try:
         await asyncio.wait_for(_store(request).ping(), timeout=3)
     except Exception as exc:
         return JSONResponse(
             {"status": "unavailable", "error": f"postgres: {type(exc).__name__}"}, status_code=503
         )
+    gate: SchemaGate = request.app.state.schema_gate
+    problem = await gate.current()
+    if problem is not None:
+        return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -346,9 +357,11 @@ async def _db_down(request: Request, exc: Exception) -> Response:
     return _error(503, "database_unavailable", f"postgres is not answering: {type(exc).__name__}")
 
 
-async def _reaper_loop(store: Store, interval_s: float) -> None:
+async def _reaper_loop(store: Store, interval_s: float, gate: SchemaGate) -> None:
     while True:
         await asyncio.sleep(interval_s * (0.75 + random.random() / 2))
+        if await gate.current() is not None:
+            continue  # no schema to reap in (yet); /health says so
         try:
             reaped = await store.reap()
         except RETRYABLE as exc:
@@ -374,15 +387,24 @@ def create_app(
     (host, port) the server listens on: that name and port are answered besides the
     loopback names and ``settings.allowed_hosts`` (not for a wildcard bind like 0.0.0.0).
     Raises `ValueError` for a `bound` host that is not a host name or address.
+
+    Start-up waits up to `settings.db_wait_s` for Postgres and fails (`DatabaseUnavailable`)
+    on errors waiting cannot cure; a schema not at head does not stop it: every route but
+    /health and the page answers 503 with the migrate advice until it is (`SchemaGate`).
     """
     load_tool_modules(settings.tool_modules)
+    gate = SchemaGate()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         url = database_url
         if url is None:
             url = await asyncio.to_thread(resolve_database_url, settings)
-        pool = await open_pool(url, min_size=2, max_size=10, name="api")
+        await wait_for_postgres(url, wait_s=settings.db_wait_s)
+        pool = await open_pool(url, min_size=2, max_size=10, name="api", timeout_s=POOL_TIMEOUT_S)
+        gate.pool = pool
+        app.state.schema_gate = gate
+        await gate.current()  # logs the problem once, if there is one
         app.state.settings = settings
         app.state.store = Store(pool, lease_ttl_s=settings.lease_ttl_s)
         app.state.database_url = url
@@ -392,7 +414,9 @@ def create_app(
             stall_s=settings.live_stall_s,
         )
         await hub.start()
-        reaper = asyncio.create_task(_reaper_loop(app.state.store, settings.reaper_interval_s))
+        reaper = asyncio.create_task(
+            _reaper_loop(app.state.store, settings.reaper_interval_s, gate)
+        )
         try:
             yield
         finally:
@@ -400,6 +424,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
             await hub.stop()
+            await gate.close()
             await pool.close()
 
     app = Starlette(
@@ -414,7 +439,7 @@ def create_app(
             **{cls: _db_down for cls in RETRYABLE},
         },
     )
-    guarded: ASGIApp = BearerAuth(JsonOnly(app), settings.api_token)
+    guarded: ASGIApp = BearerAuth(SchemaGuard(JsonOnly(app), gate), settings.api_token)
     if settings.cors_origins:
         # Before auth: a browser sends the preflight without credentials. No cookies are
         # used (the token is a header), so no credentials mode.

@@ -35,12 +35,26 @@ def _settings(args: argparse.Namespace) -> Settings:
         live_stall_s=getattr(args, "live_stall", None),
         allowed_hosts=_list_flag(getattr(args, "allowed_hosts", None)),
         cors_origins=_list_flag(getattr(args, "cors_origins", None)),
+        db_wait_s=getattr(args, "db_wait", None),
     )
 
 
 def _list_flag(raw: str | None) -> tuple[str, ...] | None:
     """A comma-separated flag as a tuple; None (not given) leaves the environment's value."""
     return None if raw is None else parse_list(raw)
+
+
+def _database_url(settings: Settings) -> str:
+    """`resolve_database_url`, then proof that Postgres answers and takes our credentials
+    (waiting up to `settings.db_wait_s`). Raises `DatabaseUnavailable` in words."""
+    import asyncio
+
+    from engine.db import resolve_database_url
+    from engine.startup import wait_for_postgres
+
+    url = resolve_database_url(settings)
+    asyncio.run(wait_for_postgres(url, wait_s=settings.db_wait_s))
+    return url
 
 
 # --- serve / migrate / db ---------------------------------------------------------------
@@ -53,8 +67,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.api import create_app
 
     settings = _settings(args)
+    url = _database_url(settings)  # bad configuration ends here, in one line
     uvicorn.run(
-        create_app(settings, bound=(args.host, args.port)),
+        create_app(settings, database_url=url, bound=(args.host, args.port)),
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
@@ -69,11 +84,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply migrations to DATABASE_URL (or the embedded cluster, which is started)."""
-    from engine.db import resolve_database_url
     from engine.migrate import upgrade_head
 
     settings = _settings(args)
-    url = resolve_database_url(settings)  # the embedded path migrates as it starts
+    url = _database_url(settings)  # the embedded path migrates as it starts
     if settings.database_url:
         upgrade_head(url)
     print("migrations applied: schema is at head")
@@ -189,7 +203,6 @@ def follow_run(
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded Postgres + API + two workers, one example run followed live; then serve."""
-    from engine.db import resolve_database_url
     from engine.embedded import EmbeddedCluster
 
     settings = _settings(args)
@@ -198,7 +211,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     was_running = bool(cluster and cluster.status().get("running"))
     print("pgdag dev: starting")
     t0 = time.monotonic()
-    url = resolve_database_url(settings)
+    url = _database_url(settings)
     where = "DATABASE_URL" if cluster is None else f"embedded, data in {home / 'data'}"
     print(f"  postgres    ready ({where}) in {time.monotonic() - t0:.1f}s; schema migrated")
 
@@ -357,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
+        sp.add_argument(
+            "--db-wait",
+            type=float,
+            default=None,
+            metavar="S",
+            help="seconds to wait at start-up for Postgres to answer (inf: for ever); "
+            "PGDAG_DB_WAIT (default 30)",
+        )
 
     def guards(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -437,6 +458,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except PgdagError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"pgdag: error: {exc}", file=sys.stderr)
         return 2
     return code

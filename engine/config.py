@@ -6,6 +6,7 @@ flags and passes them to `Settings.from_env(overrides=...)`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ LIVE_STALL_S_DEFAULT = 5.0
 ALLOWED_HOSTS_DEFAULT: tuple[str, ...] = ()
 # Browser origins allowed to call the API cross-origin (CORS); none by default.
 CORS_ORIGINS_DEFAULT: tuple[str, ...] = ()
+DB_WAIT_S_DEFAULT = 30.0
 
 
 def _parse_float(name: str, raw: str, minimum: float) -> float:
@@ -43,6 +45,8 @@ def _parse_float(name: str, raw: str, minimum: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if math.isnan(value):
+        raise ConfigError(f"{name} must be a number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
     return value
@@ -79,6 +83,9 @@ class Settings:
 
     Durations carry their unit in the name (`_s` seconds, `_ms` milliseconds).
     `database_url` is None when the embedded cluster under `home` is to be used.
+    `db_wait_s` is how long a process waits at start-up for Postgres to answer before it
+    exits naming the problem (``PGDAG_DB_WAIT``; ``inf`` waits for ever); errors that
+    waiting cannot cure (a wrong password, an unknown database) end it at once.
     """
 
     database_url: str | None = None
@@ -100,6 +107,7 @@ class Settings:
     live_stall_s: float = LIVE_STALL_S_DEFAULT
     allowed_hosts: tuple[str, ...] = ALLOWED_HOSTS_DEFAULT
     cors_origins: tuple[str, ...] = CORS_ORIGINS_DEFAULT
+    db_wait_s: float = DB_WAIT_S_DEFAULT
 
     def __post_init__(self) -> None:
         """Check the host and origin lists, whether they came from the environment or a flag.
@@ -189,6 +197,10 @@ class Settings:
             ),
             allowed_hosts=parse_list(get("PGDAG_ALLOWED_HOSTS", "")),
             cors_origins=parse_list(get("PGDAG_CORS_ORIGINS", "")),
+            # Seconds a process waits at start-up for Postgres to answer; "inf": for ever.
+            db_wait_s=_parse_float(
+                "PGDAG_DB_WAIT", get("PGDAG_DB_WAIT", str(DB_WAIT_S_DEFAULT)), 0
+            ),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **given) if given else settings  # type: ignore[arg-type]

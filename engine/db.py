@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import psycopg
@@ -22,6 +23,9 @@ from engine.config import Settings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+POOL_TIMEOUT_S_DEFAULT = 30.0  # how long a caller waits for a pooled connection
+CONNECT_TIMEOUT_S = 5  # libpq connect_timeout of the pool's connections (whole seconds)
 
 # Errors after which the same operation may succeed on a fresh connection: the server went
 # away or restarted (OperationalError), or the transaction lost a race (SQLSTATE 40001
@@ -49,12 +53,45 @@ def resolve_database_url(settings: Settings) -> str:
     return url
 
 
+@dataclass
+class Backoff:
+    """Capped exponential backoff with jitter for reconnect loops: `next_delay` returns a
+    pause (seconds) drawn from [d/2, d], where d starts at `first_s` and doubles after every
+    call up to `max_s` ("equal jitter"); `reset` after a success starts again from `first_s`.
+    """
+
+    first_s: float
+    max_s: float
+    _next_s: float = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._next_s = self.first_s
+
+    def next_delay(self) -> float:
+        """The pause before the next try, in seconds; the one after will be longer."""
+        delay = self._next_s * (0.5 + random.random() / 2)
+        self._next_s = min(self.max_s, self._next_s * 2)
+        return delay
+
+    def reset(self) -> None:
+        """Start again from `first_s` (call it once a connection proved healthy)."""
+        self._next_s = self.first_s
+
+
 async def open_pool(
-    url: str, *, min_size: int = 1, max_size: int = 4, name: str = "pgdag"
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    name: str = "pgdag",
+    timeout_s: float = POOL_TIMEOUT_S_DEFAULT,
 ) -> AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]:
     """Open an async pool of dict-row connections to `url` and wait until one is ready.
 
-    Raises `psycopg_pool.PoolTimeout` when no connection can be made within 30 s.
+    `timeout_s` is how long `pool.connection()` waits for a connection by default before
+    it raises `psycopg_pool.PoolTimeout` (an `OperationalError`): during an outage, the
+    bound on how long a caller hangs. Each connection attempt gives up after
+    `CONNECT_TIMEOUT_S`. Raises `PoolTimeout` when no connection can be made within 30 s.
     """
     pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
         url,
@@ -62,7 +99,12 @@ async def open_pool(
         max_size=max_size,
         name=name,
         open=False,
-        kwargs={"row_factory": dict_row, "autocommit": True},
+        kwargs={
+            "row_factory": dict_row,
+            "autocommit": True,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+        },
+        timeout=timeout_s,
         connection_class=psycopg.AsyncConnection[DictRow],
         # Keep reconnecting (with the pool's own backoff) through a Postgres restart or an
         # outage of up to an hour; 0 would give up at the first failure and shrink the pool.

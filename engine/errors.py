@@ -14,6 +14,23 @@ class ConfigError(PgdagError):
     """A setting is missing or has a value that cannot be used."""
 
 
+class DatabaseUnavailable(PgdagError):
+    """Postgres cannot be used: DATABASE_URL is malformed, the server refused the
+    credentials or the database, or it did not answer within PGDAG_DB_WAIT.
+
+    `permanent` is True when waiting longer cannot help (a wrong password, an unknown role or
+    database, a malformed URL). The message never holds the password.
+    """
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        self.permanent = permanent
+        super().__init__(message)
+
+
+class SchemaNotCurrent(PgdagError):
+    """The database schema is not the one this pgdag needs: run `python -m engine migrate`."""
+
+
 class EmbeddedPostgresError(PgdagError):
     """The embedded PostgreSQL cluster could not be created, started or stopped."""
 

@@ -83,7 +83,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -93,6 +92,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
+from engine.db import Backoff
 from engine.store import event_json, read_live_events, start_live
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ PROBE_AFTER_S = 0.03  # a gap open this long gets a probe xid (see EventHub._wan
 STALL_S_DEFAULT = 5.0  # stop holding events back for a gap older than this
 QUERY_TIMEOUT_S = 10.0  # a read that takes longer means a dead socket: reconnect
 CONNECT_TIMEOUT_S = 10
-RECONNECT_FIRST_S = 0.1
+RECONNECT_FIRST_S = 0.5  # first pause after a failure; doubles (jittered) up to the cap
 RECONNECT_MAX_S = 5.0
 
 
@@ -283,8 +283,10 @@ class EventHub:
 
     `start` starts the listener task and returns at once; `ready` is set once the frontier
     is exact (every transaction that could hold an audit id when the listener started has
-    ended, or `stall_s` passed). Connection loss is retried forever with capped exponential
-    backoff (0.1 s .. 5 s), logged as warnings; `reconnects` counts the successful ones.
+    ended, or `stall_s` passed). Connection loss, and a database it cannot read (no schema
+    yet), are retried forever with capped exponential backoff and jitter (0.5 s .. 5 s),
+    reset only once a read succeeds; one warning when the trouble starts and one when it
+    ends. `attempts` counts connection attempts, `reconnects` the recoveries.
     Nothing here raises to the caller: the WebSocket side sees a frontier that does not
     advance (`wait_frontier` returns False) while Postgres is away.
     """
@@ -314,6 +316,10 @@ class EventHub:
         self._conn: psycopg.AsyncConnection[DictRow] | None = None
         self._startup_xid: int | None = None
         self._started_at = 0.0
+        self.attempts = 0  # connection attempts, successful or not
+        self._failures = 0  # consecutive failed attempts (0: healthy)
+        self._down_since = 0.0  # monotonic seconds of the first of them
+        self._backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
 
     # --- subscribers ------------------------------------------------------------------------
 
@@ -414,40 +420,49 @@ class EventHub:
         return conn
 
     async def _run(self) -> None:
-        delay = RECONNECT_FIRST_S
-        failures = 0
+        """Connect, listen, read; after any failure reconnect with `self._backoff`. Logs
+        only when the state changes: the first failure of an outage (warning) and the first
+        good read after it (warning), never each attempt (those are debug)."""
         while True:
+            self.attempts += 1
             try:
                 self._conn = await self._connect()
-                if failures:
-                    self.reconnects += 1
-                    logger.warning(
-                        "event listener reconnected after %d failed attempt(s); "
-                        "reading the audit log from id %d",
-                        failures,
-                        self._state.known,
-                    )
-                failures = 0
-                delay = RECONNECT_FIRST_S
                 await self._listen(self._conn)
             except asyncio.CancelledError:
                 raise
             except (psycopg.Error, OSError, TimeoutError) as exc:
-                failures += 1
-                log = logger.warning if failures == 1 or failures % 20 == 0 else logger.debug
+                self._failures += 1
+                if self._failures == 1:
+                    self._down_since = time.monotonic()
+                log = logger.warning if self._failures == 1 else logger.debug
                 log(
-                    "event listener lost postgres (%s: %s); retrying in %.2fs (attempt %d)",
+                    "event listener cannot use postgres (%s: %s); reconnecting with backoff "
+                    "(up to %.0fs between tries), logging again when it is back",
                     type(exc).__name__,
                     str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-                    delay,
-                    failures,
+                    RECONNECT_MAX_S,
                 )
             except Exception:  # keep listening after a bug rather than go silently deaf
-                failures += 1
-                logger.exception("event listener failed; restarting it in %.2fs", delay)
+                self._failures += 1
+                if self._failures == 1:
+                    self._down_since = time.monotonic()
+                logger.exception("event listener failed; restarting it with backoff")
             await self._close()
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(RECONNECT_MAX_S, delay * 2)
+            await asyncio.sleep(self._backoff.next_delay())
+
+    def _healthy(self) -> None:
+        """A read succeeded on this connection: the outage (if any) is over."""
+        if self._failures:
+            self.reconnects += 1
+            logger.warning(
+                "event listener reconnected after %.1fs and %d failed attempt(s); "
+                "reading the audit log from id %d",
+                time.monotonic() - self._down_since,
+                self._failures,
+                self._state.known,
+            )
+        self._failures = 0
+        self._backoff.reset()
 
     async def _listen(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
         if not self._started:
@@ -456,6 +471,8 @@ class EventHub:
             self._startup_xid = probe_xid
             self._started_at = time.monotonic()
             self._started = True
+        await self._read(conn)
+        self._healthy()
         while True:
             await self._read(conn)
             wait_s = GAP_POLL_S if (self._state.gaps or not self.ready.is_set()) else None

@@ -9,11 +9,11 @@ import os
 import signal
 import sys
 
-from psycopg_pool import PoolTimeout
-
 from engine.config import Settings
 from engine.db import open_pool, resolve_database_url
-from engine.errors import PgdagError
+from engine.errors import PgdagError, SchemaNotCurrent
+from engine.schema import schema_problem
+from engine.startup import wait_for_postgres
 from engine.store import Pool, Store
 from engine.tools import load_tool_modules
 from workers.worker import CrashPlan, Worker
@@ -32,6 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         const=True,
         default=None,
         help="let HTTP_GET_JSON reach private addresses; PGDAG_HTTP_ALLOW_PRIVATE=1",
+    )
+    p.add_argument(
+        "--db-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds to wait at start-up for Postgres to answer (inf: for ever); "
+        "PGDAG_DB_WAIT (default 30)",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     test_only = p.add_argument_group(
@@ -61,19 +69,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def open_pool_patiently(url: str, *, max_size: int) -> Pool:
-    """Open the worker's pool, waiting as long as it takes for Postgres to answer: a worker
-    started before its database (a reboot, a restart) waits instead of exiting."""
-    delay = 1.0
-    while True:
-        try:
-            return await open_pool(url, min_size=2, max_size=max_size, name="worker")
-        except PoolTimeout:
-            logging.getLogger("workers").warning(
-                "postgres is not answering yet; retrying in %.0fs", delay
-            )
-            await asyncio.sleep(delay)
-            delay = min(30.0, delay * 2)
+async def open_worker_pool(url: str, *, max_size: int) -> Pool:
+    """Open the worker's pool on a database already known to answer (`wait_for_postgres`)
+    and refuse one whose schema is not at this package's head: `SchemaNotCurrent`, with the
+    advice to run ``python -m engine migrate`` (the worker does not wait for a migration:
+    the migrating step belongs before it, as in docker-compose.yml)."""
+    pool = await open_pool(url, min_size=2, max_size=max_size, name="worker")
+    try:
+        async with pool.connection() as conn:
+            problem = await schema_problem(conn)
+    except BaseException:
+        await pool.close()
+        raise
+    if problem is not None:
+        await pool.close()
+        raise SchemaNotCurrent(problem)
+    return pool
 
 
 async def amain(args: argparse.Namespace) -> None:
@@ -82,12 +93,14 @@ async def amain(args: argparse.Namespace) -> None:
         database_url=args.database_url,
         lease_ttl_s=args.lease_ttl,
         http_allow_private=args.http_allow_private,
+        db_wait_s=args.db_wait,
     )
     load_tool_modules(settings.tool_modules)
     url = await asyncio.to_thread(resolve_database_url, settings)
+    await wait_for_postgres(url, wait_s=settings.db_wait_s)
     # Successes share one writer (SuccessBatcher); failures and "idempotent": false results
     # take a connection each, so a few more than the concurrency rarely helps.
-    pool = await open_pool_patiently(url, max_size=min(args.concurrency, 16) + 4)
+    pool = await open_worker_pool(url, max_size=min(args.concurrency, 16) + 4)
     try:
         worker = Worker(
             Store(pool, lease_ttl_s=settings.lease_ttl_s),
@@ -118,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         asyncio.run(amain(args))
-    except PgdagError as exc:
-        logging.getLogger("workers").error("%s", exc)
+    except PgdagError as exc:  # bad configuration: one line, no traceback, never a password
+        sys.stderr.write(f"pgdag: error: {exc}\n")
         return 2
     return 0
 

@@ -33,7 +33,7 @@ import psycopg
 from pydantic import ValidationError
 
 from engine.config import Settings
-from engine.db import RETRYABLE
+from engine.db import CONNECT_TIMEOUT_S, RETRYABLE, Backoff
 from engine.errors import LeaseLost, ToolError, UnknownTool
 from engine.store import Store
 from engine.tools import ToolContext, get_tool, registered_tools
@@ -45,6 +45,8 @@ READY_CHANNEL = "pgdag_ready"
 MAX_CLAIM = 100  # steps claimed per statement at most
 PRUNE_INTERVAL_S = 60.0  # how often a worker deletes runs past their retention
 CRASH_POINTS = ("before_tool", "during_tool", "after_tool")
+LISTEN_RECONNECT_FIRST_S = 0.5  # first pause after the LISTEN connection fails; doubles
+LISTEN_RECONNECT_MAX_S = 5.0  # up to this
 
 
 @dataclass(frozen=True)
@@ -531,22 +533,46 @@ class Worker:
     # --- wake-ups -----------------------------------------------------------------------
 
     async def _listen_loop(self) -> None:
-        delay = 0.1
+        """LISTEN for ready steps; reconnect after any failure with capped exponential
+        backoff and jitter (`LISTEN_RECONNECT_FIRST_S` .. `LISTEN_RECONNECT_MAX_S`), reset
+        once LISTEN works again. Logs the first failure of an outage and its end, not each
+        try (polling keeps claiming meanwhile)."""
+        backoff = Backoff(LISTEN_RECONNECT_FIRST_S, LISTEN_RECONNECT_MAX_S)
+        failures = 0
+        down_since = 0.0
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(
+                    self.database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+                )
                 async with conn:
                     await conn.execute(f"LISTEN {READY_CHANNEL}")
-                    delay = 0.1
+                    if failures:
+                        logger.info(
+                            "listener back after %.1fs and %d failed attempt(s)",
+                            time.monotonic() - down_since,
+                            failures,
+                        )
+                    failures = 0
+                    backoff.reset()
                     self._wake.set()  # catch up on anything sent while not listening
                     async for _ in conn.notifies():
                         self._wake.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("listener lost (%s); reconnecting in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(5.0, delay * 2)
+                failures += 1
+                if failures == 1:
+                    down_since = time.monotonic()
+                    logger.warning(
+                        "listener lost (%s); reconnecting with backoff (up to %.0fs between "
+                        "tries), polling meanwhile",
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
+                        LISTEN_RECONNECT_MAX_S,
+                    )
+                else:
+                    logger.debug("listener still down (attempt %d): %s", failures, exc)
+            await asyncio.sleep(backoff.next_delay())
 
     # --- shutdown -----------------------------------------------------------------------
 

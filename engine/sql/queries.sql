@@ -840,3 +840,6 @@ LIMIT 500
 
 -- name: ping
 SELECT 1 AS ok
+
+-- name: schema_revisions
+SELECT version_num FROM alembic_version
