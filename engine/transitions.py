@@ -51,7 +51,6 @@ in the same transaction, so that a run can never be left waiting for a step nobo
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +59,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
+from engine import jsonb
 from engine.dag import RunSpec
 from engine.errors import IllegalTransition, LeaseLost, NotFound
 from engine.rules import GraphStep, ResetStep, plan_reset
@@ -688,18 +688,12 @@ def _lease_lost_message(step_id: int, token: int, state: DictRow | None) -> str:
     return f"step {step_id}: lease with token {token} expired"
 
 
-def output_json(output: Any) -> str:
-    """Serialise a tool's output for jsonb, or raise `ValueError` saying why it cannot be.
+def output_json(output: Any, *, max_bytes: int = jsonb.MAX_BYTES_DEFAULT) -> str:
+    """Serialise a tool's output for the jsonb ``output`` column (`engine.jsonb.dumps`).
 
-    jsonb refuses ``\\u0000`` and non-finite numbers; deep nesting raises RecursionError in
-    CPython's json. Any of these must fail the attempt cleanly, never crash the worker.
+    `max_bytes` caps the JSON text (``PGDAG_MAX_OUTPUT_BYTES``). Raises `UnstorableJson`
+    (a `ValueError`) naming the problem and its path, e.g. ``output.body.items[3].name:
+    lone surrogate \\ud800 cannot be stored in Postgres jsonb``: the attempt must then fail,
+    not retryably; never RecursionError.
     """
-    try:
-        text = json.dumps(output, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"tool output is not JSON: {exc}") from exc
-    except RecursionError:
-        raise ValueError("tool output is nested too deeply to store") from None
-    if "\\u0000" in text:
-        raise ValueError("tool output contains a NUL character (\\u0000), which jsonb refuses")
-    return text
+    return jsonb.dumps(output, path="output", max_bytes=max_bytes)

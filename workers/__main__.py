@@ -33,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="let HTTP_GET_JSON reach private addresses; PGDAG_HTTP_ALLOW_PRIVATE=1",
     )
+    p.add_argument(
+        "--max-output-bytes",
+        type=int,
+        default=None,
+        help="cap on a step's output as JSON text, in bytes; PGDAG_MAX_OUTPUT_BYTES "
+        "(default 8 MiB)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     test_only = p.add_argument_group(
         "fault injection (TEST ONLY: these flags crash the worker on purpose)"
@@ -82,6 +89,7 @@ async def amain(args: argparse.Namespace) -> None:
         database_url=args.database_url,
         lease_ttl_s=args.lease_ttl,
         http_allow_private=args.http_allow_private,
+        max_output_bytes=args.max_output_bytes,
     )
     load_tool_modules(settings.tool_modules)
     url = await asyncio.to_thread(resolve_database_url, settings)

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from engine.config import Settings
 from engine.db import RETRYABLE
-from engine.errors import LeaseLost, ToolError, UnknownTool
+from engine.errors import LeaseLost, ToolError, UnknownTool, UnstorableJson
 from engine.store import Store
 from engine.tools import ToolContext, get_tool, registered_tools
 from engine.transitions import ClaimedStep, output_json
@@ -336,8 +336,8 @@ class Worker:
             if crash_at in ("during_tool", "after_tool"):
                 _crash("after_tool", step)
             try:
-                text = output_json(output)
-            except ValueError as exc:
+                text = output_json(output, max_bytes=self.settings.max_output_bytes)
+            except UnstorableJson as exc:  # jsonb would refuse it: this attempt fails for good
                 await self._fail(attempt, str(exc), retryable=False)
                 return
             try:
