@@ -73,3 +73,8 @@ class UnstorableJson(PgdagError, ValueError):
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class OutputRefused(PgdagError):
+    """Postgres refused a step's output when it was written; the attempt was failed, not
+    retryably, with the database's error (the step is now a dead letter)."""

@@ -7,10 +7,15 @@ in the same group commit succeed exactly once; the worker lives. Real workers, t
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+from engine import errors
+from engine.db import open_pool
+from engine.store import Store
 from tests.support import events, steps_by_name, submit, wait_run_finished, workers
+from workers.worker import SuccessBatcher
 
 TEST_TOOLS = {"PGDAG_TOOLS": "tests.testtools"}
 LONE_SURROGATE_ERROR = (
@@ -77,3 +82,84 @@ def test_a_refused_output_fails_only_its_step_and_the_worker_lives(
     assert steps["set"]["error"].startswith("output.tags: set is not JSON")
     for kind in ("nan", "cycle", "set"):
         assert steps[kind]["status"] == "dead_letter" and steps[kind]["attempt"] == 1
+
+
+def test_a_group_write_postgres_refuses_falls_back_to_one_row_at_a_time(db_url: str) -> None:
+    """The pre-check bypassed: a batch of four successes through the real `SuccessBatcher`,
+    one with output text Postgres refuses. The batch statement fails; its rows are then
+    written one by one: three succeed once (attempt 1, one step_succeeded each, a dependent
+    promoted) and the poison one is dead-lettered with the database's own error."""
+    run_id = submit(
+        db_url,
+        {
+            "steps": [
+                *({"name": n, "tool": "DELAY", "input": {"ms": 0}} for n in ("a", "b", "c", "p")),
+                {"name": "after", "tool": "DELAY", "input": {"ms": 0}, "dependsOn": ["a"]},
+            ]
+        },
+    )
+
+    async def go() -> list[BaseException | None]:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        store = Store(pool, lease_ttl_s=30)
+        batcher = SuccessBatcher(store, "w")
+        writer = asyncio.create_task(batcher.run())
+        try:
+            claimed = {c.name: c for c in await store.claim("w", 10)}
+            assert set(claimed) == {"a", "b", "c", "p"}
+            texts = {n: f'{{"n":"{n}"}}' for n in "abc"}
+            texts["p"] = '{"name":"x\\ud800y"}'  # JSON text with a lone surrogate escape
+            results = await asyncio.gather(
+                *(batcher.record(claimed[n], texts[n]) for n in "abcp"), return_exceptions=True
+            )
+            assert batcher.batches == 1  # all four were handed to one group write
+            return list(results)
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await pool.close()
+
+    results = asyncio.run(go())
+    assert results[:3] == [None, None, None], results
+    refused = results[3]
+    assert isinstance(refused, errors.OutputRefused), repr(refused)
+    assert "invalid input syntax for type json" in str(refused)
+    steps = steps_by_name(db_url, run_id)
+    by_step = _step_events(db_url, run_id)
+    for n in "abc":
+        assert steps[n]["status"] == "succeeded" and steps[n]["attempt"] == 1
+        assert steps[n]["output"] == {"n": n}
+        assert [e["event"] for e in by_step[n]] == ["step_claimed", "step_succeeded"]
+    assert steps["after"]["status"] == "ready"
+    p = steps["p"]
+    assert p["status"] == "dead_letter" and p["attempt"] == 1
+    assert "invalid input syntax for type json" in p["error"]
+    assert "Unicode low surrogate must follow a high surrogate" in p["error"]
+    dead = [e for e in by_step["p"] if e["event"] == "step_dead_lettered"]
+    assert len(dead) == 1 and dead[0]["detail"]["error"] == p["error"]
+    assert [e["event"] for e in by_step["p"]].count("step_succeeded") == 0
+
+
+def test_a_lone_success_postgres_refuses_fails_its_step(db_url: str) -> None:
+    """The path of ``"idempotent": false`` steps (recorded at once, alone): a refused
+    output dead-letters the step with the database's error instead of leaving it running."""
+    run_id = submit(db_url, {"steps": [{"name": "once", "tool": "DELAY", "input": {"ms": 0}}]})
+
+    async def go() -> BaseException | None:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        store = Store(pool, lease_ttl_s=30)
+        try:
+            [step] = await store.claim("w", 10)
+            try:
+                await store.complete(step, '["\\u0000"]', worker_id="w")
+            except Exception as exc:
+                return exc
+            return None
+        finally:
+            await pool.close()
+
+    refused = asyncio.run(go())
+    step = steps_by_name(db_url, run_id)["once"]
+    assert step["status"] == "dead_letter" and step["attempt"] == 1, (step["status"], refused)
+    assert "unsupported Unicode escape sequence" in step["error"]
+    assert isinstance(refused, errors.OutputRefused), repr(refused)
