@@ -423,7 +423,11 @@ async def fail_attempt(
     """Record a failed attempt: back to ``ready`` after an exponential backoff with full
     jitter when `retryable`, attempts remain and the step is idempotent (an ``"idempotent":
     false`` step is never re-run automatically), else ``dead_letter`` (its dependents are
-    skipped and the run settles). Raises `LeaseLost` when the token is not current."""
+    skipped and the run settles). Raises `LeaseLost` when the token is not current.
+
+    `error` is stored in text and jsonb columns, which refuse NUL and lone surrogates: they
+    are written as visible escapes (`engine.jsonb.storable_text`)."""
+    error = jsonb.storable_text(error)
     async with conn.transaction():
         cur = await conn.execute(
             queries["fail_attempt"],

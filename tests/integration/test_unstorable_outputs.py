@@ -163,3 +163,28 @@ def test_a_lone_success_postgres_refuses_fails_its_step(db_url: str) -> None:
     assert step["status"] == "dead_letter" and step["attempt"] == 1, (step["status"], refused)
     assert "unsupported Unicode escape sequence" in step["error"]
     assert isinstance(refused, errors.OutputRefused), repr(refused)
+
+
+def test_an_error_text_with_nul_and_lone_surrogate_is_recorded(db_url: str, tmp_path: Path) -> None:
+    """The failure path stores error text in text and jsonb columns: a NUL and a lone
+    surrogate in it are written as visible escapes, not a failed write."""
+    _load_test_tools()
+    run_id = submit(
+        db_url,
+        {
+            "steps": [
+                {"name": "nasty", "tool": "TEST_NASTY_ERROR", "input": {}},
+                {"name": "fine", "tool": "DELAY", "input": {"ms": 0}},
+            ]
+        },
+    )
+    with workers(db_url, tmp_path, n=1, **TEST_TOOLS) as [w]:
+        assert wait_run_finished(db_url, run_id) == "failed"
+        assert w.popen.poll() is None, w.output()
+    steps = steps_by_name(db_url, run_id)
+    nasty = steps["nasty"]
+    assert nasty["status"] == "dead_letter" and nasty["attempt"] == 1
+    assert nasty["error"] == "bad \\u0000 byte and lone \\udc01 surrogate"
+    dead = [e for e in events(db_url, run_id) if e["event"] == "step_dead_lettered"]
+    assert [d["detail"]["error"] for d in dead] == [nasty["error"]]
+    assert steps["fine"]["status"] == "succeeded"
