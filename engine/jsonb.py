@@ -49,6 +49,13 @@ _INT_BOUND = 10**MAX_INT_DIGITS
 # A well-formed surrogate pair, or (group 1) a surrogate that is not part of one.
 _SURROGATES = re.compile("[\ud800-\udbff][\udc00-\udfff]|([\ud800-\udfff])")
 _FIRST_SURROGATE = re.compile("[\ud800-\udfff]")
+# In Python's ASCII JSON text: an escape of NUL or of a surrogate (maybe only a backslash
+# followed by "u0000": the walk decides), a string literal, a bracket.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|d[89a-f])")
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_EMPTY_CONTAINERS = re.compile(r"\[\]|\{\}")
+_QUICK_PASSES = 16
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHOWN_KEY_CHARS = 40
 _SHOWN_PATH_PARTS = 8
@@ -57,18 +64,36 @@ _SHOWN_PATH_PARTS = 8
 _Path = tuple[Any, str | int] | None
 
 
-def dumps(value: Any, *, path: str = "output", max_bytes: int = MAX_BYTES_DEFAULT) -> str:
+def dumps(
+    value: Any, *, path: str = "output", depth: int = 0, max_bytes: int = MAX_BYTES_DEFAULT
+) -> str:
     """`value` as compact ASCII JSON text that Postgres jsonb accepts.
 
-    `path` names `value` in errors (``output``); `max_bytes` caps the text's length in
-    bytes (it is ASCII: ``\\uXXXX`` escapes for the rest). Raises `UnstorableJson` naming
-    the first problem found and where it is; never RecursionError.
+    `path` names `value` in errors (``output``); `depth` is how many containers enclose it
+    in the stored document (see `check`); `max_bytes` caps the text's length in bytes (it
+    is ASCII: ``\\uXXXX`` escapes for the rest). Raises `UnstorableJson` naming the first
+    problem found and where it is; never RecursionError.
+
+    Fast path: Python's C encoder writes the text and refuses most problems itself (NaN,
+    non-JSON types and keys, cycles, long integers, deep nesting); what it lets through is
+    visible in its text (a ``\\u0000`` or ``\\udXXX`` escape, more than `MAX_DEPTH`
+    brackets), and only then is the value walked by `check`, for the verdict and the path.
     """
-    check(value, path=path)
-    try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"), check_circular=False)
-    except (ValueError, RecursionError) as exc:  # this process's own int or stack limits
-        raise UnstorableJson(path, f"cannot be serialised here: {exc}") from None
+    text: str | None = None
+    if 0 < sys.get_int_max_str_digits() <= MAX_INT_DIGITS:  # else it writes longer integers
+        try:
+            text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):
+            text = None
+    if text is None or _SUSPECT_ESCAPE.search(text) or _deeper_than(text, MAX_DEPTH - depth):
+        check(value, path=path, depth=depth)
+        if text is None:
+            try:
+                text = json.dumps(
+                    value, allow_nan=False, separators=(",", ":"), check_circular=False
+                )
+            except (TypeError, ValueError, RecursionError) as exc:  # this process's limits
+                raise UnstorableJson(path, f"cannot be serialised here: {exc}") from None
     if len(text) > max_bytes:
         raise UnstorableJson(
             path,
@@ -76,6 +101,31 @@ def dumps(value: Any, *, path: str = "output", max_bytes: int = MAX_BYTES_DEFAUL
             "(PGDAG_MAX_OUTPUT_BYTES)",
         )
     return text
+
+
+def _deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON `text` nests containers more than `limit` deep (strings skipped)."""
+    if text.count("[") + text.count("{") <= limit:  # cannot be: one bracket per level
+        return False
+    skeleton = _NOT_BRACKET.sub("", _STRINGS.sub("", text))
+    if not skeleton:
+        return False
+    # Each pass drops the empty containers, so a document of depth d is gone after d
+    # passes; a few passes (at C speed) settle the usual shallow document.
+    for _ in range(min(limit, _QUICK_PASSES)):
+        skeleton = _EMPTY_CONTAINERS.sub("", skeleton)
+        if not skeleton:
+            return False
+    if limit <= _QUICK_PASSES:
+        return True
+    level = deepest = 0
+    for bracket in skeleton:
+        if bracket in "[{":
+            level += 1
+            deepest = max(deepest, level)
+        else:
+            level -= 1
+    return deepest + _QUICK_PASSES > limit
 
 
 def check(value: Any, *, path: str = "output", depth: int = 0) -> None:

@@ -64,6 +64,8 @@ def test_a_refused_output_fails_only_its_step_and_the_worker_lives(
     with workers(db_url, tmp_path, n=1, concurrency=8, **TEST_TOOLS) as [w]:
         assert wait_run_finished(db_url, run_id) == "failed"
         assert w.popen.poll() is None, w.output()  # the worker lives
+        later = submit(db_url, {"steps": [{"name": "next", "tool": "DELAY", "input": {"ms": 0}}]})
+        assert wait_run_finished(db_url, later) == "completed"  # and keeps claiming
     steps = steps_by_name(db_url, run_id)
     by_step = _step_events(db_url, run_id)
     for i in range(4):

@@ -325,7 +325,7 @@ def _parse_json(data: bytes) -> tuple[Any, str | None]:
     # surrogates, 1e999 parsed to infinity, nesting past the cap), so the step still succeeds
     # with its status instead of failing on storage. The body sits one level inside the output.
     try:
-        jsonb.check(value, path="body", depth=1)
+        jsonb.dumps(value, path="body", depth=1)
     except UnstorableJson as exc:
         return None, f"body cannot be stored: {exc}"
     return value, None
