@@ -11,6 +11,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from engine import errors
 from engine.db import open_pool
 from engine.store import Store
@@ -190,3 +192,36 @@ def test_an_error_text_with_nul_and_lone_surrogate_is_recorded(db_url: str, tmp_
     dead = [e for e in events(db_url, run_id) if e["event"] == "step_dead_lettered"]
     assert [d["detail"]["error"] for d in dead] == [nasty["error"]]
     assert steps["fine"]["status"] == "succeeded"
+
+
+def test_the_output_size_cap_is_read_from_the_environment(db_url: str, tmp_path: Path) -> None:
+    """PGDAG_MAX_OUTPUT_BYTES reaches the worker: a bigger output fails its step for good."""
+    _load_test_tools()
+    run_id = submit(
+        db_url,
+        {
+            "steps": [
+                {"name": "big", "tool": "TEST_EMIT", "input": {"value": "x" * 300}},
+                {"name": "small", "tool": "TEST_EMIT", "input": {"value": "x" * 100}},
+            ]
+        },
+    )
+    with workers(db_url, tmp_path, n=1, PGDAG_MAX_OUTPUT_BYTES="200", **TEST_TOOLS):
+        assert wait_run_finished(db_url, run_id) == "failed"
+    steps = steps_by_name(db_url, run_id)
+    assert steps["big"]["status"] == "dead_letter" and steps["big"]["attempt"] == 1
+    assert steps["big"]["error"] == (
+        "output: 302 bytes of JSON, over the 200-byte cap on a step's output "
+        "(PGDAG_MAX_OUTPUT_BYTES)"
+    )
+    assert steps["small"]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(("raw", "problem"), [("ten", "an integer"), ("8", ">= 16")])
+def test_a_bad_output_size_cap_is_refused_by_name(raw: str, problem: str) -> None:
+    from engine.config import Settings
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"PGDAG_MAX_OUTPUT_BYTES must be {problem}"):
+        Settings.from_env({"PGDAG_MAX_OUTPUT_BYTES": raw})
+    assert Settings.from_env({}).max_output_bytes == 8 * 1024 * 1024
