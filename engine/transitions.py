@@ -394,7 +394,10 @@ async def _refuse_success(
             backoff_cap_ms=0,
         )
     except LeaseLost as lost:
-        return lost
+        state = await _lease_state(conn, step_id)
+        if state is None or state["status"] != "dead_letter" or state["lease_token"] != token:
+            return lost
+        # else a retry after an ambiguous commit: this very failure was recorded already
     return OutputRefused(f"step {step_id}: {jsonb.storable_text(error)}")
 
 

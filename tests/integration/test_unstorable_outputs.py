@@ -225,3 +225,34 @@ def test_a_bad_output_size_cap_is_refused_by_name(raw: str, problem: str) -> Non
     with pytest.raises(ConfigError, match=f"PGDAG_MAX_OUTPUT_BYTES must be {problem}"):
         Settings.from_env({"PGDAG_MAX_OUTPUT_BYTES": raw})
     assert Settings.from_env({}).max_output_bytes == 8 * 1024 * 1024
+
+
+def test_writing_a_refused_batch_again_reports_the_same(db_url: str) -> None:
+    """The batch retried after an ambiguous commit (the connection dropped after the
+    one-by-one writes landed): the recorded steps are recorded, the refused one is still
+    reported refused (its failure is there already), and nothing is written twice."""
+    run_id = submit(
+        db_url, {"steps": [{"name": n, "tool": "DELAY", "input": {"ms": 0}} for n in "ap"]}
+    )
+
+    async def go() -> tuple[dict[int, Any], dict[int, Any], dict[str, int]]:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        store = Store(pool, lease_ttl_s=30)
+        try:
+            claimed = {c.name: c for c in await store.claim("w", 10)}
+            batch = [
+                (claimed["a"].id, claimed["a"].lease_token, "{}"),
+                (claimed["p"].id, claimed["p"].lease_token, '"\\udc00"'),
+            ]
+            first = await store.complete_many(batch, worker_id="w")
+            again = await store.complete_many(batch, worker_id="w")
+            return first, again, {n: c.id for n, c in claimed.items()}
+        finally:
+            await pool.close()
+
+    first, again, ids = asyncio.run(go())
+    for outcome in (first, again):
+        assert outcome[ids["a"]] is None
+        assert isinstance(outcome[ids["p"]], errors.OutputRefused), outcome
+    kinds = [e["event"] for e in events(db_url, run_id)]
+    assert kinds.count("step_succeeded") == 1 and kinds.count("step_dead_lettered") == 1
