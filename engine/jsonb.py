@@ -43,7 +43,7 @@ MAX_DEPTH = 512
 PG_MAX_INT_DIGITS = 131_072
 MAX_INT_DIGITS = min(PG_MAX_INT_DIGITS, sys.int_info.default_max_str_digits)
 MAX_BYTES_DEFAULT = 8 * 1024 * 1024
-STORE = "cannot be stored in Postgres jsonb"
+_STORE = "cannot be stored in Postgres jsonb"
 
 _INT_BOUND = 10**MAX_INT_DIGITS
 # A well-formed surrogate pair, or (group 1) a surrogate that is not part of one.
@@ -201,27 +201,27 @@ def storable_text(text: str) -> str:
 
 
 _INT_PROBLEM = (
-    f"integer with more than {MAX_INT_DIGITS} digits {STORE} as pgdag reads it back "
+    f"integer with more than {MAX_INT_DIGITS} digits {_STORE} as pgdag reads it back "
     f"(Python's json stops at {MAX_INT_DIGITS} digits; Postgres numeric at {PG_MAX_INT_DIGITS})"
 )
 
 
 def _float_problem(number: float) -> str:
     if math.isnan(number):
-        return f"NaN {STORE}"
+        return f"NaN {_STORE}"
     sign = "-" if number < 0 else ""
-    return f"{sign}Infinity (a number out of range) {STORE}"
+    return f"{sign}Infinity (a number out of range) {_STORE}"
 
 
 def _string_problem(text: str) -> str | None:
     if "\x00" in text:
-        return f"NUL character (\\u0000) {STORE}"
+        return f"NUL character (\\u0000) {_STORE}"
     if _FIRST_SURROGATE.search(text) is None:
         return None
     for match in _SURROGATES.finditer(text):
         lone = match.group(1)
         if lone is not None:
-            return f"lone surrogate \\u{ord(lone):04x} {STORE}"
+            return f"lone surrogate \\u{ord(lone):04x} {_STORE}"
     return None
 
 
