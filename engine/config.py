@@ -22,6 +22,7 @@ MAX_ATTEMPTS_DEFAULT = 3
 MAX_STEPS_PER_RUN_DEFAULT = 10_000
 MAX_MAP_WIDTH_DEFAULT = 10_000
 MAX_BODY_BYTES_DEFAULT = 10 * 1024 * 1024
+MAX_OUTPUT_BYTES_DEFAULT = 8 * 1024 * 1024  # engine.jsonb.MAX_BYTES_DEFAULT
 HOME_DEFAULT = ".pgdag"
 API_HOST_DEFAULT = "127.0.0.1"
 API_PORT_DEFAULT = 4000
@@ -98,6 +99,7 @@ class Settings:
     max_steps_per_run: int = MAX_STEPS_PER_RUN_DEFAULT
     max_map_width: int = MAX_MAP_WIDTH_DEFAULT
     max_body_bytes: int = MAX_BODY_BYTES_DEFAULT
+    max_output_bytes: int = MAX_OUTPUT_BYTES_DEFAULT
     poll_interval_s: float = POLL_INTERVAL_S_DEFAULT
     reaper_interval_s: float = REAPER_INTERVAL_S_DEFAULT
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
@@ -165,6 +167,11 @@ class Settings:
             ),
             max_body_bytes=_parse_int(
                 "PGDAG_MAX_BODY_BYTES", get("PGDAG_MAX_BODY_BYTES", str(MAX_BODY_BYTES_DEFAULT)), 1
+            ),
+            max_output_bytes=_parse_int(
+                "PGDAG_MAX_OUTPUT_BYTES",
+                get("PGDAG_MAX_OUTPUT_BYTES", str(MAX_OUTPUT_BYTES_DEFAULT)),
+                16,
             ),
             poll_interval_s=_parse_float(
                 "PGDAG_POLL_INTERVAL",

@@ -107,3 +107,22 @@ class ToolError(PgdagError):
 
 class UnknownTool(PgdagError):
     """No tool is registered under that name."""
+
+
+class UnstorableJson(PgdagError, ValueError):
+    """A value cannot be stored in a Postgres jsonb column (see `engine.jsonb`).
+
+    `path` says where it is (``output.body.items[3]``), `problem` what it is; the message
+    is ``"<path>: <problem>"``. Also a `ValueError`, as `engine.transitions.output_json`
+    has always raised.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class OutputRefused(PgdagError):
+    """Postgres refused a step's output when it was written; the attempt was failed, not
+    retryably, with the database's error (the step is now a dead letter)."""

@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from engine import transitions
 from engine.dag import RunSpec
 from engine.db import retrying
-from engine.errors import NotFound
+from engine.errors import NotFound, PgdagError
 from engine.sql import queries
 from engine.transitions import ClaimedStep, FailOutcome
 
@@ -201,7 +201,9 @@ class Store:
 
     async def complete(self, step: ClaimedStep, output_json: str, *, worker_id: str) -> None:
         """Record `step`'s success; retried through connection loss until the lease would
-        have expired. Raises `LeaseLost` when the token is no longer current."""
+        have expired. Raises `LeaseLost` when the token is no longer current, and
+        `OutputRefused` when Postgres refused the output (the attempt was then failed, not
+        retryably, with the database's error)."""
 
         async def op() -> None:
             async with self.pool.connection() as conn:
@@ -218,12 +220,13 @@ class Store:
 
     async def complete_many(
         self, results: list[tuple[int, int, str]], *, worker_id: str, may_skip: bool = True
-    ) -> dict[int, str | None]:
+    ) -> dict[int, PgdagError | None]:
         """Record a batch of successes ``[(step_id, token, output_json_text)]`` in one
-        statement; see `transitions.record_successes` for the result. Retried through
-        connection loss until a lease would have expired."""
+        statement, or one by one when Postgres refuses the batch; see
+        `transitions.record_successes` for the result (None, `LeaseLost` or `OutputRefused`
+        per step). Retried through connection loss until a lease would have expired."""
 
-        async def op() -> dict[int, str | None]:
+        async def op() -> dict[int, PgdagError | None]:
             async with self.pool.connection() as conn:
                 return await transitions.record_successes(
                     conn, results, worker_id=worker_id, may_skip=may_skip

@@ -51,17 +51,26 @@ in the same transaction, so that a run can never be left waiting for a step nobo
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
+from engine import jsonb
 from engine.dag import RunSpec
-from engine.errors import IdempotencyKeyReused, IllegalTransition, LeaseLost, NotFound
+from engine.db import RETRYABLE
+from engine.errors import (
+    IdempotencyKeyReused,
+    IllegalTransition,
+    LeaseLost,
+    NotFound,
+    OutputRefused,
+    PgdagError,
+)
 from engine.rules import GraphStep, ResetStep, plan_reset
 from engine.sql import queries
 
@@ -286,10 +295,17 @@ async def complete_step(
 
     Safe to call again after an ambiguous commit (the connection dropped after COMMIT):
     finding the step already ``succeeded`` under the same token is success, not an error.
+    When Postgres refuses the write (an output jsonb cannot hold), the attempt is failed,
+    not retryably, with the database's error, and `OutputRefused` is raised.
     """
-    recorded = await complete_steps(
-        conn, [(step_id, token, output_json)], worker_id=worker_id, may_skip=may_skip
-    )
+    try:
+        recorded = await complete_steps(
+            conn, [(step_id, token, output_json)], worker_id=worker_id, may_skip=may_skip
+        )
+    except RETRYABLE:
+        raise
+    except REFUSED_WRITE as exc:
+        raise await _refuse_success(conn, step_id, token, exc, worker_id=worker_id) from None
     if step_id in recorded:
         return
     state = await _lease_state(conn, step_id)
@@ -298,35 +314,120 @@ async def complete_step(
     raise LeaseLost(_lease_lost_message(step_id, token, state))
 
 
+# What a completion statement raises when Postgres (or psycopg, before sending) refuses one
+# of its rows: any database error that is not a connection loss or a lost race (`RETRYABLE`,
+# retried by the caller as a whole), and the UnicodeEncodeError of text psycopg cannot encode.
+REFUSED_WRITE = (psycopg.Error, UnicodeError)
+
+
 async def record_successes(
     conn: Conn,
     results: list[tuple[int, int, str]],
     *,
     worker_id: str,
     may_skip: bool = True,
-) -> dict[int, str | None]:
+) -> dict[int, PgdagError | None]:
     """Record a batch of successes ``[(step_id, token, output_json_text), ...]`` in one
     statement (`complete_steps`) and say what became of each: ``{step_id: None}`` when it is
-    recorded, ``{step_id: reason}`` when its lease was lost (the reason is the `LeaseLost`
-    message). Like `complete_step`, safe to call again after an ambiguous commit: a step
-    found ``succeeded`` under the same token counts as recorded."""
-    recorded = await complete_steps(conn, results, worker_id=worker_id, may_skip=may_skip)
-    outcome: dict[int, str | None] = {r[0]: None for r in results if r[0] in recorded}
+    recorded, ``{step_id: LeaseLost(reason)}`` when its lease was lost, ``{step_id:
+    OutputRefused(error)}`` when Postgres refused its row and the attempt was failed.
+
+    A group write that fails with a statement error (not a connection loss: `RETRYABLE`
+    propagates, for the caller to retry the batch) is rolled back as a whole and its rows are
+    written again one by one, each in its own statement, so one bad row never costs the
+    others; a row that still fails is failed, not retryably, with the database's error.
+    Like `complete_step`, safe to call again after an ambiguous commit: a step found
+    ``succeeded`` under the same token counts as recorded."""
+    try:
+        recorded = await complete_steps(conn, results, worker_id=worker_id, may_skip=may_skip)
+    except RETRYABLE:
+        raise
+    except REFUSED_WRITE as exc:
+        logger.warning(
+            "group write of %d successes refused (%s); recording them one by one",
+            len(results),
+            _refusal(exc),
+        )
+        return await _record_one_by_one(conn, results, worker_id=worker_id, may_skip=may_skip)
+    outcome: dict[int, PgdagError | None] = {r[0]: None for r in results if r[0] in recorded}
     missing = [r for r in results if r[0] not in recorded]
     if missing:
-        cur = await conn.execute(queries["steps_lease_state"], {"ids": [r[0] for r in missing]})
-        states = {row["id"]: row for row in await cur.fetchall()}
-        for step_id, token, _ in missing:
-            state = states.get(step_id)
-            if (
-                state is not None
-                and state["status"] == "succeeded"
-                and state["lease_token"] == token
-            ):
-                outcome[step_id] = None
-            else:
-                outcome[step_id] = _lease_lost_message(step_id, token, state)
+        outcome.update(await _not_recorded(conn, [(r[0], r[1]) for r in missing]))
     return outcome
+
+
+async def _record_one_by_one(
+    conn: Conn, results: list[tuple[int, int, str]], *, worker_id: str, may_skip: bool
+) -> dict[int, PgdagError | None]:
+    outcome: dict[int, PgdagError | None] = {}
+    for step_id, token, text in results:
+        try:
+            recorded = await complete_steps(
+                conn, [(step_id, token, text)], worker_id=worker_id, may_skip=may_skip
+            )
+        except RETRYABLE:
+            raise
+        except REFUSED_WRITE as exc:
+            outcome[step_id] = await _refuse_success(conn, step_id, token, exc, worker_id=worker_id)
+            continue
+        if step_id in recorded:
+            outcome[step_id] = None
+        else:
+            outcome.update(await _not_recorded(conn, [(step_id, token)]))
+    return outcome
+
+
+async def _not_recorded(conn: Conn, leases: list[tuple[int, int]]) -> dict[int, PgdagError | None]:
+    """For attempts a completion did not match: None when the step is ``succeeded`` under
+    the same token (an ambiguous commit that landed), else `LeaseLost`."""
+    cur = await conn.execute(queries["steps_lease_state"], {"ids": [i for i, _ in leases]})
+    states = {row["id"]: row for row in await cur.fetchall()}
+    outcome: dict[int, PgdagError | None] = {}
+    for step_id, token in leases:
+        state = states.get(step_id)
+        if state is not None and state["status"] == "succeeded" and state["lease_token"] == token:
+            outcome[step_id] = None
+        else:
+            outcome[step_id] = LeaseLost(_lease_lost_message(step_id, token, state))
+    return outcome
+
+
+async def _refuse_success(
+    conn: Conn, step_id: int, token: int, exc: BaseException, *, worker_id: str
+) -> PgdagError:
+    """The success of (step_id, token) was refused by `exc`: fail the attempt, not
+    retryably, with the database's error. Returns the `OutputRefused` to report, or the
+    `LeaseLost` when the attempt was no longer ours to fail."""
+    error = f"output refused by Postgres: {_refusal(exc)}"
+    logger.warning("step %s attempt with token %s: %s", step_id, token, error)
+    try:
+        await fail_attempt(
+            conn,
+            step_id,
+            token,
+            error=error,
+            retryable=False,
+            worker_id=worker_id,
+            backoff_base_ms=0,
+            backoff_cap_ms=0,
+        )
+    except LeaseLost as lost:
+        state = await _lease_state(conn, step_id)
+        if state is None or state["status"] != "dead_letter" or state["lease_token"] != token:
+            return lost
+        # else a retry after an ambiguous commit: this very failure was recorded already
+    return OutputRefused(f"step {step_id}: {jsonb.storable_text(error)}")
+
+
+def _refusal(exc: BaseException) -> str:
+    """The database's own words for `exc`: primary message and detail, without the query
+    context (which may quote the refused text at length)."""
+    diag = getattr(exc, "diag", None)
+    primary = diag.message_primary if diag is not None else None
+    if not primary:
+        return str(exc).strip() or type(exc).__name__
+    detail = diag.message_detail if diag is not None else None
+    return f"{primary} ({detail.rstrip('.')})" if detail else primary
 
 
 async def fail_attempt(
@@ -343,7 +444,11 @@ async def fail_attempt(
     """Record a failed attempt: back to ``ready`` after an exponential backoff with full
     jitter when `retryable`, attempts remain and the step is idempotent (an ``"idempotent":
     false`` step is never re-run automatically), else ``dead_letter`` (its dependents are
-    skipped and the run settles). Raises `LeaseLost` when the token is not current."""
+    skipped and the run settles). Raises `LeaseLost` when the token is not current.
+
+    `error` is stored in text and jsonb columns, which refuse NUL and lone surrogates: they
+    are written as visible escapes (`engine.jsonb.storable_text`)."""
+    error = jsonb.storable_text(error)
     async with conn.transaction():
         cur = await conn.execute(
             queries["fail_attempt"],
@@ -699,18 +804,12 @@ def _lease_lost_message(step_id: int, token: int, state: DictRow | None) -> str:
     return f"step {step_id}: lease with token {token} expired"
 
 
-def output_json(output: Any) -> str:
-    """Serialise a tool's output for jsonb, or raise `ValueError` saying why it cannot be.
+def output_json(output: Any, *, max_bytes: int = jsonb.MAX_BYTES_DEFAULT) -> str:
+    """Serialise a tool's output for the jsonb ``output`` column (`engine.jsonb.dumps`).
 
-    jsonb refuses ``\\u0000`` and non-finite numbers; deep nesting raises RecursionError in
-    CPython's json. Any of these must fail the attempt cleanly, never crash the worker.
+    `max_bytes` caps the JSON text (``PGDAG_MAX_OUTPUT_BYTES``). Raises `UnstorableJson`
+    (a `ValueError`) naming the problem and its path, e.g. ``output.body.items[3].name:
+    lone surrogate \\ud800 cannot be stored in Postgres jsonb``: the attempt must then fail,
+    not retryably; never RecursionError.
     """
-    try:
-        text = json.dumps(output, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"tool output is not JSON: {exc}") from exc
-    except RecursionError:
-        raise ValueError("tool output is nested too deeply to store") from None
-    if "\\u0000" in text:
-        raise ValueError("tool output contains a NUL character (\\u0000), which jsonb refuses")
-    return text
+    return jsonb.dumps(output, path="output", max_bytes=max_bytes)

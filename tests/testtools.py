@@ -114,6 +114,41 @@ async def barrier(inp: BarrierInput, ctx: ToolContext) -> dict[str, object]:
     return {"arrived": ctx.step_name}
 
 
+class UnstorableInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    barrier: BarrierInput | None = None
+
+
+def _unstorable(kind: str) -> object:
+    if kind == "lone_surrogate":
+        return {"body": {"items": [0, 1, 2, {"name": "x\ud800y"}]}}
+    if kind == "nan":
+        return {"score": float("nan")}
+    if kind == "cycle":
+        looped: dict[str, object] = {"a": 1}
+        looped["self"] = looped
+        return looped
+    if kind == "set":
+        return {"tags": {1, 2}}
+    raise ToolError(f"unknown kind {kind!r}", retryable=False)
+
+
+@tool("TEST_UNSTORABLE_OUTPUT", UnstorableInput)
+async def unstorable_output(inp: UnstorableInput, ctx: ToolContext) -> object:
+    """Return an output Postgres jsonb refuses (`kind`: lone_surrogate, nan, cycle, set),
+    after meeting the other steps at `barrier` when one is given."""
+    if inp.barrier is not None:
+        await barrier(inp.barrier, ctx)
+    return _unstorable(inp.kind)
+
+
+@tool("TEST_NASTY_ERROR", EmptyInput)
+async def nasty_error(inp: EmptyInput, ctx: ToolContext) -> object:
+    """Fail (not retryably) with an error text holding a NUL and a lone surrogate."""
+    raise ToolError("bad \x00 byte and lone \udc01 surrogate", retryable=False)
+
+
 # Step builders for run bodies that use these tools.
 
 

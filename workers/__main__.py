@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait at start-up for Postgres to answer (inf: for ever); "
         "PGDAG_DB_WAIT (default 30)",
     )
+    p.add_argument(
+        "--max-output-bytes",
+        type=int,
+        default=None,
+        help="cap on a step's output as JSON text, in bytes; PGDAG_MAX_OUTPUT_BYTES "
+        "(default 8 MiB)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     test_only = p.add_argument_group(
         "fault injection (TEST ONLY: these flags crash the worker on purpose)"
@@ -94,6 +101,7 @@ async def amain(args: argparse.Namespace) -> None:
         lease_ttl_s=args.lease_ttl,
         http_allow_private=args.http_allow_private,
         db_wait_s=args.db_wait,
+        max_output_bytes=args.max_output_bytes,
     )
     load_tool_modules(settings.tool_modules)
     url = await asyncio.to_thread(resolve_database_url, settings)

@@ -34,7 +34,14 @@ from pydantic import ValidationError
 
 from engine.config import Settings
 from engine.db import CONNECT_TIMEOUT_S, RETRYABLE, Backoff
-from engine.errors import LeaseLost, ToolError, UnknownTool
+from engine.errors import (
+    LeaseLost,
+    OutputRefused,
+    PgdagError,
+    ToolError,
+    UnknownTool,
+    UnstorableJson,
+)
 from engine.store import Store
 from engine.tools import ToolContext, get_tool, registered_tools
 from engine.transitions import ClaimedStep, output_json
@@ -98,18 +105,20 @@ class SuccessBatcher:
         self.worker_id = worker_id
         self.max_batch = max_batch
         self.batches = 0
-        self._pending: list[tuple[ClaimedStep, str, asyncio.Future[str | None]]] = []
+        self._pending: list[tuple[ClaimedStep, str, asyncio.Future[PgdagError | None]]] = []
         self._wake = asyncio.Event()
 
     async def record(self, step: ClaimedStep, output_json_text: str) -> None:
         """Queue `step`'s success and wait until it is committed. Raises `LeaseLost` when
-        the token was no longer current, or the database error that ended the write."""
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        the token was no longer current, `OutputRefused` when Postgres refused this output
+        (the attempt was failed, not retryably; its batch-mates are recorded one by one), or
+        the database error that ended the write."""
+        future: asyncio.Future[PgdagError | None] = asyncio.get_running_loop().create_future()
         self._pending.append((step, output_json_text, future))
         self._wake.set()
-        reason = await future
-        if reason is not None:
-            raise LeaseLost(reason)
+        refused = await future
+        if refused is not None:
+            raise refused
 
     async def run(self) -> None:
         """The writer loop; runs until cancelled."""
@@ -122,7 +131,7 @@ class SuccessBatcher:
                 await self._write(batch)
 
     async def _write(
-        self, batch: list[tuple[ClaimedStep, str, asyncio.Future[str | None]]]
+        self, batch: list[tuple[ClaimedStep, str, asyncio.Future[PgdagError | None]]]
     ) -> None:
         self.batches += 1
         try:
@@ -338,8 +347,8 @@ class Worker:
             if crash_at in ("during_tool", "after_tool"):
                 _crash("after_tool", step)
             try:
-                text = output_json(output)
-            except ValueError as exc:
+                text = output_json(output, max_bytes=self.settings.max_output_bytes)
+            except UnstorableJson as exc:  # jsonb would refuse it: this attempt fails for good
                 await self._fail(attempt, str(exc), retryable=False)
                 return
             try:
@@ -352,6 +361,9 @@ class Worker:
             except LeaseLost as exc:
                 self.stats.leases_lost += 1
                 logger.warning("result of run %s step %s refused: %s", step.run_id, step.name, exc)
+            except OutputRefused as exc:  # already recorded as a failed attempt
+                self.stats.failed += 1
+                logger.warning("run %s step %s attempt %d on %s: dead letter: %s", *log_ctx, exc)
         except asyncio.CancelledError:
             if not attempt.lease_lost:
                 raise  # shutdown: the lease is released by _drain

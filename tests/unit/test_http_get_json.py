@@ -102,6 +102,9 @@ def _routes(
         "/nan": fixed(200, b"[1, NaN]"),
         "/inf": fixed(200, b"[1e999]"),
         "/nul": fixed(200, b'{"a": "x\\u0000y"}'),
+        "/surrogate": fixed(200, b'{"items": [1, {"name": "x\\ud800y"}]}'),
+        "/surrogate-key": fixed(200, b'{"ok": {"\\udc00": 1}}'),
+        "/surrogate-pair": fixed(200, b'{"smile": "\\ud83d\\ude00"}'),
         "/latin1": fixed(200, b'"caf\xe9"'),
         "/gzip": fixed(200, gzip.compress(b'{"zipped": true}'), **{"Content-Encoding": "gzip"}),
         "/gzip-bomb": fixed(200, BIG_GZIP_JSON, **{"Content-Encoding": "gzip"}),
@@ -301,6 +304,12 @@ def test_deeply_nested_json_is_body_null_not_a_crash(server: Server) -> None:
         ("/nan", "NaN is not valid JSON"),
         ("/inf", "out of range"),
         ("/nul", "NUL"),
+        (
+            "/surrogate",
+            "body cannot be stored: body.items[1].name: lone surrogate \\ud800 cannot be "
+            "stored in Postgres jsonb",
+        ),
+        ("/surrogate-key", 'body.ok (key "\\udc00"): lone surrogate \\udc00'),
         ("/latin1", "not UTF-8"),
     ],
 )
@@ -308,6 +317,11 @@ def test_json_that_jsonb_cannot_store_is_body_null(server: Server, path: str, pr
     out = fetch(server.url(path))
     assert out["status"] == 200 and out["body"] is None
     assert problem in out["error"]
+
+
+def test_a_surrogate_pair_escape_is_one_character(server: Server) -> None:
+    out = fetch(server.url("/surrogate-pair"))
+    assert out["body"] == {"smile": "\U0001f600"} and out["error"] is None
 
 
 # --- encodings -------------------------------------------------------------------------

@@ -6,9 +6,10 @@ Output: ``{"status": int, "body": json | null, "truncated": bool, "bytesReturned
 - A network error, a timeout, or a 5xx or 429 answer raises a retryable `ToolError`
   (the engine retries with backoff). Any other answer succeeds with its status (a 404
   succeeds with ``status: 404``).
-- A body that is not JSON (or is JSON that jsonb cannot store) succeeds with
-  ``body: null`` and ``error`` saying why. A body over `MAX_BODY_BYTES` decoded bytes is
-  not parsed: ``truncated: true``, ``body: null``.
+- A body that is not JSON, or is JSON that jsonb cannot store (`engine.jsonb.check`: NUL or
+  a lone surrogate in a string or key, a number out of range, nesting too deep...), succeeds
+  with ``body: null`` and ``error`` saying why and where. A body over `MAX_BODY_BYTES`
+  decoded bytes is not parsed: ``truncated: true``, ``body: null``.
 - Every hop (the URL and each redirect, at most `MAX_REDIRECTS`) goes through
   `workers.tools.netguard`: http(s) only, no user-info, the host resolved once and every
   address checked; the request then goes to the checked address itself, with the real
@@ -29,7 +30,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.errors import ToolError
+from engine import jsonb
+from engine.errors import ToolError, UnstorableJson
 from engine.tools import ToolContext, tool
 from workers.tools.netguard import (
     AddressCheck,
@@ -319,14 +321,11 @@ def _parse_json(data: bytes) -> tuple[Any, str | None]:
         return None, f"body is not JSON: {exc}"
     except RecursionError:
         return None, "body is JSON nested too deeply to parse"
-    # The engine stores output as jsonb: refuse here what it would refuse, so the step
-    # still succeeds with its status instead of failing on storage.
+    # The engine stores output as jsonb: refuse here what it would refuse (NUL, lone
+    # surrogates, 1e999 parsed to infinity, nesting past the cap), so the step still succeeds
+    # with its status instead of failing on storage. The body sits one level inside the output.
     try:
-        text = json.dumps(value, allow_nan=False)
-    except ValueError:  # 1e999 parses to inf
-        return None, "body is JSON with a number out of range (jsonb refuses infinity)"
-    except RecursionError:
-        return None, "body is JSON nested too deeply to store"
-    if "\\u0000" in text:
-        return None, "body is JSON with a NUL character (\\u0000), which jsonb refuses"
+        jsonb.dumps(value, path="body", depth=1)
+    except UnstorableJson as exc:
+        return None, f"body cannot be stored: {exc}"
     return value, None
