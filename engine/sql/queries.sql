@@ -69,8 +69,12 @@ SELECT %(run_id)s, 'run_created', 'pending',
                           'startAt', %(start_at)s::timestamptz)
 
 -- name: claim_steps
--- ready -> running for up to %(limit)s steps whose backoff has passed, highest priority
--- first, then oldest (FIFO within a priority). In the same statement:
+-- ready -> running for up to %(limit)s steps whose backoff has passed and whose tool is one
+-- of %(tools)s (the tools the claiming worker has loaded: a step is never handed to a worker
+-- that cannot run it, whichever way it became ready: submitted, promoted, a map child,
+-- released, reaped, retried), highest priority first, then oldest (FIFO within a priority).
+-- The tool test is a filter on the rows steps_ready_idx returns, in its order: see
+-- docs/claim-plan.md for the plans measured. In the same statement:
 -- - steps with a concurrency key take a slot of concurrency_slots (pgdag_take_slots,
 --   migration 0003: the slot row's UPDATE is re-checked on its newest version, so claimers
 --   racing for the last slot cannot both get it; rows locked in key order); keys already
@@ -83,6 +87,7 @@ WITH picked AS MATERIALIZED (
     SELECT id, concurrency_key, priority, available_at
     FROM steps
     WHERE status = 'ready' AND available_at <= now()
+      AND tool = ANY(%(tools)s::text[])
       AND (concurrency_key IS NULL
            OR concurrency_key NOT IN (SELECT key FROM concurrency_slots
                                       WHERE running >= max_running))
