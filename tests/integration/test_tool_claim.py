@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 from websockets.sync.client import connect
 
 from engine.db import open_pool
+from engine.sql import queries
 from engine.store import Store
 from engine.tools import load_tool_modules
 from tests.support import (
@@ -254,3 +256,42 @@ def test_released_reaped_retried_and_map_steps_go_only_to_capable_workers(
     assert claims["reap"] == ["capA0", "capB0", "capC0"]
     assert claims["dl"] == ["capA0", "capB0"]
     assert claims["m"] == ["capB0", "capB0"]  # the expansion, then the join
+
+
+def test_claim_does_not_walk_a_backlog_of_another_tool(db_url: str) -> None:
+    """2,000 ready steps of a tool this worker lacks, ahead of its own in claim order: the
+    claim reads steps_ready_idx for its own tools only, and no row of the backlog. (A filter
+    on one walk of the whole ready index read all 2,000 first: docs/claim-plan.md.)"""
+    backlog = submit(
+        db_url, {"steps": [emit(f"g{i}", i) for i in range(2000)]}
+    )  # TEST_EMIT: older, so ahead of the DELAY steps below
+    mine = submit(
+        db_url,
+        {"steps": [{"name": f"d{i}", "tool": "DELAY", "input": {"ms": 0}} for i in range(5)]},
+    )
+    query(db_url, "ANALYZE steps")
+    with psycopg.connect(db_url) as conn:  # a transaction, rolled back: nothing is claimed
+        plan = conn.execute(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + queries["claim_steps"],
+            {"worker_id": "w", "limit": 10, "lease_ttl_s": 30, "tools": ["DELAY", "HTTP_GET_JSON"]},
+        ).fetchone()[0]
+        claimed = conn.execute(
+            "SELECT run_id, count(*) AS n FROM steps WHERE status = 'running' GROUP BY run_id"
+        ).fetchall()
+        conn.rollback()
+    assert [(str(r), n) for r, n in claimed] == [(mine, 5)]
+    nodes: list[dict[str, Any]] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        nodes.append(node)
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    scans = [n for n in nodes if n.get("Relation Name") == "steps" and "Index Name" in n]
+    ready_scans = [n for n in scans if n["Index Name"] == "steps_ready_idx"]
+    assert ready_scans, [(n["Node Type"], n.get("Index Name")) for n in scans]
+    for scan in ready_scans:
+        assert "tool" in scan["Index Cond"], scan
+        assert scan.get("Rows Removed by Filter", 0) == 0, scan
+    assert steps_by_name(db_url, backlog)["g0"]["status"] == "ready"
