@@ -123,7 +123,12 @@ def bench_explain(base: str, n: int) -> dict[str, Any]:
         with conn.transaction():
             cur = conn.execute(
                 explain + queries["claim_steps"],
-                {"worker_id": "explain", "limit": 50, "lease_ttl_s": 30},
+                {
+                    "worker_id": "explain",
+                    "limit": 50,
+                    "lease_ttl_s": 30,
+                    "tools": ["DELAY", "HTTP_GET_JSON"],
+                },
             )
             plans["claim_steps"] = [r[0] for r in cur.fetchall()]
             claimed = conn.execute(

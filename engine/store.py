@@ -22,6 +22,7 @@ from engine.dag import RunSpec
 from engine.db import retrying
 from engine.errors import NotFound, PgdagError
 from engine.sql import queries
+from engine.tools import registered_tools
 from engine.transitions import ClaimedStep, FailOutcome
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
@@ -181,11 +182,20 @@ class Store:
         async with self.pool.connection() as conn:
             return await transitions.create_run(conn, spec)
 
-    async def claim(self, worker_id: str, limit: int) -> list[ClaimedStep]:
-        """Claim up to `limit` ready steps for `worker_id`."""
+    async def claim(
+        self, worker_id: str, limit: int, tools: Sequence[str] | None = None
+    ) -> list[ClaimedStep]:
+        """Claim up to `limit` ready steps for `worker_id`, only of the tools named in
+        `tools` (default: every tool registered in this process, `registered_tools()`).
+        See `transitions.claim_steps`."""
+        names = sorted(registered_tools()) if tools is None else tools
         async with self.pool.connection() as conn:
             return await transitions.claim_steps(
-                conn, worker_id=worker_id, limit=limit, lease_ttl_s=self.lease_ttl_s
+                conn,
+                worker_id=worker_id,
+                limit=limit,
+                lease_ttl_s=self.lease_ttl_s,
+                tools=names,
             )
 
     async def heartbeat(self, leases: list[tuple[int, int]]) -> set[int]:

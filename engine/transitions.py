@@ -52,6 +52,7 @@ in the same transaction, so that a run can never be left waiting for a step nobo
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -170,17 +171,32 @@ async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
 
 
 async def claim_steps(
-    conn: Conn, *, worker_id: str, limit: int, lease_ttl_s: float
+    conn: Conn, *, worker_id: str, limit: int, lease_ttl_s: float, tools: Sequence[str]
 ) -> list[ClaimedStep]:
     """Claim up to `limit` ready steps for `worker_id` (ready -> running), each with a new
     fencing token and a lease of `lease_ttl_s` seconds on the database clock.
 
+    Only steps whose tool is in `tools` (tool names, e.g. ``["DELAY", "HTTP_GET_JSON"]``:
+    the ones the claiming worker has loaded) are claimed; a step of another tool stays
+    ready, unspent, for a worker that has it (``waitingFor`` says ``noLiveWorker`` while
+    none lives). Empty `tools` claims nothing. Raises `ValueError` when `tools` is a bare
+    string (a common slip that would otherwise match nothing).
+
     One statement on an autocommit connection: it commits by itself, in one round trip
     instead of three (BEGIN, the statement, COMMIT); a statement is atomic either way."""
+    if isinstance(tools, str):
+        raise ValueError(f"tools must be a sequence of tool names, not the string {tools!r}")
+    if not tools:
+        return []
     _require_autocommit(conn)
     cur = await conn.execute(
         queries["claim_steps"],
-        {"worker_id": worker_id, "limit": limit, "lease_ttl_s": lease_ttl_s},
+        {
+            "worker_id": worker_id,
+            "limit": limit,
+            "lease_ttl_s": lease_ttl_s,
+            "tools": list(tools),
+        },
     )
     rows = await cur.fetchall()
     return [

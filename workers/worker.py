@@ -199,6 +199,9 @@ class Worker:
         self._crash_plan = crash_plan
         self._crash_rng = random.Random(crash_plan.seed if crash_plan else None)
         self._successes = SuccessBatcher(store, self.worker_id)
+        # The tools this process loaded: registered with the worker's row and passed to
+        # every claim, so that it is never handed a step it cannot run.
+        self.tools = tuple(sorted(registered_tools()))
         # Claim when at least this many slots are free (or nothing is in flight): one claim
         # statement per batch of finished steps instead of one per step under load.
         self._claim_min = max(1, min(concurrency // 4, 50))
@@ -226,7 +229,7 @@ class Worker:
             self.worker_id,
             self.concurrency,
             self.settings.lease_ttl_s,
-            ", ".join(sorted(registered_tools())),
+            ", ".join(self.tools),
         )
         background = [
             asyncio.create_task(self._listen_loop(), name="listen"),
@@ -264,7 +267,7 @@ class Worker:
                     hostname=socket.gethostname(),
                     pid=os.getpid(),
                     concurrency=self.concurrency,
-                    tools=sorted(registered_tools()),
+                    tools=list(self.tools),
                 )
                 return
             except RETRYABLE as exc:
@@ -281,7 +284,9 @@ class Worker:
             got = 0
             if free >= self._claim_min or (free > 0 and not self._attempts):
                 try:
-                    steps = await self.store.claim(self.worker_id, min(free, MAX_CLAIM))
+                    steps = await self.store.claim(
+                        self.worker_id, min(free, MAX_CLAIM), tools=self.tools
+                    )
                 except RETRYABLE as exc:
                     logger.warning("claim failed (%s); retrying in %.1fs", exc, error_delay)
                     await self._sleep_or_wake(error_delay)

@@ -74,26 +74,40 @@ SELECT %(run_id)s, 'run_created', 'pending',
                           'startAt', %(start_at)s::timestamptz)
 
 -- name: claim_steps
--- ready -> running for up to %(limit)s steps whose backoff has passed, highest priority
--- first, then oldest (FIFO within a priority). In the same statement:
+-- ready -> running for up to %(limit)s steps whose backoff has passed and whose tool is one
+-- of %(tools)s (the tools the claiming worker has loaded: a step is never handed to a worker
+-- that cannot run it, whichever way it became ready: submitted, promoted, a map child,
+-- released, reaped, retried), highest priority first, then oldest (FIFO within a priority).
+-- In the same statement:
 -- - steps with a concurrency key take a slot of concurrency_slots (pgdag_take_slots,
 --   migration 0003: the slot row's UPDATE is re-checked on its newest version, so claimers
 --   racing for the last slot cannot both get it; rows locked in key order); keys already
 --   full are not picked at all;
 -- - references in the input are resolved against the outputs of the steps they name (and a
 --   map child's element) and stored with the attempt (resolved_input, and the audit row).
--- The MATERIALIZED CTE keeps LIMIT + SKIP LOCKED from locking more rows than it returns
--- (PostgreSQL bug #15715).
+-- One ordered walk of steps_ready_idx (tool, priority DESC, available_at, id; migration
+-- 0004) per tool of the worker, each taking at most %(limit)s rows with SKIP LOCKED, then
+-- the best %(limit)s of those: a backlog of another tool's steps is never walked (a filter
+-- on one walk of the whole ready index read every such row first: 87 ms per claim behind
+-- 100,000 of them, docs/claim-plan.md). Rows locked by a walk but not among the best are
+-- left unchanged and unlocked at commit. The MATERIALIZED CTE keeps LIMIT + SKIP LOCKED
+-- from locking more rows than its walks return (PostgreSQL bug #15715).
 WITH picked AS MATERIALIZED (
-    SELECT id, concurrency_key, priority, available_at
-    FROM steps
-    WHERE status = 'ready' AND available_at <= now()
-      AND (concurrency_key IS NULL
-           OR concurrency_key NOT IN (SELECT key FROM concurrency_slots
-                                      WHERE running >= max_running))
-    ORDER BY priority DESC, available_at, id
+    SELECT c.id, c.concurrency_key, c.priority, c.available_at
+    FROM (SELECT DISTINCT unnest(%(tools)s::text[])) AS t(tool)
+    CROSS JOIN LATERAL (
+        SELECT s.id, s.concurrency_key, s.priority, s.available_at
+        FROM steps s
+        WHERE s.status = 'ready' AND s.tool = t.tool AND s.available_at <= now()
+          AND (s.concurrency_key IS NULL
+               OR s.concurrency_key NOT IN (SELECT key FROM concurrency_slots
+                                            WHERE running >= max_running))
+        ORDER BY s.priority DESC, s.available_at, s.id
+        LIMIT %(limit)s
+        FOR UPDATE OF s SKIP LOCKED
+    ) c
+    ORDER BY c.priority DESC, c.available_at, c.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 ), chosen AS (
     SELECT id FROM picked WHERE concurrency_key IS NULL
     UNION ALL

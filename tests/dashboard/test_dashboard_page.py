@@ -251,6 +251,43 @@ def test_map_children_appear_live_and_a_step_says_what_it_waits_for(
     assert_not_reloaded(page)
 
 
+def test_step_no_live_worker_can_run_shows_its_tool_then_runs(
+    page: Any, db_url: str, tmp_path: Path
+) -> None:
+    """Only workers without the test tools are running: a TEST_EMIT step stays ready,
+    unclaimed, and its detail says it waits for a live worker with that tool; a worker
+    with the tool started later runs it, and the page follows without a reload."""
+    with (
+        api_server(db_url, tmp_path, PGDAG_TOOLS=TOOLS) as base,
+        workers(db_url, tmp_path, n=2, id_prefix="plain"),
+    ):
+        run = submit(
+            base,
+            {
+                "goal": "a tool no live worker has",
+                "steps": [
+                    delay("plain"),
+                    {"name": "custom", "tool": "TEST_EMIT", "input": {"value": 1}},
+                    delay("after", "custom"),
+                ],
+            },
+        )
+        open_page(page, f"{base}/#/runs/{run['id']}")
+        node(page, "plain").and_(page.locator('[data-status="succeeded"]')).wait_for()
+        node(page, "custom").click()
+        page.wait_for_selector('#detail:not([hidden]) #step-name:text-is("custom")')
+        page.wait_for_selector(
+            '#step-facts:has-text("waiting for"):has-text("a live worker with the tool TEST_EMIT")'
+        )
+        assert page.locator('#step-status[data-status="ready"]').count() == 1
+        assert page.locator("#step-facts").inner_text().count("0 of 3") == 1  # attempt 0
+        with workers(db_url, tmp_path, n=1, id_prefix="cap", PGDAG_TOOLS=TOOLS):
+            node(page, "after").and_(page.locator('[data-status="succeeded"]')).wait_for()
+            page.wait_for_selector('#run-status[data-status="completed"]')
+        assert wait_run_finished(db_url, run["id"]) == "completed"
+    assert_not_reloaded(page)
+
+
 def test_cancel_button_cancels_the_run(page: Any, live: str, db_url: str) -> None:
     steps = [delay("slow", ms=60_000), delay("b", "slow")]
     run = submit(live, {"goal": "to cancel", "steps": steps})

@@ -267,7 +267,10 @@ def test_batch_mode_sends_the_same_events_in_fewer_frames(db_url: str, tmp_path:
 def claim_one(conn: psycopg.Connection[Any], worker_id: str) -> list[int]:
     """Run the real claim statement on `conn` (in its open transaction, if any); returns
     the audit ids it wrote, read inside that transaction."""
-    conn.execute(queries["claim_steps"], {"worker_id": worker_id, "limit": 1, "lease_ttl_s": 30})
+    conn.execute(
+        queries["claim_steps"],
+        {"worker_id": worker_id, "limit": 1, "lease_ttl_s": 30, "tools": ["DELAY"]},
+    )
     rows = conn.execute(
         "SELECT id FROM audit_log WHERE worker_id = %s ORDER BY id", (worker_id,)
     ).fetchall()
