@@ -23,7 +23,7 @@ The downgrade keeps the repaired values.
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -37,7 +37,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
 def test_0005_repairs_start_times_no_read_could_load(db_url: str) -> None:
     """Before the API bounded startAt, year 0 and year 10000 (in UTC) were stored; psycopg
     cannot load them, so every read of the run failed. Migration 0005 clamps them."""
-    command.downgrade(alembic_config(db_url), "-1")  # undo 0005 (the head) only
+    command.downgrade(alembic_config(db_url), "0004")  # undo 0005 only
     run = query(
         db_url,
         "INSERT INTO runs (goal, steps_total, steps_unfinished, start_at) VALUES"
