@@ -286,8 +286,12 @@ def run_spec_for_tools(tools: Mapping[str, Tool]) -> type[BaseModel]:
     if not tools:
         return RunSpec
     variants: list[Any] = []
+    taken: set[str] = set()
     for i, (name, tool) in enumerate(sorted(tools.items())):
-        model_name = f"Step_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_') or i}"
+        model_name = f"Step_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}"
+        if model_name in taken:  # "a.b" and "a_b" are two tools: two components
+            model_name = f"{model_name}_{i}"
+        taken.add(model_name)
         variants.append(
             create_model(
                 model_name,

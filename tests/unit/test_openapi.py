@@ -110,3 +110,19 @@ def test_run_response_describes_the_sql_built_steps(document: dict[str, Any]) ->
     # every key select_run_steps_json builds, each always present (null when unset)
     assert set(step["required"]) == set(step["properties"])
     assert {"idempotencyKey", "resolvedInput", "waitingFor", "mapOf"} <= set(step["required"])
+
+
+def test_tools_whose_names_clash_as_identifiers_stay_two_steps() -> None:
+    from engine.openapi import run_spec_for_tools
+    from engine.tools import get_tool, load_tool_modules
+
+    load_tool_modules(["workers.tools.builtin"])
+    delay = get_tool("DELAY")
+    spec = run_spec_for_tools({"a.b": delay, "a_b": delay})
+    schema = spec.model_json_schema(mode="validation")
+    mapping = schema["properties"]["steps"]["items"]["discriminator"]["mapping"]
+    # two components, with names a reader of the document can use
+    assert {name: ref.rsplit("/", 1)[-1] for name, ref in mapping.items()} == {
+        "a.b": "Step_a_b",
+        "a_b": "Step_a_b_1",
+    }
