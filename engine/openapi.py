@@ -9,7 +9,7 @@ OpenAPI document served at ``GET /openapi.json``.
 Schemas come from pydantic (`pydantic.json_schema.models_json_schema`): request bodies and
 parameters in ``validation`` mode, responses in ``serialization`` mode, all under
 ``#/components/schemas``. Pydantic emits JSON Schema draft 2020-12, which is the schema
-dialect of OpenAPI 3.1 (OpenAPI 3.1.0, section 4.8.24 "Schema Object"), so the schemas are
+dialect of OpenAPI 3.1 (OpenAPI 3.1.0, "Schema Object"), so the schemas are
 used as they are. WebSocket routes and the dashboard are not HTTP JSON operations and are
 not described.
 """
@@ -125,12 +125,15 @@ def document(
     seen_ids: set[str] = set()
     keys, defs = models_json_schema(_models(operations), ref_template=REF_TEMPLATE)
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))
-    refs = {model.__name__: keys[(model, mode)] for model, mode in keys}
+
+    def ref(model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
+        return dict(keys[(model, mode)])
+
     paths: dict[str, dict[str, Any]] = {}
     param_models = {m for op in operations for m in (op.path_params, op.query) if m is not None}
     # Parameter schemas are read before any is removed from the components.
     params_of: dict[type[BaseModel], dict[str, Any]] = {
-        m: schemas[_ref_name(refs[m.__name__])] for m in param_models
+        m: schemas[_ref_name(ref(m, "validation"))] for m in param_models
     }
     for op in operations:
         if op.operation_id in seen_ids:
@@ -150,7 +153,7 @@ def document(
         if parameters:
             entry["parameters"] = parameters
         if op.body is not None:
-            content = _json_content(refs[op.body.__name__])
+            content = _json_content(ref(op.body, "validation"))
             if op.body_example is not None:
                 content[JSON]["example"] = op.body_example
             entry["requestBody"] = {"required": op.body_required, "content": content}
@@ -158,7 +161,7 @@ def document(
         for status, reply in sorted(op.responses.items()):
             answer: dict[str, Any] = {"description": reply.description}
             if reply.model is not None:
-                answer["content"] = _json_content(refs[reply.model.__name__])
+                answer["content"] = _json_content(ref(reply.model, "serialization"))
             if status in op.links:
                 answer["links"] = dict(op.links[status])
             responses[str(status)] = answer
@@ -166,12 +169,12 @@ def document(
         for status, description in sorted(errors.items()):
             responses[str(status)] = {
                 "description": description,
-                "content": _json_content(refs[Error.__name__]),
+                "content": _json_content(ref(Error, "serialization")),
             }
         entry["responses"] = responses
         item[method] = entry
     for model in param_models:  # inlined as parameters, not components of their own
-        schemas.pop(_ref_name(refs[model.__name__]), None)
+        schemas.pop(_ref_name(ref(model, "validation")), None)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": version, "description": description},
@@ -190,8 +193,8 @@ def document(
 
 def _parameters_from(obj: Mapping[str, Any], where: Literal["path", "query"]) -> list[Any]:
     """Each property of the object schema `obj` (a parameter model's) as a parameter: its
-    alias, its schema, whether required (a path parameter always is: OpenAPI 3.1.0, 4.8.12.2
-    "Fixed Fields")."""
+    alias, its schema, whether required (a path parameter always is: OpenAPI 3.1.0, Parameter
+    Object, "required": for location path it "MUST be true")."""
     required = set(obj.get("required", ()))
     params = []
     for name, schema in obj.get("properties", {}).items():
