@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import replace
+from importlib import metadata
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -30,28 +33,32 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp
 
 from dashboard.routes import routes as dashboard_routes  # the page at / (mounted only)
-from engine import ws
+from engine import openapi, responses, ws
 from engine.config import Settings
-from engine.dag import ApiDatetime, parse_run, text_problems
+from engine.dag import ApiDatetime, RunSpec, parse_run, text_problems
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.internal_error import InternalErrorGuard
 from engine.live import EventHub
+from engine.openapi import Operation, Reply
 from engine.schema import SchemaGate, SchemaGuard
 from engine.startup import wait_for_postgres
 from engine.store import Store
-from engine.tools import load_tool_modules
+from engine.tools import load_tool_modules, registered_tools
 
 logger = logging.getLogger(__name__)
 
-RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+RUN_STATUSES: tuple[str, ...] = get_args(responses.RunStatus)
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 500
 CORS_MAX_AGE_S = 600  # how long a browser may cache a preflight answer
 # How long a request waits for a pooled connection before it answers 503: the bound on a
 # read during a Postgres outage (plus the pool's connect_timeout, see engine.db).
 POOL_TIMEOUT_S = 5.0
+CURSOR_MAX = 2**62
+EVENTS_LIMIT_DEFAULT = 1000
+EVENTS_LIMIT_MAX = 10_000
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -176,7 +183,7 @@ async def list_runs(request: Request) -> Response:
             ]
         )
     limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
-    cursor = _int_param(request, "cursor", None, 1, 2**62)
+    cursor = _int_param(request, "cursor", None, 1, CURSOR_MAX)
     assert limit is not None
     runs, next_cursor = await _store(request).list_runs(status=status, limit=limit, cursor=cursor)
     return JSONResponse(
@@ -191,8 +198,8 @@ async def get_run(request: Request) -> Response:
 
 async def run_events(request: Request) -> Response:
     """The run's audit log, oldest first; ``?after=<eventId>&limit=`` to page."""
-    after = _int_param(request, "after", 0, 0, 2**62)
-    limit = _int_param(request, "limit", 1000, 1, 10_000)
+    after = _int_param(request, "after", 0, 0, CURSOR_MAX)
+    limit = _int_param(request, "limit", EVENTS_LIMIT_DEFAULT, 1, EVENTS_LIMIT_MAX)
     assert after is not None and limit is not None
     events = await _store(request).list_events(_run_id(request), after=after, limit=limit)
     return JSONResponse({"events": events})
@@ -324,6 +331,29 @@ async def list_workers(request: Request) -> Response:
     return JSONResponse({"workers": await _store(request).list_workers()})
 
 
+@functools.cache
+def _openapi_document() -> bytes:
+    """The OpenAPI document of `OPERATIONS`, encoded once (it changes only with the code)."""
+    try:
+        version = metadata.version("pgdag")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = "0.0.0"
+    run_spec = openapi.run_spec_for_tools(registered_tools())
+    operations = [replace(op, body=run_spec) if op.body is RunSpec else op for op in OPERATIONS]
+    doc = openapi.document(
+        operations,
+        title="pgdag",
+        version=version,
+        description="A durable DAG workflow engine whose only infrastructure is PostgreSQL.",
+    )
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+async def openapi_json(request: Request) -> Response:
+    """The OpenAPI 3.1 document of this API, generated from its models (`engine.openapi`)."""
+    return Response(_openapi_document(), media_type="application/json")
+
+
 routes = [
     Route("/health", health, methods=["GET"]),
     Route("/runs", create_run, methods=["POST"]),
@@ -335,8 +365,183 @@ routes = [
     Route("/runs/{run_id}/steps/{step_name}/retry", retry_step, methods=["POST"]),
     Route("/runs/{run_id}/replay", replay_run, methods=["POST"]),
     Route("/workers", list_workers, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
     WebSocketRoute("/ws", ws.all_events),
     WebSocketRoute("/ws/runs/{run_id}", ws.run_events),
+]
+
+
+# --- the HTTP routes as data, for the OpenAPI document (engine.openapi) --------------------
+# tests/unit/test_openapi.py checks that every HTTP route above has exactly one row here.
+
+
+class RunPath(BaseModel):
+    """Path parameter of the run routes (anything else than a UUID is an unknown run: 404)."""
+
+    run_id: uuid.UUID = Field(alias="runId")
+
+
+class StepPath(RunPath):
+    """Path parameters of the step routes (a map child's name is ``<name>[<index>]``)."""
+
+    step_name: str = Field(alias="stepName", min_length=1)
+
+
+class RunsQuery(BaseModel):
+    """``GET /runs`` query parameters: the bounds `list_runs` checks."""
+
+    status: responses.RunStatus | None = Field(default=None, description="only runs in it")
+    limit: int = Field(default=LIST_LIMIT_DEFAULT, ge=1, le=LIST_LIMIT_MAX)
+    cursor: int | None = Field(
+        default=None, ge=1, le=CURSOR_MAX, description="the nextCursor of the previous page"
+    )
+
+
+class EventsQuery(BaseModel):
+    """``GET /runs/{runId}/events`` query parameters: the bounds `run_events` checks."""
+
+    after: int = Field(default=0, ge=0, le=CURSOR_MAX, description="only events with a larger id")
+    limit: int = Field(default=EVENTS_LIMIT_DEFAULT, ge=1, le=EVENTS_LIMIT_MAX)
+
+
+_RUN = Reply(responses.Run, "the run with every step")
+_NO_RUN = {404: "no such run"}
+_RUN_LINKS: dict[str, Any] = {
+    name: {"operationId": name, "parameters": {"runId": "$response.body#/id"}}
+    for name in ("getRun", "listRunEvents", "cancelRun", "replayRun")
+}
+_RUN_LINKS["retryStep"] = {
+    "operationId": "retryStep",
+    "parameters": {"runId": "$response.body#/id", "stepName": "$response.body#/steps/0/name"},
+}
+_EXAMPLE_RUN = {
+    "goal": "two delays, one after the other",
+    "steps": [
+        {"name": "first", "tool": "DELAY", "input": {"ms": 10}},
+        {"name": "second", "tool": "DELAY", "input": {"ms": 10}, "dependsOn": ["first"]},
+    ],
+}
+
+OPERATIONS: list[Operation] = [
+    Operation(
+        "GET",
+        "/health",
+        "health",
+        "Whether Postgres answers",
+        {
+            200: Reply(responses.Health, "Postgres answers"),
+            503: Reply(responses.HealthUnavailable, "Postgres does not answer"),
+        },
+    ),
+    Operation(
+        "POST",
+        "/runs",
+        "createRun",
+        "Submit a run",
+        {
+            201: Reply(responses.Run, "the run, created"),
+            200: Reply(responses.Run, "the existing run of this idempotencyKey"),
+        },
+        errors={
+            422: "a bad graph or body: every problem, naming the step and the field; "
+            "nothing written",
+            503: "postgres is not answering",
+        },
+        body=RunSpec,
+        body_example=_EXAMPLE_RUN,
+        links={201: _RUN_LINKS, 200: _RUN_LINKS},
+    ),
+    Operation(
+        "GET",
+        "/runs",
+        "listRuns",
+        "List runs, newest first",
+        {200: Reply(responses.RunList, "a page of runs")},
+        errors={422: "a bad query parameter, named", 503: "postgres is not answering"},
+        query=RunsQuery,
+    ),
+    Operation(
+        "POST",
+        "/runs/retry-dead-letters",
+        "retryDeadLetters",
+        "Retry many dead letters at once, oldest first",
+        {200: Reply(responses.RetryDeadLettersResult, "what was (or would be) retried")},
+        errors={503: "postgres is not answering"},
+        body=RetryDeadLettersRequest,
+        body_required=False,
+        body_example={"tool": "HTTP_GET_JSON", "dryRun": True, "limit": 10},
+    ),
+    Operation(
+        "GET",
+        "/runs/{run_id}",
+        "getRun",
+        "A run with every step",
+        {200: _RUN},
+        errors={**_NO_RUN, 503: "postgres is not answering"},
+        path_params=RunPath,
+    ),
+    Operation(
+        "GET",
+        "/runs/{run_id}/events",
+        "listRunEvents",
+        "The run's audit log, oldest first",
+        {200: Reply(responses.EventList, "the run's events")},
+        errors={**_NO_RUN, 422: "a bad query parameter, named", 503: "postgres is not answering"},
+        path_params=RunPath,
+        query=EventsQuery,
+    ),
+    Operation(
+        "POST",
+        "/runs/{run_id}/cancel",
+        "cancelRun",
+        "Cancel a run that has not finished",
+        {200: _RUN},
+        errors={**_NO_RUN, 409: "the run has finished", 503: "postgres is not answering"},
+        path_params=RunPath,
+    ),
+    Operation(
+        "POST",
+        "/runs/{run_id}/steps/{step_name}/retry",
+        "retryStep",
+        "Put a dead_letter step back to ready",
+        {200: _RUN},
+        errors={
+            404: "no such run or step",
+            409: "the step is not in dead_letter",
+            503: "postgres is not answering",
+        },
+        path_params=StepPath,
+    ),
+    Operation(
+        "POST",
+        "/runs/{run_id}/replay",
+        "replayRun",
+        "Run a step and everything downstream of it again",
+        {200: _RUN},
+        errors={
+            404: "no such run or step",
+            409: "the run is cancelled, or a step to reset is still running",
+            503: "postgres is not answering",
+        },
+        path_params=RunPath,
+        body=ReplayRequest,
+        body_example={"from": "second", "reason": "its input changed"},
+    ),
+    Operation(
+        "GET",
+        "/workers",
+        "listWorkers",
+        "Registered workers, their heartbeat and current steps",
+        {200: Reply(responses.WorkerList, "the workers")},
+        errors={503: "postgres is not answering"},
+    ),
+    Operation(
+        "GET",
+        "/openapi.json",
+        "openapi",
+        "This document",
+        {200: Reply(None, "the OpenAPI 3.1 document of this API")},
+    ),
 ]
 
 

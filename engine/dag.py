@@ -48,6 +48,7 @@ STEP_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_LIMIT = 1_000_000
+MAX_CONCURRENCY_LIMIT = 100_000
 REF_FIELDS = ("output", "status", "error")
 
 # Every point in time the API accepts lies in [TIMESTAMP_MIN, TIMESTAMP_MAX] once converted to
@@ -179,7 +180,9 @@ class StepSpec(BaseModel):
     concurrency_key: str | None = Field(
         default=None, min_length=1, max_length=200, alias="concurrencyKey"
     )
-    max_concurrency: int | None = Field(default=None, ge=1, le=100_000, alias="maxConcurrency")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, le=MAX_CONCURRENCY_LIMIT, alias="maxConcurrency"
+    )
 
     def to_row(self, parsed: StepRefs | None = None) -> dict[str, Any]:
         """The JSON object `insert_steps` reads for this step, with its references as

@@ -1,0 +1,311 @@
+"""The API's response bodies as pydantic models: what every route of `engine.api` returns.
+
+These models only *describe* the wire format, for the OpenAPI document (`engine.openapi`);
+the hot path never re-serialises through them. The shapes they describe are built in:
+
+- `engine.store.run_json` (a run's head, also each item of ``GET /runs``), plus
+  ``stepCounts`` in `engine.store._read_run_json`;
+- ``select_run_steps_json`` in ``engine/sql/queries.sql`` (every step of a run, built by
+  Postgres, including ``waitingFor``);
+- `engine.store.event_json` (audit-log rows), `engine.store.Store.list_workers` and
+  ``list_workers`` in queries.sql (``currentSteps``);
+- the routes of `engine.api` (list envelopes, bulk retry, health, errors).
+
+Every key is always present (``null`` when unset), so every field is required; extra keys
+are forbidden, so the fuzz test (tests/integration/test_fuzz_api.py) fails if a shape grows
+a key that this module does not document. Timestamps are RFC 3339 strings with an offset
+(Postgres's JSON rendering of ``timestamptz``, or `datetime.isoformat`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+RunStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+StepStatus = Literal[
+    "pending", "ready", "running", "succeeded", "dead_letter", "skipped", "cancelled"
+]
+RunIf = Literal["all_succeeded", "all_done", "any_failed"]
+WorkerStatus = Literal["running", "stopping", "stopped"]
+
+JsonValue = Any
+"""Any JSON value (a jsonb column: a tool's output, an event's detail)."""
+
+
+class Wire(BaseModel):
+    """A response body: snake_case fields, camelCase keys, every key required, none extra."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class Problem(Wire):
+    """One problem of a refused request: the step (None when the problem is not a step's),
+    the field (a dotted path such as ``input.ms``, or ``body``) and what is wrong."""
+
+    step: str | None
+    field: str
+    problem: str
+
+
+class Error(Wire):
+    """Every error: a stable machine code (``not_found``, ``illegal_transition``,
+    ``invalid_request``, ``unauthorized``, ``database_unavailable``...), a sentence for a
+    person, and for a refused request every problem found."""
+
+    error: str
+    message: str
+    problems: list[Problem] | None = Field(
+        default=None, description="present on 422: each problem, naming the step and field"
+    )
+
+
+# --- health --------------------------------------------------------------------------------
+
+
+class Health(Wire):
+    """``GET /health`` when Postgres answers."""
+
+    status: Literal["ok"]
+
+
+class HealthUnavailable(Wire):
+    """``GET /health`` when Postgres does not answer (503)."""
+
+    status: Literal["unavailable"]
+    error: str
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+class RunSummary(Wire):
+    """A run's head (`engine.store.run_json`): an item of ``GET /runs``."""
+
+    id: UUID
+    goal: str
+    status: RunStatus
+    idempotency_key: str | None
+    steps_total: int
+    steps_unfinished: int
+    steps_dead_letter: int
+    priority: int
+    start_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class WaitingRunning(Wire):
+    """Running: which worker holds the lease, and until when."""
+
+    reason: Literal["running"]
+    worker: str
+    lease_expires_at: datetime
+
+
+class WaitingMapChildren(Wire):
+    """A map step waiting for its children (`remaining` of `width` unfinished)."""
+
+    reason: Literal["mapChildren"]
+    remaining: int
+    width: int
+
+
+class WaitingDependencies(Wire):
+    """Pending on dependencies: the unfinished ones, named."""
+
+    reason: Literal["dependencies"]
+    steps: list[str]
+
+
+class WaitingStartAt(Wire):
+    """A root of a run submitted with ``startAt``, waiting until then."""
+
+    reason: Literal["startAt"]
+    until: datetime
+
+
+class WaitingBackoff(Wire):
+    """Ready again after a failed attempt, not before `until`."""
+
+    reason: Literal["backoff"]
+    until: datetime
+    attempt: int
+
+
+class WaitingConcurrencyKey(Wire):
+    """Ready, but its concurrency key already runs `max_concurrency` steps."""
+
+    reason: Literal["concurrencyKey"]
+    key: str
+    running: int
+    max_concurrency: int
+
+
+class WaitingNoLiveWorker(Wire):
+    """Ready, but no live worker has the tool."""
+
+    reason: Literal["noLiveWorker"]
+    tool: str
+
+
+class WaitingQueued(Wire):
+    """Ready and claimable: waiting for a worker to claim it."""
+
+    reason: Literal["queued"]
+
+
+WaitingFor = Annotated[
+    WaitingRunning
+    | WaitingMapChildren
+    | WaitingDependencies
+    | WaitingStartAt
+    | WaitingBackoff
+    | WaitingConcurrencyKey
+    | WaitingNoLiveWorker
+    | WaitingQueued,
+    Field(discriminator="reason"),
+]
+
+
+class Step(Wire):
+    """A step as ``select_run_steps_json`` builds it (queries.sql)."""
+
+    name: str
+    tool: str
+    input: dict[str, JsonValue]
+    depends_on: list[str]
+    run_if: RunIf
+    status: StepStatus
+    attempt: int
+    max_attempts: int
+    timeout_ms: int | None
+    idempotent: bool
+    idempotency_key: str = Field(description="<runId>:<stepName>, the same on every attempt")
+    priority: int
+    concurrency_key: str | None
+    max_concurrency: int | None
+    map: str | None = Field(description="a map step's source: the $ref path it fans out over")
+    map_width: int | None
+    map_index: int | None
+    map_of: str | None = Field(description="a map child's map step")
+    resolved_input: dict[str, JsonValue] | None = Field(
+        description="the input with its references resolved, as the last attempt ran it"
+    )
+    available_at: datetime
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    output: JsonValue
+    error: str | None
+    waiting_for: WaitingFor | None = Field(description="null once the step has ended")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class Run(RunSummary):
+    """A run with every step: ``GET /runs/{runId}`` and every route that changes a run."""
+
+    step_counts: dict[StepStatus, int] = Field(description="how many steps are in each status")
+    steps: list[Step]
+
+
+class RunList(Wire):
+    """``GET /runs``: a page of runs, newest first."""
+
+    runs: list[RunSummary]
+    next_cursor: str | None = Field(description="the `cursor` of the next page; null: last page")
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+class Event(Wire):
+    """An audit-log row (`engine.store.event_json`)."""
+
+    id: int
+    run_id: UUID
+    step_name: str | None
+    event: str
+    from_status: str | None
+    to_status: str | None
+    attempt: int | None
+    lease_token: int | None
+    worker_id: str | None
+    detail: JsonValue
+    at: datetime
+
+
+class EventList(Wire):
+    """``GET /runs/{runId}/events``: the run's audit log, oldest first."""
+
+    events: list[Event]
+
+
+# --- bulk retry ----------------------------------------------------------------------------
+
+
+class StepRef(Wire):
+    """A step of a run."""
+
+    run_id: UUID
+    step_name: str
+
+
+class RefusedStep(StepRef):
+    """A dead letter that could not be retried, and why (retried or cancelled meanwhile)."""
+
+    reason: str
+
+
+class RetryDeadLettersResult(Wire):
+    """``POST /runs/retry-dead-letters``: what matched, what was (or, dry, would be) retried."""
+
+    dry_run: bool
+    matched: int
+    retried: list[StepRef]
+    refused: list[RefusedStep]
+
+
+# --- workers -------------------------------------------------------------------------------
+
+
+class WorkerStep(Wire):
+    """A step a worker holds the lease of."""
+
+    run_id: UUID
+    step_name: str
+    attempt: int
+    lease_expires_at: datetime
+
+
+class Worker(Wire):
+    """A registered worker (`engine.store.Store.list_workers`)."""
+
+    id: str
+    hostname: str
+    pid: int
+    concurrency: int
+    tools: list[str]
+    status: WorkerStatus
+    alive: bool = Field(description="not stopped, and a heartbeat within the lease TTL")
+    started_at: datetime
+    last_heartbeat_at: datetime
+    stopped_at: datetime | None
+    current_steps: list[WorkerStep]
+
+
+class WorkerList(Wire):
+    """``GET /workers``: registered workers, latest heartbeat first (at most 500)."""
+
+    workers: list[Worker]
