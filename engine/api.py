@@ -25,6 +25,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -549,6 +550,17 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return _error(404, "not_found", str(exc))
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such path: 404, a method the path does not take: 405)
+    in the API's error shape instead of its plain-text default."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(
+        {"error": code, "message": message}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
 async def _conflict(request: Request, exc: Exception) -> Response:
     return _error(409, "illegal_transition", str(exc))
 
@@ -638,6 +650,7 @@ def create_app(
         # Anything the handlers below do not cover: a JSON 500, the connection kept.
         middleware=[Middleware(InternalErrorGuard)],
         exception_handlers={
+            HTTPException: _http_error,
             NotFound: _not_found,
             IllegalTransition: _conflict,
             ValidationFailed: _invalid,

@@ -33,11 +33,17 @@ REF_TEMPLATE = "#/components/schemas/{model}"
 JSON = "application/json"
 
 # Answered by every operation: 401 only when PGDAG_API_TOKEN is set; 421 when the Host is
-# not one the API serves; 500 never on purpose (the fuzz test fails on it).
+# not one the API serves; 500 never on purpose (the fuzz test fails on it); 503 while
+# Postgres does not answer or its schema is not at this version's head (engine.schema).
 COMMON_ERRORS: Mapping[int, str] = {
     401: "missing or wrong bearer token (only when PGDAG_API_TOKEN is set)",
     421: "the Host header names a host this API does not serve",
     500: "an unexpected error (a bug): the error code and a message, never a traceback",
+    503: "Postgres is not answering, or its schema needs `python -m engine migrate`",
+}
+# Answered by every state-changing operation, body or not (engine.guards.JsonOnly).
+STATE_CHANGE_ERRORS: Mapping[int, str] = {
+    415: "the request is not sent as application/json (required even without a body)",
 }
 # Answered by every operation with a JSON request body.
 BODY_ERRORS: Mapping[int, str] = {
@@ -165,8 +171,15 @@ def document(
             if status in op.links:
                 answer["links"] = dict(op.links[status])
             responses[str(status)] = answer
-        errors = {**COMMON_ERRORS, **(BODY_ERRORS if op.body is not None else {}), **op.errors}
+        errors = {
+            **COMMON_ERRORS,
+            **(STATE_CHANGE_ERRORS if op.method != "GET" else {}),
+            **(BODY_ERRORS if op.body is not None else {}),
+            **op.errors,
+        }
         for status, description in sorted(errors.items()):
+            if status in op.responses:  # a documented body of its own (/health's 503)
+                continue
             responses[str(status)] = {
                 "description": description,
                 "content": _json_content(ref(Error, "serialization")),

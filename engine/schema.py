@@ -31,8 +31,9 @@ RECHECK_OK_S = 30.0  # while the schema is current: read alembic_version again t
 RECHECK_BAD_S = 1.0  # while it is not: at most this often, when a request comes
 CHECK_TIMEOUT_S = 3.0
 # Paths that answer without the schema: /health reports it itself; the dashboard page and
-# its static files need no database (the page then shows the API's 503 messages).
-UNGATED_PATHS = frozenset({"/health", "/"})
+# its static files need no database (the page then shows the API's 503 messages); the
+# OpenAPI document is built from the code's models alone.
+UNGATED_PATHS = frozenset({"/health", "/", "/openapi.json"})
 UNGATED_PREFIXES = ("/dashboard/static/",)
 
 

@@ -285,3 +285,15 @@ def test_a_step_name_postgres_cannot_hold_in_the_path_is_404(
     assert r.status_code == 404, r.text
     assert r.json()["error"] == "not_found"
     assert client.get(f"/runs/{run['id']}").status_code == 200
+
+
+def test_unknown_path_and_method_answer_in_the_json_error_shape(client: httpx.Client) -> None:
+    """Starlette's own 404 and 405 are plain text unless the API maps them; every error of
+    the API is ``{"error", "message"}`` (the 405 keeps its Allow header)."""
+    missing = client.get("/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "not_found"
+    wrong = client.delete("/runs", headers={"Content-Type": "application/json"})
+    assert wrong.status_code == 405, wrong.text
+    assert wrong.json()["error"] == "method_not_allowed"
+    assert wrong.headers["allow"]

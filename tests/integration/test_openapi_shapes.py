@@ -127,16 +127,16 @@ def test_every_state_of_a_run_conforms_to_the_documented_models(
         assert {"run_created", "step_claimed"} <= {e["event"] for e in events["events"]}
         bulk = client.post("/runs/retry-dead-letters", json={"dryRun": True})
         assert conforms(responses.RetryDeadLettersResult, bulk)["matched"] == 1
-        retried = conforms(responses.Run, client.post(f"/runs/{run_id}/steps/dead/retry"))
+        retried = conforms(responses.Run, client.post(f"/runs/{run_id}/steps/dead/retry", json={}))
         assert {s["name"]: s for s in retried["steps"]}["dead"]["status"] == "ready"
         replayed = client.post(f"/runs/{run_id}/replay", json={"from": "after"})
         conforms(responses.Run, replayed)
-        conforms(responses.Run, client.post(f"/runs/{later}/cancel"))
+        conforms(responses.Run, client.post(f"/runs/{later}/cancel", json={}))
 
         # errors: one shape
         missing = "00000000-0000-4000-8000-000000000000"
         assert conforms(responses.Error, client.get(f"/runs/{missing}"))["error"] == "not_found"
-        conflict = client.post(f"/runs/{later}/cancel")
+        conflict = client.post(f"/runs/{later}/cancel", json={})
         assert conforms(responses.Error, conflict)["error"] == "illegal_transition"
         refused = client.post("/runs", json={"steps": [{"name": "x", "tool": "NOPE"}]})
         assert conforms(responses.Error, refused)["problems"][0]["step"] == "x"

@@ -23,7 +23,7 @@ def document() -> dict[str, Any]:
 
     async def get() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)  # no lifespan: no pool, no database
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.get("/openapi.json")
 
     r = asyncio.run(get())
