@@ -244,6 +244,7 @@ def w3(base: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
                             {
                                 "goal": "w3",
                                 "idempotency_key": None,
+                                "idempotency_fingerprint": None,
                                 "steps_total": 1,
                                 "priority": 0,
                                 "start_at": None,
