@@ -195,7 +195,7 @@ async def claim_steps(
             "worker_id": worker_id,
             "limit": limit,
             "lease_ttl_s": lease_ttl_s,
-            "tools": list(tools),
+            "tools": sorted(set(tools)),  # one walk per tool (pgdag_pick_ready)
         },
     )
     rows = await cur.fetchall()

@@ -86,27 +86,17 @@ SELECT %(run_id)s, 'run_created', 'pending',
 -- - references in the input are resolved against the outputs of the steps they name (and a
 --   map child's element) and stored with the attempt (resolved_input, and the audit row).
 -- One ordered walk of steps_ready_idx (tool, priority DESC, available_at, id; migration
--- 0004) per tool of the worker, each taking at most %(limit)s rows with SKIP LOCKED, then
--- the best %(limit)s of those: a backlog of another tool's steps is never walked (a filter
+-- 0004) per tool of the worker, each taking at most %(limit)s rows with SKIP LOCKED
+-- (pgdag_pick_ready, plpgsql: its plan is cached, this statement's is not), then the best
+-- %(limit)s of those: a backlog of another tool's steps is never walked (a filter
 -- on one walk of the whole ready index read every such row first: 87 ms per claim behind
 -- 100,000 of them, docs/claim-plan.md). Rows locked by a walk but not among the best are
 -- left unchanged and unlocked at commit. The MATERIALIZED CTE keeps LIMIT + SKIP LOCKED
 -- from locking more rows than its walks return (PostgreSQL bug #15715).
 WITH picked AS MATERIALIZED (
-    SELECT c.id, c.concurrency_key, c.priority, c.available_at
-    FROM (SELECT DISTINCT unnest(%(tools)s::text[])) AS t(tool)
-    CROSS JOIN LATERAL (
-        SELECT s.id, s.concurrency_key, s.priority, s.available_at
-        FROM steps s
-        WHERE s.status = 'ready' AND s.tool = t.tool AND s.available_at <= now()
-          AND (s.concurrency_key IS NULL
-               OR s.concurrency_key NOT IN (SELECT key FROM concurrency_slots
-                                            WHERE running >= max_running))
-        ORDER BY s.priority DESC, s.available_at, s.id
-        LIMIT %(limit)s
-        FOR UPDATE OF s SKIP LOCKED
-    ) c
-    ORDER BY c.priority DESC, c.available_at, c.id
+    SELECT p.id, p.concurrency_key, p.priority, p.available_at
+    FROM pgdag_pick_ready(%(tools)s::text[], %(limit)s) AS p
+    ORDER BY p.priority DESC, p.available_at, p.id
     LIMIT %(limit)s
 ), chosen AS (
     SELECT id FROM picked WHERE concurrency_key IS NULL

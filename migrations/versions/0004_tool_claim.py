@@ -16,6 +16,12 @@ treat the scan as unordered (or use it as a plain filter again).
 
 The index replaces the old one (same name, same predicate, one entry per ready step as
 before): nothing else reads it, and steps updates write no more index entries than before.
+The walks run in ``pgdag_pick_ready`` (plpgsql): its statement's plan is cached, where the
+claim statement itself is planned on every call, and the same walks written inline as a
+LATERAL join over the tools cost 0.5 ms more per claim with a worker's five tools (1.16 vs
+0.56 ms a claim round trip before this change, measured alternately; the function: 0.69 to
+0.76 ms).
+
 Built without CONCURRENTLY, like 0003's (alembic runs each migration in a transaction): it
 blocks writes to steps while it reads the ready steps (a partial index: only those).
 """
@@ -32,9 +38,34 @@ UPGRADE = r"""
 DROP INDEX steps_ready_idx;
 CREATE INDEX steps_ready_idx ON steps (tool, priority DESC, available_at, id)
     WHERE status = 'ready';
+
+-- Up to p_limit ready steps of each tool in p_tools, each tool's in claim order (one walk
+-- of steps_ready_idx per tool), locked FOR UPDATE SKIP LOCKED; keys already full are not
+-- picked. claim_steps keeps the best p_limit of them.
+CREATE FUNCTION pgdag_pick_ready(p_tools text[], p_limit integer)
+RETURNS TABLE (id bigint, concurrency_key text, priority integer, available_at timestamptz)
+LANGUAGE plpgsql ROWS 32 AS $$
+DECLARE
+    v_tool text;
+BEGIN
+    FOREACH v_tool IN ARRAY p_tools LOOP
+        RETURN QUERY
+            SELECT s.id, s.concurrency_key, s.priority, s.available_at
+            FROM steps s
+            WHERE s.status = 'ready' AND s.tool = v_tool AND s.available_at <= now()
+              AND (s.concurrency_key IS NULL
+                   OR s.concurrency_key NOT IN (SELECT c.key FROM concurrency_slots c
+                                                WHERE c.running >= c.max_running))
+            ORDER BY s.priority DESC, s.available_at, s.id
+            LIMIT p_limit
+            FOR UPDATE OF s SKIP LOCKED;
+    END LOOP;
+END
+$$;
 """
 
 DOWNGRADE = r"""
+DROP FUNCTION pgdag_pick_ready(text[], integer);
 DROP INDEX steps_ready_idx;
 CREATE INDEX steps_ready_idx ON steps (priority DESC, available_at, id) WHERE status = 'ready';
 """
