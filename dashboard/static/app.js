@@ -26,7 +26,7 @@
     refreshTimer: null,
   };
 
-  // Measurements for the README and the tests (see tests/dashboard).
+  // Measurements for docs/benchmarks.md and the tests (see tests/dashboard).
   const metrics = (window.pgdagMetrics = { graph: null, eventToPaintMs: [], commitToPaintMs: [], events: 0 });
   let paintWaiters = [];
 

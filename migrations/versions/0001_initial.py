@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-21
 
-Design notes (checked with EXPLAIN on 1,000,000 steps, see README "How each guarantee is kept"):
+Design notes (checked with EXPLAIN on 1,000,000 steps, see docs/guarantees.md):
 - ``steps_ready_idx`` is a partial index holding only ready steps, ordered the way the claim
   query reads them, so claiming stays an index range scan however many finished steps the
   table holds.

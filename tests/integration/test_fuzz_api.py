@@ -11,7 +11,7 @@ The budget fits CI: ``PGDAG_FUZZ_EXAMPLES`` test cases per operation (default 25
 seed (``PGDAG_FUZZ_SEED``, default 10) and no example database, so a CI failure
 reproduces on a laptop. A longer fuzz: ``PGDAG_FUZZ_EXAMPLES=500 PGDAG_FUZZ_TIMEOUT=900
 python -m pytest tests/integration/test_fuzz_api.py`` (another seed finds other cases),
-or the CLI against any running API (see the README). No worker runs here, so no
+or the CLI against any running API (docs/api.md, "OpenAPI and fuzzing"). No worker runs here, so no
 generated HTTP_GET_JSON step fetches anything.
 """
 
