@@ -301,19 +301,21 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """Follow a run live over the WebSocket; 0 completed, 1 failed or cancelled."""
+    from engine.client import Unauthorized
     from engine.watch import watch_run
 
     try:
         return watch_run(args.url, args.run_id, token=_token(args))
+    except Unauthorized as exc:
+        raise PgdagError(f"{exc}: pass --token or set PGDAG_API_TOKEN") from None
     except KeyboardInterrupt:
         print(f"\nstopped watching run {args.run_id} (it goes on)", file=sys.stderr)
         return 130
 
 
-def _problems(body: Any) -> list[str]:
-    problems = body.get("problems") if isinstance(body, dict) else None
+def _problems(problems: list[dict[str, Any]], message: str) -> list[str]:
     if not problems:
-        return [str(body.get("message") if isinstance(body, dict) else body)]
+        return [f"  {message}"]
     lines = []
     for p in problems:
         where = f"step {p['step']!r}, " if p.get("step") else ""
@@ -322,7 +324,10 @@ def _problems(body: Any) -> list[str]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """POST a run from a JSON file (``-``: stdin); prints its id; ``--watch`` follows it."""
+    """POST a run from a JSON file (``-``: stdin) through `engine.client.Client`; prints its
+    id; ``--watch`` follows it."""
+    from engine.client import Client, InvalidRequest
+
     try:
         raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     except OSError as exc:
@@ -331,32 +336,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body = json.loads(raw)
     except ValueError as exc:
         raise PgdagError(f"{args.file} is not valid JSON: {exc}") from None
-    token = _token(args)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        resp = httpx.post(f"{args.url.rstrip('/')}/runs", json=body, headers=headers, timeout=60)
-    except httpx.TransportError as exc:
-        raise PgdagError(f"cannot reach the API at {args.url}: {exc}") from None
-    try:
-        answer = resp.json()
-    except ValueError:
-        answer = resp.text
-    if resp.status_code == 422:
-        problems = _problems(answer)
-        print(f"error: the API refused the run ({len(problems)} problem(s)):", file=sys.stderr)
-        print("\n".join(problems), file=sys.stderr)
-        return 2
-    if resp.status_code not in (200, 201):
-        detail = answer.get("message") if isinstance(answer, dict) else answer
-        raise PgdagError(f"POST /runs answered {resp.status_code}: {detail}")
-    run_id = answer["id"]
-    if resp.status_code == 200:
-        print(f"a run with this idempotencyKey exists already: {run_id}", file=sys.stderr)
+    if not isinstance(body, dict):
+        raise PgdagError(f"{args.file} must hold a JSON object (the POST /runs body)")
+    with Client(args.url, _token(args), timeout_s=60) as client:
+        try:
+            submitted = client.submit(body)
+        except InvalidRequest as exc:
+            problems = _problems(exc.problems, exc.message)
+            print(f"error: the API refused the run ({len(problems)} problem(s)):", file=sys.stderr)
+            print("\n".join(problems), file=sys.stderr)
+            return 2
+    if not submitted.created:
+        print(f"a run with this idempotencyKey exists already: {submitted.id}", file=sys.stderr)
     if not args.watch:
-        print(run_id)
+        print(submitted.id)
         return 0
-    print(f"submitted run {run_id} ({answer['stepsTotal']} steps)", flush=True)
-    return cmd_watch(argparse.Namespace(**{**vars(args), "run_id": run_id}))
+    print(f"submitted run {submitted.id} ({submitted.run['stepsTotal']} steps)", flush=True)
+    return cmd_watch(argparse.Namespace(**{**vars(args), "run_id": submitted.id}))
 
 
 # --- parser ---------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """``python -m engine watch RUN_ID``: follow a run live in the terminal, over the WebSocket.
 
-It connects to ``WS /ws/runs/{runId}`` of a running API, draws the snapshot as a table of
-steps (rich, redrawn in place when stdout is a terminal; one line per event otherwise),
-applies each event as it arrives, and ends with the run's outcome. A dropped connection (an
-API restart) is retried for `RECONNECT_FOR_S` seconds with ``?after=<last event id>``, so
-nothing is missed and nothing shown twice.
+It follows ``WS /ws/runs/{runId}`` of a running API through `engine.client.Client.watch`,
+draws the snapshot as a table of steps (rich, redrawn in place when stdout is a terminal;
+one line per event otherwise), applies each event as it arrives, and ends with the run's
+outcome. A dropped connection (an API restart) is reopened by the client for
+`RECONNECT_FOR_S` seconds with ``?after=<last event id>``, so nothing is missed and nothing
+shown twice.
 
 Exit codes (`watch_run`): 0 the run completed, 1 it failed or was cancelled, 2 it could not
 be followed (unknown run, refused token, API unreachable).
@@ -12,31 +13,25 @@ be followed (unknown run, refused token, API unreachable).
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from engine.errors import PgdagError
+from engine.client import Client
 from engine.transitions import TERMINAL_RUN_STATES
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
 EXIT_ERROR = 2
 RECONNECT_FOR_S = 60.0
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the snapshot of a 10,000-step run is a few MB
 RECENT_EVENTS = 6
 REDRAW_S = 0.1
 
@@ -53,18 +48,6 @@ STATUS_STYLE = {
 }
 # Steps worth a row first when they do not all fit on the screen.
 STATUS_ORDER = {"running": 0, "dead_letter": 1, "ready": 2, "pending": 3}
-
-
-class WatchError(PgdagError):
-    """The run could not be followed."""
-
-
-def ws_url(api_url: str, path: str, **params: str | int) -> str:
-    """``http(s)://host:port`` + `path` as the ``ws(s)://`` URL, with query `params`."""
-    parts = urlsplit(api_url.rstrip("/"))
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    return urlunsplit((scheme, parts.netloc, parts.path + path, query, ""))
 
 
 def describe(event: dict[str, Any]) -> str:
@@ -202,38 +185,9 @@ class RunView:
         return Group(header, summary, table, recent)
 
 
-async def _open(url: str, token: str | None, api_url: str) -> ClientConnection:
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    try:
-        return await connect(
-            url,
-            additional_headers=headers,
-            max_size=MAX_MESSAGE_BYTES,
-            compression=None,
-            open_timeout=10,
-        )
-    except InvalidStatus as exc:
-        raise WatchError(
-            f"the API refused the WebSocket ({exc.response.status_code}); is it pgdag?"
-        ) from exc
-    except (OSError, InvalidHandshake, TimeoutError) as exc:
-        raise WatchError(f"cannot reach the API at {api_url}: {exc}") from exc
-
-
-def _closed_error(exc: ConnectionClosed, run_id: str) -> WatchError | None:
-    """A close that means following cannot go on, as an error; None for a dropped link."""
-    code = exc.rcvd.code if exc.rcvd is not None else None
-    if code == 4404:
-        return WatchError(f"no run {run_id}")
-    if code == 4401:
-        return WatchError("unauthorized: pass --token or set PGDAG_API_TOKEN")
-    if code == 4400:
-        return WatchError(f"the API refused the request: {exc.rcvd.reason if exc.rcvd else ''}")
-    return None
-
-
 class Watcher:
-    """Follows one run; `run` returns the exit code. `out` is where it draws."""
+    """Follows one run through `engine.client.Client.watch`; `run` returns the exit code.
+    `out` is where it draws."""
 
     def __init__(
         self, api_url: str, run_id: str, *, token: str | None, out: TextIO | None = None
@@ -265,71 +219,48 @@ class Watcher:
         if self.live is None:
             print(text, file=self.out, flush=True)
 
-    async def _follow(self, ws: ClientConnection) -> None:
-        """Read messages until the run ends (or the connection drops: it raises)."""
-        async for raw in ws:
-            message = json.loads(raw)
-            kind = message.get("type")
-            if kind == "snapshot":
-                fresh = self.view is None
-                self.view = RunView.from_snapshot(message)
-                if fresh:
-                    counts = ", ".join(f"{n} {k}" for k, n in sorted(self.view.counts().items()))
-                    self._line(f"watching run {self.run_id}: {self.view.status}; steps {counts}")
-            elif kind == "event" and self.view is not None:
-                self.view.apply(message["event"])
-                self._line(f"  {describe(message['event'])}")
-            elif kind == "resync":
-                self._line(f"  (resynchronising: {message.get('reason')})")
-            elif kind == "error":
-                raise WatchError(message.get("message") or message.get("error") or "error")
-            if self.view is not None:
-                self.view.connection = "live"
-                self._draw(force=self.view.done or kind != "event")
-                if self.view.done:
-                    return
+    def _disconnected(self, exc: Exception) -> None:
+        if self.view is not None:
+            self.view.connection = "reconnecting"
+            self._draw(force=True)
+        self._line(f"  (connection lost: {exc}; reconnecting)")
 
-    async def run(self) -> int:
-        """Follow the run to its end; the exit code (see the module docstring)."""
-        deadline: float | None = None
-        while True:
-            after = {"after": self.view.last_event_id} if self.view is not None else {}
-            url = ws_url(self.api_url, f"/ws/runs/{self.run_id}", **after)
-            try:
-                ws = await _open(url, self.token, self.api_url)
-            except WatchError:
-                if self.view is None or (deadline is not None and time.monotonic() > deadline):
-                    raise
-                await asyncio.sleep(1)
-                continue
-            deadline = None
-            try:
-                async with ws:
-                    await self._follow(ws)
-            except ConnectionClosed as exc:
-                error = _closed_error(exc, self.run_id)
-                if error is not None:
-                    raise error from None
-                if self.view is None:
-                    raise WatchError(f"the API closed the connection ({exc})") from None
-                deadline = time.monotonic() + RECONNECT_FOR_S
-                self.view.connection = "reconnecting"
-                self._draw(force=True)
-                self._line("  (connection lost; reconnecting)")
-                continue
-            assert self.view is not None
-            if self.view.done:
-                return EXIT_COMPLETED if self.view.status == "completed" else EXIT_FAILED
-            deadline = time.monotonic() + RECONNECT_FOR_S  # the server ended the stream
+    def _show(self, message: dict[str, Any]) -> None:
+        """Apply one message of `Client.watch` to the view and draw it."""
+        kind = message["type"]
+        if kind == "snapshot":
+            fresh = self.view is None
+            self.view = RunView.from_snapshot(message)
+            if fresh:
+                counts = ", ".join(f"{n} {k}" for k, n in sorted(self.view.counts().items()))
+                self._line(f"watching run {self.run_id}: {self.view.status}; steps {counts}")
+        elif kind == "event" and self.view is not None:
+            self.view.apply(message["event"])
+            self._line(f"  {describe(message['event'])}")
+        elif kind == "resync":
+            self._line(f"  (resynchronising: {message.get('reason')})")
+        if self.view is not None:
+            self.view.connection = "live"
+            self._draw(force=self.view.done or kind != "event")
+
+    def run(self) -> int:
+        """Follow the run to its end; the exit code (see the module docstring). Raises the
+        client's errors (`engine.client`): `NotFound`, `Unauthorized`, `ApiUnreachable`."""
+        with Client(self.api_url, self.token, reconnect_for_s=RECONNECT_FOR_S) as client:
+            for message in client.watch(self.run_id, on_disconnect=self._disconnected):
+                self._show(message)
+        assert self.view is not None
+        return EXIT_COMPLETED if self.view.status == "completed" else EXIT_FAILED
 
 
 def watch_run(api_url: str, run_id: str, *, token: str | None, out: TextIO | None = None) -> int:
     """Follow `run_id` on the API at `api_url` until it ends, drawing to `out` (default
-    stdout); returns 0 completed, 1 failed or cancelled. Raises `WatchError` (exit 2) for
-    an unknown run, a refused token, or an API that cannot be reached."""
+    stdout); returns 0 completed, 1 failed or cancelled. Raises the client's errors (exit 2
+    in the CLI): `engine.client.NotFound` for an unknown run, `Unauthorized` for a refused
+    token, `ApiUnreachable` for an API that cannot be reached."""
     watcher = Watcher(api_url, run_id, token=token, out=out)
     if not watcher.console.is_terminal:
-        code = asyncio.run(watcher.run())
+        code = watcher.run()
     else:
         with Live(
             console=watcher.console,
@@ -339,7 +270,7 @@ def watch_run(api_url: str, run_id: str, *, token: str | None, out: TextIO | Non
             vertical_overflow="crop",
         ) as live:
             watcher.live = live
-            code = asyncio.run(watcher.run())
+            code = watcher.run()
             watcher._draw(force=True)
     assert watcher.view is not None
     print(watcher.view.outcome(), file=watcher.out, flush=True)
