@@ -28,10 +28,6 @@ from markdown_it.token import Token
 ROOT = Path(__file__).resolve().parents[2]
 
 # Pages another branch of issue 11 adds (docs/python.md: the Python client's guide, part 5).
-# Links to a page listed here may point at it while it is absent, with no #anchor; once it
-# exists, test_pages_from_other_branches_are_still_missing says to delete its entry.
-FROM_OTHER_BRANCHES = frozenset({"docs/python.md"})
-
 _MARKDOWN = MarkdownIt("commonmark").enable("table")
 _NOT_IN_SLUG = re.compile(r"[^\w\- ]")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -121,8 +117,6 @@ def broken_links(pages: list[Path], root: Path) -> list[str]:
                 problems.append(f"{where}: points outside the repository")
                 continue
             if not target.exists():
-                if shown in FROM_OTHER_BRANCHES and not anchor:
-                    continue
                 problems.append(f"{where}: no file {shown}")
             elif anchor and target.suffix == ".md" and anchor not in slugs(target):
                 problems.append(f"{where}: {shown} has no heading with the slug {anchor!r}")
@@ -138,15 +132,8 @@ def test_readme_links_every_page_in_docs() -> None:
     links, _ = parse_page(ROOT / "README.md")
     linked = {urlsplit(link.target).path for link in links}
     pages = [p.relative_to(ROOT).as_posix() for p in doc_pages(ROOT)[1:]]
-    missing = [p for p in [*pages, *FROM_OTHER_BRANCHES] if p not in linked]
+    missing = [p for p in pages if p not in linked]
     assert missing == [], f"README.md links none of: {missing}"
-
-
-def test_pages_from_other_branches_are_still_missing() -> None:
-    arrived = sorted(p for p in FROM_OTHER_BRANCHES if (ROOT / p).exists())
-    assert arrived == [], (
-        f"{arrived} exist now: delete them from FROM_OTHER_BRANCHES, so their links are checked"
-    )
 
 
 @pytest.mark.parametrize(
