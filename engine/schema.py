@@ -48,6 +48,9 @@ class ExpectedSchema:
 @cache
 def expected_schema() -> ExpectedSchema:
     """The head revision(s) and every revision of the package's migrations/ (read once)."""
+    # alembic (1.16 and later) logs an INFO line per built-in plugin as its modules load:
+    # seven lines at every worker start that say nothing to a pgdag user.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from alembic.script import ScriptDirectory
 
     from engine.migrate import alembic_config
