@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from importlib import metadata
 from typing import Any, get_args
@@ -30,10 +30,9 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from dashboard.routes import routes as dashboard_routes  # the page at / (mounted only)
 from engine import openapi, responses, ws
 from engine.config import Settings
 from engine.dag import ApiDatetime, RunSpec, parse_run, text_problems
@@ -596,9 +595,15 @@ def create_app(
     *,
     database_url: str | None = None,
     bound: tuple[str, int] | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> ASGIApp:
     """The ASGI app behind its guards (`engine.guards`: Host and WebSocket Origin, CORS
     when ``settings.cors_origins`` is set, bearer token, JSON-only state changes).
+
+    The engine's own routes only: the program that serves it adds the rest, with
+    `extra_routes` (mounted after the API's, behind the same guards: the dashboard) and
+    ``settings.tool_modules`` (imported here, so submitted steps are checked against their
+    tools' input schemas). `engine.__main__.create_server` is that program's composition.
 
     `database_url` defaults to `resolve_database_url(settings)` at startup. `bound` is the
     (host, port) the server listens on: that name and port are answered besides the
@@ -645,7 +650,7 @@ def create_app(
             await pool.close()
 
     app = Starlette(
-        routes=[*routes, *dashboard_routes],
+        routes=[*routes, *extra_routes],
         lifespan=lifespan,
         # Anything the handlers below do not cover: a JSON 500, the connection kept.
         middleware=[Middleware(InternalErrorGuard)],

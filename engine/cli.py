@@ -1,9 +1,16 @@
-"""``python -m engine``: dev, serve, migrate, db start|stop|status|url, submit and watch."""
+"""``pgdag`` and ``python -m engine``: dev, serve, migrate, db start|stop|status|url, submit
+and watch.
+
+This module is the engine's half of the program: it knows the engine alone. What `serve`
+serves is handed in by the program that runs it (`main`'s `app_factory`): ``engine.__main__``
+composes the API with the dashboard and the built-in tools.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -15,13 +22,16 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
 from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings, parse_list
 from engine.errors import PgdagError
 from engine.transitions import TERMINAL_RUN_STATES
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 WS_MAX_MESSAGE_BYTES = 64 * 1024  # the largest frame a WebSocket client may send the API
 
@@ -60,16 +70,33 @@ def _database_url(settings: Settings) -> str:
 # --- serve / migrate / db ---------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the API (and its reaper) with uvicorn until interrupted."""
-    import uvicorn
+class AppFactory(Protocol):
+    """Builds the ASGI app `serve` runs: `settings` as read from the environment and flags,
+    `database_url` already known to answer, `bound` the (host, port) listened on.
+    `engine.api.create_app` has this shape (the engine's API alone)."""
 
+    def __call__(
+        self, settings: Settings, *, database_url: str, bound: tuple[str, int]
+    ) -> ASGIApp: ...
+
+
+def engine_app(settings: Settings, *, database_url: str, bound: tuple[str, int]) -> ASGIApp:
+    """The engine's API alone (no dashboard, only the tools ``PGDAG_TOOLS`` names): the
+    `AppFactory` of `main` when its caller composes nothing more."""
     from engine.api import create_app
+
+    return create_app(settings, database_url=database_url, bound=bound)
+
+
+def cmd_serve(args: argparse.Namespace, *, app_factory: AppFactory) -> int:
+    """Run the app `app_factory` builds (the API and its reaper, plus what the program
+    composed into it) with uvicorn until interrupted."""
+    import uvicorn
 
     settings = _settings(args)
     url = _database_url(settings)  # bad configuration ends here, in one line
     uvicorn.run(
-        create_app(settings, database_url=url, bound=(args.host, args.port)),
+        app_factory(settings, database_url=url, bound=(args.host, args.port)),
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
@@ -358,9 +385,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `python -m engine` argument parser."""
-    p = argparse.ArgumentParser(prog="python -m engine", description="pgdag engine commands")
+def program_name(module: str) -> str:
+    """How the running program was called, for usage lines: ``python -m <module>`` when
+    started with ``-m``, else the console script's name (``pgdag``, ``pgdag-worker``)."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return f"python -m {module}" if name in ("", "__main__.py", "-c") else name
+
+
+def build_parser(
+    app_factory: AppFactory = engine_app, prog: str = "python -m engine"
+) -> argparse.ArgumentParser:
+    """The argument parser of `main`; `serve` runs the app `app_factory` builds."""
+    p = argparse.ArgumentParser(prog=prog, description="pgdag engine commands")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default WARNING)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -413,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--live-stall", type=float, default=None, help="seconds; PGDAG_LIVE_STALL")
     guards(serve)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=functools.partial(cmd_serve, app_factory=app_factory))
 
     migrate = sub.add_parser("migrate", help="apply migrations (alembic upgrade head)")
     common(migrate)
@@ -444,9 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    *,
+    app_factory: AppFactory = engine_app,
+    prog: str = "python -m engine",
+) -> int:
+    """Run the command `argv` (default ``sys.argv[1:]``); returns the exit code (2 for bad
+    configuration, printed in one line). `serve` runs the app `app_factory` builds; `prog`
+    names the program in usage lines."""
+    args = build_parser(app_factory, prog).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

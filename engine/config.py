@@ -30,7 +30,6 @@ POLL_INTERVAL_S_DEFAULT = 1.0
 REAPER_INTERVAL_S_DEFAULT = 1.0
 SHUTDOWN_GRACE_S_DEFAULT = 10.0
 RETENTION_DAYS_DEFAULT = 30.0
-TOOL_MODULES_DEFAULT = ("workers.tools.builtin",)
 LIVE_QUEUE_MAX_EVENTS_DEFAULT = 5_000
 LIVE_STALL_S_DEFAULT = 5.0
 # Host names (and host:port) the API answers to besides its bound address and the
@@ -104,7 +103,10 @@ class Settings:
     reaper_interval_s: float = REAPER_INTERVAL_S_DEFAULT
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
     retention_days: float = RETENTION_DAYS_DEFAULT
-    tool_modules: tuple[str, ...] = TOOL_MODULES_DEFAULT
+    # Modules named by PGDAG_TOOLS. The engine ships no tools: the program that runs it adds
+    # its own (`python -m engine serve` and `python -m workers` add `workers.tools`'s
+    # built-ins, DELAY and HTTP_GET_JSON) before these.
+    tool_modules: tuple[str, ...] = ()
     live_queue_max_events: int = LIVE_QUEUE_MAX_EVENTS_DEFAULT
     live_stall_s: float = LIVE_STALL_S_DEFAULT
     allowed_hosts: tuple[str, ...] = ALLOWED_HOSTS_DEFAULT
@@ -193,7 +195,7 @@ class Settings:
                 get("PGDAG_RETENTION_DAYS", str(RETENTION_DAYS_DEFAULT)),
                 0,
             ),
-            tool_modules=TOOL_MODULES_DEFAULT + extra_tools,
+            tool_modules=extra_tools,
             live_queue_max_events=_parse_int(
                 "PGDAG_LIVE_QUEUE",
                 get("PGDAG_LIVE_QUEUE", str(LIVE_QUEUE_MAX_EVENTS_DEFAULT)),

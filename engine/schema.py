@@ -1,7 +1,8 @@
 """Is the database's schema the one this pgdag ships? Compared by alembic revision.
 
-`expected_schema` reads the head revision(s) from the package's migrations/ at run time
-(never a hard-coded id); `schema_problem` compares them with ``alembic_version``. Workers
+`expected_schema` reads the head revision(s) from the migrations this pgdag ships
+(`engine.migrate.migrations_dir`: inside the installed package, or the checkout's) at run
+time, never a hard-coded id; `schema_problem` compares them with ``alembic_version``. Workers
 refuse to start on a database that is not at head; the API starts anyway and answers 503
 with the advice until it is (`SchemaGate`), so ``python -m engine migrate`` run beside it
 turns it healthy without a restart.
@@ -47,15 +48,16 @@ class ExpectedSchema:
 
 @cache
 def expected_schema() -> ExpectedSchema:
-    """The head revision(s) and every revision of the package's migrations/ (read once)."""
+    """The head revision(s) and every revision of the migrations this pgdag ships (read
+    once). Raises `ConfigError` when they are missing (`engine.migrate.migrations_dir`)."""
     # alembic (1.16 and later) logs an INFO line per built-in plugin as its modules load:
     # seven lines at every worker start that say nothing to a pgdag user.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from alembic.script import ScriptDirectory
 
-    from engine.migrate import alembic_config
+    from engine.migrate import migrations_dir
 
-    script = ScriptDirectory.from_config(alembic_config(""))
+    script = ScriptDirectory(str(migrations_dir()))
     return ExpectedSchema(
         heads=frozenset(script.get_heads()),
         known=frozenset(rev.revision for rev in script.walk_revisions()),

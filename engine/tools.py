@@ -13,8 +13,9 @@ A tool module registers its tools at import time with the `tool` decorator::
         return {"text": inp.text, "key": ctx.idempotency_key}
 
 The API imports the same modules to validate step inputs at submit time, and workers
-import them to run steps. Which modules are loaded is `Settings.tool_modules`
-(the built-ins plus the comma-separated `PGDAG_TOOLS`).
+import them to run steps. Which modules are loaded: the program's built-ins (the worker's
+and ``python -m engine serve``'s are `workers.tools.builtin`), then `Settings.tool_modules`
+(the comma-separated `PGDAG_TOOLS`). The engine itself ships no tool.
 """
 
 from __future__ import annotations

@@ -69,13 +69,29 @@ def base_env(db_url: str, **extra: str) -> dict[str, str]:
 
 
 class Proc:
-    """A child process whose combined output goes to a log file we can show on failure."""
+    """A child process whose combined output goes to a log file we can show on failure.
 
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+    `argv` runs under this interpreter (``program``, default `sys.executable`); with
+    ``program=None`` its first word is the program, looked up on the PATH of `env`.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path,
+        *,
+        cwd: Path = ROOT,
+        program: str | None = sys.executable,
+    ) -> None:
         self.log = log
         self._fh = log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, *argv], env=env, stdout=self._fh, stderr=subprocess.STDOUT, cwd=ROOT
+            [program, *argv] if program else argv,
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
         )
 
     @property

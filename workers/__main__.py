@@ -1,4 +1,5 @@
-"""``python -m workers``: run one worker process until SIGTERM/SIGINT."""
+"""``python -m workers`` and the ``pgdag-worker`` console script: run one worker process
+until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import sys
 
+from engine.cli import program_name
 from engine.config import Settings
 from engine.db import open_pool, resolve_database_url
 from engine.errors import PgdagError, SchemaNotCurrent
@@ -16,12 +18,13 @@ from engine.schema import schema_problem
 from engine.startup import wait_for_postgres
 from engine.store import Pool, Store
 from engine.tools import load_tool_modules
+from workers.tools import BUILTIN_TOOL_MODULES
 from workers.worker import CrashPlan, Worker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; each setting flag overrides its environment variable."""
-    p = argparse.ArgumentParser(prog="python -m workers", description="Run a pgdag worker.")
+    p = argparse.ArgumentParser(prog=program_name("workers"), description="Run a pgdag worker.")
     p.add_argument("--concurrency", type=int, default=4, help="steps run at once (default 4)")
     p.add_argument("--worker-id", default=None, help="worker id (default <hostname>-<pid>)")
     p.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
@@ -103,7 +106,7 @@ async def amain(args: argparse.Namespace) -> None:
         db_wait_s=args.db_wait,
         max_output_bytes=args.max_output_bytes,
     )
-    load_tool_modules(settings.tool_modules)
+    load_tool_modules((*BUILTIN_TOOL_MODULES, *settings.tool_modules))
     url = await asyncio.to_thread(resolve_database_url, settings)
     await wait_for_postgres(url, wait_s=settings.db_wait_s)
     # Successes share one writer (SuccessBatcher); failures and "idempotent": false results

@@ -13,13 +13,15 @@ import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
-from engine.api import create_app, routes
+from engine.__main__ import create_server
+from engine.api import routes
 from engine.config import Settings
 
 
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:
-    app = create_app(Settings(database_url="postgresql://unused/none"))
+    # the app `python -m engine serve` runs: the API with the built-in tools
+    app = create_server(Settings(database_url="postgresql://unused/none"))
 
     async def get() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)  # no lifespan: no pool, no database
