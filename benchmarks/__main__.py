@@ -120,6 +120,27 @@ def bench_explain(base: str, n: int) -> dict[str, Any]:
         conn.execute("VACUUM ANALYZE")
         plans = {}
         explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
+        # The claim's walks of steps_ready_idx run inside pgdag_pick_ready (migration 0004),
+        # which EXPLAIN shows as one Function Scan: auto_explain (a contrib module both the
+        # wheel's and Debian's servers ship; LOAD needs a superuser, as the embedded
+        # cluster's role is) sends the plans of the statements inside it as notices.
+        nested: list[str] = []
+        conn.add_notice_handler(
+            lambda d: (
+                nested.append(d.message_primary or "")
+                if (d.message_primary or "").startswith("duration:")
+                else None
+            )
+        )
+        conn.execute("LOAD 'auto_explain'")
+        for setting, value in (
+            ("log_nested_statements", "on"),
+            ("log_min_duration", "0"),
+            ("log_analyze", "on"),
+            ("log_buffers", "on"),
+            ("log_level", "notice"),
+        ):
+            conn.execute(f"SET auto_explain.{setting} = {value}")
         with conn.transaction():
             cur = conn.execute(
                 explain + queries["claim_steps"],
@@ -131,6 +152,10 @@ def bench_explain(base: str, n: int) -> dict[str, Any]:
                 },
             )
             plans["claim_steps"] = [r[0] for r in cur.fetchall()]
+            conn.execute("SET auto_explain.log_min_duration = -1")
+            plans["pgdag_pick_ready"] = [
+                line for text in nested if "steps s" in text for line in text.splitlines()
+            ]
             claimed = conn.execute(
                 "SELECT id, lease_token FROM steps WHERE status = 'running'"
             ).fetchall()

@@ -50,8 +50,8 @@ def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
     assert all(r["expandS"] < r["joinStartS"] for r in w8["runs"]), w8["runs"]
     assert any(g["goal"].startswith("W8 map") for g in results["goals"])
     assert set(results["pgbench"]["tps"]) == {"8", "16"}
-    plan = "\n".join(results["explain"]["plans"]["claim_steps"])
-    assert "steps_ready_idx" in plan  # the claim reads the partial index, not the table
+    plan = "\n".join(results["explain"]["plans"]["pgdag_pick_ready"])
+    assert "steps_ready_idx" in plan  # the claim's walks read the partial index, not the table
     for peer in ("pgqueuer", "procrastinate", "dbos"):
         entry = results["peers"][peer]
         if importlib.util.find_spec(peer) is None:

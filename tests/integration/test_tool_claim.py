@@ -259,18 +259,19 @@ def test_released_reaped_retried_and_map_steps_go_only_to_capable_workers(
 
 
 def test_claim_does_not_walk_a_backlog_of_another_tool(db_url: str) -> None:
-    """10,000 ready steps of a tool this worker lacks, ahead of its own in claim order: the
+    """20,000 ready steps of a tool this worker lacks, ahead of its own in claim order: the
     claim reads steps_ready_idx for its own tools only, not the backlog. The walks run
     inside pgdag_pick_ready, whose plan EXPLAIN does not show, so the check is the buffers
-    the whole claim touched (a Function Scan counts its function's reads): a few dozen,
-    where one filtered walk of the ready index read the backlog first (hundreds of pages;
+    the whole claim touched (a Function Scan counts its function's reads): about a hundred
+    (the claim's own writes, the audit row, the trigger), where one filtered walk of the
+    ready index read the backlog first (over 600 pages behind 20,000 steps;
     docs/claim-plan.md)."""
     backlog = submit(db_url, {"steps": [emit("g0", 0)]})
     query(
         db_url,
         "INSERT INTO steps (run_id, name, tool, input, status, max_attempts, deps_remaining)"
         " SELECT %(run)s, 'g' || g, 'TEST_EMIT', '{}', 'ready', 3, 0"
-        " FROM generate_series(1, 10000) g",
+        " FROM generate_series(1, 20000) g",
         {"run": backlog},
     )  # older than the DELAY steps below, so ahead of them in claim order
     mine = submit(
@@ -292,5 +293,5 @@ def test_claim_does_not_walk_a_backlog_of_another_tool(db_url: str) -> None:
     assert [(str(r), n) for r, n in claimed] == [(mine, 5)]
     top = plan[0]["Plan"]
     touched = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
-    assert touched < 100, f"the claim touched {touched} buffers: it walked the backlog"
+    assert touched < 250, f"the claim touched {touched} buffers: it walked the backlog"
     assert steps_by_name(db_url, backlog)["g0"]["status"] == "ready"
