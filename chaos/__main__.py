@@ -196,7 +196,7 @@ def _prepare_database(args: argparse.Namespace) -> tuple[str, EmbeddedCluster | 
     info["dbname"] = CHAOS_DB
     url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
     upgrade_head(url)
-    return url, EmbeddedCluster(settings.home)
+    return url, EmbeddedCluster.from_settings(settings)
 
 
 def _pick_victim(chaos: Chaos) -> tuple[str, dict[str, Any]] | None:

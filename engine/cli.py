@@ -33,6 +33,8 @@ from engine.transitions import TERMINAL_RUN_STATES
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
+    from engine.embedded import EmbeddedCluster
+
 WS_MAX_MESSAGE_BYTES = 64 * 1024  # the largest frame a WebSocket client may send the API
 
 
@@ -127,11 +129,12 @@ def cmd_db(args: argparse.Namespace) -> int:
     from engine.embedded import EmbeddedCluster
 
     settings = _settings(args)
-    cluster = EmbeddedCluster(settings.home)
+    cluster = EmbeddedCluster.from_settings(settings)
     embedded = replace(settings, database_url=None)  # db always means the embedded cluster
     if args.action == "start":
         url = resolve_database_url(embedded)
-        print(f"embedded postgres running; data in {settings.home.resolve() / 'data'}")
+        print(f"embedded postgres running; data in {cluster.data_dir}")
+        _say_if_relocated(cluster)
         print(url)
         return 0
     if args.action == "stop":
@@ -144,6 +147,16 @@ def cmd_db(args: argparse.Namespace) -> int:
     # url: start it if needed, so `export DATABASE_URL=$(python -m engine db url)` works
     print(resolve_database_url(embedded))
     return 0
+
+
+def _say_if_relocated(cluster: EmbeddedCluster) -> None:
+    """Tell the user when the data is not under PGDAG_HOME (root, and the server's OS user
+    cannot reach it)."""
+    if cluster.relocated:
+        print(
+            f"  note: the server's OS user cannot reach {cluster.home}, so the data lives in "
+            f"{cluster.server_dir} (see cluster.json)"
+        )
 
 
 # --- dev ------------------------------------------------------------------------------------
@@ -234,13 +247,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     home = settings.home.resolve()
-    cluster = None if settings.database_url else EmbeddedCluster(home)
+    cluster = None if settings.database_url else EmbeddedCluster.from_settings(settings)
     was_running = bool(cluster and cluster.status().get("running"))
     print("pgdag dev: starting")
     t0 = time.monotonic()
     url = _database_url(settings)
-    where = "DATABASE_URL" if cluster is None else f"embedded, data in {home / 'data'}"
+    where = "DATABASE_URL" if cluster is None else f"embedded, data in {cluster.data_dir}"
     print(f"  postgres    ready ({where}) in {time.monotonic() - t0:.1f}s; schema migrated")
+    if cluster is not None:
+        _say_if_relocated(cluster)
 
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)

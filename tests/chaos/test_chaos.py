@@ -21,6 +21,7 @@ import pytest
 from chaos.checker import Report, check_database
 from engine.embedded import EmbeddedCluster
 from engine.migrate import upgrade_head
+from tests.pgfixtures import server_home
 from tests.support import (
     ROOT,
     Proc,
@@ -225,7 +226,7 @@ def test_zombie_past_its_lease(db_url: str, tmp_path: Path) -> None:
 
 
 def test_postgres_restart_twice(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    cluster = EmbeddedCluster(tmp_path_factory.mktemp("chaos-pg"))
+    cluster = EmbeddedCluster(server_home(tmp_path_factory, "chaos-pg"))
     try:
         url = cluster.start()
         upgrade_head(url)

@@ -12,6 +12,7 @@ import pytest
 
 from engine.embedded import EmbeddedCluster
 from engine.migrate import upgrade_head
+from tests.pgfixtures import server_home
 from tests.support import api_server, submit, wait_for
 
 # The API waits POOL_TIMEOUT_S (5 s) for a pooled connection; allow scheduling slack on a
@@ -22,7 +23,7 @@ READ_BOUND_S = 9.0
 @pytest.fixture
 def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
     """A cluster of this test's own, since the test stops it."""
-    cluster = EmbeddedCluster(tmp_path_factory.mktemp("outage-pg"))
+    cluster = EmbeddedCluster(server_home(tmp_path_factory, "outage-pg"))
     yield cluster
     cluster.stop()
 

@@ -11,13 +11,14 @@ import pytest
 
 from engine.embedded import EmbeddedCluster
 from engine.migrate import upgrade_head
+from tests.pgfixtures import server_home
 from tests.support import api_server, events, query, submit, wait_for, wait_run_finished, workers
 
 
 @pytest.fixture
 def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedCluster:
     """A cluster of this test's own, since the test restarts it."""
-    cluster = EmbeddedCluster(tmp_path_factory.mktemp("restart-pg"))
+    cluster = EmbeddedCluster(server_home(tmp_path_factory, "restart-pg"))
     yield cluster  # type: ignore[misc]
     cluster.stop()
 

@@ -26,6 +26,7 @@ import tests.testtools  # noqa: F401  (registers the TEST_ tools for `submit` he
 from engine.embedded import EmbeddedCluster
 from engine.migrate import upgrade_head
 from engine.sql import queries
+from tests.pgfixtures import server_home
 from tests.support import (
     Proc,
     api_server,
@@ -424,7 +425,7 @@ def test_api_restart_then_resume_with_after(db_url: str, tmp_path: Path) -> None
 @pytest.fixture
 def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
     """A cluster of this test's own, since the test restarts it."""
-    cluster = EmbeddedCluster(tmp_path_factory.mktemp("ws-restart-pg"))
+    cluster = EmbeddedCluster(server_home(tmp_path_factory, "ws-restart-pg"))
     yield cluster
     cluster.stop()
 
