@@ -22,6 +22,15 @@ LATERAL join over the tools cost 0.5 ms more per claim with a worker's five tool
 0.56 ms a claim round trip before this change, measured alternately; the function: 0.69 to
 0.76 ms).
 
+``pgdag_pick_ready`` must be VOLATILE (it locks rows), and each statement in a VOLATILE
+function takes a snapshot of its own: the walks see steps made ready after the claim
+statement's own snapshot was taken, with the outputs that made them ready. So
+``pgdag_ref_context``, which reads those outputs for the claimed steps' references, is made
+VOLATILE here too: STABLE, it read the claim statement's older snapshot, in which the step
+referred to could still be ``running`` ("step a is running, so it has no output"; seen in
+CI as a flaky tests/integration/test_data_flow.py on PostgreSQL 18). A later snapshot sees
+all an earlier one saw, so it sees every output the walk's rows depend on.
+
 Built without CONCURRENTLY, like 0003's (alembic runs each migration in a transaction): it
 blocks writes to steps while it reads the ready steps (a partial index: only those).
 """
@@ -38,6 +47,9 @@ UPGRADE = r"""
 DROP INDEX steps_ready_idx;
 CREATE INDEX steps_ready_idx ON steps (tool, priority DESC, available_at, id)
     WHERE status = 'ready';
+
+-- Reads outputs with a snapshot no older than pgdag_pick_ready's (see the docstring).
+ALTER FUNCTION pgdag_ref_context(uuid, text[]) VOLATILE;
 
 -- Up to p_limit ready steps of each tool in p_tools, each tool's in claim order (one walk
 -- of steps_ready_idx per tool), locked FOR UPDATE SKIP LOCKED; keys already full are not
@@ -65,6 +77,7 @@ $$;
 """
 
 DOWNGRADE = r"""
+ALTER FUNCTION pgdag_ref_context(uuid, text[]) STABLE;
 DROP FUNCTION pgdag_pick_ready(text[], integer);
 DROP INDEX steps_ready_idx;
 CREATE INDEX steps_ready_idx ON steps (priority DESC, available_at, id) WHERE status = 'ready';

@@ -295,3 +295,22 @@ def test_claim_does_not_walk_a_backlog_of_another_tool(db_url: str) -> None:
     touched = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
     assert touched < 250, f"the claim touched {touched} buffers: it walked the backlog"
     assert steps_by_name(db_url, backlog)["g0"]["status"] == "ready"
+
+
+def test_claim_functions_read_outputs_no_older_than_their_walks(db_url: str) -> None:
+    """pgdag_pick_ready locks rows, so it is VOLATILE and its walks take snapshots newer
+    than the claim statement's: they can claim a step made ready after the statement began.
+    pgdag_ref_context reads the outputs that step refers to; STABLE, it would read the
+    statement's older snapshot, in which the step referred to may still be running (a CI
+    run on PostgreSQL 18 failed so: "step a is running, so it has no output"). Both must
+    be VOLATILE (pg_proc.provolatile 'v'; PostgreSQL docs, 38.7 Function Volatility
+    Categories: a VOLATILE function's queries see changes committed meanwhile)."""
+    rows = query(
+        db_url,
+        "SELECT proname, provolatile FROM pg_proc"
+        " WHERE proname IN ('pgdag_pick_ready', 'pgdag_ref_context') ORDER BY proname",
+    )
+    assert [(r["proname"], r["provolatile"]) for r in rows] == [
+        ("pgdag_pick_ready", "v"),
+        ("pgdag_ref_context", "v"),
+    ]
