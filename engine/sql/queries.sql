@@ -93,9 +93,16 @@ SELECT %(run_id)s, 'run_created', 'pending',
 -- 100,000 of them, docs/claim-plan.md). Rows locked by a walk but not among the best are
 -- left unchanged and unlocked at commit. The MATERIALIZED CTE keeps LIMIT + SKIP LOCKED
 -- from locking more rows than its walks return (PostgreSQL bug #15715).
+-- pgdag_pick_ready is VOLATILE (it locks rows), so its walks see rows committed after this
+-- statement's snapshot was taken. A row updated to ready meanwhile is fine (the UPDATE below
+-- re-reads its newest version), but a row INSERTED meanwhile (a new run's root, a map child)
+-- is invisible to the UPDATE: it would stay unclaimed while pgdag_take_slots had taken its
+-- concurrency slot, never to be given back. The EXISTS, on this statement's snapshot, keeps
+-- such rows out before any slot is taken; they stay ready for the next claim.
 WITH picked AS MATERIALIZED (
     SELECT p.id, p.concurrency_key, p.priority, p.available_at
     FROM pgdag_pick_ready(%(tools)s::text[], %(limit)s) AS p
+    WHERE EXISTS (SELECT 1 FROM steps v WHERE v.id = p.id)
     ORDER BY p.priority DESC, p.available_at, p.id
     LIMIT %(limit)s
 ), chosen AS (

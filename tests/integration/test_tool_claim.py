@@ -314,3 +314,89 @@ def test_claim_functions_read_outputs_no_older_than_their_walks(db_url: str) -> 
         ("pgdag_pick_ready", "v"),
         ("pgdag_ref_context", "v"),
     ]
+
+
+def test_a_step_inserted_while_a_claim_runs_keeps_its_concurrency_slot(db_url: str) -> None:
+    """pgdag_pick_ready's walks see rows committed after the claim statement's snapshot. A
+    keyed step INSERTED in that gap was picked, took a concurrency slot in pgdag_take_slots,
+    and then was not claimed (the UPDATE cannot see it): the slot was never given back and
+    the key stalled for good. The gap is made deterministic: the pick waits on an advisory
+    lock the test holds while another transaction submits the step and commits."""
+    import threading
+
+    from engine.dag import parse_run
+
+    submit(db_url, {"steps": [emit("other", 1)]})  # a row the walk does not take
+    [definition] = query(db_url, "SELECT pg_get_functiondef('pgdag_pick_ready'::regproc) AS d")
+    gated = definition["d"].replace(
+        "BEGIN\n",
+        "BEGIN\n    PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242);\n",
+        1,
+    )
+    query(db_url, gated)
+    params = {"worker_id": "w", "limit": 10, "lease_ttl_s": 30, "tools": ["DELAY"]}
+    spec = parse_run(
+        {
+            "steps": [
+                {
+                    "name": "k",
+                    "tool": "DELAY",
+                    "input": {"ms": 0},
+                    "concurrencyKey": "gap",
+                    "maxConcurrency": 1,
+                }
+            ]
+        },
+        max_steps=10,
+    )
+    result: list[Any] = []
+    with (
+        psycopg.connect(db_url, autocommit=True) as gate,
+        psycopg.connect(db_url) as writer,
+    ):
+        gate.execute("SELECT pg_advisory_lock(4242)")
+        # The writer's transaction starts before the claim, so its rows' available_at
+        # (its now()) is not later than the claim's now(): the walk's filter lets them by.
+        writer.execute("SELECT now()")
+
+        def claim() -> None:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                result.append(conn.execute(queries["claim_steps"], params).fetchall())
+
+        claimer = threading.Thread(target=claim)
+        claimer.start()
+        wait_for(
+            lambda: query(
+                db_url,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND wait_event = 'advisory'",
+            ),
+            what="the claim to wait inside pgdag_pick_ready",
+        )
+        row = writer.execute(  # committed after the claim statement's snapshot
+            queries["insert_run"],
+            {
+                "goal": "gap",
+                "idempotency_key": None,
+                "idempotency_fingerprint": None,
+                "steps_total": 1,
+                "priority": 0,
+                "start_at": None,
+            },
+        ).fetchone()
+        assert row is not None
+        writer.execute(
+            queries["insert_steps"],
+            {"run_id": row[0], "steps": spec.steps_json(), "priority": 0, "start_at": None},
+        )
+        writer.commit()
+        gate.execute("SELECT pg_advisory_unlock(4242)")
+        claimer.join(timeout=30)
+    assert result == [[]]  # the new row is not this statement's to claim
+    [slot] = query(db_url, "SELECT running FROM concurrency_slots WHERE key = 'gap'")
+    assert slot["running"] == 0, "a slot was taken for a step that was not claimed"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        again = conn.execute(queries["claim_steps"], params).fetchall()
+    assert len(again) == 1  # the next claim takes it, and its slot
+    [slot] = query(db_url, "SELECT running FROM concurrency_slots WHERE key = 'gap'")
+    assert slot["running"] == 1
