@@ -184,7 +184,10 @@ class HostGuard:
             return
         headers = Headers(scope=scope)
         host = headers.get("host")
-        if not self.hosts.allows_host(host):
+        # An HTTP/1.0 probe may send no Host at all (RFC 9110 section 7.2 requires it from
+        # HTTP/1.1 clients only); the open paths reveal nothing, so they answer it.
+        no_host_probe = host is None and scope["type"] == "http" and scope["path"] in OPEN_PATHS
+        if not no_host_probe and not self.hosts.allows_host(host):
             response = _refuse(
                 421,
                 "host_not_allowed",

@@ -123,12 +123,17 @@ def where(url: str, exc: psycopg.Error | None = None) -> tuple[str, str]:
     return hostport, f"Postgres at {hostport}{as_user}"
 
 
-def connect_reason(exc: psycopg.Error, url: str) -> str:
-    """The short reason of a failed connection: libpq's first line without its
-    ``connection to server at ... failed: FATAL:`` prefix; the password redacted."""
+def _first_line(exc: psycopg.Error) -> str:
+    """libpq's first line without its ``connection to server at ... failed: FATAL:`` prefix
+    (not redacted: for classifying only, never for showing)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    first = lines[0] if lines else type(exc).__name__
-    return redact(_SERVER_PREFIX.sub("", first), url) or type(exc).__name__
+    return _SERVER_PREFIX.sub("", lines[0]) if lines else ""
+
+
+def connect_reason(exc: psycopg.Error, url: str) -> str:
+    """The short reason of a failed connection, to show: `_first_line` with the password
+    redacted."""
+    return redact(_first_line(exc), url) or type(exc).__name__
 
 
 def permanent_sqlstate(reason: str) -> str | None:
@@ -166,7 +171,9 @@ async def wait_for_postgres(url: str, *, wait_s: float) -> None:
         except psycopg.OperationalError as exc:
             hostport, target = where(url, exc)
             reason = connect_reason(exc, url)
-            if permanent_sqlstate(reason) is not None:
+            # Classified on the server's own words: a password that happens to be one of them
+            # ("user") would make the redacted text match no pattern.
+            if permanent_sqlstate(_first_line(exc)) is not None:
                 raise DatabaseUnavailable(
                     f"cannot connect to {target}: {reason}", permanent=True
                 ) from None

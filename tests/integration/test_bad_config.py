@@ -197,3 +197,14 @@ def test_api_on_unmigrated_database_answers_503_until_migrated(
         assert len(proc.output().splitlines()) <= 6, proc.output()
     finally:
         proc.stop()
+
+
+def test_a_wrong_password_that_is_a_word_of_the_error_still_exits_fast(db_url: str) -> None:
+    """The error is classified on the server's own words, then redacted for showing: with
+    the password "user", redacting first turned "password authentication failed for user"
+    into "... for *** ..." and the worker waited out PGDAG_DB_WAIT instead of exiting."""
+    env = base_env(_with_password(db_url, "user"), PGDAG_DB_WAIT="60")
+    code, out, took = _run(PROCESSES["worker"], env, EXIT_DEADLINE_S)
+    assert code != 0, out
+    assert took < EXIT_DEADLINE_S / 2, (took, out)
+    assert "password authentication failed" in out or "authentication failed" in out, out

@@ -5,6 +5,7 @@ The middleware itself is tested over real HTTP in tests/integration/test_api_gua
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -105,3 +106,33 @@ def test_serve_flag_with_a_bad_host_exits_with_the_error(
     assert main(["serve", "--allowed-hosts", "api,http://x.example"]) == 2
     err = capsys.readouterr().err
     assert "PGDAG_ALLOWED_HOSTS" in err and "'http://x.example'" in err
+
+
+def test_an_http10_probe_without_host_reaches_health_only() -> None:
+    """Load balancers' HTTP/1.0 probes may send no Host header: /health answers them, any
+    other path still gets 421."""
+    import asyncio
+
+    from engine.guards import AllowedHosts, HostGuard
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = HostGuard(app, AllowedHosts())
+
+    async def status(path: str) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}
+        await guard(scope, receive, send)
+        return int(sent[0]["status"])
+
+    assert asyncio.run(status("/health")) == 200
+    assert asyncio.run(status("/runs")) == 421
