@@ -10,32 +10,19 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
 from websockets.sync.client import connect
 
+from tests.integration.test_api import counts, delay
 from tests.support import api_server, query, wait_for, workers
 
 TOOLS = "tests.testtools"
 # A real `openssl rand -base64 18`-shaped token holding every character that URL encoding
 # changes: '+', '/' and '='.
 B64_TOKEN = "q+Lz/9Xw0r+T1sA/bcQ="
-
-
-def delay(name: str, *deps: str) -> dict[str, Any]:
-    return {"name": name, "tool": "DELAY", "input": {"ms": 0}, "dependsOn": list(deps)}
-
-
-def counts(db_url: str) -> tuple[int, int, int]:
-    row = query(
-        db_url,
-        "SELECT (SELECT count(*) FROM runs) r, (SELECT count(*) FROM steps) s,"
-        " (SELECT count(*) FROM audit_log) a",
-    )[0]
-    return row["r"], row["s"], row["a"]
 
 
 def port_of(base: str) -> int:
