@@ -297,6 +297,13 @@ class Worker(Wire):
     pid: int
     concurrency: int
     tools: list[str]
+    kind: Literal["database", "agent"] = Field(
+        description="database: holds a DATABASE_URL; agent: reaches only the API"
+    )
+    restarts: int = Field(description="times its supervisor restarted this worker's slot")
+    last_exit_code: int | None = Field(
+        description="how the slot's previous process ended (negative: killed by that signal)"
+    )
     status: WorkerStatus
     alive: bool = Field(description="not stopped, and a heartbeat within the lease TTL")
     started_at: datetime

@@ -357,9 +357,23 @@ class Store:
     # --- workers registry ---------------------------------------------------------------
 
     async def register_worker(
-        self, worker_id: str, *, hostname: str, pid: int, concurrency: int, tools: list[str]
+        self,
+        worker_id: str,
+        *,
+        hostname: str,
+        pid: int,
+        concurrency: int,
+        tools: list[str],
+        kind: str = "database",
+        restarts: int = 0,
+        last_exit_code: int | None = None,
     ) -> None:
-        """Insert or refresh this worker's row in the workers table."""
+        """Insert or refresh this worker's row in the workers table.
+
+        `kind` is ``database`` or ``agent`` (a worker that reaches only the API, registered
+        by the API for it); `restarts` and `last_exit_code` are what its supervisor told it
+        (``python -m workers --processes N``): the times its slot was restarted and how the
+        previous process ended (negative: the signal that killed it)."""
         async with self.pool.connection() as conn:
             await conn.execute(
                 queries["register_worker"],
@@ -369,6 +383,9 @@ class Store:
                     "pid": pid,
                     "concurrency": concurrency,
                     "tools": tools,
+                    "kind": kind,
+                    "restarts": restarts,
+                    "last_exit_code": last_exit_code,
                 },
             )
 
@@ -467,6 +484,9 @@ class Store:
                 "pid": r["pid"],
                 "concurrency": r["concurrency"],
                 "tools": list(r["tools"]),
+                "kind": r["kind"],
+                "restarts": r["restarts"],
+                "lastExitCode": r["last_exit_code"],
                 "status": r["status"],
                 "alive": r["alive"],
                 "startedAt": _iso(r["started_at"]),

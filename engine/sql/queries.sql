@@ -713,13 +713,15 @@ WITH target AS (
 SELECT w.id, w.n AS width, w.problem FROM width w
 
 -- name: register_worker
-INSERT INTO workers (id, hostname, pid, concurrency, tools, status, started_at,
-                     last_heartbeat_at, stopped_at)
-VALUES (%(id)s, %(hostname)s, %(pid)s, %(concurrency)s, %(tools)s, 'running', now(), now(), NULL)
+INSERT INTO workers (id, hostname, pid, concurrency, tools, kind, restarts, last_exit_code,
+                     status, started_at, last_heartbeat_at, stopped_at)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(concurrency)s, %(tools)s, %(kind)s, %(restarts)s,
+        %(last_exit_code)s, 'running', now(), now(), NULL)
 ON CONFLICT (id) DO UPDATE
 SET hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, concurrency = EXCLUDED.concurrency,
-    tools = EXCLUDED.tools, status = 'running', started_at = now(), last_heartbeat_at = now(),
-    stopped_at = NULL
+    tools = EXCLUDED.tools, kind = EXCLUDED.kind, restarts = EXCLUDED.restarts,
+    last_exit_code = EXCLUDED.last_exit_code, status = 'running', started_at = now(),
+    last_heartbeat_at = now(), stopped_at = NULL
 
 -- name: worker_heartbeat
 UPDATE workers SET last_heartbeat_at = now(), status = %(status)s WHERE id = %(id)s
@@ -834,8 +836,8 @@ ORDER BY id
 LIMIT %(limit)s
 
 -- name: list_workers
-SELECT w.id, w.hostname, w.pid, w.concurrency, w.tools, w.status, w.started_at,
-       w.last_heartbeat_at, w.stopped_at,
+SELECT w.id, w.hostname, w.pid, w.concurrency, w.tools, w.kind, w.restarts, w.last_exit_code,
+       w.status, w.started_at, w.last_heartbeat_at, w.stopped_at,
        (w.status <> 'stopped'
         AND w.last_heartbeat_at > now() - make_interval(secs => %(lease_ttl_s)s)) AS alive,
        coalesce(
