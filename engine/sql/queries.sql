@@ -160,7 +160,7 @@ WHERE s.id = l.id
   AND s.lease_token = l.token
   AND s.status = 'running'
   AND s.lease_expires_at > now()
-RETURNING s.id
+RETURNING s.id, s.lease_expires_at
 
 -- name: complete_steps
 -- running -> succeeded for each (id, token, output) whose lease is current, in one statement:
@@ -725,6 +725,21 @@ SET hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, concurrency = EXCLUDED.con
 
 -- name: worker_heartbeat
 UPDATE workers SET last_heartbeat_at = now(), status = %(status)s WHERE id = %(id)s
+
+-- name: agent_touch
+-- An agent's request (claim, heartbeat) refreshes its row; no row means it never registered
+-- (or said it stopped): the API answers 409 agent_not_registered.
+UPDATE workers SET last_heartbeat_at = now(), status = 'running'
+WHERE id = %(id)s AND kind = 'agent' AND status <> 'stopped'
+RETURNING id
+
+-- name: live_worker_tools
+-- The tools of every live worker and agent (not stopped, heartbeat within %(lease_ttl_s)s):
+-- POST /runs accepts a step of a tool the API has not loaded when one of them has it.
+SELECT coalesce(array_agg(DISTINCT t), '{}') AS tools
+FROM workers w CROSS JOIN LATERAL unnest(w.tools) AS t
+WHERE w.status <> 'stopped'
+  AND w.last_heartbeat_at > now() - make_interval(secs => %(lease_ttl_s)s)
 
 -- name: worker_stopped
 UPDATE workers SET status = 'stopped', stopped_at = now(), last_heartbeat_at = now()
