@@ -130,7 +130,8 @@ async def _remote_tools(store: Store, body: Any) -> frozenset[str]:
     if not isinstance(steps, list):
         return frozenset()
     local = registered_tools()
-    if all(not isinstance(s, dict) or s.get("tool") in local for s in steps):
+    named = {s.get("tool") for s in steps if isinstance(s, dict) and isinstance(s.get("tool"), str)}
+    if named <= local.keys():  # (a tool that is not a string is parse_run's to refuse)
         return frozenset()
     return await store.live_worker_tools()
 
