@@ -11,8 +11,8 @@ An *agent* is a worker on another machine, network or language: it holds no
 - ``heartbeat``: extend leases by (step, token); the answer says which are held (with their
   new expiry) and which were lost;
 - ``report``: a batch of outcomes, each under its token. A stale token refuses that outcome
-  only (``lease_lost``); a success reported again under the token that recorded it answers
-  ``recorded`` with ``duplicate: true`` (nothing written twice);
+  only (``lease_lost``); an outcome reported again under the token that recorded it
+  answers ``recorded`` with ``duplicate: true`` (nothing written twice);
 - ``release``: hand back leases on a graceful shutdown; ``stopped``: mark the row stopped.
 
 Everything goes through `engine.store.Store` and so `engine.transitions`: the same fenced
@@ -219,8 +219,8 @@ class Heartbeat(_Answer):
 
 
 class OutcomeResult(_Answer):
-    """What became of one outcome: ``recorded`` (``duplicate`` when it was recorded
-    before, under the same token), or ``refused`` with a ``code``: ``lease_lost`` (the
+    """What became of one outcome: ``recorded`` (``duplicate`` when this outcome was
+    recorded before, under the same token), or ``refused`` with a ``code``: ``lease_lost`` (the
     token is stale) or ``output_refused`` (the output cannot be stored: the attempt failed
     for good)."""
 
@@ -546,7 +546,15 @@ async def report(request: Request) -> Response:
                 backoff_cap_ms=settings.backoff_cap_ms,
             )
         except LeaseLost as lost:
-            results[i] = _refused(outcome, "lease_lost", str(lost))
+            before = await store.failure_recorded(
+                outcome.step_id, outcome.lease_token, worker_id=agent_id
+            )
+            if before is None:
+                results[i] = _refused(outcome, "lease_lost", str(lost))
+            elif before[0] == "ready":  # its first answer was lost
+                results[i] = _recorded(outcome, duplicate=True, retryAt=before[1], deadLetter=False)
+            else:
+                results[i] = _recorded(outcome, duplicate=True, deadLetter=True)
             continue
         if failed.status == "ready":
             results[i] = _recorded(

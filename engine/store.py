@@ -460,6 +460,20 @@ class Store:
             cur = await conn.execute(queries["steps_lease_state"], {"ids": list(step_ids)})
             return {r["id"]: (r["status"], r["lease_token"]) for r in await cur.fetchall()}
 
+    async def failure_recorded(
+        self, step_id: int, token: int, *, worker_id: str
+    ) -> tuple[str, str | None] | None:
+        """Whether `worker_id` already recorded the failure of attempt (`step_id`, `token`)
+        (read only): ``(to_status, available_at_iso)`` of that failure (``ready`` with its
+        retry time, or ``dead_letter`` and None), else None."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                queries["attempt_failure_recorded"],
+                {"id": step_id, "token": token, "worker_id": worker_id},
+            )
+            row = await cur.fetchone()
+        return None if row is None else (row["to_status"], row["available_at"])
+
     async def worker_stopped(self, worker_id: str) -> None:
         """Mark the worker stopped."""
         async with self.pool.connection(timeout=5) as conn:

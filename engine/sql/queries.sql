@@ -741,6 +741,21 @@ FROM workers w CROSS JOIN LATERAL unnest(w.tools) AS t
 WHERE w.status <> 'stopped'
   AND w.last_heartbeat_at > now() - make_interval(secs => %(lease_ttl_s)s)
 
+-- name: attempt_failure_recorded
+-- Whether the failure of attempt (%(id)s, %(token)s) was recorded already by %(worker_id)s
+-- (fail_attempt's audit row): an agent re-sending a failed outcome whose answer it lost is
+-- told so instead of lease_lost. Read only; walks the run's audit rows (audit_log_run_idx).
+SELECT a.to_status, a.detail ->> 'availableAt' AS available_at
+FROM audit_log a
+WHERE a.run_id = (SELECT s.run_id FROM steps s WHERE s.id = %(id)s)
+  AND a.step_id = %(id)s
+  AND a.lease_token = %(token)s
+  AND a.worker_id = %(worker_id)s
+  AND a.from_status = 'running'
+  AND a.event IN ('step_retry_scheduled', 'step_dead_lettered')
+ORDER BY a.id DESC
+LIMIT 1
+
 -- name: worker_stopped
 UPDATE workers SET status = 'stopped', stopped_at = now(), last_heartbeat_at = now()
 WHERE id = %(id)s

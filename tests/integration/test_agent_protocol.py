@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +280,20 @@ def test_heartbeat_fencing_duplicates_and_retry(client: httpx.Client, db_url: st
     assert after["status"] == "ready" and after["attempt"] == 2
     assert after["error"] == "upstream said 503"
     assert after["availableAt"] is not None
-    # The same failure again: its token is spent, refused, nothing written.
+    # The same failure again (its answer was lost): recorded before, nothing written twice.
     [twice] = agent.report(failure)
-    assert twice["result"] == "refused" and twice["code"] == "lease_lost"
+    assert twice.pop("duplicate") is True
+    assert datetime.fromisoformat(twice.pop("retryAt")) == datetime.fromisoformat(failed["retryAt"])
+    assert twice == {k: v for k, v in failed.items() if k != "retryAt"}
+    # Under a token this agent never failed with: refused.
+    [other] = agent.report({**failure, "leaseToken": a["leaseToken"]})
+    assert other["result"] == "refused" and other["code"] == "lease_lost"
+    scheduled = query(
+        db_url,
+        "SELECT count(*) AS n FROM audit_log WHERE step_name = 'a' "
+        "AND event = 'step_retry_scheduled'",
+    )
+    assert scheduled[0]["n"] == 1
 
     # The last attempt fails for good: dead letter, and the run fails.
     [a3] = wait_for(lambda: agent.claim(wait_ms=200), what="a's third attempt")
