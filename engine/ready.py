@@ -44,7 +44,8 @@ class ReadySignal:
         self._generation = 0
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
-        self.connected = False
+        self.connected = False  # LISTEN is in place now
+        self.connections = 0  # how many times LISTEN was put in place (1 + reconnects)
 
     def generation(self) -> int:
         """The number of wake-ups so far; pass it to `wait`."""
@@ -96,7 +97,6 @@ class ReadySignal:
                 )
                 async with conn:
                     await conn.execute(f"LISTEN {READY_CHANNEL}")
-                    self.connected = True
                     if failures:
                         logger.info(
                             "ready listener back after %.1fs and %d failed attempt(s)",
@@ -106,6 +106,8 @@ class ReadySignal:
                     failures = 0
                     backoff.reset()
                     await self._bump()  # catch up on anything sent while not listening
+                    self.connected = True
+                    self.connections += 1
                     async for _ in conn.notifies():
                         await self._bump()
             except asyncio.CancelledError:
