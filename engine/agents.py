@@ -421,7 +421,13 @@ async def claim(request: Request) -> Response:
             return JSONResponse({"steps": []})
         # Woken by NOTIFY; re-polls anyway (a NOTIFY sent while not listening is lost).
         repoll_s = settings.poll_interval_s * (0.8 + random.random() * 0.4)
-        await ready.wait(seen, min(remaining, repoll_s))
+        try:
+            await ready.wait(seen, min(remaining, repoll_s))
+        except asyncio.CancelledError:
+            # The server is stopping (`serve` cancels requests still running
+            # PGDAG_SHUTDOWN_GRACE seconds after SIGTERM): nothing was claimed in this wait,
+            # so answer like a wait that ran out instead of dropping the connection.
+            return JSONResponse({"steps": []}, headers={"Connection": "close"})
         if await request.is_disconnected():
             return JSONResponse({"steps": []})  # nobody to hand steps to: claim nothing
 

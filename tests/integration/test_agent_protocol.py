@@ -7,6 +7,7 @@ tests/support.base_env)."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from datetime import datetime
@@ -15,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import api_server, query, wait_for
+from tests.support import Proc, api_server, base_env, free_port, query, wait_for
 
 ECHO = "agent.echo"
 
@@ -415,3 +416,54 @@ def test_malformed_bodies_and_unknown_agents(db_url: str, tmp_path: Path) -> Non
         assert {"/agent/register", "/agent/claim", "/agent/heartbeat", "/agent/report"} <= set(
             doc["paths"]
         )
+
+
+def test_sigterm_cuts_a_long_poll_after_the_grace(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    proc = Proc(
+        ["-m", "engine", "serve", "--port", str(port)],
+        base_env(db_url, PGDAG_SHUTDOWN_GRACE="1", PGDAG_POLL_INTERVAL="30"),
+        tmp_path / "api.log",
+    )
+    base = f"http://127.0.0.1:{port}"
+    outcome: list[object] = []
+    try:
+        wait_for(lambda: _healthy(base, proc), what="API health")
+        with httpx.Client(base_url=base, timeout=60) as client:
+            RawAgent(client, "sleeper", [ECHO]).register()
+        query(db_url, "UPDATE workers SET last_heartbeat_at = now() - interval '1 hour'")
+
+        def long_poll() -> None:
+            with httpx.Client(base_url=base, timeout=60) as own:
+                try:
+                    outcome.append(RawAgent(own, "sleeper", [ECHO]).claim(wait_ms=25_000))
+                except httpx.HTTPError as exc:  # the connection closed under it
+                    outcome.append(exc)
+
+        thread = threading.Thread(target=long_poll)
+        thread.start()
+        wait_for(
+            lambda: query(
+                db_url,
+                "SELECT 1 FROM workers WHERE id = 'sleeper' "
+                "AND last_heartbeat_at > now() - interval '1 minute'",
+            ),
+            what="the long-poll to reach the API",
+        )
+        stopping = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        proc.popen.wait(timeout=15)
+        assert time.monotonic() - stopping < 10, "SIGTERM waited out the 25 s long-poll"
+        thread.join(timeout=15)
+        assert outcome == [[]], outcome  # an empty claim, as if its wait had run out
+    finally:
+        proc.stop()
+
+
+def _healthy(base: str, proc: Proc) -> bool:
+    if proc.popen.poll() is not None:
+        raise AssertionError("API exited:\n" + proc.output())
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
