@@ -179,9 +179,10 @@ def test_agent_only_pool_completes_a_dag_with_data_flow(client: httpx.Client) ->
 
 
 def test_long_poll_wakes_on_notify(db_url: str, tmp_path: Path) -> None:
-    # Re-polls every 30 s: an answer within seconds can only come from the NOTIFY.
+    # Re-polls every 30 s (and every third of a 60 s lease TTL): an answer within seconds can
+    # only come from the NOTIFY.
     with (
-        api_server(db_url, tmp_path, PGDAG_POLL_INTERVAL="30") as base,
+        api_server(db_url, tmp_path, PGDAG_POLL_INTERVAL="30", PGDAG_LEASE_TTL="60") as base,
         httpx.Client(base_url=base, timeout=60) as client,
     ):
         agent = RawAgent(client, "poller", [ECHO])
@@ -467,3 +468,21 @@ def _healthy(base: str, proc: Proc) -> bool:
         return httpx.get(f"{base}/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_an_agent_waiting_longer_than_the_lease_ttl_stays_alive(
+    client: httpx.Client, db_url: str
+) -> None:
+    agent = RawAgent(client, "patient", [ECHO])
+    agent.register()
+    assert agent.claim(wait_ms=3000) == []  # 1.5 lease TTLs
+    [row] = query(
+        db_url,
+        "SELECT now() - last_heartbeat_at < interval '1.5 seconds' AS fresh "
+        "FROM workers WHERE id = 'patient'",
+    )
+    assert row["fresh"], "the row was not refreshed during the wait"
+    [seen] = [w for w in client.get("/workers").json()["workers"] if w["id"] == "patient"]
+    assert seen["alive"] is True
+    # Its tool is still accepted by POST /runs.
+    submit(client, [{"name": "later", "tool": ECHO, "input": {}}])
