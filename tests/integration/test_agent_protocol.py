@@ -486,3 +486,27 @@ def test_an_agent_waiting_longer_than_the_lease_ttl_stays_alive(
     assert seen["alive"] is True
     # Its tool is still accepted by POST /runs.
     submit(client, [{"name": "later", "tool": ECHO, "input": {}}])
+
+
+def test_a_silent_agents_step_goes_to_another_agent(client: httpx.Client) -> None:
+    """An agent that dies mid-step stops heartbeating: its lease expires, the reaper
+    requeues the step, another agent's long-poll gets it (a new attempt and token), and
+    the dead one's late report is refused."""
+    dead, alive = RawAgent(client, "dies", [ECHO]), RawAgent(client, "lives", [ECHO])
+    dead.register()
+    alive.register()
+    run_id = submit(client, [{"name": "job", "tool": ECHO, "input": {"n": 7}}])
+    [first] = dead.claim()
+    [second] = wait_for(lambda: alive.claim(wait_ms=1000), what="the step to be handed over")
+    assert second["stepId"] == first["stepId"] and second["attempt"] == 2
+    assert second["leaseToken"] > first["leaseToken"]
+    assert second["idempotencyKey"] == first["idempotencyKey"]
+    [late] = dead.report(success(first, {"from": "the dead"}))
+    assert late["result"] == "refused" and late["code"] == "lease_lost"
+    [ok] = alive.report(success(second, {"from": "the living"}))
+    assert ok["result"] == "recorded"
+    run = get_run(client, run_id)
+    assert run["status"] == "completed"
+    assert run["steps"][0]["output"] == {"from": "the living"}
+    events = [e["event"] for e in client.get(f"/runs/{run_id}/events").json()["events"]]
+    assert events.count("step_succeeded") == 1
