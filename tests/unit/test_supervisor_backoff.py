@@ -6,7 +6,8 @@ import pytest
 
 from engine.config import Settings
 from engine.errors import ConfigError
-from workers.supervisor import RestartBackoff, child_argv, describe_exit
+from engine.supervisor import RestartBackoff, describe_exit
+from workers.supervisor import child_argv
 
 
 def test_schedule_doubles_from_one_second_to_sixty() -> None:
