@@ -249,7 +249,7 @@ def _start_dev_workers(
     and restart are printed to the terminal (the log says why it died)."""
 
     def say(line: str) -> None:
-        print(f"  workers     {line} (log {logs}/worker-*.log)", flush=True)
+        print(f"  workers     {line} (logs {logs}/worker-*.log)", flush=True)
 
     supervisor = Supervisor(
         [["-m", "workers", "--concurrency", "4", "--worker-id", f"dev-worker-{i}"] for i in (1, 2)],
@@ -257,6 +257,7 @@ def _start_dev_workers(
         env=env,
         output=lambda i: (logs / f"worker-{i}.log").open("ab"),
         notify=say,
+        labels=[f"dev-worker-{i}" for i in (1, 2)],
     )
     thread = threading.Thread(
         target=lambda: asyncio.run(supervisor.run()), name="dev-workers", daemon=True

@@ -92,6 +92,7 @@ def describe_exit(code: int) -> str:
 @dataclass
 class _Slot:
     index: int  # from 1
+    label: str  # in the log lines
     argv: list[str]  # after sys.executable
     backoff: RestartBackoff
     restarts: int = 0
@@ -106,8 +107,9 @@ class Supervisor:
 
     `env` is the children's base environment (default `os.environ`); `output(slot)` gives
     the file a slot's child writes its stdout and stderr to (default: inherited), opened
-    once per slot. `notify(line)` is called with each exit and restart line besides the log
-    (``engine dev`` prints them). `settings` gives the restart schedule and the shutdown
+    once per slot. `notify(line)`, when given, receives each exit, restart and giving-up
+    line instead of the log (``engine dev`` prints them). `labels` name the slots in those
+    lines (default ``worker slot <i>``). `settings` gives the restart schedule and the shutdown
     grace. `run()` returns the exit code: 0 after `stop()`, 2 after giving up on a slot.
     """
 
@@ -119,14 +121,18 @@ class Supervisor:
         env: dict[str, str] | None = None,
         output: Callable[[int], IO[bytes]] | None = None,
         notify: Callable[[str], None] | None = None,
+        labels: Sequence[str] | None = None,
     ) -> None:
         if not argvs:
             raise ValueError("a supervisor needs at least one child")
+        if labels is not None and len(labels) != len(argvs):
+            raise ValueError("one label per child")
         self.settings = settings
         self.env = dict(os.environ if env is None else env)
         self.slots = [
             _Slot(
                 index=i,
+                label=labels[i - 1] if labels is not None else f"worker slot {i}",
                 argv=list(argv),
                 backoff=RestartBackoff(
                     settings.restart_backoff_first_s,
@@ -213,9 +219,11 @@ class Supervisor:
                     proc.send_signal(sig)
 
     def _say(self, level: int, line: str) -> None:
-        logger.log(level, "%s", line)
+        """An exit, restart or giving-up line: to `notify` when given, else to the log."""
         if self._notify is not None:
             self._notify(line)
+        else:
+            logger.log(level, "%s", line)
 
     def _child_env(self, slot: _Slot) -> dict[str, str]:
         env = dict(self.env)
@@ -248,7 +256,7 @@ class Supervisor:
                     stderr=asyncio.subprocess.STDOUT if out is not None else None,
                 )
             except OSError as exc:  # cannot start at all: retrying will not help
-                self._give_up(f"worker slot {slot.index} cannot start: {exc}")
+                self._give_up(f"{slot.label} cannot start: {exc}")
                 return
             slot.proc = proc
             started = time.monotonic()
@@ -258,17 +266,16 @@ class Supervisor:
             if slot.restarts:
                 self._say(
                     logging.INFO,
-                    f"worker slot {slot.index} restarted as pid {proc.pid} "
-                    f"(restart {slot.restarts})",
+                    f"{slot.label} restarted as pid {proc.pid} (restart {slot.restarts})",
                 )
             else:
-                logger.info("worker slot %d started as pid %d", slot.index, proc.pid)
+                logger.info("%s started as pid %d", slot.label, proc.pid)
             code = await proc.wait()
             uptime_s = time.monotonic() - started
             if stopping.is_set():
                 logger.info(
-                    "worker slot %d (pid %d) %s on shutdown",
-                    slot.index,
+                    "%s (pid %d) %s on shutdown",
+                    slot.label,
                     proc.pid,
                     describe_exit(code),
                 )
@@ -280,7 +287,7 @@ class Supervisor:
                 slot.quick_config_errors = 0
             if slot.quick_config_errors >= CONFIG_ERROR_LIMIT:
                 self._give_up(
-                    f"worker slot {slot.index} exited with code {CONFIG_ERROR_EXIT} (a "
+                    f"{slot.label} exited with code {CONFIG_ERROR_EXIT} (a "
                     f"configuration error) {CONFIG_ERROR_LIMIT} times, each within "
                     f"{CONFIG_ERROR_WINDOW_S:g} s of its start; giving up (see its output above)"
                 )
@@ -289,7 +296,7 @@ class Supervisor:
             slot.restarts += 1
             self._say(
                 logging.WARNING,
-                f"worker slot {slot.index} (pid {proc.pid}) {describe_exit(code)} after "
+                f"{slot.label} (pid {proc.pid}) {describe_exit(code)} after "
                 f"{uptime_s:.1f}s; restart {slot.restarts} in {delay_s:g}s",
             )
             with contextlib.suppress(TimeoutError):
