@@ -246,7 +246,8 @@ def _start_dev_workers(
 ) -> tuple[Supervisor, threading.Thread]:
     """Two workers, ``dev-worker-1`` and ``dev-worker-2`` (logs ``worker-<i>.log``), under
     a `Supervisor` run in a thread: one that dies is restarted with backoff, and its exit
-    and restart are printed to the terminal (the log says why it died)."""
+    and restart are printed to the terminal (the log says why it died). When the
+    supervisor gives up (a configuration error), dev stops itself with SIGTERM."""
 
     def say(line: str) -> None:
         print(f"  workers     {line} (logs {logs}/worker-*.log)", flush=True)
@@ -259,9 +260,14 @@ def _start_dev_workers(
         notify=say,
         labels=[f"dev-worker-{i}" for i in (1, 2)],
     )
-    thread = threading.Thread(
-        target=lambda: asyncio.run(supervisor.run()), name="dev-workers", daemon=True
-    )
+
+    def run() -> None:
+        asyncio.run(supervisor.run())
+        if supervisor.gave_up is not None:  # no workers left: the example run would wait
+            print("  workers     none left running; stopping dev", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=run, name="dev-workers", daemon=True)
     thread.start()
     return supervisor, thread
 

@@ -254,6 +254,9 @@ class Supervisor:
                     env=self._child_env(slot),
                     stdout=out,
                     stderr=asyncio.subprocess.STDOUT if out is not None else None,
+                    # Its own session: a Ctrl+C in the terminal reaches the supervisor only,
+                    # which stops the children with SIGTERM, once.
+                    start_new_session=True,
                 )
             except OSError as exc:  # cannot start at all: retrying will not help
                 self._give_up(f"{slot.label} cannot start: {exc}")
