@@ -5,6 +5,7 @@ makes the supervisor give up with exit code 2."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -12,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from engine.config import Settings
+from engine.supervisor import KILL_MARGIN_S, Supervisor
 from tests.support import Proc, base_env, query, wait_for
 
 FAST_RESTARTS = {
@@ -89,8 +93,12 @@ def test_killed_child_is_restarted_and_reported(
         sup.stop()
 
 
-def test_sigterm_while_a_slot_waits_to_restart_exits_zero(db_url: str, tmp_path: Path) -> None:
-    """A slot in its restart pause is not restarted once the supervisor is told to stop."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_while_a_slot_waits_to_restart_exits_zero(
+    db_url: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A slot in its restart pause is not restarted once the supervisor is told to stop
+    (SIGTERM or SIGINT, the same)."""
     sup = supervisor(
         db_url, tmp_path, PGDAG_RESTART_BACKOFF_FIRST="30", PGDAG_RESTART_BACKOFF_MAX="60"
     )
@@ -102,7 +110,7 @@ def test_sigterm_while_a_slot_waits_to_restart_exits_zero(db_url: str, tmp_path:
         os.kill(first["sup-2"]["pid"], signal.SIGKILL)
         wait_for(lambda: "restart 1 in 30s" in sup.output(), what="the restart pause logged")
         started = time.monotonic()
-        sup.popen.send_signal(signal.SIGTERM)
+        sup.popen.send_signal(sig)
         assert sup.popen.wait(timeout=30) == 0, sup.output()
         assert time.monotonic() - started < 20  # did not sit out the 30 s pause
         assert gone(first["sup-1"]["pid"])
@@ -134,3 +142,40 @@ def test_nested_supervisor_is_refused(db_url: str, tmp_path: Path) -> None:
     assert proc.popen.wait(timeout=30) == 2
     assert "a supervisor does not start supervisors" in proc.output()
     proc.stop()
+
+
+STUBBORN_CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1], "w").close()
+while True:
+    time.sleep(1)
+"""
+
+
+def test_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    """The supervisor waits the shutdown grace plus KILL_MARGIN_S for its children after
+    SIGTERM, then SIGKILLs them (a child here that ignores SIGTERM; no worker needed)."""
+    ready = tmp_path / "ready"
+    sup = Supervisor(
+        [["-c", STUBBORN_CHILD, str(ready)]],
+        Settings(shutdown_grace_s=0),
+        output=lambda _: (tmp_path / "child.log").open("ab"),
+    )
+    pids: list[int] = []
+
+    async def scenario() -> int:
+        task = asyncio.create_task(sup.run())
+        await asyncio.to_thread(wait_for, ready.exists, what="the child ignoring SIGTERM")
+        proc = sup.slots[0].proc
+        assert proc is not None
+        pids.append(proc.pid)
+        started = time.monotonic()
+        sup.stop()
+        code = await asyncio.wait_for(task, KILL_MARGIN_S + 20)
+        assert time.monotonic() - started >= KILL_MARGIN_S - 0.5
+        assert proc.returncode == -signal.SIGKILL
+        return code
+
+    assert asyncio.run(scenario()) == 0
+    assert gone(pids[0])
