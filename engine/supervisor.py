@@ -3,8 +3,10 @@
 `workers.supervisor` (``python -m workers --processes N``) and ``python -m engine dev`` run
 their workers under `Supervisor`; it lives in `engine` because it knows nothing of what a
 worker does (only how to start it, ``sys.executable <argv>``) and ``engine dev`` may not
-import `workers`. A child that exits, whatever the reason, is restarted
-after a pause (`RestartBackoff`): ``PGDAG_RESTART_BACKOFF_FIRST`` seconds (default 1),
+import `workers`.
+
+A child that exits, whatever the reason, is restarted after a pause (`RestartBackoff`):
+``PGDAG_RESTART_BACKOFF_FIRST`` seconds (default 1),
 doubling per restart up to ``PGDAG_RESTART_BACKOFF_MAX`` (default 60), and back to the
 first pause once a child stayed up ``PGDAG_RESTART_RESET`` seconds (default 60)::
 
