@@ -1,5 +1,5 @@
-"""``pgdag`` and ``python -m engine``: dev, serve, migrate, db start|stop|status|url, submit
-and watch.
+"""``pgdag`` and ``python -m engine``: dev, serve, migrate, db start|stop|status|url, token
+create|list|revoke, submit and watch.
 
 This module is the engine's half of the program: it knows the engine alone. What `serve`
 serves is handed in by the program that runs it (`main`'s `app_factory`): ``engine.__main__``
@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -333,6 +333,88 @@ def cmd_dev(args: argparse.Namespace) -> int:
             print("stopped the embedded postgres (it was started by dev; --keep-db keeps it)")
 
 
+# --- token ----------------------------------------------------------------------------------
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """``token create NAME --scope S`` (the token alone on stdout, the rest on stderr),
+    ``token list`` (never a secret), ``token revoke NAME``. Raises `TokenNameTaken`,
+    `TokenNotFound` and `PgdagError` for a bad name (exit 2)."""
+    import asyncio
+
+    from engine.db import open_pool
+    from engine.tokens import TokenStore, check_name, parse_scope
+
+    if args.action in ("create", "revoke"):
+        if args.name is None:
+            raise PgdagError(f"token {args.action} needs a NAME")
+        check_name(args.name)
+    if args.action == "create" and args.scope is None:
+        raise PgdagError("token create needs --scope admin|submit|agent")
+    if args.action != "create" and args.scope is not None:
+        raise PgdagError(f"--scope is for token create only, not token {args.action}")
+    if args.action == "list" and args.name is not None:
+        raise PgdagError("token list takes no NAME")
+    url = _database_url(_settings(args))
+
+    async def run() -> int:
+        pool = await open_pool(url, min_size=1, max_size=1, name="token")
+        try:
+            store = TokenStore(pool)
+            if args.action == "create":
+                scope = parse_scope(args.scope)
+                token = await store.create(args.name, scope)
+                print(token, flush=True)
+                print(
+                    f"created token {args.name!r} (scope {scope}); it is shown this once, "
+                    "keep it: only its sha256 is stored",
+                    file=sys.stderr,
+                )
+                return 0
+            if args.action == "revoke":
+                await store.revoke(args.name)
+                print(f"revoked token {args.name!r}", file=sys.stderr)
+                return 0
+            rows = await store.list()
+            if args.json:
+                print(
+                    json.dumps(
+                        [
+                            {
+                                "name": r.name,
+                                "scope": r.scope,
+                                "createdAt": r.created_at.isoformat(),
+                                "lastUsedAt": r.last_used_at and r.last_used_at.isoformat(),
+                                "revokedAt": r.revoked_at and r.revoked_at.isoformat(),
+                            }
+                            for r in rows
+                        ],
+                        indent=2,
+                    )
+                )
+                return 0
+            table = [("NAME", "SCOPE", "CREATED", "LAST USED", "REVOKED")]
+            table += [
+                (r.name, r.scope, _when(r.created_at), _when(r.last_used_at), _when(r.revoked_at))
+                for r in rows
+            ]
+            widths = [max(len(row[i]) for row in table) for i in range(4)]
+            for row in table:
+                cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+                print("  ".join([*cells, row[4]]))
+            if not rows:
+                print("no tokens: the API is open unless PGDAG_API_TOKEN is set", file=sys.stderr)
+            return 0
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
 # --- submit / watch -----------------------------------------------------------------------
 
 
@@ -488,6 +570,22 @@ def build_parser(
     submit.add_argument("--watch", action="store_true", help="then follow it live")
     client(submit)
     submit.set_defaults(func=cmd_submit)
+
+    token = sub.add_parser(
+        "token",
+        help="make, list and revoke scoped API tokens",
+        description="Scoped API tokens, kept hashed in Postgres. create prints the token "
+        "alone on stdout, once. Scopes: admin (everything), submit (runs, workers, the "
+        "WebSockets, the dashboard), agent (only /agent/*).",
+    )
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("name", nargs="?", metavar="NAME", help="the token's name")
+    token.add_argument(
+        "--scope", default=None, choices=["admin", "submit", "agent"], help="for create"
+    )
+    token.add_argument("--json", action="store_true", help="list as JSON")
+    common(token)
+    token.set_defaults(func=cmd_token)
 
     db = sub.add_parser("db", help="manage the embedded Postgres under PGDAG_HOME")
     db.add_argument("action", choices=["start", "stop", "status", "url"])
