@@ -28,6 +28,7 @@ import httpx
 
 from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings, parse_list
 from engine.errors import PgdagError
+from engine.tokens import generate_token
 from engine.transitions import TERMINAL_RUN_STATES
 
 if TYPE_CHECKING:
@@ -241,8 +242,29 @@ def follow_run(
         time.sleep(0.1)
 
 
+def _live_tokens(url: str) -> int:
+    """How many live scoped tokens the database at `url` holds."""
+    import asyncio
+
+    from engine.db import open_pool
+    from engine.tokens import TokenStore
+
+    async def count() -> int:
+        pool = await open_pool(url, min_size=1, max_size=1, name="dev")
+        try:
+            return await TokenStore(pool).count_live()
+        finally:
+            await pool.close()
+
+    return asyncio.run(count())
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded Postgres + API + two workers, one example run followed live; then serve."""
+    """Embedded Postgres + API + two workers, one example run followed live; then serve.
+
+    When the database holds live scoped tokens and ``PGDAG_API_TOKEN`` is not set, the API
+    it starts gets a random ``PGDAG_API_TOKEN`` for this session (an admin token that is
+    never stored), which dev's own requests carry; it says so."""
     from engine.embedded import EmbeddedCluster
 
     settings = _settings(args)
@@ -264,6 +286,21 @@ def cmd_dev(args: argparse.Namespace) -> int:
     env["PGDAG_ALLOWED_HOSTS"] = ",".join(settings.allowed_hosts)
     env["PGDAG_CORS_ORIGINS"] = ",".join(settings.cors_origins)
     api = f"http://{_client_host(args.host)}:{args.port}"
+    api_token = settings.api_token
+    if api_token is None:
+        live = _live_tokens(url)
+        if live:
+            # The API will want a token and dev has none of the database's (only their
+            # hashes are kept): its API gets a PGDAG_API_TOKEN of this session, never stored.
+            api_token = env["PGDAG_API_TOKEN"] = generate_token()
+            print(
+                f"  tokens      the database holds {live} live API token(s), so the API "
+                "requires one;\n"
+                "              dev's own requests use an admin token made for this session "
+                "(never stored,\n"
+                "              gone when dev stops); open the dashboard with one of yours: "
+                f"{api}/?token=<token>"
+            )
     procs: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
 
@@ -290,7 +327,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             )
             for i in (1, 2)
         )
-        headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+        headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
         with httpx.Client(timeout=10, headers=headers) as client:
             _wait_healthy(client, api, procs[0], api_log)
             print(f"  api         {api} (log {api_log})")
