@@ -316,13 +316,12 @@ def _share(future: asyncio.Future[T], outcome: T | BaseException) -> None:
 
 class TokenCache:
     """What `engine.guards.BearerAuth` asks, from memory, read from `store` at most once per
-    `ttl_s` per question. `store` is None until the API's pool is open (then `any_live`
-    raises `psycopg.OperationalError`: no answer yet).
+    `ttl_s` per question. `store` is None until the API's pool is open.
 
     Concurrent misses of the same question share one query. A failed read raises
     (`psycopg.OperationalError` and other `psycopg.Error`): the caller answers 503; nothing
-    stale is trusted past `ttl_s`, except "no live token" (the API stays as open as it was:
-    nobody can have made a token in a database that does not answer).
+    stale is trusted past `ttl_s`, except "no live token" (see `any_live`: the API stays as
+    open as it was, and nobody can make a token in a database that does not answer).
     """
 
     def __init__(
@@ -341,6 +340,7 @@ class TokenCache:
         self._tokens: dict[bytes, tuple[TokenInfo | None, float]] = {}
         self._inflight: dict[bytes, asyncio.Future[TokenInfo | None]] = {}
         self._any_inflight: asyncio.Future[bool] | None = None
+        self._any_refresh: asyncio.Task[None] | None = None
         self._touched: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -350,28 +350,47 @@ class TokenCache:
         return self.store
 
     async def any_live(self) -> bool:
-        """Whether ``api_tokens`` holds a live token (cached `ttl_s`)."""
-        now = self.clock()
-        if self._any is not None and now - self._any[1] < self.ttl_s:
-            return self._any[0]
+        """Whether ``api_tokens`` holds a live token (cached `ttl_s`). False while `store`
+        is None: an app run without its lifespan has no pool, hence no table to read (a
+        server always runs the lifespan, which sets `store`, before any request).
+
+        A stale "no" is answered at once and read again in the background: an open API
+        stays open during an outage without making each request wait for the pool before
+        its route does, and a first token closes it within `ttl_s` and one query. A stale
+        "yes" is read again before answering; raises `psycopg.Error` when that fails."""
+        if self.store is None:
+            return False
+        cached = self._any
+        if cached is not None and self.clock() - cached[1] < self.ttl_s:
+            return cached[0]
+        if cached is not None and not cached[0]:
+            if self._any_refresh is None or self._any_refresh.done():
+                self._any_refresh = asyncio.create_task(
+                    self._refresh_any(), name="pgdag-token-any-live"
+                )
+            return False
+        return await self._read_any()
+
+    async def _refresh_any(self) -> None:
+        try:
+            await self._read_any()
+        except psycopg.Error as exc:
+            logger.debug("could not read whether any token is live: %s", exc)
+
+    async def _read_any(self) -> bool:
+        """`TokenStore.count_live` > 0, remembered; one query for concurrent callers."""
         if self._any_inflight is not None:
             return await asyncio.shield(self._any_inflight)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._any_inflight = future
         try:
-            try:
-                live = await self._store().count_live() > 0
-            except psycopg.Error:
-                if self._any is None or self._any[0]:
-                    raise
-                live = False  # open stays open (see the class docstring)
-            else:
-                self._any = (live, self.clock())
+            live = await self._store().count_live() > 0
         except BaseException as exc:
             _share(future, exc)
             raise
         finally:
             self._any_inflight = None
+        self._any = (live, self.clock())
         _share(future, live)
         return live
 
@@ -431,7 +450,10 @@ class TokenCache:
             self._touched.pop(info.id, None)
 
     async def close(self) -> None:
-        """Wait for the background ``last_used_at`` writes (at shutdown, before the pool
-        closes)."""
+        """Wait for the background ``last_used_at`` writes and stop a background read (at
+        shutdown, before the pool closes)."""
+        if self._any_refresh is not None:
+            self._any_refresh.cancel()
+            await asyncio.gather(self._any_refresh, return_exceptions=True)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
