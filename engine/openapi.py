@@ -203,7 +203,7 @@ def document(
                 "tokenQuery": {"type": "apiKey", "in": "query", "name": "token"},
             },
         },
-        # The token is optional (PGDAG_API_TOKEN unset: no security); browsers use ?token=.
+        # The token is optional (none configured: no security); browsers use ?token=.
         "security": [{}, {"bearer": []}, {"tokenQuery": []}],
     }
 

@@ -181,3 +181,13 @@ def _documented_rules() -> set[tuple[str, str, str]]:
 def test_the_documented_scope_table_is_scope_rules() -> None:
     rules = {(scope, r.method, r.path) for scope, rs in SCOPE_RULES.items() for r in rs}
     assert _documented_rules() == rules
+
+
+def test_the_openapi_document_names_401_and_403_on_every_operation() -> None:
+    from engine.openapi import document
+
+    doc = document(OPERATIONS, title="pgdag", version="0")
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            assert {"401", "403"} <= set(op["responses"]), (method, path)
+            assert "scope" in op["responses"]["403"]["description"]
