@@ -191,3 +191,13 @@ def test_the_openapi_document_names_401_and_403_on_every_operation() -> None:
         for method, op in item.items():
             assert {"401", "403"} <= set(op["responses"]), (method, path)
             assert "scope" in op["responses"]["403"]["description"]
+
+
+def test_the_client_names_a_scope_refusal_forbidden() -> None:
+    from engine.client import Forbidden, RequestRefused, api_error
+
+    body = {"error": "forbidden", "message": "token 'a' (scope agent) may not GET /runs"}
+    error = api_error(403, body)
+    assert isinstance(error, Forbidden) and error.message == body["message"]
+    other = api_error(403, {"error": "origin_not_allowed", "message": "no"})
+    assert isinstance(other, RequestRefused) and not isinstance(other, Forbidden)
