@@ -26,6 +26,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; each setting flag overrides its environment variable."""
     p = argparse.ArgumentParser(prog=program_name("workers"), description="Run a pgdag worker.")
     p.add_argument("--concurrency", type=int, default=4, help="steps run at once (default 4)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N worker processes under a supervisor that restarts any that exits "
+        "(each with these flags; --worker-id BASE becomes BASE-1..BASE-N)",
+    )
     p.add_argument("--worker-id", default=None, help="worker id (default <hostname>-<pid>)")
     p.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
     p.add_argument("--lease-ttl", type=float, default=None, help="seconds; PGDAG_LEASE_TTL")
@@ -74,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.random_failures is not None and not 0 <= args.random_failures <= 1:
         p.error("--random-failures must be between 0 and 1")
+    if args.processes is not None and args.processes < 1:
+        p.error("--processes must be >= 1")
     if args.kill_after is not None and args.kill_after < 0:
         p.error("--kill-after must be >= 0 seconds")
     return args
@@ -140,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.processes is not None:
+        from workers.supervisor import supervise
+
+        return supervise(sys.argv[1:] if argv is None else argv, args.processes)
     try:
         asyncio.run(amain(args))
     except PgdagError as exc:  # bad configuration: one line, no traceback, never a password

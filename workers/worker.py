@@ -268,6 +268,8 @@ class Worker:
                     pid=os.getpid(),
                     concurrency=self.concurrency,
                     tools=list(self.tools),
+                    restarts=self.settings.restarts,
+                    last_exit_code=self.settings.last_exit_code,
                 )
                 return
             except RETRYABLE as exc:
