@@ -8,6 +8,8 @@ tests/support.base_env)."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -510,3 +512,48 @@ def test_a_silent_agents_step_goes_to_another_agent(client: httpx.Client) -> Non
     assert run["steps"][0]["output"] == {"from": "the living"}
     events = [e["event"] for e in client.get(f"/runs/{run_id}/events").json()["events"]]
     assert events.count("step_succeeded") == 1
+
+
+def _token(db_url: str, name: str, scope: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "token", "create", name, "--scope", scope],
+        env=base_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_an_agent_token_runs_the_protocol_and_nothing_else(db_url: str, tmp_path: Path) -> None:
+    agent_token = _token(db_url, "laptop", "agent")
+    submit_token = _token(db_url, "ci", "submit")
+    with api_server(db_url, tmp_path) as base:
+        agent_client = httpx.Client(
+            base_url=base, timeout=60, headers={"Authorization": f"Bearer {agent_token}"}
+        )
+        submit_client = httpx.Client(
+            base_url=base, timeout=60, headers={"Authorization": f"Bearer {submit_token}"}
+        )
+        with agent_client, submit_client:
+            agent = RawAgent(agent_client, "tokened", [ECHO])
+            agent.register()
+            run_id = submit(submit_client, [{"name": "t", "tool": ECHO, "input": {"x": 1}}])
+            [step] = agent.claim(wait_ms=2000)
+            beat = agent.heartbeat((step["stepId"], step["leaseToken"]))
+            assert beat["lost"] == []
+            [result] = agent.report(success(step, {"ok": True}))
+            assert result["result"] == "recorded"
+            assert get_run(submit_client, run_id)["status"] == "completed"
+            # Outside their scopes: an agent token submits nothing, a submit token claims
+            # nothing; without a token, nothing at all.
+            r = agent_client.post("/runs", json={"steps": [{"name": "x", "tool": ECHO}]})
+            assert r.status_code == 403 and r.json()["error"] == "forbidden"
+            r = submit_client.post(
+                "/agent/claim", json={"agentId": "tokened", "tools": [ECHO], "max": 1}
+            )
+            assert r.status_code == 403 and r.json()["error"] == "forbidden"
+            r = httpx.post(f"{base}/agent/register", json={}, timeout=10)
+            assert r.status_code == 401
