@@ -471,11 +471,13 @@ async def heartbeat(request: Request) -> Response:
 
 
 def _without_outputs(body: Any) -> Any:
-    """The report body whose text is checked up front: outputs are checked one by one."""
+    """The report body whose text is checked up front: outputs are checked one by one (an
+    unstorable one refuses its outcome, not the batch), errors are stored with visible
+    escapes (`engine.jsonb.storable_text`)."""
     if not isinstance(body, dict) or not isinstance(body.get("outcomes"), list):
         return body
     outcomes = [
-        {k: v for k, v in o.items() if k != "output"} if isinstance(o, dict) else o
+        {k: v for k, v in o.items() if k not in ("output", "error")} if isinstance(o, dict) else o
         for o in body["outcomes"]
     ]
     return {**body, "outcomes": outcomes}

@@ -348,15 +348,31 @@ def test_output_refused_fails_that_outcome_only(client: httpx.Client) -> None:
     agent.register()
     run_id = submit(
         client,
-        [{"name": "x", "tool": ECHO, "input": {}}, {"name": "y", "tool": ECHO, "input": {}}],
+        [
+            {"name": "x", "tool": ECHO, "input": {}},
+            {"name": "y", "tool": ECHO, "input": {}},
+            {"name": "z", "tool": ECHO, "input": {}},
+        ],
     )
-    x, y = sorted(agent.claim(n=2), key=lambda s: s["name"])
-    bad, good = agent.report(success(x, {"text": "a\u0000b"}), success(y, {"fine": 1}))
+    x, y, z = sorted(agent.claim(n=3), key=lambda s: s["name"])
+    bad, good, failed = agent.report(
+        success(x, {"text": "a\u0000b"}),
+        success(y, {"fine": 1}),
+        {
+            "stepId": z["stepId"],
+            "leaseToken": z["leaseToken"],
+            "status": "failed",
+            "error": "nul\u0000in the error",
+            "retryable": False,
+        },
+    )
     assert bad["result"] == "refused" and bad["code"] == "output_refused", bad
     assert good["result"] == "recorded"
+    assert failed["result"] == "recorded" and failed["deadLetter"] is True
     steps = {s["name"]: s for s in get_run(client, run_id)["steps"]}
     assert steps["x"]["status"] == "dead_letter" and "output.text" in steps["x"]["error"]
     assert steps["y"]["status"] == "succeeded"
+    assert steps["z"]["status"] == "dead_letter" and steps["z"]["error"].startswith("nul")
 
 
 def test_malformed_bodies_and_unknown_agents(db_url: str, tmp_path: Path) -> None:

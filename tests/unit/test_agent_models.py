@@ -130,11 +130,19 @@ def test_report_outcomes_by_status() -> None:
 def test_outputs_are_left_out_of_the_text_check() -> None:
     body = {
         "agentId": "a",
-        "outcomes": [{"stepId": 1, "output": "\u0000", "status": "succeeded"}, "junk"],
+        "outcomes": [
+            {"stepId": 1, "output": "\u0000", "status": "succeeded"},
+            {"stepId": 2, "error": "\u0000", "status": "failed"},
+            "junk",
+        ],
     }
     assert _without_outputs(body) == {
         "agentId": "a",
-        "outcomes": [{"stepId": 1, "status": "succeeded"}, "junk"],
+        "outcomes": [
+            {"stepId": 1, "status": "succeeded"},
+            {"stepId": 2, "status": "failed"},
+            "junk",
+        ],
     }
     assert _without_outputs([1]) == [1]
 
