@@ -51,6 +51,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         allowed_hosts=_list_flag(getattr(args, "allowed_hosts", None)),
         cors_origins=_list_flag(getattr(args, "cors_origins", None)),
         db_wait_s=getattr(args, "db_wait", None),
+        agent_max_wait_s=getattr(args, "agent_max_wait", None),
     )
 
 
@@ -108,6 +109,10 @@ def cmd_serve(args: argparse.Namespace, *, app_factory: AppFactory) -> int:
         # more CPU than sending it. Clients send nothing worth more than a few bytes.
         ws_per_message_deflate=False,
         ws_max_size=WS_MAX_MESSAGE_BYTES,
+        # On SIGTERM, requests still running after PGDAG_SHUTDOWN_GRACE seconds are
+        # cancelled: an agent's long-poll (up to PGDAG_AGENT_MAX_WAIT) must not hold a
+        # restart for its whole wait. The agent sees the connection close and claims again.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
     return 0
 
@@ -611,6 +616,13 @@ def build_parser(
         help="events a WebSocket client may lag; PGDAG_LIVE_QUEUE",
     )
     serve.add_argument("--live-stall", type=float, default=None, help="seconds; PGDAG_LIVE_STALL")
+    serve.add_argument(
+        "--agent-max-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds an agent's claim may long-poll at most; PGDAG_AGENT_MAX_WAIT (default 30)",
+    )
     guards(serve)
     serve.set_defaults(func=functools.partial(cmd_serve, app_factory=app_factory))
 
