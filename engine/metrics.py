@@ -37,6 +37,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -72,6 +73,10 @@ DURATION_BUCKETS_S: tuple[float, ...] = (
 LAG_BUCKETS_S: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+# No ``*_created`` series beside every counter and histogram: they double the text for a
+# timestamp Prometheus does not use (process-wide in prometheus_client, as is this module).
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 """This process's registry: everything below is registered in it, and `render` exports it.

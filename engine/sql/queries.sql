@@ -950,17 +950,22 @@ GROUP BY t
 -- name: metrics_pg_tables
 -- Postgres health of pgdag's big tables, from the statistics views (no table is read):
 -- live and dead tuples, total size in bytes (heap + indexes + TOAST) and the last
--- autovacuum (epoch seconds, NULL: never). A partitioned table is summed over its
--- partitions (pg_partition_tree; a plain table is its own one-node tree).
+-- autovacuum (epoch seconds, NULL: never). A partitioned table is summed over itself and
+-- its partitions (pg_partition_tree, which is empty for a plain table; a partitioned parent
+-- has no storage and no tuples of its own). A table that does not exist has no row.
 SELECT t.name AS table_name,
        coalesce(sum(s.n_live_tup), 0)::float8 AS live_tuples,
        coalesce(sum(s.n_dead_tup), 0)::float8 AS dead_tuples,
-       coalesce(sum(pg_total_relation_size(p.relid)) FILTER (WHERE p.isleaf), 0)::float8
-           AS size_bytes,
+       coalesce(sum(pg_total_relation_size(p.relid)), 0)::float8 AS size_bytes,
        extract(epoch FROM max(s.last_autovacuum))::float8 AS last_autovacuum_s
 FROM unnest(%(tables)s::text[]) AS t(name)
-CROSS JOIN LATERAL pg_partition_tree(to_regclass(t.name)) AS p
+CROSS JOIN LATERAL (
+    SELECT to_regclass(t.name) AS relid
+    UNION
+    SELECT relid FROM pg_partition_tree(to_regclass(t.name))
+) AS p
 LEFT JOIN pg_stat_user_tables s ON s.relid = p.relid
+WHERE p.relid IS NOT NULL
 GROUP BY t.name
 
 -- name: metrics_pg_activity
