@@ -76,7 +76,7 @@ LAG_BUCKETS_S: tuple[float, ...] = (
 
 # No ``*_created`` series beside every counter and histogram: they double the text for a
 # timestamp Prometheus does not use (process-wide in prometheus_client, as is this module).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 """This process's registry: everything below is registered in it, and `render` exports it.

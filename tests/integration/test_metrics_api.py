@@ -162,9 +162,11 @@ def test_metrics_move_with_what_happens(db_url: str, tmp_path: Path) -> None:
         )
         # "expired" gets no heartbeat: the API's reaper requeues it after the 2 s lease.
         wait_for(
-            lambda: value(scrape(client), "pgdag_lease_expiries_total")
-            - value(before, "pgdag_lease_expiries_total")
-            == 1,
+            lambda: (
+                value(scrape(client), "pgdag_lease_expiries_total")
+                - value(before, "pgdag_lease_expiries_total")
+                == 1
+            ),
             timeout_s=20,
             what="a lease expiry",
         )
@@ -223,9 +225,13 @@ def test_gauges_see_a_database_worker_and_live_events(db_url: str, tmp_path: Pat
         )
         # The audit events of the run reached this API's LISTEN: the lag was observed.
         wait_for(
-            lambda: value(scrape(client), "pgdag_live_listen_lag_seconds_count")
-            - value(before, "pgdag_live_listen_lag_seconds_count")
-            >= len(query(db_url, "SELECT id FROM audit_log WHERE run_id = %(r)s", {"r": run_id})),
+            lambda: (
+                value(scrape(client), "pgdag_live_listen_lag_seconds_count")
+                - value(before, "pgdag_live_listen_lag_seconds_count")
+                >= len(
+                    query(db_url, "SELECT id FROM audit_log WHERE run_id = %(r)s", {"r": run_id})
+                )
+            ),
             what="every event of the run through LISTEN",
         )
         lag = scrape(client)
