@@ -134,3 +134,24 @@ def test_operations_doc_names_every_metric() -> None:
     section = text.split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
     for name in _exported():
         assert f"`{name}" in section, f"docs/operations.md, Metrics: {name} missing"
+
+
+def test_the_documented_alert_rules_parse_and_name_real_metrics() -> None:
+    import yaml
+
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = text.split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```yaml\n")[1:]]
+    groups = [yaml.safe_load(b) for b in blocks if b.startswith("groups:")]
+    assert len(groups) == 1
+    rules = groups[0]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} == {
+        "PgdagBacklogGrowing",
+        "PgdagDeadLettersIncreasing",
+        "PgdagOldTransaction",
+        "PgdagNoWorkerForTool",
+    }
+    exported = set(_exported())
+    for rule in rules:
+        names = set(re.findall(r"pgdag_[a-z0-9_]+", rule["expr"]))
+        assert names and names <= exported, (rule["alert"], names - exported)
