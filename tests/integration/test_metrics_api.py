@@ -272,3 +272,41 @@ def test_metrics_need_an_admin_token(db_url: str, tmp_path: Path) -> None:
         assert httpx.get(f"{base}/metrics").status_code == 401
         r = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200 and "pgdag_steps_ready" in r.text
+
+
+def test_a_replay_too_long_counts_a_resync(db_url: str, tmp_path: Path) -> None:
+    with (
+        api_server(db_url, tmp_path) as base,
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        r = client.post(
+            "/runs", json={"steps": [{"name": "a", "tool": "DELAY", "input": {"ms": 0}}]}
+        )
+        assert r.status_code == 201, r.text
+        lag = "pgdag_live_listen_lag_seconds_count"
+        seen = value(scrape(client), lag)
+        # More events than a /ws replay sends (engine.ws.REPLAY_MAX_EVENTS), as setup.
+        query(
+            db_url,
+            "INSERT INTO audit_log (run_id, event, detail)"
+            " SELECT %(r)s, 'bench_filler', NULL FROM generate_series(1, 10001)",
+            {"r": r.json()["id"]},
+        )
+
+        # Once this API's listener has read them all, /ws starts after them.
+        def all_read() -> Samples | None:
+            now = scrape(client)
+            return now if value(now, lag) - seen >= 10_001 else None
+
+        before = wait_for(all_read, what="the filler events through LISTEN")
+        with connect(base.replace("http", "ws") + "/ws?after=0", proxy=None) as ws:
+            assert '"hello"' in str(ws.recv(timeout=10))
+            resync = str(ws.recv(timeout=30))
+            assert '"resync"' in resync and "replay_too_long" in resync, resync[:200]
+        after = scrape(client)
+        name = "pgdag_websocket_resyncs_total"
+        assert (
+            value(after, name, reason="replay_too_long")
+            - value(before, name, reason="replay_too_long")
+            == 1
+        )
