@@ -9,17 +9,19 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 from engine.cli import program_name
 from engine.config import Settings
 from engine.db import open_pool, resolve_database_url
-from engine.errors import PgdagError, SchemaNotCurrent
+from engine.errors import ConfigError, PgdagError, SchemaNotCurrent
 from engine.schema import schema_problem
 from engine.startup import wait_for_postgres
 from engine.store import Pool, Store
 from engine.tools import load_tool_modules
+from workers.database import DatabaseBackend
 from workers.tools import BUILTIN_TOOL_MODULES
-from workers.worker import CrashPlan, Worker
+from workers.worker import CrashPlan, Worker, default_worker_id
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +99,19 @@ async def open_worker_pool(url: str, *, max_size: int) -> Pool:
     return pool
 
 
+def supervisor_history(env: Mapping[str, str] | None = None) -> tuple[int, int | None]:
+    """What the supervisor (``--processes``) told this child: ``(PGDAG_RESTARTS,
+    PGDAG_LAST_EXIT_CODE)``, ``(0, None)`` when unset. Raises `ConfigError` when one is not
+    an integer."""
+    env = os.environ if env is None else env
+    try:
+        restarts = int(env.get("PGDAG_RESTARTS") or 0)
+        raw = env.get("PGDAG_LAST_EXIT_CODE") or ""
+        return restarts, (int(raw) if raw.strip() else None)
+    except ValueError:
+        raise ConfigError("PGDAG_RESTARTS and PGDAG_LAST_EXIT_CODE must be integers") from None
+
+
 async def amain(args: argparse.Namespace) -> None:
     """Resolve settings and the database, then run the worker to completion."""
     settings = Settings.from_env(
@@ -112,12 +127,19 @@ async def amain(args: argparse.Namespace) -> None:
     # Successes share one writer (SuccessBatcher); failures and "idempotent": false results
     # take a connection each, so a few more than the concurrency rarely helps.
     pool = await open_worker_pool(url, max_size=min(args.concurrency, 16) + 4)
+    restarts, last_exit_code = supervisor_history()
     try:
-        worker = Worker(
+        backend = DatabaseBackend(
             Store(pool, lease_ttl_s=settings.lease_ttl_s),
             settings,
             database_url=url,
-            worker_id=args.worker_id,
+            worker_id=args.worker_id or default_worker_id(),
+            restarts=restarts,
+            last_exit_code=last_exit_code,
+        )
+        worker = Worker(
+            backend,
+            settings,
             concurrency=args.concurrency,
             crash_plan=(
                 CrashPlan(args.random_failures, args.crash_seed) if args.random_failures else None
