@@ -23,7 +23,7 @@ from dataclasses import replace
 from importlib import metadata
 from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -33,15 +33,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from engine import openapi, responses, ws
+from engine import agents, openapi, responses, ws
+from engine.bodies import json_body as _json_body
+from engine.bodies import read_body as _read_body
 from engine.config import Settings
-from engine.dag import ApiDatetime, RunSpec, parse_run, text_problems
+from engine.dag import ApiDatetime, RunSpec, parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.internal_error import InternalErrorGuard
 from engine.live import EventHub
 from engine.openapi import Operation, Reply
+from engine.ready import ReadySignal
 from engine.schema import SchemaGate, SchemaGuard
 from engine.startup import wait_for_postgres
 from engine.store import Store
@@ -95,37 +98,6 @@ def _int_param(request: Request, name: str, default: int | None, lo: int, hi: in
     return value
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes before reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ValidationFailed(
-            [
-                {
-                    "step": None,
-                    "field": "body",
-                    "problem": f"body too large: {declared} bytes > limit of {limit} bytes",
-                }
-            ]
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ValidationFailed(
-                [
-                    {
-                        "step": None,
-                        "field": "body",
-                        "problem": f"body too large: over the limit of {limit} bytes",
-                    }
-                ]
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 # --- routes -------------------------------------------------------------------------------
 
 
@@ -151,6 +123,19 @@ def _json_text(text: str, status_code: int = 200) -> Response:
     return Response(text, status_code=status_code, media_type="application/json")
 
 
+async def _remote_tools(store: Store, body: Any) -> frozenset[str]:
+    """The tools of live workers and agents, read only when `body` names a tool this
+    process has not loaded (a step for an agent's tool); else nothing is read."""
+    steps = body.get("steps") if isinstance(body, dict) else None
+    if not isinstance(steps, list):
+        return frozenset()
+    local = registered_tools()
+    named = {s.get("tool") for s in steps if isinstance(s, dict) and isinstance(s.get("tool"), str)}
+    if named <= local.keys():  # (a tool that is not a string is parse_run's to refuse)
+        return frozenset()
+    return await store.live_worker_tools()
+
+
 async def create_run(request: Request) -> Response:
     """Submit a run: 201 with the run, 200 with the existing run for a repeated
     idempotencyKey with the same payload, 422 naming the step and problem for a bad graph
@@ -163,8 +148,10 @@ async def create_run(request: Request) -> Response:
         raise ValidationFailed(
             [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}]
         ) from None
-    spec = parse_run(body, max_steps=settings.max_steps_per_run)
     store = _store(request)
+    spec = parse_run(
+        body, max_steps=settings.max_steps_per_run, remote_tools=await _remote_tools(store, body)
+    )
     run_id, created = await store.create_run(spec)
     return _json_text(await store.get_run_json(run_id), status_code=201 if created else 200)
 
@@ -243,36 +230,6 @@ class RetryDeadLettersRequest(BaseModel):
     limit: int = Field(default=1000, ge=1, le=10_000)
     dry_run: bool = Field(default=False, alias="dryRun")
     reason: str = Field(default="bulk retry of dead letters", min_length=1, max_length=2000)
-
-
-async def _json_body(request: Request, model: type[BaseModel]) -> Any:
-    """The request body validated by `model`; raises `ValidationFailed` naming each field."""
-    settings: Settings = request.app.state.settings
-    raw = await _read_body(request, settings.max_body_bytes)
-    try:
-        body = json.loads(raw) if raw.strip() else {}
-    except (ValueError, RecursionError) as exc:
-        raise ValidationFailed(
-            [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}],
-            subject="request",
-        ) from None
-    bad_text = text_problems(body, runs=False)
-    if bad_text:
-        raise ValidationFailed(bad_text, subject="request")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise ValidationFailed(
-            [
-                {
-                    "step": None,
-                    "field": ".".join(str(p) for p in err["loc"]) or "body",
-                    "problem": err["msg"],
-                }
-                for err in exc.errors(include_url=False)
-            ],
-            subject="request",
-        ) from None
 
 
 async def replay_run(request: Request) -> Response:
@@ -366,6 +323,7 @@ routes = [
     Route("/runs/{run_id}/replay", replay_run, methods=["POST"]),
     Route("/workers", list_workers, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
+    *agents.routes,
     WebSocketRoute("/ws", ws.all_events),
     WebSocketRoute("/ws/runs/{run_id}", ws.run_events),
 ]
@@ -542,6 +500,7 @@ OPERATIONS: list[Operation] = [
         "This document",
         {200: Reply(None, "the OpenAPI 3.1 document of this API")},
     ),
+    *agents.OPERATIONS,
 ]
 
 
@@ -636,6 +595,9 @@ def create_app(
             stall_s=settings.live_stall_s,
         )
         await hub.start()
+        # One LISTEN pgdag_ready for every agent's long-poll of this process.
+        app.state.ready = ready = ReadySignal(url)
+        await ready.start()
         reaper = asyncio.create_task(
             _reaper_loop(app.state.store, settings.reaper_interval_s, gate)
         )
@@ -645,6 +607,7 @@ def create_app(
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            await ready.stop()
             await hub.stop()
             await gate.close()
             await pool.close()

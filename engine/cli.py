@@ -48,6 +48,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         allowed_hosts=_list_flag(getattr(args, "allowed_hosts", None)),
         cors_origins=_list_flag(getattr(args, "cors_origins", None)),
         db_wait_s=getattr(args, "db_wait", None),
+        agent_max_wait_s=getattr(args, "agent_max_wait", None),
     )
 
 
@@ -463,6 +464,13 @@ def build_parser(
         help="events a WebSocket client may lag; PGDAG_LIVE_QUEUE",
     )
     serve.add_argument("--live-stall", type=float, default=None, help="seconds; PGDAG_LIVE_STALL")
+    serve.add_argument(
+        "--agent-max-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds an agent's claim may long-poll at most; PGDAG_AGENT_MAX_WAIT (default 30)",
+    )
     guards(serve)
     serve.set_defaults(func=functools.partial(cmd_serve, app_factory=app_factory))
 

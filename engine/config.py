@@ -38,6 +38,8 @@ ALLOWED_HOSTS_DEFAULT: tuple[str, ...] = ()
 # Browser origins allowed to call the API cross-origin (CORS); none by default.
 CORS_ORIGINS_DEFAULT: tuple[str, ...] = ()
 DB_WAIT_S_DEFAULT = 30.0
+# The longest an agent's claim may long-poll (`POST /agent/claim` waitMs), seconds.
+AGENT_MAX_WAIT_S_DEFAULT = 30.0
 
 
 def _parse_float(name: str, raw: str, minimum: float) -> float:
@@ -66,6 +68,20 @@ def parse_list(raw: str) -> tuple[str, ...]:
     """A comma-separated list (``PGDAG_ALLOWED_HOSTS``, ``PGDAG_CORS_ORIGINS`` and their
     flags); blanks around items and empty items are dropped."""
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+AGENT_MAX_WAIT_S_LIMIT = 3600.0  # an hour: longer polls outlive every proxy's idle timeout
+
+
+def _parse_agent_wait(raw: str) -> float:
+    """``PGDAG_AGENT_MAX_WAIT``: seconds, 0 (no long-poll) to `AGENT_MAX_WAIT_S_LIMIT`.
+    Raises `ConfigError`."""
+    value = _parse_float("PGDAG_AGENT_MAX_WAIT", raw, 0)
+    if value > AGENT_MAX_WAIT_S_LIMIT:
+        raise ConfigError(
+            f"PGDAG_AGENT_MAX_WAIT must be <= {AGENT_MAX_WAIT_S_LIMIT:g}, got {raw!r}"
+        )
+    return value
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -115,6 +131,9 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ALLOWED_HOSTS_DEFAULT
     cors_origins: tuple[str, ...] = CORS_ORIGINS_DEFAULT
     db_wait_s: float = DB_WAIT_S_DEFAULT
+    # The cap on an agent's long-poll (``POST /agent/claim`` ``waitMs``), seconds;
+    # PGDAG_AGENT_MAX_WAIT, ``serve --agent-max-wait``.
+    agent_max_wait_s: float = AGENT_MAX_WAIT_S_DEFAULT
 
     def __post_init__(self) -> None:
         """Check the host and origin lists, whether they came from the environment or a flag.
@@ -213,6 +232,9 @@ class Settings:
             # Seconds a process waits at start-up for Postgres to answer; "inf": for ever.
             db_wait_s=_parse_float(
                 "PGDAG_DB_WAIT", get("PGDAG_DB_WAIT", str(DB_WAIT_S_DEFAULT)), 0
+            ),
+            agent_max_wait_s=_parse_agent_wait(
+                get("PGDAG_AGENT_MAX_WAIT", str(AGENT_MAX_WAIT_S_DEFAULT))
             ),
         )
         given = {k: v for k, v in overrides.items() if v is not None}

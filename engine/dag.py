@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
@@ -318,8 +319,12 @@ def _find_cycle(steps: list[StepSpec]) -> list[str] | None:
     return cycle
 
 
-def parse_run(body: Any, *, max_steps: int) -> RunSpec:
+def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = frozenset()) -> RunSpec:
     """Validate a decoded ``POST /runs`` body and return the `RunSpec`.
+
+    `remote_tools` are tools this process has not loaded but a live worker or agent has
+    (`Store.live_worker_tools`): a step of one is accepted, and its input is not checked
+    here (no schema to check it with; its worker checks it when it runs the step).
 
     Raises `ValidationFailed` listing every problem found (``step``, ``field``, ``problem``).
     """
@@ -385,7 +390,14 @@ def parse_run(body: Any, *, max_steps: int) -> RunSpec:
         try:
             tool = get_tool(step.tool)
         except UnknownTool as exc:
-            problems.append({"step": step.name, "field": "tool", "problem": str(exc)})
+            if step.tool not in remote_tools:
+                problems.append(
+                    {
+                        "step": step.name,
+                        "field": "tool",
+                        "problem": f"{exc}; and no live worker or agent has it",
+                    }
+                )
             continue
         if step_problems:
             continue

@@ -209,6 +209,19 @@ class Store:
 
         return await retrying(op, what="lease heartbeat", deadline_s=self.lease_ttl_s)
 
+    async def heartbeat_until(self, leases: list[tuple[int, int]]) -> dict[int, datetime]:
+        """Extend leases ``[(step_id, token)]``; returns ``{step_id: lease_expires_at}`` for
+        the ones still held (see `transitions.heartbeat_leases_until`). Retried through
+        connection loss for up to the lease TTL."""
+
+        async def op() -> dict[int, datetime]:
+            async with self.pool.connection() as conn:
+                return await transitions.heartbeat_leases_until(
+                    conn, leases, lease_ttl_s=self.lease_ttl_s
+                )
+
+        return await retrying(op, what="lease heartbeat", deadline_s=self.lease_ttl_s)
+
     async def complete(self, step: ClaimedStep, output_json: str, *, worker_id: str) -> None:
         """Record `step`'s success; retried through connection loss until the lease would
         have expired. Raises `LeaseLost` when the token is no longer current, and
@@ -257,13 +270,40 @@ class Store:
         backoff_cap_ms: int,
     ) -> FailOutcome:
         """Record `step`'s failed attempt (see `transitions.fail_attempt`)."""
+        return await self.fail_lease(
+            step.id,
+            step.lease_token,
+            error=error,
+            retryable=retryable,
+            worker_id=worker_id,
+            backoff_base_ms=backoff_base_ms,
+            backoff_cap_ms=backoff_cap_ms,
+            what=step.name,
+        )
+
+    async def fail_lease(
+        self,
+        step_id: int,
+        token: int,
+        *,
+        error: str,
+        retryable: bool,
+        worker_id: str,
+        backoff_base_ms: int,
+        backoff_cap_ms: int,
+        what: str | None = None,
+    ) -> FailOutcome:
+        """Record the failed attempt of `step_id` under fencing `token` (what an agent
+        reports: a bare pair, no `ClaimedStep`); see `transitions.fail_attempt`. Raises
+        `LeaseLost` when the token is not current. Retried through connection loss until the
+        lease would have expired (a repeat after an ambiguous commit raises `LeaseLost`)."""
 
         async def op() -> FailOutcome:
             async with self.pool.connection() as conn:
                 return await transitions.fail_attempt(
                     conn,
-                    step.id,
-                    step.lease_token,
+                    step_id,
+                    token,
                     error=error,
                     retryable=retryable,
                     worker_id=worker_id,
@@ -272,7 +312,9 @@ class Store:
                 )
 
         return await retrying(
-            op, what=f"recording failure of {step.name}", deadline_s=self.lease_ttl_s
+            op,
+            what=f"recording failure of {what or f'step {step_id}'}",
+            deadline_s=self.lease_ttl_s,
         )
 
     async def release(self, leases: list[tuple[int, int]], *, worker_id: str) -> int:
@@ -393,6 +435,44 @@ class Store:
         """Refresh the worker's ``last_heartbeat_at`` (database clock)."""
         async with self.pool.connection() as conn:
             await conn.execute(queries["worker_heartbeat"], {"id": worker_id, "status": status})
+
+    async def agent_touch(self, agent_id: str) -> bool:
+        """Refresh a registered agent's heartbeat (database clock). Returns False when no
+        running agent of that id is registered (never registered, or stopped)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["agent_touch"], {"id": agent_id})
+            return await cur.fetchone() is not None
+
+    async def live_worker_tools(self) -> frozenset[str]:
+        """The tools of every live worker and agent (not stopped, heartbeat within the lease
+        TTL)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                queries["live_worker_tools"], {"lease_ttl_s": self.lease_ttl_s}
+            )
+            row = await cur.fetchone()
+        return frozenset(row["tools"]) if row is not None else frozenset()
+
+    async def lease_states(self, step_ids: Sequence[int]) -> dict[int, tuple[str, int | None]]:
+        """``{step_id: (status, lease_token)}`` for the steps that exist (read only): how an
+        agent's report of an attempt already recorded is told apart from a stale one."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["steps_lease_state"], {"ids": list(step_ids)})
+            return {r["id"]: (r["status"], r["lease_token"]) for r in await cur.fetchall()}
+
+    async def failure_recorded(
+        self, step_id: int, token: int, *, worker_id: str
+    ) -> tuple[str, str | None] | None:
+        """Whether `worker_id` already recorded the failure of attempt (`step_id`, `token`)
+        (read only): ``(to_status, available_at_iso)`` of that failure (``ready`` with its
+        retry time, or ``dead_letter`` and None), else None."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                queries["attempt_failure_recorded"],
+                {"id": step_id, "token": token, "worker_id": worker_id},
+            )
+            row = await cur.fetchone()
+        return None if row is None else (row["to_status"], row["available_at"])
 
     async def worker_stopped(self, worker_id: str) -> None:
         """Mark the worker stopped."""

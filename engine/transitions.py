@@ -229,8 +229,16 @@ async def heartbeat_leases(
     A step missing from the result has lost its lease (expired, reaped, cancelled or
     re-claimed): the worker must stop that attempt, whose result would be refused anyway.
     """
+    return set(await heartbeat_leases_until(conn, leases, lease_ttl_s=lease_ttl_s))
+
+
+async def heartbeat_leases_until(
+    conn: Conn, leases: list[tuple[int, int]], *, lease_ttl_s: float
+) -> dict[int, datetime]:
+    """`heartbeat_leases`, saying until when each lease held now lasts: ``{step_id:
+    lease_expires_at}`` (database clock) for the ids still held; a missing id was lost."""
     if not leases:
-        return set()
+        return {}
     async with conn.transaction():
         cur = await conn.execute(
             queries["heartbeat_leases"],
@@ -241,7 +249,7 @@ async def heartbeat_leases(
             },
         )
         rows = await cur.fetchall()
-    return {r["id"] for r in rows}
+    return {r["id"]: r["lease_expires_at"] for r in rows}
 
 
 async def complete_steps(

@@ -160,7 +160,7 @@ WHERE s.id = l.id
   AND s.lease_token = l.token
   AND s.status = 'running'
   AND s.lease_expires_at > now()
-RETURNING s.id
+RETURNING s.id, s.lease_expires_at
 
 -- name: complete_steps
 -- running -> succeeded for each (id, token, output) whose lease is current, in one statement:
@@ -725,6 +725,36 @@ SET hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, concurrency = EXCLUDED.con
 
 -- name: worker_heartbeat
 UPDATE workers SET last_heartbeat_at = now(), status = %(status)s WHERE id = %(id)s
+
+-- name: agent_touch
+-- An agent's request (claim, heartbeat) refreshes its row; no row means it never registered
+-- (or said it stopped): the API answers 409 agent_not_registered.
+UPDATE workers SET last_heartbeat_at = now(), status = 'running'
+WHERE id = %(id)s AND kind = 'agent' AND status <> 'stopped'
+RETURNING id
+
+-- name: live_worker_tools
+-- The tools of every live worker and agent (not stopped, heartbeat within %(lease_ttl_s)s):
+-- POST /runs accepts a step of a tool the API has not loaded when one of them has it.
+SELECT coalesce(array_agg(DISTINCT t), '{}') AS tools
+FROM workers w CROSS JOIN LATERAL unnest(w.tools) AS t
+WHERE w.status <> 'stopped'
+  AND w.last_heartbeat_at > now() - make_interval(secs => %(lease_ttl_s)s)
+
+-- name: attempt_failure_recorded
+-- Whether the failure of attempt (%(id)s, %(token)s) was recorded already by %(worker_id)s
+-- (fail_attempt's audit row): an agent re-sending a failed outcome whose answer it lost is
+-- told so instead of lease_lost. Read only; walks the run's audit rows (audit_log_run_idx).
+SELECT a.to_status, a.detail ->> 'availableAt' AS available_at
+FROM audit_log a
+WHERE a.run_id = (SELECT s.run_id FROM steps s WHERE s.id = %(id)s)
+  AND a.step_id = %(id)s
+  AND a.lease_token = %(token)s
+  AND a.worker_id = %(worker_id)s
+  AND a.from_status = 'running'
+  AND a.event IN ('step_retry_scheduled', 'step_dead_lettered')
+ORDER BY a.id DESC
+LIMIT 1
 
 -- name: worker_stopped
 UPDATE workers SET status = 'stopped', stopped_at = now(), last_heartbeat_at = now()

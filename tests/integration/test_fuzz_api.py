@@ -70,7 +70,9 @@ def test_fuzz_the_whole_api(db_url: str, tmp_path: Path) -> None:
     submit(
         db_url, {"goal": "fuzz seed", "steps": [{"name": "a", "tool": "DELAY", "input": {"ms": 0}}]}
     )
-    with api_server(db_url, tmp_path) as base:
+    # An agent's claim long-polls up to PGDAG_AGENT_MAX_WAIT: keep it below the request
+    # timeout (a generated waitMs above it is a documented 422).
+    with api_server(db_url, tmp_path, PGDAG_AGENT_MAX_WAIT="1") as base:
         document = httpx.get(f"{base}/openapi.json", timeout=10)
         assert document.status_code == 200, document.text
         proc = subprocess.run(
