@@ -204,6 +204,8 @@ async def run_agent(args: argparse.Namespace, settings: Settings, agent: AgentSe
             worker_id,
             path,
         )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     restarts, last_exit_code = supervisor_history()
     backend = AgentBackend(
         agent.server,
