@@ -26,6 +26,7 @@ from tests.support import (
     wait_run_finished,
 )
 from tests.testtools import echo, emit
+from workers.agent_log import AgentLog, LoggedOutcome, success_body
 
 TOOLS = {"PGDAG_TOOLS": "tests.testtools"}
 
@@ -173,3 +174,212 @@ def test_agent_only_pool_completes_a_dag_with_data_flow(db_url: str, tmp_path: P
             assert "DATABASE_URL" not in a.output()
         rows = query(db_url, "SELECT id, status FROM workers ORDER BY id")
         assert [(r["id"], r["status"]) for r in rows] == [("a0", "stopped"), ("a1", "stopped")]
+
+
+def running_on(db_url: str, run_id: str, owner: str, n: int = 1) -> bool:
+    rows = query(
+        db_url,
+        "SELECT 1 FROM steps WHERE run_id = %(id)s AND status = 'running' "
+        "AND lease_owner = %(owner)s",
+        {"id": run_id, "owner": owner},
+    )
+    return len(rows) >= n
+
+
+def test_agent_killed_mid_step_lease_expires_and_another_agent_takes_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    with api(db_url, tmp_path) as server:
+        a0 = start_agent(db_url, tmp_path, server, "a0")
+        a1 = None
+        try:
+            run_id = post_run(server, {"steps": [delay("slow", 1500), delay("after", 0, "slow")]})
+            wait_for(lambda: running_on(db_url, run_id, "a0"), timeout_s=30, what="a0 runs it")
+            a0.kill()  # SIGKILL mid-step: no report, no release
+            a1 = start_agent(db_url, tmp_path, server, "a1")
+            assert wait_run_finished(db_url, run_id, timeout_s=60) == "completed"
+        finally:
+            a0.kill()
+            a0.stop()  # closes its log file
+            code = a1.stop() if a1 else None
+        assert code == 0
+        slow = steps_by_name(db_url, run_id)["slow"]
+        assert slow["attempt"] == 2 and slow["status"] == "succeeded"
+        claims = query(
+            db_url,
+            "SELECT worker_id, event FROM audit_log WHERE run_id = %(id)s AND step_name = 'slow' "
+            "AND event IN ('step_claimed', 'step_lease_expired', 'step_succeeded') ORDER BY id",
+            {"id": run_id},
+        )
+        assert [c["event"] for c in claims][:2] == ["step_claimed", "step_lease_expired"]
+        assert claims[0]["worker_id"] == "a0"
+        assert [(c["event"], c["worker_id"]) for c in claims][-2:] == [
+            ("step_claimed", "a1"),
+            ("step_succeeded", "a1"),
+        ]
+        assert log_rows(tmp_path, "a0") == []  # it never finished the attempt
+        assert [r["state"] for r in log_rows(tmp_path, "a1")] == ["recorded", "recorded"]
+
+
+def test_api_restarted_while_agents_hold_leases_they_report_after(
+    db_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    server = f"http://127.0.0.1:{port}"
+    timing = {"PGDAG_LEASE_TTL": "15"}
+    # The agent starts before the API: it retries registering, with a log line.
+    a0 = start_agent(db_url, tmp_path, server, "a0")
+    api1 = api2 = None
+    try:
+        wait_for(lambda: "cannot register yet" in a0.output(), timeout_s=30, what="retry line")
+        api1 = start_api(db_url, tmp_path, port, "1", **timing)
+        run_id = post_run(server, {"steps": [delay(f"s{i}", 1500) for i in range(3)]})
+        wait_for(lambda: running_on(db_url, run_id, "a0", 3), timeout_s=30, what="3 running")
+        tokens = {
+            r["name"]: r["lease_token"]
+            for r in query(
+                db_url, "SELECT name, lease_token FROM steps WHERE run_id = %(id)s", {"id": run_id}
+            )
+        }
+        api1.kill()  # the API crashes while the agent holds three leases
+        # the attempts end meanwhile: their outcomes wait in the log
+        wait_for(
+            lambda: [r["state"] for r in log_rows(tmp_path, "a0")] == ["pending"] * 3,
+            timeout_s=30,
+            what="three pending outcomes in the log",
+        )
+        api2 = start_api(db_url, tmp_path, port, "2", **timing)
+        assert wait_run_finished(db_url, run_id, timeout_s=60) == "completed"
+        wait_for(
+            lambda: [r["state"] for r in log_rows(tmp_path, "a0")] == ["recorded"] * 3,
+            timeout_s=30,
+            what="the log says recorded",
+        )
+    finally:
+        code = a0.stop()
+        for p in (api1, api2):
+            if p is not None:
+                p.stop()
+    assert code == 0, a0.output()
+    steps = steps_by_name(db_url, run_id)
+    # each outcome was recorded under the token of its first and only attempt
+    assert {n: (s["attempt"], s["lease_token"]) for n, s in steps.items()} == {
+        n: (1, t) for n, t in tokens.items()
+    }
+    assert {(r["step_id"], r["lease_token"]) for r in log_rows(tmp_path, "a0")} == {
+        (s["id"], s["lease_token"]) for s in steps.values()
+    }
+    assert "not answered" in a0.output()
+
+
+def register_raw(server: str, agent_id: str) -> None:
+    r = httpx.post(
+        f"{server}/agent/register",
+        json={"agentId": agent_id, "tools": ["DELAY"], "concurrency": 1},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+
+
+def claim_raw(server: str, agent_id: str) -> dict[str, Any]:
+    r = httpx.post(
+        f"{server}/agent/claim",
+        json={"agentId": agent_id, "tools": ["DELAY"], "max": 1, "waitMs": 5000},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    [step] = r.json()["steps"]
+    return dict(step)
+
+
+def log_before_crash(tmp_path: Path, agent_id: str, step: dict[str, Any], output: str) -> None:
+    """What an agent killed between logging an outcome and reporting it leaves behind."""
+    log = AgentLog(tmp_path / f"{agent_id}.sqlite3")
+    log.write(
+        [
+            LoggedOutcome(
+                step_id=step["stepId"],
+                lease_token=step["leaseToken"],
+                run_id=step["runId"],
+                name=step["name"],
+                attempt=step["attempt"],
+                status="succeeded",
+                body=success_body(step["stepId"], step["leaseToken"], output),
+                lease_expires_at=step["leaseExpiresAt"],
+            )
+        ]
+    )
+    log.close()
+
+
+def test_outcome_logged_before_a_crash_is_reported_at_restart_not_run_again(
+    db_url: str, tmp_path: Path
+) -> None:
+    with api(db_url, tmp_path, PGDAG_LEASE_TTL="60") as server:
+        register_raw(server, "a0")
+        run_id = post_run(server, {"steps": [delay("x", 60_000)]})  # would take a minute
+        step = claim_raw(server, "a0")
+        log_before_crash(tmp_path, "a0", step, '{"from":"the log"}')
+        a0 = start_agent(db_url, tmp_path, server, "a0")  # the restarted agent
+        try:
+            assert wait_run_finished(db_url, run_id, timeout_s=30) == "completed"
+        finally:
+            code = a0.stop()
+        assert code == 0, a0.output()
+    x = steps_by_name(db_url, run_id)["x"]
+    assert x["output"] == {"from": "the log"} and x["attempt"] == 1
+    [row] = log_rows(tmp_path, "a0")
+    assert (row["state"], row["reason"], row["sends"]) == ("recorded", None, 1)
+    assert "re-reporting 1 outcome(s)" in a0.output()
+    assert "claimed 0" in a0.output()  # it never ran the attempt it held
+
+
+def test_outcome_whose_lease_expired_is_refused_and_the_log_says_lease_lost(
+    db_url: str, tmp_path: Path
+) -> None:
+    with api(db_url, tmp_path) as server:  # lease TTL 2 s, reaper every 0.2 s
+        register_raw(server, "a0")
+        run_id = post_run(server, {"steps": [delay("x", 0)]})
+        step = claim_raw(server, "a0")
+        wait_for(  # no heartbeat: the lease expires, the reaper makes the step ready again
+            lambda: steps_by_name(db_url, run_id)["x"]["status"] == "ready",
+            timeout_s=30,
+            what="lease expired and reaped",
+        )
+        log_before_crash(tmp_path, "a0", step, '{"from":"too late"}')
+        a0 = start_agent(db_url, tmp_path, server, "a0")
+        try:
+            assert wait_run_finished(db_url, run_id, timeout_s=30) == "completed"
+        finally:
+            code = a0.stop()
+        assert code == 0, a0.output()
+    x = steps_by_name(db_url, run_id)["x"]
+    assert x["output"] != {"from": "too late"} and x["attempt"] == 2
+    rows = {r["lease_token"]: r for r in log_rows(tmp_path, "a0")}
+    late = rows.pop(step["leaseToken"])
+    assert (late["state"], late["reason"]) == ("refused", "lease_lost")
+    assert late["message"]
+    [fresh] = rows.values()  # the new attempt, run by the agent, recorded
+    assert (fresh["state"], fresh["lease_token"]) == ("recorded", x["lease_token"])
+
+
+def test_refused_token_exits_2_with_the_message(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    api1 = start_api(db_url, tmp_path, port, PGDAG_API_TOKEN="sesame")
+    try:
+        server = f"http://127.0.0.1:{port}"
+        bad = start_agent(db_url, tmp_path, server, "bad", "--token", "wrong")
+        assert bad.popen.wait(timeout=30) == 2
+        assert "refused agent bad (401)" in bad.output(), bad.output()
+        good = start_agent(db_url, tmp_path, server, "good", PGDAG_AGENT_TOKEN="sesame")
+        try:
+            wait_for(
+                lambda: query(db_url, "SELECT 1 FROM workers WHERE id = 'good'"),
+                timeout_s=30,
+                what="registered with the token from PGDAG_AGENT_TOKEN",
+            )
+        finally:
+            assert good.stop() == 0
+        bad.stop()
+    finally:
+        api1.stop()
