@@ -356,6 +356,8 @@ class AgentBackend:
 
     async def release(self, leases: list[tuple[int, int]]) -> int:
         """``/agent/release``: how many leases were handed back."""
+        for key in leases:
+            self._lease_ends.pop(key, None)
         answer = await self._post(
             "/agent/release",
             {
@@ -426,9 +428,18 @@ class AgentBackend:
         delay = REPORT_RETRY_FIRST_S
         try:
             todo = rows
+            tries = 0
             while todo:
+                tries += 1
                 try:
                     results.update(await self._send(todo))
+                    if tries > 1:
+                        logger.info(
+                            "agent %s: report of %d outcome(s) answered at try %d",
+                            self.worker_id,
+                            len(todo),
+                            tries,
+                        )
                     break
                 except ApiUnavailable as exc:
                     now = time.monotonic()

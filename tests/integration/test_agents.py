@@ -9,6 +9,7 @@ the agents only (the API accepts tools of live agents)."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -383,3 +384,24 @@ def test_refused_token_exits_2_with_the_message(db_url: str, tmp_path: Path) -> 
         bad.stop()
     finally:
         api1.stop()
+
+
+def test_sigterm_releases_the_running_step_and_marks_the_agent_stopped(
+    db_url: str, tmp_path: Path
+) -> None:
+    with api(db_url, tmp_path, PGDAG_LEASE_TTL="60") as server:
+        a0 = start_agent(db_url, tmp_path, server, "a0")
+        try:
+            run_id = post_run(server, {"steps": [delay("long", 60_000)]})
+            wait_for(lambda: running_on(db_url, run_id, "a0"), timeout_s=30, what="a0 runs it")
+            started = time.monotonic()
+            code = a0.stop()  # SIGTERM: grace 2 s, then release
+            assert time.monotonic() - started < 15
+        finally:
+            a0.stop()
+        assert code == 0, a0.output()
+        long = steps_by_name(db_url, run_id)["long"]
+        assert long["status"] == "ready", long  # released at once, not after the 60 s lease
+        assert "released 1 unfinished step(s)" in a0.output()
+        [row] = query(db_url, "SELECT status FROM workers WHERE id = 'a0'")
+        assert row["status"] == "stopped"
