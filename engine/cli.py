@@ -9,6 +9,7 @@ composes the API with the dashboard and the built-in tools.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import json
@@ -28,6 +29,7 @@ import httpx
 
 from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings, parse_list
 from engine.errors import PgdagError
+from engine.supervisor import KILL_MARGIN_S, Supervisor
 from engine.transitions import TERMINAL_RUN_STATES
 
 if TYPE_CHECKING:
@@ -60,8 +62,6 @@ def _list_flag(raw: str | None) -> tuple[str, ...] | None:
 def _database_url(settings: Settings) -> str:
     """`resolve_database_url`, then proof that Postgres answers and takes our credentials
     (waiting up to `settings.db_wait_s`). Raises `DatabaseUnavailable` in words."""
-    import asyncio
-
     from engine.db import resolve_database_url
     from engine.startup import wait_for_postgres
 
@@ -242,6 +242,37 @@ def follow_run(
         time.sleep(0.1)
 
 
+def _start_dev_workers(
+    settings: Settings, env: dict[str, str], logs: Path
+) -> tuple[Supervisor, threading.Thread]:
+    """Two workers, ``dev-worker-1`` and ``dev-worker-2`` (logs ``worker-<i>.log``), under
+    a `Supervisor` run in a thread: one that dies is restarted with backoff, and its exit
+    and restart are printed to the terminal (the log says why it died). When the
+    supervisor gives up (a configuration error), dev stops itself with SIGTERM."""
+
+    def say(line: str) -> None:
+        print(f"  workers     {line} (logs {logs}/worker-*.log)", flush=True)
+
+    supervisor = Supervisor(
+        [["-m", "workers", "--concurrency", "4", "--worker-id", f"dev-worker-{i}"] for i in (1, 2)],
+        settings,
+        env=env,
+        output=lambda i: (logs / f"worker-{i}.log").open("ab"),
+        notify=say,
+        labels=[f"dev-worker-{i}" for i in (1, 2)],
+    )
+
+    def run() -> None:
+        asyncio.run(supervisor.run())
+        if supervisor.gave_up is not None:  # no workers left: the example run would wait
+            print("  workers     none left running; stopping dev", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=run, name="dev-workers", daemon=True)
+    thread.start()
+    return supervisor, thread
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded Postgres + API + two workers, one example run followed live; then serve."""
     from engine.embedded import EmbeddedCluster
@@ -266,6 +297,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     env["PGDAG_CORS_ORIGINS"] = ",".join(settings.cors_origins)
     api = f"http://{_client_host(args.host)}:{args.port}"
     procs: list[subprocess.Popen[bytes]] = []
+    supervisor: tuple[Supervisor, threading.Thread] | None = None
     stop = threading.Event()
 
     def interrupt(*_: object) -> None:
@@ -283,14 +315,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 api_log,
             )
         )
-        procs.extend(
-            _spawn(
-                ["-m", "workers", "--concurrency", "4", "--worker-id", f"dev-worker-{i}"],
-                env,
-                logs / f"worker-{i}.log",
-            )
-            for i in (1, 2)
-        )
+        supervisor = _start_dev_workers(settings, env, logs)
         headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
         with httpx.Client(timeout=10, headers=headers) as client:
             _wait_healthy(client, api, procs[0], api_log)
@@ -321,9 +346,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        if supervisor is not None:
+            supervisor[0].stop_threadsafe()
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        if supervisor is not None:
+            supervisor[1].join(timeout=settings.shutdown_grace_s + KILL_MARGIN_S + 5)
         for proc in procs:
             try:
                 proc.wait(timeout=15)

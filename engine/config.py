@@ -40,6 +40,12 @@ CORS_ORIGINS_DEFAULT: tuple[str, ...] = ()
 DB_WAIT_S_DEFAULT = 30.0
 # The longest an agent's claim may long-poll (`POST /agent/claim` waitMs), seconds.
 AGENT_MAX_WAIT_S_DEFAULT = 30.0
+# The worker supervisor (``python -m workers --processes N``, `workers.supervisor`): a child
+# that exits is restarted after RESTART_BACKOFF_FIRST_S, doubling per restart up to
+# RESTART_BACKOFF_MAX_S, and back to the first once a child stayed up RESTART_RESET_S.
+RESTART_BACKOFF_FIRST_S_DEFAULT = 1.0
+RESTART_BACKOFF_MAX_S_DEFAULT = 60.0
+RESTART_RESET_S_DEFAULT = 60.0
 
 
 def _parse_float(name: str, raw: str, minimum: float) -> float:
@@ -82,6 +88,16 @@ def _parse_agent_wait(raw: str) -> float:
             f"PGDAG_AGENT_MAX_WAIT must be <= {AGENT_MAX_WAIT_S_LIMIT:g}, got {raw!r}"
         )
     return value
+
+
+def _parse_optional_int(name: str, raw: str | None) -> int | None:
+    """An integer of any sign, or None when unset or empty."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -134,12 +150,30 @@ class Settings:
     # The cap on an agent's long-poll (``POST /agent/claim`` ``waitMs``), seconds;
     # PGDAG_AGENT_MAX_WAIT, ``serve --agent-max-wait``.
     agent_max_wait_s: float = AGENT_MAX_WAIT_S_DEFAULT
+    # The supervisor's restart schedule (seconds): PGDAG_RESTART_BACKOFF_FIRST,
+    # PGDAG_RESTART_BACKOFF_MAX, PGDAG_RESTART_RESET.
+    restart_backoff_first_s: float = RESTART_BACKOFF_FIRST_S_DEFAULT
+    restart_backoff_max_s: float = RESTART_BACKOFF_MAX_S_DEFAULT
+    restart_reset_s: float = RESTART_RESET_S_DEFAULT
+    # Set by the supervisor in its child's environment: how many times this worker slot was
+    # restarted (PGDAG_RESTARTS) and how its previous process ended (PGDAG_LAST_EXIT_CODE;
+    # negative: the signal that killed it). The worker puts both in its workers row.
+    restarts: int = 0
+    last_exit_code: int | None = None
 
     def __post_init__(self) -> None:
-        """Check the host and origin lists, whether they came from the environment or a flag.
+        """Check the host and origin lists, whether they came from the environment or a flag,
+        and that the restart backoff's cap is not below its first pause.
 
         Raises `ConfigError` naming the variable and the bad item.
         """
+        if math.isinf(self.restart_backoff_max_s):
+            raise ConfigError("PGDAG_RESTART_BACKOFF_MAX must be a finite number of seconds")
+        if self.restart_backoff_max_s < self.restart_backoff_first_s:
+            raise ConfigError(
+                f"PGDAG_RESTART_BACKOFF_MAX ({self.restart_backoff_max_s:g} s) must be >= "
+                f"PGDAG_RESTART_BACKOFF_FIRST ({self.restart_backoff_first_s:g} s)"
+            )
         for entry in self.allowed_hosts:
             try:
                 parse_host_entry(entry)
@@ -236,6 +270,23 @@ class Settings:
             agent_max_wait_s=_parse_agent_wait(
                 get("PGDAG_AGENT_MAX_WAIT", str(AGENT_MAX_WAIT_S_DEFAULT))
             ),
+            restart_backoff_first_s=_parse_float(
+                "PGDAG_RESTART_BACKOFF_FIRST",
+                get("PGDAG_RESTART_BACKOFF_FIRST", str(RESTART_BACKOFF_FIRST_S_DEFAULT)),
+                0.01,
+            ),
+            restart_backoff_max_s=_parse_float(
+                "PGDAG_RESTART_BACKOFF_MAX",
+                get("PGDAG_RESTART_BACKOFF_MAX", str(RESTART_BACKOFF_MAX_S_DEFAULT)),
+                0.01,
+            ),
+            restart_reset_s=_parse_float(
+                "PGDAG_RESTART_RESET",
+                get("PGDAG_RESTART_RESET", str(RESTART_RESET_S_DEFAULT)),
+                0.01,
+            ),
+            restarts=_parse_int("PGDAG_RESTARTS", get("PGDAG_RESTARTS", "0"), 0),
+            last_exit_code=_parse_optional_int("PGDAG_LAST_EXIT_CODE", get("PGDAG_LAST_EXIT_CODE")),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **given) if given else settings  # type: ignore[arg-type]

@@ -10,7 +10,6 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Mapping
 
 from engine.cli import program_name
 from engine.config import Settings
@@ -31,6 +30,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; each setting flag overrides its environment variable."""
     p = argparse.ArgumentParser(prog=program_name("workers"), description="Run a pgdag worker.")
     p.add_argument("--concurrency", type=int, default=4, help="steps run at once (default 4)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N worker processes under a supervisor that restarts any that exits "
+        "(each with these flags; --worker-id BASE becomes BASE-1..BASE-N)",
+    )
     p.add_argument("--worker-id", default=None, help="worker id (default <hostname>-<pid>)")
     p.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
     agent = p.add_argument_group(
@@ -53,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="PATH",
         help="the agent's idempotency log, a SQLite file (default "
-        "~/.pgdag/agent-<worker id>.sqlite3)",
+        "~/.pgdag/agent-<worker id>.sqlite3); {agentId} in PATH is replaced by the worker id",
     )
     p.add_argument("--lease-ttl", type=float, default=None, help="seconds; PGDAG_LEASE_TTL")
     p.add_argument(
@@ -101,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.random_failures is not None and not 0 <= args.random_failures <= 1:
         p.error("--random-failures must be between 0 and 1")
+    if args.processes is not None and args.processes < 1:
+        p.error("--processes must be >= 1")
     if args.kill_after is not None and args.kill_after < 0:
         p.error("--kill-after must be >= 0 seconds")
     return args
@@ -124,19 +133,6 @@ async def open_worker_pool(url: str, *, max_size: int) -> Pool:
     return pool
 
 
-def supervisor_history(env: Mapping[str, str] | None = None) -> tuple[int, int | None]:
-    """What the supervisor (``--processes``) told this child: ``(PGDAG_RESTARTS,
-    PGDAG_LAST_EXIT_CODE)``, ``(0, None)`` when unset. Raises `ConfigError` when one is not
-    an integer."""
-    env = os.environ if env is None else env
-    try:
-        restarts = int(env.get("PGDAG_RESTARTS") or 0)
-        raw = env.get("PGDAG_LAST_EXIT_CODE") or ""
-        return restarts, (int(raw) if raw.strip() else None)
-    except ValueError:
-        raise ConfigError("PGDAG_RESTARTS and PGDAG_LAST_EXIT_CODE must be integers") from None
-
-
 async def amain(args: argparse.Namespace) -> None:
     """Resolve settings and the database, then run the worker to completion."""
     settings = Settings.from_env(
@@ -156,15 +152,14 @@ async def amain(args: argparse.Namespace) -> None:
     # Successes share one writer (SuccessBatcher); failures and "idempotent": false results
     # take a connection each, so a few more than the concurrency rarely helps.
     pool = await open_worker_pool(url, max_size=min(args.concurrency, 16) + 4)
-    restarts, last_exit_code = supervisor_history()
     try:
         backend = DatabaseBackend(
             Store(pool, lease_ttl_s=settings.lease_ttl_s),
             settings,
             database_url=url,
             worker_id=args.worker_id or default_worker_id(),
-            restarts=restarts,
-            last_exit_code=last_exit_code,
+            restarts=settings.restarts,
+            last_exit_code=settings.last_exit_code,
         )
         worker = Worker(
             backend,
@@ -206,14 +201,13 @@ async def run_agent(args: argparse.Namespace, settings: Settings, agent: AgentSe
         )
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    restarts, last_exit_code = supervisor_history()
     backend = AgentBackend(
         agent.server,
         worker_id=worker_id,
         log=log,
         token=agent.token,
-        restarts=restarts,
-        last_exit_code=last_exit_code,
+        restarts=settings.restarts,
+        last_exit_code=settings.last_exit_code,
         max_body_bytes=settings.max_body_bytes,
     )
     logging.getLogger("workers").info("agent %s: API %s, log %s", worker_id, agent.server, log.path)
@@ -238,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.processes is not None:
+        from workers.supervisor import supervise
+
+        return supervise(sys.argv[1:] if argv is None else argv, args.processes)
     try:
         asyncio.run(amain(args))
     except PgdagError as exc:  # bad configuration: one line, no traceback, never a password

@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 
 from engine.errors import ConfigError, LeaseLost, OutputRefused, PgdagError
+from engine.supervisor import SUPERVISOR_ENV
 from engine.transitions import ClaimedStep, FailOutcome, MapExpansion
 from workers.agent_log import AgentLog, LoggedOutcome, failure_body, success_body
 
@@ -78,6 +79,9 @@ class AgentSettings:
     server: str | None = None
     token: str | None = None
     agent_log: str | None = None
+    # Under ``--processes N`` (PGDAG_SUPERVISOR_PID set) the children share the flags: each
+    # must still have a log of its own.
+    supervised: bool = False
 
     @classmethod
     def from_env(
@@ -90,13 +94,25 @@ class AgentSettings:
         token = overrides.get("token") or env.get("PGDAG_AGENT_TOKEN") or None
         if server is not None and not server.startswith(("http://", "https://")):
             raise ConfigError(f"--server / PGDAG_SERVER must be an http(s) URL, got {server!r}")
-        return cls(server=server, token=token, agent_log=overrides.get("agent_log"))
+        return cls(
+            server=server,
+            token=token,
+            agent_log=overrides.get("agent_log"),
+            supervised=bool(env.get(SUPERVISOR_ENV)),
+        )
 
     def log_path(self, agent_id: str) -> Path:
-        """The idempotency log's file for `agent_id`."""
-        if self.agent_log:
-            return Path(self.agent_log).expanduser()
-        return Path("~/.pgdag").expanduser() / f"agent-{agent_id}.sqlite3"
+        """The idempotency log's file for `agent_id`: ``--agent-log`` with ``{agentId}``
+        replaced (a supervised child's path without it gets ``-<agentId>`` before its
+        suffix), else ``~/.pgdag/agent-<agentId>.sqlite3``."""
+        if not self.agent_log:
+            return Path("~/.pgdag").expanduser() / f"agent-{agent_id}.sqlite3"
+        if "{agentId}" in self.agent_log:
+            return Path(self.agent_log.replace("{agentId}", agent_id)).expanduser()
+        path = Path(self.agent_log).expanduser()
+        if self.supervised:
+            return path.with_name(f"{path.stem}-{agent_id}{path.suffix}")
+        return path
 
 
 def _parse_time(text: str) -> datetime:

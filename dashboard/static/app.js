@@ -756,11 +756,29 @@
           `<span class="muted">${w.currentSteps.length}/${w.concurrency} busy</span></div>` +
           `<div class="muted small">${esc(w.hostname)} · pid ${w.pid} · heartbeat ${esc(ago(w.lastHeartbeatAt))}` +
           `${st === "stopped" ? " · stopped" : ""}</div>` +
+          restartsLine(w) +
           (steps ? `<ul class="worker-steps">${steps}</ul>` : "") +
           `</li>`
         );
       })
       .join("");
+  }
+
+  // A supervised worker (python -m workers --processes N) that was restarted: how many
+  // times, and how its previous process ended (negative exit code: the killing signal).
+  const SIGNALS = { 1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 9: "SIGKILL", 11: "SIGSEGV", 15: "SIGTERM" };
+  function exitText(code) {
+    if (code === null || code === undefined) return "unknown";
+    if (code < 0) return `${code} (${SIGNALS[-code] || `signal ${-code}`})`;
+    return String(code);
+  }
+  function restartsLine(w) {
+    if (!w.restarts) return "";
+    const times = w.restarts === 1 ? "1 time" : `${w.restarts} times`;
+    return (
+      `<div class="worker-restarts small" title="restarted by its supervisor">` +
+      `restarted ${times} · last exit ${esc(exitText(w.lastExitCode))}</div>`
+    );
   }
 
   // --- start -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.support import api_server, wait_run_finished, workers
+from tests.support import Proc, api_server, base_env, wait_run_finished, workers
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -468,3 +469,29 @@ def test_screenshot_of_the_run_view(page: Any, live: str, tmp_path: Path) -> Non
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copyfile(shot, os.environ[SCREENSHOT_ENV])
     httpx.post(f"{live}/runs/{run['id']}/cancel", json={})
+
+
+def test_workers_panel_shows_a_supervised_restart(page: Any, db_url: str, tmp_path: Path) -> None:
+    """A worker under ``python -m workers --processes 1`` killed with SIGKILL comes back;
+    the workers panel says it was restarted once and how its previous process ended."""
+    sup = Proc(
+        ["-m", "workers", "--processes", "1", "--worker-id", "dash"],
+        base_env(db_url, PGDAG_RESTART_BACKOFF_FIRST="0.2"),
+        tmp_path / "supervisor.log",
+    )
+    try:
+        with api_server(db_url, tmp_path) as base:
+            open_page(page, f"{base}/")
+            row = page.locator('#workers li.worker[data-worker-id="dash-1"][data-state="alive"]')
+            row.wait_for()
+            assert row.locator(".worker-restarts").count() == 0
+            pid = httpx.get(f"{base}/workers").json()["workers"][0]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            restarted = row.locator(
+                '.worker-restarts:has-text("restarted 1 time · last exit -9 (SIGKILL)")'
+            )
+            restarted.wait_for()
+            assert f"pid {pid}" not in row.inner_text()  # the new process's row
+            assert_not_reloaded(page)
+    finally:
+        sup.stop()
