@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 
 from engine.errors import ConfigError, LeaseLost, OutputRefused, PgdagError
+from engine.jsonb import storable_text
 from engine.supervisor import SUPERVISOR_ENV
 from engine.transitions import ClaimedStep, FailOutcome, MapExpansion
 from workers.agent_log import AgentLog, LoggedOutcome, failure_body, success_body
@@ -53,6 +54,7 @@ REPORT_RETRY_MAX_S = 5.0  # up to this, while the lease lasts
 FLUSH_RETRY_MAX_S = 30.0  # the background re-sender's longest pause
 FLUSH_IDLE_S = 5.0  # how often the re-sender looks at the log when nothing woke it
 MAX_OUTCOMES = 500  # outcomes per report (the protocol's cap)
+MAX_ERROR_CHARS = 65_536  # the longest error text a report may carry
 REPORT_BYTES_MARGIN = 4096  # kept free under the API's body cap for the envelope
 
 
@@ -349,7 +351,10 @@ class AgentBackend:
         return problems
 
     async def fail(self, step: ClaimedStep, *, error: str, retryable: bool) -> FailOutcome:
-        """Log, then report a failed attempt; raises `LeaseLost`."""
+        """Log, then report a failed attempt; raises `LeaseLost`. The error text is made
+        storable (NUL and lone surrogates escaped, as the database worker stores them) and
+        cut to the protocol's `MAX_ERROR_CHARS`."""
+        error = storable_text(error)[:MAX_ERROR_CHARS] or "failed (no message)"
         body = failure_body(step.id, step.lease_token, error=error, retryable=retryable)
         answers = await self._log_and_report([self._row(step, "failed", body)])
         answer = answers[(step.id, step.lease_token)]

@@ -405,3 +405,42 @@ def test_sigterm_releases_the_running_step_and_marks_the_agent_stopped(
         assert "released 1 unfinished step(s)" in a0.output()
         [row] = query(db_url, "SELECT status FROM workers WHERE id = 'a0'")
         assert row["status"] == "stopped"
+
+
+def test_failures_retry_and_nasty_error_text_reach_the_api(db_url: str, tmp_path: Path) -> None:
+    """A retryable failure is retried (backoff from the API), a tool error holding a NUL
+    and a lone surrogate is stored escaped, as a database worker stores it."""
+    with api(db_url, tmp_path) as server:
+        a0 = start_agent(db_url, tmp_path, server, "a0")
+        try:
+            wait_for(
+                lambda: query(db_url, "SELECT 1 FROM workers WHERE id = 'a0'"),
+                timeout_s=30,
+                what="a0 registered",
+            )
+            run_id = post_run(
+                server,
+                {
+                    "steps": [
+                        {
+                            "name": "flaky",
+                            "tool": "TEST_FAIL_TIMES",
+                            "input": {"failTimes": 2},
+                            "maxAttempts": 5,
+                        },
+                        {"name": "nasty", "tool": "TEST_NASTY_ERROR", "input": {}},
+                    ]
+                },
+            )
+            assert wait_run_finished(db_url, run_id, timeout_s=60) == "failed"
+        finally:
+            code = a0.stop()
+        assert code == 0, a0.output()
+    steps = steps_by_name(db_url, run_id)
+    assert steps["flaky"]["status"] == "succeeded" and steps["flaky"]["output"] == {"attempt": 3}
+    assert steps["nasty"]["status"] == "dead_letter"
+    assert "\\u0000" in steps["nasty"]["error"] and "\\udc01" in steps["nasty"]["error"]
+    states = [(r["status"], r["state"]) for r in log_rows(tmp_path, "a0")]
+    assert sorted(states) == sorted([("failed", "recorded")] * 3 + [("succeeded", "recorded")]), (
+        states
+    )
