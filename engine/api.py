@@ -4,8 +4,10 @@ WebSocket routes (`engine.ws`) fed by this process's `engine.live.EventHub`.
 JSON in and out, camelCase fields. Errors are ``{"error": code, "message": text}`` plus
 ``"problems"`` (each naming the step, the field and the problem) for a refused run.
 In front of the routes, `engine.guards` answers 421 for a Host the API does not answer
-to, 401 without the token (when one is set; ``/health`` is open) and 415 for a POST that is
-not ``Content-Type: application/json``; CORS only for ``PGDAG_CORS_ORIGINS``.
+to, 401 without a token (when one is configured: ``PGDAG_API_TOKEN`` or a live scoped token,
+`engine.tokens`; ``/health`` is open), 403 for a token whose scope does not allow the
+request, and 415 for a POST that is not ``Content-Type: application/json``; CORS only for
+``PGDAG_CORS_ORIGINS``.
 The API process also runs a reaper loop (one reaper at a time across all processes).
 """
 
@@ -48,6 +50,7 @@ from engine.ready import ReadySignal
 from engine.schema import SchemaGate, SchemaGuard
 from engine.startup import wait_for_postgres
 from engine.store import Store
+from engine.tokens import TokenCache, TokenStore
 from engine.tools import load_tool_modules, registered_tools
 
 logger = logging.getLogger(__name__)
@@ -557,7 +560,8 @@ def create_app(
     extra_routes: Sequence[BaseRoute] = (),
 ) -> ASGIApp:
     """The ASGI app behind its guards (`engine.guards`: Host and WebSocket Origin, CORS
-    when ``settings.cors_origins`` is set, bearer token, JSON-only state changes).
+    when ``settings.cors_origins`` is set, bearer token and its scope, JSON-only state
+    changes).
 
     The engine's own routes only: the program that serves it adds the rest, with
     `extra_routes` (mounted after the API's, behind the same guards: the dashboard) and
@@ -575,6 +579,7 @@ def create_app(
     """
     load_tool_modules(settings.tool_modules)
     gate = SchemaGate()
+    token_cache = TokenCache()  # its store is set once the pool is open
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -584,6 +589,7 @@ def create_app(
         await wait_for_postgres(url, wait_s=settings.db_wait_s)
         pool = await open_pool(url, min_size=2, max_size=10, name="api", timeout_s=POOL_TIMEOUT_S)
         gate.pool = pool
+        token_cache.store = TokenStore(pool)
         app.state.schema_gate = gate
         await gate.current()  # logs the problem once, if there is one
         app.state.settings = settings
@@ -610,6 +616,7 @@ def create_app(
             await ready.stop()
             await hub.stop()
             await gate.close()
+            await token_cache.close()
             await pool.close()
 
     app = Starlette(
@@ -625,7 +632,7 @@ def create_app(
             **{cls: _db_down for cls in RETRYABLE},
         },
     )
-    guarded: ASGIApp = BearerAuth(SchemaGuard(JsonOnly(app), gate), settings.api_token)
+    guarded: ASGIApp = BearerAuth(SchemaGuard(JsonOnly(app), gate), settings.api_token, token_cache)
     if settings.cors_origins:
         # Before auth: a browser sends the preflight without credentials. No cookies are
         # used (the token is a header), so no credentials mode.

@@ -1,5 +1,5 @@
-"""``pgdag`` and ``python -m engine``: dev, serve, migrate, db start|stop|status|url, submit
-and watch.
+"""``pgdag`` and ``python -m engine``: dev, serve, migrate, db start|stop|status|url, token
+create|list|revoke, submit and watch.
 
 This module is the engine's half of the program: it knows the engine alone. What `serve`
 serves is handed in by the program that runs it (`main`'s `app_factory`): ``engine.__main__``
@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,6 +30,7 @@ import httpx
 from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings, parse_list
 from engine.errors import PgdagError
 from engine.supervisor import KILL_MARGIN_S, Supervisor
+from engine.tokens import generate_token
 from engine.transitions import TERMINAL_RUN_STATES
 
 if TYPE_CHECKING:
@@ -273,8 +274,29 @@ def _start_dev_workers(
     return supervisor, thread
 
 
+def _live_tokens(url: str) -> int:
+    """How many live scoped tokens the database at `url` holds."""
+    import asyncio
+
+    from engine.db import open_pool
+    from engine.tokens import TokenStore
+
+    async def count() -> int:
+        pool = await open_pool(url, min_size=1, max_size=1, name="dev")
+        try:
+            return await TokenStore(pool).count_live()
+        finally:
+            await pool.close()
+
+    return asyncio.run(count())
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded Postgres + API + two workers, one example run followed live; then serve."""
+    """Embedded Postgres + API + two workers, one example run followed live; then serve.
+
+    When the database holds live scoped tokens and ``PGDAG_API_TOKEN`` is not set, the API
+    it starts gets a random ``PGDAG_API_TOKEN`` for this session (an admin token that is
+    never stored), which dev's own requests carry; it says so."""
     from engine.embedded import EmbeddedCluster
 
     settings = _settings(args)
@@ -296,6 +318,21 @@ def cmd_dev(args: argparse.Namespace) -> int:
     env["PGDAG_ALLOWED_HOSTS"] = ",".join(settings.allowed_hosts)
     env["PGDAG_CORS_ORIGINS"] = ",".join(settings.cors_origins)
     api = f"http://{_client_host(args.host)}:{args.port}"
+    api_token = settings.api_token
+    if api_token is None:
+        live = _live_tokens(url)
+        if live:
+            # The API will want a token and dev has none of the database's (only their
+            # hashes are kept): its API gets a PGDAG_API_TOKEN of this session, never stored.
+            api_token = env["PGDAG_API_TOKEN"] = generate_token()
+            print(
+                f"  tokens      the database holds {live} live API token(s), so the API "
+                "requires one;\n"
+                "              dev's own requests use an admin token made for this session "
+                "(never stored,\n"
+                "              gone when dev stops); open the dashboard with one of yours: "
+                f"{api}/?token=<token>"
+            )
     procs: list[subprocess.Popen[bytes]] = []
     supervisor: tuple[Supervisor, threading.Thread] | None = None
     stop = threading.Event()
@@ -316,7 +353,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             )
         )
         supervisor = _start_dev_workers(settings, env, logs)
-        headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+        headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
         with httpx.Client(timeout=10, headers=headers) as client:
             _wait_healthy(client, api, procs[0], api_log)
             print(f"  api         {api} (log {api_log})")
@@ -361,6 +398,88 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if cluster is not None and not was_running and not args.keep_db:
             cluster.stop()
             print("stopped the embedded postgres (it was started by dev; --keep-db keeps it)")
+
+
+# --- token ----------------------------------------------------------------------------------
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """``token create NAME --scope S`` (the token alone on stdout, the rest on stderr),
+    ``token list`` (never a secret), ``token revoke NAME``. Raises `TokenNameTaken`,
+    `TokenNotFound` and `PgdagError` for a bad name (exit 2)."""
+    import asyncio
+
+    from engine.db import open_pool
+    from engine.tokens import TokenStore, check_name, parse_scope
+
+    if args.action in ("create", "revoke"):
+        if args.name is None:
+            raise PgdagError(f"token {args.action} needs a NAME")
+        check_name(args.name)
+    if args.action == "create" and args.scope is None:
+        raise PgdagError("token create needs --scope admin|submit|agent")
+    if args.action != "create" and args.scope is not None:
+        raise PgdagError(f"--scope is for token create only, not token {args.action}")
+    if args.action == "list" and args.name is not None:
+        raise PgdagError("token list takes no NAME")
+    url = _database_url(_settings(args))
+
+    async def run() -> int:
+        pool = await open_pool(url, min_size=1, max_size=1, name="token")
+        try:
+            store = TokenStore(pool)
+            if args.action == "create":
+                scope = parse_scope(args.scope)
+                token = await store.create(args.name, scope)
+                print(token, flush=True)
+                print(
+                    f"created token {args.name!r} (scope {scope}); it is shown this once, "
+                    "keep it: only its sha256 is stored",
+                    file=sys.stderr,
+                )
+                return 0
+            if args.action == "revoke":
+                await store.revoke(args.name)
+                print(f"revoked token {args.name!r}", file=sys.stderr)
+                return 0
+            rows = await store.list()
+            if args.json:
+                print(
+                    json.dumps(
+                        [
+                            {
+                                "name": r.name,
+                                "scope": r.scope,
+                                "createdAt": r.created_at.isoformat(),
+                                "lastUsedAt": r.last_used_at and r.last_used_at.isoformat(),
+                                "revokedAt": r.revoked_at and r.revoked_at.isoformat(),
+                            }
+                            for r in rows
+                        ],
+                        indent=2,
+                    )
+                )
+                return 0
+            table = [("NAME", "SCOPE", "CREATED", "LAST USED", "REVOKED")]
+            table += [
+                (r.name, r.scope, _when(r.created_at), _when(r.last_used_at), _when(r.revoked_at))
+                for r in rows
+            ]
+            widths = [max(len(row[i]) for row in table) for i in range(4)]
+            for row in table:
+                cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+                print("  ".join([*cells, row[4]]))
+            if not rows:
+                print("no tokens: the API is open unless PGDAG_API_TOKEN is set", file=sys.stderr)
+            return 0
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
 
 
 # --- submit / watch -----------------------------------------------------------------------
@@ -525,6 +644,22 @@ def build_parser(
     submit.add_argument("--watch", action="store_true", help="then follow it live")
     client(submit)
     submit.set_defaults(func=cmd_submit)
+
+    token = sub.add_parser(
+        "token",
+        help="make, list and revoke scoped API tokens",
+        description="Scoped API tokens, kept hashed in Postgres. create prints the token "
+        "alone on stdout, once. Scopes: admin (everything), submit (runs, workers, the "
+        "WebSockets, the dashboard), agent (only /agent/*).",
+    )
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("name", nargs="?", metavar="NAME", help="the token's name")
+    token.add_argument(
+        "--scope", default=None, choices=["admin", "submit", "agent"], help="for create"
+    )
+    token.add_argument("--json", action="store_true", help="list as JSON")
+    common(token)
+    token.set_defaults(func=cmd_token)
 
     db = sub.add_parser("db", help="manage the embedded Postgres under PGDAG_HOME")
     db.add_argument("action", choices=["start", "stop", "status", "url"])

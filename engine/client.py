@@ -24,6 +24,7 @@ Errors (all `engine.errors.PgdagError`):
 
     PgdagApiError            an answer in the API's error shape: status, code, message, problems
     ├── Unauthorized         401: missing or wrong bearer token
+    ├── Forbidden            403 forbidden: the token's scope does not allow it
     ├── NotFound             404: no such run or step
     ├── Conflict             409: the state machine does not allow it (cancel a finished run...)
     ├── InvalidRequest       422: a bad run or request; .problems names each step and field
@@ -94,6 +95,11 @@ class PgdagApiError(PgdagError):
 
 class Unauthorized(PgdagApiError):
     """401: the API wants ``Authorization: Bearer <PGDAG_API_TOKEN>`` and did not get it."""
+
+
+class Forbidden(PgdagApiError):
+    """403 ``forbidden``: the token is known but its scope (``python -m engine token``)
+    does not allow this request; the message names the token and its scope."""
 
 
 class NotFound(PgdagApiError):
@@ -172,6 +178,8 @@ def api_error(status: int, body: Any, text: str = "") -> PgdagApiError:
     cls: type[PgdagApiError]
     if code == "idempotency_key_reused":
         cls = IdempotencyKeyReused
+    elif status == 403 and code == "forbidden":
+        cls = Forbidden
     else:
         cls = _BY_STATUS.get(status, PgdagApiError)
     return cls(status, code, message, problems)
@@ -313,11 +321,13 @@ class _Stream:
         return []  # a message type this client does not know: skipped
 
     def closed_error(self, exc: ConnectionClosed) -> PgdagApiError | None:
-        """The error a close code means (4401, 4404, 4400); None for a dropped link."""
+        """The error a close code means (4401, 4403, 4404, 4400); None for a dropped link."""
         code = exc.rcvd.code if exc.rcvd is not None else None
         reason = exc.rcvd.reason if exc.rcvd is not None else ""
         if code == 4401:
             return Unauthorized(401, "unauthorized", "missing or wrong bearer token")
+        if code == 4403:
+            return Forbidden(403, "forbidden", "the token's scope may not read this run's events")
         if code == 4404:
             return NotFound(404, "not_found", reason or f"no run {self.run_id}")
         if code == 4400:
@@ -832,6 +842,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "Conflict",
+    "Forbidden",
     "IdempotencyKeyReused",
     "InvalidRequest",
     "NotFound",

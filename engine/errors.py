@@ -126,3 +126,11 @@ class UnstorableJson(PgdagError, ValueError):
 class OutputRefused(PgdagError):
     """Postgres refused a step's output when it was written; the attempt was failed, not
     retryably, with the database's error (the step is now a dead letter)."""
+
+
+class TokenNameTaken(PgdagError):
+    """A live API token already has that name (revoke it first, or pick another name)."""
+
+
+class TokenNotFound(PgdagError):
+    """No live API token has that name."""

@@ -8,7 +8,8 @@
    (``engine watch``) and is let through.
 2. CORS (Starlette's `CORSMiddleware`), only when ``PGDAG_CORS_ORIGINS`` is set; it answers
    preflights before auth, since a browser sends them without credentials.
-3. `BearerAuth`: ``PGDAG_API_TOKEN``; ``GET /health`` is open (it reveals nothing).
+3. `BearerAuth`: ``PGDAG_API_TOKEN`` (admin) and the scoped tokens of ``api_tokens``
+   (`engine.tokens`); ``GET /health`` is open (it reveals nothing).
 4. `JsonOnly`: a state-changing request (POST, PUT, PATCH, DELETE) must say
    ``Content-Type: application/json`` (parameters such as ``charset`` allowed), body or
    not, else 415. A page on another origin can send ``text/plain``, form and multipart
@@ -26,12 +27,24 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Iterable, Iterator
-from urllib.parse import unquote_to_bytes, urlsplit
+from collections.abc import Iterable
+from typing import Literal
+from urllib.parse import urlsplit
 
+import psycopg
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.tokens import (
+    ENV_TOKEN,
+    WS,
+    TokenCache,
+    TokenInfo,
+    allows,
+    presented_tokens,
+    query_tokens,
+)
 
 # Always answered: the loopback names, on any port.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -43,6 +56,11 @@ STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 JSON_MEDIA_TYPE = "application/json"
 # Paths answered without a token: they reveal nothing (probes and load balancers use them).
 OPEN_PATHS = frozenset({"/health"})
+# WebSocket close codes of a refused handshake: 4000 + the HTTP status, and RFC 6455's
+# "try again later" while Postgres cannot say who the token is.
+WS_UNAUTHORIZED = 4401
+WS_FORBIDDEN = 4403
+WS_TRY_AGAIN_LATER = 1013
 
 HostPort = tuple[str, int | None]
 
@@ -215,66 +233,135 @@ class HostGuard:
         return self.hosts.allows_origin(origin, host)
 
 
-def _query_tokens(query_string: bytes) -> Iterator[bytes]:
-    """Each ``token`` value of a query string, percent-decoded as a form
-    (`urllib.parse.parse_qs`: ``+`` is a space, ``%2B`` a plus) and, when it holds a ``+``,
-    also with ``+`` kept: a bearer token never holds a space (RFC 6750 section 2.1, the
-    b64token syntax), and a base64 token pasted into an address bar keeps its ``+``."""
-    for pair in query_string.split(b"&"):
-        name, _, value = pair.partition(b"=")
-        if unquote_to_bytes(name.replace(b"+", b" ")) != b"token":
-            continue
-        yield unquote_to_bytes(value.replace(b"+", b" "))
-        if b"+" in value:
-            yield unquote_to_bytes(value)
+_query_tokens = query_tokens  # its old name here
 
 
 class BearerAuth:
-    """ASGI middleware: when a token is configured, every HTTP and WebSocket request must
-    carry ``Authorization: Bearer <token>`` (browsers may use ``?token=``, percent-encoded
-    as `_query_tokens` decodes it); `OPEN_PATHS` are exempt. Compared in constant time.
-    Sends 401 (HTTP); a WebSocket is accepted and at once closed with code 4401, which a
-    browser can see (a handshake refused with 403 shows it only 1006)."""
+    """ASGI middleware: who may send this request (`engine.tokens`).
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    A request presents a token as ``Authorization: Bearer <token>`` or, from a browser,
+    ``?token=`` (`engine.tokens.presented_tokens`). In order:
+
+    1. `OPEN_PATHS` (``GET /health``) pass without a token.
+    2. A token equal to `token` (``PGDAG_API_TOKEN``, compared in constant time) is admin.
+    3. With no `token` and no live token in ``api_tokens`` (`TokenCache.any_live`), the API
+       is open: everything passes, as before tokens.
+    4. A presented token found live in ``api_tokens`` (`TokenCache.lookup`) passes when its
+       scope allows the method and path (`engine.tokens.allows`), before routing: a refused
+       scope gets 403 for a path that does not exist too. The token is left in the scope
+       as ``scope["pgdag_token"]`` (a `TokenInfo`) for the routes.
+
+    Refusals, in the API's error shape: 401 ``unauthorized`` (missing or unknown token),
+    403 ``forbidden`` (naming the token and its scope), 503 ``database_unavailable`` when
+    Postgres does not answer while a token must be read from it. A WebSocket is accepted
+    and at once closed with 4401, 4403 or 1013, which a browser can see (a handshake
+    refused with an HTTP status shows it only 1006).
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, tokens: TokenCache | None = None) -> None:
         self.app = app
         self.token = token.encode() if token else None
+        self.tokens = tokens
 
-    def _authorized(self, scope: Scope) -> bool:
-        assert self.token is not None
-        for key, value in scope.get("headers", []):
-            if key == b"authorization":
-                scheme, _, given = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
-                    return True
-        return any(
-            hmac.compare_digest(given, self.token)
-            for given in _query_tokens(scope.get("query_string", b""))
-        )
+    def _env_token(self, presented: list[bytes]) -> bool:
+        if self.token is None:
+            return False
+        # every candidate compared, in constant time each
+        return sum(hmac.compare_digest(given, self.token) for given in presented) > 0
+
+    async def _who(self, presented: list[bytes]) -> TokenInfo | Literal["open"] | None:
+        """The token the request is sent with; "open" when none is configured anywhere;
+        None when it presents no live one. Raises `psycopg.Error` when Postgres does not
+        answer."""
+        if self._env_token(presented):
+            return ENV_TOKEN
+        if self.tokens is None:
+            return "open" if self.token is None else None
+        if not await self.tokens.any_live():
+            return "open" if self.token is None else None
+        for given in presented:
+            info = await self.tokens.lookup(given)
+            if info is not None:
+                return info
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] not in ("http", "websocket"):
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or (kind == "http" and scope["path"] in OPEN_PATHS):
             await self.app(scope, receive, send)
             return
-        if scope["type"] == "http" and scope["path"] in OPEN_PATHS:
+        if self.token is None and self.tokens is None:
             await self.app(scope, receive, send)
             return
-        if self._authorized(scope):
+        presented = presented_tokens(scope.get("headers", []), scope.get("query_string", b""))
+        try:
+            who = await self._who(presented)
+        except psycopg.Error as exc:
+            await _deny(
+                scope,
+                receive,
+                send,
+                503,
+                "database_unavailable",
+                f"postgres is not answering, so the bearer token cannot be checked: "
+                f"{type(exc).__name__}",
+                ws_code=WS_TRY_AGAIN_LATER,
+            )
+            return
+        if who == "open":
             await self.app(scope, receive, send)
             return
-        if scope["type"] == "websocket":
-            message = await receive()
-            if message["type"] == "websocket.connect":
-                await send({"type": "websocket.accept"})
-                await send({"type": "websocket.close", "code": 4401, "reason": "unauthorized"})
+        if who is None:
+            await _deny(
+                scope,
+                receive,
+                send,
+                401,
+                "unauthorized",
+                "missing or wrong bearer token",
+                ws_code=WS_UNAUTHORIZED,
+                **{"WWW-Authenticate": 'Bearer realm="pgdag"'},
+            )
             return
-        response = _refuse(
-            401,
-            "unauthorized",
-            "missing or wrong bearer token",
-            **{"WWW-Authenticate": 'Bearer realm="pgdag"'},
-        )
-        await response(scope, receive, send)
+        method = WS if kind == "websocket" else str(scope["method"])
+        if not allows(who.scope, method, scope["path"]):
+            await _deny(
+                scope,
+                receive,
+                send,
+                403,
+                "forbidden",
+                f"token {who.name!r} (scope {who.scope}) may not {method} {scope['path']}",
+                ws_code=WS_FORBIDDEN,
+            )
+            return
+        if self.tokens is not None:
+            self.tokens.used(who)
+        scope["pgdag_token"] = who
+        await self.app(scope, receive, send)
+
+
+async def _deny(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    ws_code: int,
+    **headers: str,
+) -> None:
+    """Refuse: an HTTP answer `status` ``{"error": code, "message": message}``; a WebSocket
+    accepted and closed with `ws_code` (the close reason is the code, as short as a close
+    frame needs)."""
+    if scope["type"] == "websocket":
+        event = await receive()
+        if event["type"] == "websocket.connect":
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": ws_code, "reason": code})
+        return
+    await _refuse(status, code, message, **headers)(scope, receive, send)
 
 
 class JsonOnly:

@@ -32,11 +32,15 @@ OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
 JSON = "application/json"
 
-# Answered by every operation: 401 only when PGDAG_API_TOKEN is set; 421 when the Host is
-# not one the API serves; 500 never on purpose (the fuzz test fails on it); 503 while
-# Postgres does not answer or its schema is not at this version's head (engine.schema).
+# Answered by every operation: 401 and 403 only when a token is configured (PGDAG_API_TOKEN
+# or a live scoped token, engine.tokens); 421 when the Host is not one the API serves; 500
+# never on purpose (the fuzz test fails on it); 503 while Postgres does not answer or its
+# schema is not at this version's head (engine.schema).
 COMMON_ERRORS: Mapping[int, str] = {
-    401: "missing or wrong bearer token (only when PGDAG_API_TOKEN is set)",
+    401: "missing or wrong bearer token (only when a token is configured: PGDAG_API_TOKEN "
+    "or a live token of `python -m engine token create`)",
+    403: "the token's scope does not allow this operation (`forbidden`, naming the token "
+    "and its scope)",
     421: "the Host header names a host this API does not serve",
     500: "an unexpected error (a bug): the error code and a message, never a traceback",
     503: "Postgres is not answering, or its schema needs `python -m engine migrate`",
@@ -199,7 +203,7 @@ def document(
                 "tokenQuery": {"type": "apiKey", "in": "query", "name": "token"},
             },
         },
-        # The token is optional (PGDAG_API_TOKEN unset: no security); browsers use ?token=.
+        # The token is optional (none configured: no security); browsers use ?token=.
         "security": [{}, {"bearer": []}, {"tokenQuery": []}],
     }
 

@@ -35,7 +35,8 @@ the events queued for you at that moment (at most `BATCH_MAX_EVENTS`) in one fra
 the same order. For clients that follow many events: a frame costs the server about as
 much as an event.
 
-Both endpoints honour ``PGDAG_API_TOKEN`` (`engine.guards.BearerAuth`: close 4401) and refuse
+Both endpoints honour ``PGDAG_API_TOKEN`` and the scoped tokens (`engine.guards.BearerAuth`:
+close 4401, 4403 for a scope without them, 1013 when Postgres cannot say) and refuse
 a Host the API does not answer to (HTTP 421 at the handshake) and a browser ``Origin`` whose
 host is not one of those nor in ``PGDAG_CORS_ORIGINS`` (HTTP 403; `engine.guards`). Other
 close codes: 4400 a bad query parameter, 1013 the database or the live feed is

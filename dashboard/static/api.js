@@ -74,11 +74,12 @@
 
   const CLOSE_REASONS = {
     4401: "unauthorized (wrong or missing token)",
+    4403: "forbidden (this token's scope may not read events)",
     4404: "no such run",
     4400: "bad request",
     1013: "the API's database is unavailable",
   };
-  const FINAL_CLOSE_CODES = new Set([4400, 4401, 4404]);
+  const FINAL_CLOSE_CODES = new Set([4400, 4401, 4403, 4404]);
 
   // A WebSocket that reconnects with backoff. `url()` is asked for the URL before each
   // connection (so a run socket can add ?after=<last event id>). Handlers:

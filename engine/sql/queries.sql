@@ -881,6 +881,37 @@ FROM workers w
 ORDER BY w.last_heartbeat_at DESC
 LIMIT 500
 
+-- name: insert_api_token
+-- A new scoped token (engine.tokens): only its sha256 is kept. A live token of the same name
+-- violates api_tokens_live_name_idx (TokenNameTaken).
+INSERT INTO api_tokens (name, scope, token_sha256)
+VALUES (%(name)s, %(scope)s, %(token_sha256)s)
+RETURNING id, created_at
+
+-- name: list_api_tokens
+-- Every token, live and revoked, oldest first; never the hash.
+SELECT name, scope, created_at, last_used_at, revoked_at
+FROM api_tokens
+ORDER BY created_at, id
+
+-- name: revoke_api_token
+UPDATE api_tokens SET revoked_at = now()
+WHERE name = %(name)s AND revoked_at IS NULL
+RETURNING id
+
+-- name: count_live_api_tokens
+SELECT count(*)::integer AS n FROM api_tokens WHERE revoked_at IS NULL
+
+-- name: select_live_api_token
+SELECT id, name, scope FROM api_tokens
+WHERE token_sha256 = %(token_sha256)s AND revoked_at IS NULL
+
+-- name: touch_api_token
+-- At most one write per %(interval_s)s per token, whichever API process asks.
+UPDATE api_tokens SET last_used_at = now()
+WHERE id = %(id)s
+  AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => %(interval_s)s))
+
 -- name: ping
 SELECT 1 AS ok
 
