@@ -9,6 +9,8 @@ the agents only (the API accepts tools of live agents)."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -364,26 +366,49 @@ def test_outcome_whose_lease_expired_is_refused_and_the_log_says_lease_lost(
     assert (fresh["state"], fresh["lease_token"]) == ("recorded", x["lease_token"])
 
 
-def test_refused_token_exits_2_with_the_message(db_url: str, tmp_path: Path) -> None:
-    port = free_port()
-    api1 = start_api(db_url, tmp_path, port, PGDAG_API_TOKEN="sesame")
-    try:
-        server = f"http://127.0.0.1:{port}"
-        bad = start_agent(db_url, tmp_path, server, "bad", "--token", "wrong")
-        assert bad.popen.wait(timeout=30) == 2
-        assert "refused agent bad (401)" in bad.output(), bad.output()
-        good = start_agent(db_url, tmp_path, server, "good", PGDAG_AGENT_TOKEN="sesame")
+def create_token(db_url: str, name: str, scope: str) -> str:
+    """``python -m engine token create NAME --scope SCOPE``: the token it prints."""
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "token", "create", name, "--scope", scope],
+        env=base_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_tokens_an_agent_token_works_others_exit_2_with_the_message(
+    db_url: str, tmp_path: Path
+) -> None:
+    agent_token = create_token(db_url, "laptops", "agent")
+    submit_token = create_token(db_url, "ci", "submit")
+    with api(db_url, tmp_path) as server:
+        unknown = start_agent(db_url, tmp_path, server, "unknown", "--token", "pgdag_wrong")
+        assert unknown.popen.wait(timeout=30) == 2
+        assert "refused agent unknown (401)" in unknown.output(), unknown.output()
+        unknown.stop()
+        wrong_scope = start_agent(
+            db_url, tmp_path, server, "submitter", PGDAG_AGENT_TOKEN=submit_token
+        )
+        assert wrong_scope.popen.wait(timeout=30) == 2
+        assert "refused agent submitter (403)" in wrong_scope.output(), wrong_scope.output()
+        assert "scope submit" in wrong_scope.output()
+        wrong_scope.stop()
+        good = start_agent(db_url, tmp_path, server, "good", PGDAG_AGENT_TOKEN=agent_token)
         try:
-            wait_for(
-                lambda: query(db_url, "SELECT 1 FROM workers WHERE id = 'good'"),
-                timeout_s=30,
-                what="registered with the token from PGDAG_AGENT_TOKEN",
+            r = httpx.post(
+                f"{server}/runs",
+                json={"steps": [delay("a", 0)]},
+                headers={"Authorization": f"Bearer {submit_token}"},
+                timeout=10,
             )
+            assert r.status_code == 201, r.text
+            assert wait_run_finished(db_url, r.json()["id"], timeout_s=30) == "completed"
         finally:
-            assert good.stop() == 0
-        bad.stop()
-    finally:
-        api1.stop()
+            assert good.stop() == 0, good.output()
 
 
 def test_sigterm_releases_the_running_step_and_marks_the_agent_stopped(
