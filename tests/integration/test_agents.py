@@ -8,6 +8,8 @@ the agents only (the API accepts tools of live agents)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -469,3 +471,58 @@ def test_failures_retry_and_nasty_error_text_reach_the_api(db_url: str, tmp_path
     assert sorted(states) == sorted([("failed", "recorded")] * 3 + [("succeeded", "recorded")]), (
         states
     )
+
+
+def test_supervised_agents_restart_with_their_own_logs(db_url: str, tmp_path: Path) -> None:
+    """``--processes 2`` with ``--server``: two agents sup-1 and sup-2, each with a log of
+    its own although they share ``--agent-log``; one killed is restarted, and its restarts
+    and exit show in GET /workers."""
+    with api(db_url, tmp_path) as server:
+        sup = Proc(
+            [
+                "-m",
+                "workers",
+                "--processes",
+                "2",
+                "--server",
+                server,
+                "--worker-id",
+                "sup",
+                "--agent-log",
+                str(tmp_path / "agent.sqlite3"),
+            ],
+            agent_env(
+                db_url,
+                PGDAG_RESTART_BACKOFF_FIRST="0.2",
+                PGDAG_RESTART_BACKOFF_MAX="1",
+            ),
+            tmp_path / "supervisor.log",
+        )
+        try:
+
+            def agents() -> dict[str, dict[str, Any]]:
+                body = httpx.get(f"{server}/workers", timeout=10).json()
+                return {w["id"]: w for w in body["workers"] if w["status"] == "running"}
+
+            first = wait_for(
+                lambda: a if set(a := agents()) == {"sup-1", "sup-2"} else None,
+                timeout_s=30,
+                what="two supervised agents",
+            )
+            assert {w["kind"] for w in first.values()} == {"agent"}
+            run_id = post_run(server, {"steps": [delay(f"s{i}", 0) for i in range(6)]})
+            assert wait_run_finished(db_url, run_id, timeout_s=30) == "completed"
+            os.kill(first["sup-1"]["pid"], signal.SIGKILL)
+            again = wait_for(
+                lambda: (w := agents().get("sup-1")) and w["restarts"] == 1 and w,
+                timeout_s=30,
+                what="sup-1 restarted",
+            )
+            assert again["lastExitCode"] == -signal.SIGKILL
+            assert again["pid"] != first["sup-1"]["pid"]
+        finally:
+            code = sup.stop()
+        assert code == 0, sup.output()
+        assert (tmp_path / "agent-sup-1.sqlite3").exists()
+        assert (tmp_path / "agent-sup-2.sqlite3").exists()
+        assert not (tmp_path / "agent.sqlite3").exists()
