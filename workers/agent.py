@@ -453,7 +453,7 @@ class AgentBackend:
             while todo:
                 tries += 1
                 try:
-                    results.update(await self._send(todo))
+                    await self._send(todo, results)
                     if tries > 1:
                         logger.info(
                             "agent %s: report of %d outcome(s) answered at try %d",
@@ -464,6 +464,7 @@ class AgentBackend:
                     break
                 except ApiUnavailable as exc:
                     now = time.monotonic()
+                    todo = [r for r in todo if r.key not in results]  # not answered yet
                     lasting = [r for r in todo if self._lease_ends.get(r.key, 0) > now]
                     for r in todo:
                         if r not in lasting:
@@ -495,11 +496,16 @@ class AgentBackend:
                 self._flush_wake.set()  # left pending: the re-sender takes over
         return results
 
-    async def _send(self, rows: Sequence[LoggedOutcome]) -> dict[tuple[int, int], dict[str, Any]]:
+    async def _send(
+        self,
+        rows: Sequence[LoggedOutcome],
+        results: dict[tuple[int, int], dict[str, Any]] | None = None,
+    ) -> dict[tuple[int, int], dict[str, Any]]:
         """Report `rows` (in as many requests as the caps need) and record each answer in
-        the log; the results by key. Raises `ApiUnavailable` at the first request not
-        answered (those before it are recorded)."""
-        results: dict[tuple[int, int], dict[str, Any]] = {}
+        the log; the results by key, also put in `results` as they come. Raises
+        `ApiUnavailable` at the first request not answered (the answers before it are in
+        `results` and the log: a retry sends only the others)."""
+        results = {} if results is None else results
         for chunk in self._chunks(rows):
             await asyncio.to_thread(self.log.sent, [r.key for r in chunk])
             try:
@@ -507,7 +513,7 @@ class AgentBackend:
             except ProtocolError as exc:
                 if len(chunk) > 1:  # find the one the API cannot take; send the others
                     for row in chunk:
-                        results.update(await self._send([row]))
+                        await self._send([row], results)
                     continue
                 logger.error("agent %s: report of %s refused: %s", self.worker_id, chunk[0], exc)
                 answers = [{"result": "refused", "code": "invalid_request", "message": str(exc)}]

@@ -526,3 +526,24 @@ def test_supervised_agents_restart_with_their_own_logs(db_url: str, tmp_path: Pa
         assert (tmp_path / "agent-sup-1.sqlite3").exists()
         assert (tmp_path / "agent-sup-2.sqlite3").exists()
         assert not (tmp_path / "agent.sqlite3").exists()
+
+
+def test_cancelled_run_stops_the_agents_attempt_by_heartbeat(db_url: str, tmp_path: Path) -> None:
+    """A lease the heartbeat answer lists as lost (the run was cancelled) ends the attempt
+    at once: the agent does not run the minute-long step to its end."""
+    with api(db_url, tmp_path) as server:
+        a0 = start_agent(db_url, tmp_path, server, "a0")
+        try:
+            run_id = post_run(server, {"steps": [delay("long", 60_000)]})
+            wait_for(lambda: running_on(db_url, run_id, "a0"), timeout_s=30, what="a0 runs it")
+            r = httpx.post(f"{server}/runs/{run_id}/cancel", json={}, timeout=10)
+            assert r.status_code == 200, r.text
+            wait_for(
+                lambda: "lease lost; abandoning the attempt" in a0.output(),
+                timeout_s=10,
+                what="the agent abandons the attempt",
+            )
+        finally:
+            code = a0.stop()
+        assert code == 0, a0.output()
+        assert log_rows(tmp_path, "a0") == []  # nothing to report
