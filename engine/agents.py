@@ -404,6 +404,7 @@ async def claim(request: Request) -> Response:
     ready: ReadySignal = request.app.state.ready
     loop = asyncio.get_running_loop()
     deadline = loop.time() + body.wait_ms / 1000
+    touched = loop.time()
     tools = sorted(set(body.tools))
     while True:
         seen = ready.generation()
@@ -419,11 +420,24 @@ async def claim(request: Request) -> Response:
         remaining = deadline - loop.time()
         if remaining <= 0:
             return JSONResponse({"steps": []})
-        # Woken by NOTIFY; re-polls anyway (a NOTIFY sent while not listening is lost).
+        # Woken by NOTIFY; re-polls anyway (a NOTIFY sent while not listening is lost), and
+        # at least every third of the lease TTL, when the agent's row is refreshed.
         repoll_s = settings.poll_interval_s * (0.8 + random.random() * 0.4)
-        await ready.wait(seen, min(remaining, repoll_s))
+        try:
+            await ready.wait(seen, min(remaining, repoll_s, settings.lease_ttl_s / 3))
+        except asyncio.CancelledError:
+            # The server is stopping (`serve` cancels requests still running
+            # PGDAG_SHUTDOWN_GRACE seconds after SIGTERM): nothing was claimed in this wait,
+            # so answer like a wait that ran out instead of dropping the connection.
+            return JSONResponse({"steps": []}, headers={"Connection": "close"})
         if await request.is_disconnected():
             return JSONResponse({"steps": []})  # nobody to hand steps to: claim nothing
+        if loop.time() - touched >= settings.lease_ttl_s / 3:
+            # A waiting agent is a live one (GET /workers, POST /runs' tool check), even
+            # when it waits longer than the lease TTL.
+            touched = loop.time()
+            if not await store.agent_touch(body.agent_id):
+                return _not_registered(body.agent_id)  # it said it stopped meanwhile
 
 
 async def heartbeat(request: Request) -> Response:
@@ -457,11 +471,13 @@ async def heartbeat(request: Request) -> Response:
 
 
 def _without_outputs(body: Any) -> Any:
-    """The report body whose text is checked up front: outputs are checked one by one."""
+    """The report body whose text is checked up front: outputs are checked one by one (an
+    unstorable one refuses its outcome, not the batch), errors are stored with visible
+    escapes (`engine.jsonb.storable_text`)."""
     if not isinstance(body, dict) or not isinstance(body.get("outcomes"), list):
         return body
     outcomes = [
-        {k: v for k, v in o.items() if k != "output"} if isinstance(o, dict) else o
+        {k: v for k, v in o.items() if k not in ("output", "error")} if isinstance(o, dict) else o
         for o in body["outcomes"]
     ]
     return {**body, "outcomes": outcomes}

@@ -1,5 +1,7 @@
-"""The HTTP API (Starlette): runs, their events, cancel, retry, workers, health; and the
-WebSocket routes (`engine.ws`) fed by this process's `engine.live.EventHub`.
+"""The HTTP API (Starlette): runs, their events, cancel, retry, workers, health; the agent
+protocol (`engine.agents`, ``POST /agent/*``, whose long-polls wait on this process's one
+`engine.ready.ReadySignal`); and the WebSocket routes (`engine.ws`) fed by this process's
+`engine.live.EventHub`.
 
 JSON in and out, camelCase fields. Errors are ``{"error": code, "message": text}`` plus
 ``"problems"`` (each naming the step, the field and the problem) for a refused run.

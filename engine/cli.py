@@ -109,6 +109,10 @@ def cmd_serve(args: argparse.Namespace, *, app_factory: AppFactory) -> int:
         # more CPU than sending it. Clients send nothing worth more than a few bytes.
         ws_per_message_deflate=False,
         ws_max_size=WS_MAX_MESSAGE_BYTES,
+        # On SIGTERM, requests still running after PGDAG_SHUTDOWN_GRACE seconds are
+        # cancelled: an agent's long-poll (up to PGDAG_AGENT_MAX_WAIT) must not hold a
+        # restart for its whole wait. The agent sees the connection close and claims again.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
     return 0
 

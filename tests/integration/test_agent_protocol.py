@@ -7,6 +7,9 @@ tests/support.base_env)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -15,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from tests.support import api_server, query, wait_for
+from tests.support import Proc, api_server, base_env, free_port, query, wait_for
 
 ECHO = "agent.echo"
 
@@ -178,9 +181,10 @@ def test_agent_only_pool_completes_a_dag_with_data_flow(client: httpx.Client) ->
 
 
 def test_long_poll_wakes_on_notify(db_url: str, tmp_path: Path) -> None:
-    # Re-polls every 30 s: an answer within seconds can only come from the NOTIFY.
+    # Re-polls every 30 s (and every third of a 60 s lease TTL): an answer within seconds can
+    # only come from the NOTIFY.
     with (
-        api_server(db_url, tmp_path, PGDAG_POLL_INTERVAL="30") as base,
+        api_server(db_url, tmp_path, PGDAG_POLL_INTERVAL="30", PGDAG_LEASE_TTL="60") as base,
         httpx.Client(base_url=base, timeout=60) as client,
     ):
         agent = RawAgent(client, "poller", [ECHO])
@@ -344,15 +348,31 @@ def test_output_refused_fails_that_outcome_only(client: httpx.Client) -> None:
     agent.register()
     run_id = submit(
         client,
-        [{"name": "x", "tool": ECHO, "input": {}}, {"name": "y", "tool": ECHO, "input": {}}],
+        [
+            {"name": "x", "tool": ECHO, "input": {}},
+            {"name": "y", "tool": ECHO, "input": {}},
+            {"name": "z", "tool": ECHO, "input": {}},
+        ],
     )
-    x, y = sorted(agent.claim(n=2), key=lambda s: s["name"])
-    bad, good = agent.report(success(x, {"text": "a\u0000b"}), success(y, {"fine": 1}))
+    x, y, z = sorted(agent.claim(n=3), key=lambda s: s["name"])
+    bad, good, failed = agent.report(
+        success(x, {"text": "a\u0000b"}),
+        success(y, {"fine": 1}),
+        {
+            "stepId": z["stepId"],
+            "leaseToken": z["leaseToken"],
+            "status": "failed",
+            "error": "nul\u0000in the error",
+            "retryable": False,
+        },
+    )
     assert bad["result"] == "refused" and bad["code"] == "output_refused", bad
     assert good["result"] == "recorded"
+    assert failed["result"] == "recorded" and failed["deadLetter"] is True
     steps = {s["name"]: s for s in get_run(client, run_id)["steps"]}
     assert steps["x"]["status"] == "dead_letter" and "output.text" in steps["x"]["error"]
     assert steps["y"]["status"] == "succeeded"
+    assert steps["z"]["status"] == "dead_letter" and steps["z"]["error"].startswith("nul")
 
 
 def test_malformed_bodies_and_unknown_agents(db_url: str, tmp_path: Path) -> None:
@@ -415,3 +435,141 @@ def test_malformed_bodies_and_unknown_agents(db_url: str, tmp_path: Path) -> Non
         assert {"/agent/register", "/agent/claim", "/agent/heartbeat", "/agent/report"} <= set(
             doc["paths"]
         )
+
+
+def test_sigterm_cuts_a_long_poll_after_the_grace(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    proc = Proc(
+        ["-m", "engine", "serve", "--port", str(port)],
+        base_env(db_url, PGDAG_SHUTDOWN_GRACE="1", PGDAG_POLL_INTERVAL="30"),
+        tmp_path / "api.log",
+    )
+    base = f"http://127.0.0.1:{port}"
+    outcome: list[object] = []
+    try:
+        wait_for(lambda: _healthy(base, proc), what="API health")
+        with httpx.Client(base_url=base, timeout=60) as client:
+            RawAgent(client, "sleeper", [ECHO]).register()
+        query(db_url, "UPDATE workers SET last_heartbeat_at = now() - interval '1 hour'")
+
+        def long_poll() -> None:
+            with httpx.Client(base_url=base, timeout=60) as own:
+                try:
+                    outcome.append(RawAgent(own, "sleeper", [ECHO]).claim(wait_ms=25_000))
+                except httpx.HTTPError as exc:  # the connection closed under it
+                    outcome.append(exc)
+
+        thread = threading.Thread(target=long_poll)
+        thread.start()
+        wait_for(
+            lambda: query(
+                db_url,
+                "SELECT 1 FROM workers WHERE id = 'sleeper' "
+                "AND last_heartbeat_at > now() - interval '1 minute'",
+            ),
+            what="the long-poll to reach the API",
+        )
+        stopping = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        proc.popen.wait(timeout=15)
+        assert time.monotonic() - stopping < 10, "SIGTERM waited out the 25 s long-poll"
+        thread.join(timeout=15)
+        assert outcome == [[]], outcome  # an empty claim, as if its wait had run out
+    finally:
+        proc.stop()
+
+
+def _healthy(base: str, proc: Proc) -> bool:
+    if proc.popen.poll() is not None:
+        raise AssertionError("API exited:\n" + proc.output())
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_an_agent_waiting_longer_than_the_lease_ttl_stays_alive(
+    client: httpx.Client, db_url: str
+) -> None:
+    agent = RawAgent(client, "patient", [ECHO])
+    agent.register()
+    assert agent.claim(wait_ms=3000) == []  # 1.5 lease TTLs
+    [row] = query(
+        db_url,
+        "SELECT now() - last_heartbeat_at < interval '1.5 seconds' AS fresh "
+        "FROM workers WHERE id = 'patient'",
+    )
+    assert row["fresh"], "the row was not refreshed during the wait"
+    [seen] = [w for w in client.get("/workers").json()["workers"] if w["id"] == "patient"]
+    assert seen["alive"] is True
+    # Its tool is still accepted by POST /runs.
+    submit(client, [{"name": "later", "tool": ECHO, "input": {}}])
+
+
+def test_a_silent_agents_step_goes_to_another_agent(client: httpx.Client) -> None:
+    """An agent that dies mid-step stops heartbeating: its lease expires, the reaper
+    requeues the step, another agent's long-poll gets it (a new attempt and token), and
+    the dead one's late report is refused."""
+    dead, alive = RawAgent(client, "dies", [ECHO]), RawAgent(client, "lives", [ECHO])
+    dead.register()
+    alive.register()
+    run_id = submit(client, [{"name": "job", "tool": ECHO, "input": {"n": 7}}])
+    [first] = dead.claim()
+    [second] = wait_for(lambda: alive.claim(wait_ms=1000), what="the step to be handed over")
+    assert second["stepId"] == first["stepId"] and second["attempt"] == 2
+    assert second["leaseToken"] > first["leaseToken"]
+    assert second["idempotencyKey"] == first["idempotencyKey"]
+    [late] = dead.report(success(first, {"from": "the dead"}))
+    assert late["result"] == "refused" and late["code"] == "lease_lost"
+    [ok] = alive.report(success(second, {"from": "the living"}))
+    assert ok["result"] == "recorded"
+    run = get_run(client, run_id)
+    assert run["status"] == "completed"
+    assert run["steps"][0]["output"] == {"from": "the living"}
+    events = [e["event"] for e in client.get(f"/runs/{run_id}/events").json()["events"]]
+    assert events.count("step_succeeded") == 1
+
+
+def _token(db_url: str, name: str, scope: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "token", "create", name, "--scope", scope],
+        env=base_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_an_agent_token_runs_the_protocol_and_nothing_else(db_url: str, tmp_path: Path) -> None:
+    agent_token = _token(db_url, "laptop", "agent")
+    submit_token = _token(db_url, "ci", "submit")
+    with api_server(db_url, tmp_path) as base:
+        agent_client = httpx.Client(
+            base_url=base, timeout=60, headers={"Authorization": f"Bearer {agent_token}"}
+        )
+        submit_client = httpx.Client(
+            base_url=base, timeout=60, headers={"Authorization": f"Bearer {submit_token}"}
+        )
+        with agent_client, submit_client:
+            agent = RawAgent(agent_client, "tokened", [ECHO])
+            agent.register()
+            run_id = submit(submit_client, [{"name": "t", "tool": ECHO, "input": {"x": 1}}])
+            [step] = agent.claim(wait_ms=2000)
+            beat = agent.heartbeat((step["stepId"], step["leaseToken"]))
+            assert beat["lost"] == []
+            [result] = agent.report(success(step, {"ok": True}))
+            assert result["result"] == "recorded"
+            assert get_run(submit_client, run_id)["status"] == "completed"
+            # Outside their scopes: an agent token submits nothing, a submit token claims
+            # nothing; without a token, nothing at all.
+            r = agent_client.post("/runs", json={"steps": [{"name": "x", "tool": ECHO}]})
+            assert r.status_code == 403 and r.json()["error"] == "forbidden"
+            r = submit_client.post(
+                "/agent/claim", json={"agentId": "tokened", "tools": [ECHO], "max": 1}
+            )
+            assert r.status_code == 403 and r.json()["error"] == "forbidden"
+            r = httpx.post(f"{base}/agent/register", json={}, timeout=10)
+            assert r.status_code == 401
