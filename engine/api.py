@@ -301,7 +301,14 @@ async def metrics_text(request: Request) -> Response:
     at most once a second (`engine.metrics.QueueCollector`). 503 when Postgres does not
     answer the gauges' queries within `engine.metrics.SCRAPE_TIMEOUT_S` seconds."""
     collector: metrics.QueueCollector = request.app.state.queue_metrics
-    await asyncio.wait_for(collector.refresh(), metrics.SCRAPE_TIMEOUT_S)
+    try:
+        await asyncio.wait_for(collector.refresh(), metrics.SCRAPE_TIMEOUT_S)
+    except TimeoutError:  # (a pool timeout is an OperationalError: _db_down answers it)
+        return _error(
+            503,
+            "database_unavailable",
+            f"postgres did not answer the metrics queries in {metrics.SCRAPE_TIMEOUT_S:g} s",
+        )
     body = metrics.render() + metrics.render(request.app.state.metrics_registry)
     return Response(body, media_type=metrics.CONTENT_TYPE)
 
