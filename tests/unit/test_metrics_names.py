@@ -155,3 +155,9 @@ def test_the_documented_alert_rules_parse_and_name_real_metrics() -> None:
     for rule in rules:
         names = set(re.findall(r"pgdag_[a-z0-9_]+", rule["expr"]))
         assert names and names <= exported, (rule["alert"], names - exported)
+
+
+def test_only_admin_may_read_metrics() -> None:
+    from engine.tokens import SCOPES, allows
+
+    assert [s for s in SCOPES if allows(s, "GET", "/metrics")] == ["admin"]
