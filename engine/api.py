@@ -11,6 +11,8 @@ to, 401 without a token (when one is configured: ``PGDAG_API_TOKEN`` or a live s
 request, and 415 for a POST that is not ``Content-Type: application/json``; CORS only for
 ``PGDAG_CORS_ORIGINS``.
 The API process also runs a reaper loop (one reaper at a time across all processes).
+``GET /metrics`` (admin scope) exports Prometheus metrics: this process's counters and the
+queue and Postgres-health gauges (`engine.metrics`; docs/operations.md, "Metrics").
 """
 
 from __future__ import annotations
