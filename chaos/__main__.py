@@ -442,14 +442,10 @@ def _verdict(
         agent_kills = sum(1 for k in chaos.kills if k.worker_id in chaos.agents)
         table.add_row("  of them agents (restarted with their log)", str(agent_kills), "")
         table.add_row("agent-API link cuts", str(chaos.link_cuts), "")
+        downs = ", ".join(f"{d:.1f}s" for d in chaos.api_restarts)
         table.add_row(
-            "API kill -9 and restarts (down s)",
-            f"{len(chaos.api_restarts)}"
-            + (
-                f" ({', '.join(f'{d:.1f}' for d in chaos.api_restarts)})"
-                if chaos.api_restarts
-                else ""
-            ),
+            "API kill -9 and restarts (down for)",
+            f"{len(chaos.api_restarts)}" + (f" ({downs})" if downs else ""),
             "",
         )
         table.add_row(
