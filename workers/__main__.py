@@ -1,5 +1,7 @@
 """``python -m workers`` and the ``pgdag-worker`` console script: run one worker process
-until SIGTERM/SIGINT."""
+until SIGTERM/SIGINT, on Postgres (`workers.database.DatabaseBackend`) or, with ``--server
+URL``, as an agent of the API (`workers.agent.AgentBackend`, no ``DATABASE_URL``); with
+``--processes N``, N of them under a supervisor."""
 
 from __future__ import annotations
 
