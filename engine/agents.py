@@ -34,12 +34,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine import metrics
 from engine.bodies import json_body
 from engine.config import Settings
 from engine.errors import LeaseLost, OutputRefused, UnstorableJson, ValidationFailed
 from engine.openapi import Operation, Reply
 from engine.ready import ReadySignal
-from engine.store import Store
+from engine.store import StepState, Store
 from engine.transitions import ClaimedStep, output_json
 
 logger = logging.getLogger(__name__)
@@ -409,6 +410,8 @@ async def claim(request: Request) -> Response:
     while True:
         seen = ready.generation()
         claimed = await store.claim(body.agent_id, body.max, tools=tools)
+        for step in claimed:
+            metrics.observe_seconds(metrics.READY_TO_START, step.tool, step.ready_wait_s)
         handed = [s for s in claimed if not (s.input_error or s.map_expand or s.map_join)]
         for step in claimed:
             if step.input_error or step.map_expand or step.map_join:
@@ -502,6 +505,41 @@ def _recorded(outcome: Succeeded | Failed, **extra: Any) -> dict[str, Any]:
     }
 
 
+def _count_report(
+    outcomes: list[Succeeded | Failed],
+    results: list[dict[str, Any] | None],
+    states: dict[int, StepState],
+) -> None:
+    """Count a report's outcomes in `engine.metrics` (duplicates were counted the first
+    time): attempts by outcome, their durations, retries, dead letters and fencing refusals.
+    A step that does not exist (a bogus id) is counted under tool ``unknown``."""
+    for outcome, result in zip(outcomes, results, strict=True):
+        if result is None or result.get("duplicate"):
+            continue
+        state = states.get(outcome.step_id)
+        tool = state.tool if state is not None else "unknown"
+        if result["result"] == "refused":
+            code = result["code"]
+            metrics.ATTEMPTS.labels(
+                tool=tool, outcome=code if code == "lease_lost" else "refused"
+            ).inc()
+            if code == "lease_lost":
+                metrics.FENCING_REFUSALS.labels(tool=tool).inc()
+            else:  # output_refused: the attempt was failed for good instead
+                metrics.DEAD_LETTERS.labels(tool=tool).inc()
+            continue
+        if state is not None and state.lease_token == outcome.lease_token:
+            metrics.observe_seconds(metrics.ATTEMPT_DURATION, tool, state.running_s)
+        if isinstance(outcome, Succeeded):
+            metrics.ATTEMPTS.labels(tool=tool, outcome="succeeded").inc()
+            continue
+        metrics.ATTEMPTS.labels(tool=tool, outcome="failed").inc()
+        if result.get("deadLetter"):
+            metrics.DEAD_LETTERS.labels(tool=tool).inc()
+        else:
+            metrics.RETRIES.labels(tool=tool).inc()
+
+
 async def report(request: Request) -> Response:
     """Record a batch of outcomes, each under its own token; one result per outcome."""
     body: ReportRequest = await json_body(request, ReportRequest, text_checked=_without_outputs)
@@ -511,10 +549,15 @@ async def report(request: Request) -> Response:
     agent_id = body.agent_id
     results: list[dict[str, Any] | None] = [None] * len(body.outcomes)
     successes = [(i, o) for i, o in enumerate(body.outcomes) if isinstance(o, Succeeded)]
-    states = await store.lease_states([o.step_id for _, o in successes]) if successes else {}
+    # One read for the duplicates check and the metrics' tool labels and durations.
+    states = await store.step_states([o.step_id for o in body.outcomes])
     batch: list[tuple[int, Succeeded, str]] = []
     for i, success in successes:
-        if states.get(success.step_id) == ("succeeded", success.lease_token):
+        state = states.get(success.step_id)
+        if state is not None and (state.status, state.lease_token) == (
+            "succeeded",
+            success.lease_token,
+        ):
             results[i] = _recorded(success, duplicate=True)  # its first answer was lost
             continue
         try:
@@ -578,6 +621,7 @@ async def report(request: Request) -> Response:
             )
         else:
             results[i] = _recorded(outcome, deadLetter=True)
+    _count_report(body.outcomes, results, states)
     refused = sum(1 for r in results if r is not None and r["result"] == "refused")
     if refused:
         logger.info("agent %s: %d of %d outcome(s) refused", agent_id, refused, len(results))

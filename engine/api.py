@@ -11,6 +11,8 @@ to, 401 without a token (when one is configured: ``PGDAG_API_TOKEN`` or a live s
 request, and 415 for a POST that is not ``Content-Type: application/json``; CORS only for
 ``PGDAG_CORS_ORIGINS``.
 The API process also runs a reaper loop (one reaper at a time across all processes).
+``GET /metrics`` (admin scope) exports Prometheus metrics: this process's counters and the
+queue and Postgres-health gauges (`engine.metrics`; docs/operations.md, "Metrics").
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import replace
 from importlib import metadata
 from typing import Any, get_args
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -37,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from engine import agents, openapi, responses, ws
+from engine import agents, metrics, openapi, responses, ws
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings
@@ -202,6 +205,7 @@ async def cancel_run(request: Request) -> Response:
     run_id = _run_id(request)
     store = _store(request)
     await store.cancel_run(run_id)
+    metrics.CANCELLATIONS.inc()
     return _json_text(await store.get_run_json(run_id))
 
 
@@ -293,6 +297,24 @@ async def list_workers(request: Request) -> Response:
     return JSONResponse({"workers": await _store(request).list_workers()})
 
 
+async def metrics_text(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format (docs/operations.md, "Metrics"):
+    this process's counters and histograms, and the queue and Postgres-health gauges read
+    at most once a second (`engine.metrics.QueueCollector`). 503 when Postgres does not
+    answer the gauges' queries within `engine.metrics.SCRAPE_TIMEOUT_S` seconds."""
+    collector: metrics.QueueCollector = request.app.state.queue_metrics
+    try:
+        await asyncio.wait_for(collector.refresh(), metrics.SCRAPE_TIMEOUT_S)
+    except TimeoutError:  # (a pool timeout is an OperationalError: _db_down answers it)
+        return _error(
+            503,
+            "database_unavailable",
+            f"postgres did not answer the metrics queries in {metrics.SCRAPE_TIMEOUT_S:g} s",
+        )
+    body = metrics.render() + metrics.render(request.app.state.metrics_registry)
+    return Response(body, media_type=metrics.CONTENT_TYPE)
+
+
 @functools.cache
 def _openapi_document() -> bytes:
     """The OpenAPI document of `OPERATIONS`, encoded once (it changes only with the code)."""
@@ -328,6 +350,7 @@ routes = [
     Route("/runs/{run_id}/replay", replay_run, methods=["POST"]),
     Route("/workers", list_workers, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/metrics", metrics_text, methods=["GET"]),
     *agents.routes,
     WebSocketRoute("/ws", ws.all_events),
     WebSocketRoute("/ws/runs/{run_id}", ws.run_events),
@@ -505,6 +528,14 @@ OPERATIONS: list[Operation] = [
         "This document",
         {200: Reply(None, "the OpenAPI 3.1 document of this API")},
     ),
+    Operation(
+        "GET",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics (text exposition format; admin scope)",
+        {200: Reply(None, "the metrics, text/plain; version=0.0.4")},
+        errors={503: "postgres is not answering"},
+    ),
     *agents.OPERATIONS,
 ]
 
@@ -543,15 +574,21 @@ async def _reaper_loop(store: Store, interval_s: float, gate: SchemaGate) -> Non
         if await gate.current() is not None:
             continue  # no schema to reap in (yet); /health says so
         try:
-            reaped = await store.reap()
+            reaped = await store.reap_detailed()
         except RETRYABLE as exc:
             logger.debug("reaper pass failed: %s", exc)
             continue
         except Exception:  # keep reaping after an unexpected error
             logger.exception("reaper pass failed")
             continue
-        if reaped:
-            logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped)
+        if reaped is None:
+            continue  # another process holds the reaper lock
+        metrics.LEASE_EXPIRIES.inc(len(reaped.expired))
+        for tool, status in reaped.expired:
+            if status == "dead_letter":
+                metrics.DEAD_LETTERS.labels(tool=tool).inc()
+        if reaped.total:
+            logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped.total)
 
 
 def create_app(
@@ -606,6 +643,11 @@ def create_app(
         # One LISTEN pgdag_ready for every agent's long-poll of this process.
         app.state.ready = ready = ReadySignal(url)
         await ready.start()
+        app.state.metrics_registry = CollectorRegistry(auto_describe=True)
+        app.state.queue_metrics = metrics.QueueCollector(
+            pool, lease_ttl_s=settings.lease_ttl_s, tools=registered_tools()
+        )
+        app.state.metrics_registry.register(app.state.queue_metrics)
         reaper = asyncio.create_task(
             _reaper_loop(app.state.store, settings.reaper_interval_s, gate)
         )

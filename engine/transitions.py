@@ -102,6 +102,9 @@ class ClaimedStep:
     map_expand: bool = False
     map_join: bool = False
     may_skip_children: bool = True
+    # Seconds from the step's ready time (availableAt) to this claim, on the database clock
+    # (`engine.metrics.READY_TO_START`); None when not known.
+    ready_wait_s: float | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -216,6 +219,7 @@ async def claim_steps(
             idempotent=r["idempotent"],
             lease_token=r["lease_token"],
             lease_expires_at=r["lease_expires_at"],
+            ready_wait_s=r["ready_wait_s"],
         )
         for r in rows
     ]
@@ -519,12 +523,27 @@ async def release_steps(conn: Conn, leases: list[tuple[int, int]], *, worker_id:
     return len(rows)
 
 
-async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> int | None:
+@dataclass(frozen=True)
+class Reaped:
+    """What one reaper pass did: `expired` is ``(tool, new_status)`` of each step whose
+    lease expired (``ready``: requeued; ``dead_letter``), `promoted` the delayed roots made
+    ready."""
+
+    expired: list[tuple[str, str]]
+    promoted: int
+
+    @property
+    def total(self) -> int:
+        """Steps requeued, dead-lettered or made ready."""
+        return len(self.expired) + self.promoted
+
+
+async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None:
     """The reaper's pass: requeue (or dead-letter) running steps whose lease expired, and
     make ready the delayed roots whose run's startAt has come.
 
     Only one process reaps at a time (a transaction-scoped advisory lock); returns None when
-    another holds it, else the number of steps requeued, dead-lettered or made ready.
+    another holds it, else what was done (`Reaped`).
     """
     async with conn.transaction():
         cur = await conn.execute(queries["reaper_try_lock"])
@@ -538,7 +557,9 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> int | None:
             await _after_dead_letters(conn, dead)
         cur = await conn.execute(queries["promote_due_steps"], {"limit": limit})
         due = await cur.fetchone()
-    return len(rows) + (int(due["n"]) if due else 0)
+    return Reaped(
+        expired=[(r["tool"], r["status"]) for r in rows], promoted=int(due["n"]) if due else 0
+    )
 
 
 async def prune_finished_runs(conn: Conn, *, retention_s: float, limit: int = 100) -> int:

@@ -15,11 +15,13 @@ SELECT coalesce((SELECT max(id) FROM audit_log), 0) AS max_id,
 -- %(gap_hi)s[i]); snap_xmin, the oldest transaction id still running when the one snapshot
 -- of this statement was taken (a single statement in autocommit, so pg_current_snapshot()
 -- is the snapshot the rows were read under); and when %(probe)s, probe_xid: a transaction id
--- assigned to this statement after that snapshot (see live_start). The snap row is always
+-- assigned to this statement after that snapshot (see live_start); read_at, the database's
+-- clock when read (the LISTEN lag metric). The snap row is always
 -- returned (LEFT JOIN), with NULL event columns when nothing is new.
 WITH snap AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS snap_xmin,
-           CASE WHEN %(probe)s THEN pg_current_xact_id()::text::bigint END AS probe_xid
+           CASE WHEN %(probe)s THEN pg_current_xact_id()::text::bigint END AS probe_xid,
+           clock_timestamp() AS read_at
 ), fresh AS (
     SELECT id, run_id, step_id, step_name, event, from_status, to_status, attempt,
            lease_token, worker_id, detail, created_at
@@ -35,7 +37,7 @@ WITH snap AS (
 ), found AS (
     SELECT * FROM fresh UNION ALL SELECT * FROM late
 )
-SELECT snap.snap_xmin, snap.probe_xid, found.*
+SELECT snap.snap_xmin, snap.probe_xid, snap.read_at, found.*
 FROM snap LEFT JOIN found ON true
 ORDER BY found.id
 

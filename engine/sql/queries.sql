@@ -129,6 +129,7 @@ WITH picked AS MATERIALIZED (
     WHERE s.id = chosen.id
     RETURNING s.id, s.run_id, s.name, s.tool, s.input, s.attempt, s.max_attempts,
               s.timeout_ms, s.idempotent, s.lease_token, s.lease_expires_at, s.resolved_input,
+              extract(epoch FROM s.started_at - s.available_at)::float8 AS ready_wait_s,
               s.map_path IS NOT NULL AND s.map_width IS NULL AS map_expand,
               s.map_width IS NOT NULL AS map_join, s.may_skip_children
 ), started_runs AS (
@@ -262,7 +263,8 @@ FROM steps WHERE id = %(id)s
 
 -- name: steps_lease_state
 -- The same for several attempts at once (a batch of successes of which some matched nothing).
-SELECT id, status, lease_token, lease_expires_at > now() AS lease_live
+SELECT id, tool, status, lease_token, lease_expires_at > now() AS lease_live,
+       extract(epoch FROM now() - started_at)::float8 AS running_s
 FROM steps WHERE id = ANY(%(ids)s::bigint[])
 
 -- name: fail_attempt
@@ -366,8 +368,8 @@ WITH expired AS (
         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     FROM expired x
     WHERE s.id = x.id
-    RETURNING s.id, s.run_id, s.name, s.status, s.attempt, s.lease_token, x.lease_owner,
-              x.lease_expires_at, s.error
+    RETURNING s.id, s.run_id, s.name, s.tool, s.status, s.attempt, s.lease_token,
+              x.lease_owner, x.lease_expires_at, s.error
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
                            attempt, lease_token, worker_id, detail)
@@ -378,7 +380,7 @@ WITH expired AS (
                               'leaseExpiredAt', lease_expires_at)
     FROM upd
 )
-SELECT id, run_id, status FROM upd
+SELECT id, run_id, tool, status FROM upd
 
 -- name: promote_due_steps
 -- Delayed roots (a run's startAt) whose time has come: pending -> ready. Run by the reaper
@@ -917,3 +919,63 @@ SELECT 1 AS ok
 
 -- name: schema_revisions
 SELECT version_num FROM alembic_version
+
+-- name: metrics_queue
+-- One scrape of the queue gauges (engine/metrics.py), one row per (kind, key): steps
+-- ready / running / dead_letter by tool, each counted from its partial index
+-- (steps_ready_idx leads with tool: an index-only scan; steps_lease_idx and
+-- steps_dead_letter_idx then read the heap for the tool of each entry) -- never a scan of
+-- steps; runs pending / running by status from runs_status_seq_idx; live workers and agents
+-- by tool (heartbeat within %(lease_ttl_s)s). `oldest_s` is the age in seconds (database
+-- clock) of the oldest ready step whose availableAt has come, per tool (NULL: none yet due).
+-- The plans and their cost on 1,000,000 steps: docs/operations.md, "Metrics".
+SELECT 'ready' AS kind, tool AS key, count(*)::bigint AS n,
+       extract(epoch FROM now() - min(available_at) FILTER (WHERE available_at <= now()))
+           ::float8 AS oldest_s
+FROM steps WHERE status = 'ready' GROUP BY tool
+UNION ALL
+SELECT 'running', tool, count(*), NULL FROM steps WHERE status = 'running' GROUP BY tool
+UNION ALL
+SELECT 'dead_letter', tool, count(*), NULL FROM steps WHERE status = 'dead_letter' GROUP BY tool
+UNION ALL
+SELECT 'runs', status, count(*), NULL FROM runs
+WHERE status IN ('pending', 'running') GROUP BY status
+UNION ALL
+SELECT 'workers', t, count(*), NULL
+FROM workers w CROSS JOIN LATERAL unnest(w.tools) AS t
+WHERE w.status <> 'stopped'
+  AND w.last_heartbeat_at > now() - make_interval(secs => %(lease_ttl_s)s)
+GROUP BY t
+
+-- name: metrics_pg_tables
+-- Postgres health of pgdag's big tables, from the statistics views (no table is read):
+-- live and dead tuples, total size in bytes (heap + indexes + TOAST) and the last
+-- autovacuum (epoch seconds, NULL: never). A partitioned table is summed over itself and
+-- its partitions (pg_partition_tree, which is empty for a plain table; a partitioned parent
+-- has no storage and no tuples of its own). A table that does not exist has no row.
+SELECT t.name AS table_name,
+       coalesce(sum(s.n_live_tup), 0)::float8 AS live_tuples,
+       coalesce(sum(s.n_dead_tup), 0)::float8 AS dead_tuples,
+       coalesce(sum(pg_total_relation_size(p.relid)), 0)::float8 AS size_bytes,
+       extract(epoch FROM max(s.last_autovacuum))::float8 AS last_autovacuum_s
+FROM unnest(%(tables)s::text[]) AS t(name)
+CROSS JOIN LATERAL (
+    SELECT to_regclass(t.name) AS relid
+    UNION
+    SELECT relid FROM pg_partition_tree(to_regclass(t.name))
+) AS p
+LEFT JOIN pg_stat_user_tables s ON s.relid = p.relid
+WHERE p.relid IS NOT NULL
+GROUP BY t.name
+
+-- name: metrics_pg_activity
+-- Connections of the whole cluster by state (client backends only; NULL state: one this
+-- role may not see), and the age in seconds of the oldest open transaction of any other
+-- client backend (what holds vacuum back; 0 when none). pg_stat_activity shows the state
+-- and xact_start of other roles' sessions only to members of pg_read_all_stats.
+SELECT coalesce(state, 'unknown') AS state, count(*)::float8 AS n,
+       coalesce(max(extract(epoch FROM now() - xact_start))
+                FILTER (WHERE pid <> pg_backend_pid()), 0)::float8 AS oldest_xact_s
+FROM pg_stat_activity
+WHERE backend_type = 'client backend'
+GROUP BY coalesce(state, 'unknown')
