@@ -122,6 +122,12 @@ async def _read_run(
     return run
 
 
+async def setup_live_session(conn: Conn) -> None:
+    """Session settings of the listener's dedicated connection (``live_session``: generic
+    plans for the reads by id of the partitioned audit log)."""
+    await conn.execute(queries["live_session"])
+
+
 async def start_live(conn: Conn) -> tuple[int, int]:
     """For a new listener on `conn` (autocommit): ``(max_event_id, probe_xid)``, the newest
     visible audit id and a transaction id larger than that of any transaction that could
