@@ -12,6 +12,8 @@ Workloads (all by default; pick with ``--only``, repeatable):
            the audit log: DELETE (the old way) beside dropping partitions;
 - w7:      RSS of a worker and of the API after w1 (measured inside w1);
 - w8:      map fan-out: one map step into 10,000 no-op children, submit -> the join starts;
+- w9:      w1's drain by 2 remote agents (``python -m workers --server``, no DATABASE_URL)
+           through one API process, beside w1;
 - pgbench: single-row UPDATE commits/s at 8 and 16 clients (the ceiling);
 - explain: EXPLAIN (ANALYZE, BUFFERS) of the claim and reaper queries on 1,000,000 steps.
 
@@ -42,7 +44,7 @@ from engine.config import Settings
 from engine.db import resolve_database_url
 from engine.sql import queries
 
-WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6", "w8", "pgbench", "peers", "explain")
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6", "w8", "w9", "pgbench", "peers", "explain")
 
 FULL: dict[str, Any] = {
     "w1_jobs": 20_000,
@@ -305,6 +307,15 @@ def table(results: dict[str, Any]) -> Table:
             "  pgdag wall clock incl. process start-up: steps / one-step runs",
             f"{_fmt(w1.get('steps', {}).get('jobsPerS'))} / {_fmt(r['jobsPerS'])}",
         )
+    if "w9" in results:
+        r = results["w9"]
+        w1_rate = w1.get("steps", {}).get("jobsPerSDb")
+        share = f" ({r['jobsPerSDb'] / w1_rate:.2f}x W1)" if w1_rate else ""
+        t.add_row(
+            "W9 agents",
+            f"the same drain by {r['agents']} agents over the API: jobs/s{share}",
+            _fmt(r["jobsPerSDb"]),
+        )
     if "w2" in results:
         r = results["w2"]
         t.add_row(
@@ -422,6 +433,7 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         _peer(results, "dbos", "w2", "workflowsPerS"),
         10,
     )
+    ratio("W9 agents >= 0.5x W1", results.get("w9", {}).get("jobsPerSDb"), w1, 0.5)
     w3 = results.get("w3")
     if w3:
         out.append(("W3 p50 <= 3 ms", f"{w3['p50Ms']} ms", w3["p50Ms"] <= 3))
@@ -495,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         step("w6", lambda: pgdag_bench.w6(base, size["w6_steps"]))
     if "w8" in only:
         step("w8", lambda: pgdag_bench.w8_map(base, size["w8_children"], size["w8_repeats"]))
+    if "w9" in only:
+        step("w9", lambda: pgdag_bench.w9_agents(base, size["w1_jobs"]))
     if "pgbench" in only:
         step("pgbench", lambda: pgbench.run(base, (8, 16), size["pgbench_seconds"]))
     if "peers" in only:

@@ -176,6 +176,92 @@ def w1(base: str, jobs: int, *, shape: str = "runs", workers: int = 2) -> dict[s
     }
 
 
+def w9_agents(base: str, jobs: int, *, agents: int = 2) -> dict[str, Any]:
+    """W9: W1's flat drain ("steps" shape) with `agents` remote agents instead of database
+    workers: ``python -m workers --server`` processes with no DATABASE_URL in their
+    environment, which claim, heartbeat and report through one API process over HTTP
+    (``/agent/*``). Timed like W1: the database's clock from the first claim to the last
+    success, and the wall clock from spawning the agents."""
+    name = "pgdag_bench_w9"
+    per_run = min(jobs, 10_000)
+    specs = [_spec([{"name": f"s{i}", "tool": "NOOP", "input": {}} for i in range(per_run)])] * max(
+        1, jobs // per_run
+    )
+    port = free_port()
+    with (
+        scratch_db(base, name) as url,
+        tempfile.TemporaryDirectory(prefix="pgdag-w9-") as tmp,
+        psycopg.connect(url, autocommit=True) as conn,
+    ):
+        api_env = child_env(url, PGDAG_TOOLS=TOOLS)
+        agent_env = {k: v for k, v in api_env.items() if k != "DATABASE_URL"}
+        with processes([["-m", "engine", "serve", "--port", str(port)]], api_env) as api:
+            server = f"http://127.0.0.1:{port}"
+            wait_until(
+                lambda: _healthy(server),
+                timeout_s=60,
+                what="the API to answer /health",
+            )
+            _, enqueue_s = enqueue(url, specs)
+            argvs = [
+                [
+                    "-m",
+                    "workers",
+                    "--server",
+                    server,
+                    "--concurrency",
+                    str(WORKER_CONCURRENCY),
+                    "--worker-id",
+                    f"bench-agent-{i}",
+                    "--agent-log",
+                    str(Path(tmp) / f"agent-{i}.sqlite3"),
+                ]
+                for i in range(agents)
+            ]
+            with processes(argvs, agent_env, log_dir=Path(tmp) / "logs") as procs:
+                t0 = time.perf_counter()
+                try:
+                    wait_until(
+                        lambda: _unfinished_runs(conn) == 0,
+                        timeout_s=600,
+                        what="every run to finish",
+                        interval_s=0.01,
+                    )
+                except TimeoutError:
+                    raise RuntimeError(log_tail(Path(tmp) / "logs")) from None
+                wall = time.perf_counter() - t0
+                rss = {
+                    "agentMb": [round(rss_mb(p.pid), 1) for p in procs],
+                    "apiMb": round(rss_mb(api[0].pid), 1),
+                }
+        first, last = conn.execute(
+            "SELECT min(created_at) FILTER (WHERE event = 'step_claimed'),"
+            "       max(created_at) FILTER (WHERE event = 'step_succeeded')"
+            " FROM audit_log"
+        ).fetchone()  # type: ignore[misc]
+        row = conn.execute("SELECT count(*) FROM runs WHERE status <> 'completed'").fetchone()
+        db_s = (last - first).total_seconds()
+    return {
+        "jobs": jobs,
+        "agents": agents,
+        "concurrency": WORKER_CONCURRENCY,
+        "enqueueS": round(enqueue_s, 3),
+        "wallS": round(wall, 3),
+        "dbS": round(db_s, 3),
+        "notCompleted": int(row[0]) if row else None,
+        "rss": rss,
+        "jobsPerS": round(jobs / wall),
+        "jobsPerSDb": round(jobs / db_s),
+    }
+
+
+def _healthy(server: str) -> bool:
+    try:
+        return httpx.get(f"{server}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def diamond_chain(length: int = 10) -> list[dict[str, Any]]:
     """A chain of diamonds, `length` steps: a -> (b, c) -> d -> (e, f) -> g -> ... ."""
     steps: list[dict[str, Any]] = [{"name": "s0", "tool": "NOOP", "input": {}}]

@@ -6,6 +6,13 @@ CHAOS_FLAKY (fails a share of attempts transiently). Every few seconds it SIGKIL
 that holds a running step and starts a replacement; optionally it restarts Postgres too.
 At the end the invariant checker reads the audit log and the ledger, and a verdict table
 says whether every guarantee held. Exit code 0 only when they all did.
+
+With ``--agents K`` it also runs K remote agents (``python -m workers --server``, no
+DATABASE_URL) that reach the API through a TCP proxy, and adds their faults: an agent
+holding a running step is killed and restarted with the same id and idempotency log, the
+agent-API link is cut every few seconds (every connection reset, new ones refused for a
+moment), and the API itself is killed and restarted mid-run. The verdict then also judges
+every agent's log: each outcome it logged was recorded or refused by its fencing token.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from chaos.agent_log import AgentLogReport, check_agent_logs
 from chaos.checker import Report, check_database, ledger_duplicates
 from chaos.faults import restart_postgres
 from chaos.ledger import Ledger
+from chaos.proxy import TcpProxy
 from engine.config import Settings
 from engine.db import resolve_database_url
 from engine.embedded import EmbeddedCluster
@@ -46,6 +55,8 @@ from engine.transitions import TERMINAL_RUN_STATES
 ROOT = Path(__file__).resolve().parent.parent
 CHAOS_DB = "pgdag_chaos"
 MAX_KILLS_PER_STEP = 2
+LINK_CUT_S = 1.5  # how long the agent-API link stays cut (new connections refused)
+API_DOWN_S = 1.0  # how long the API stays dead before it is started again
 
 
 @dataclass
@@ -77,19 +88,105 @@ class Chaos:
     kills: list[Kill] = field(default_factory=list)
     pg_restarts: list[float] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
+    api_port: int = 0
+    api: subprocess.Popen[bytes] | None = None
+    agents: set[str] = field(default_factory=set)
+    next_agent: int = 1
+    proxy: TcpProxy | None = None
+    link_cuts: int = 0
+    api_restarts: list[float] = field(default_factory=list)
 
     def start_worker(self) -> str:
+        """Start a database worker process with the next id; returns the id."""
         worker_id = f"chaos-w{self.next_worker}"
         self.next_worker += 1
+        self._spawn(worker_id, ["--worker-id", worker_id], self.env)
+        return worker_id
+
+    def agent_log(self, agent_id: str) -> Path:
+        """Where agent `agent_id` keeps its idempotency log (the same across restarts)."""
+        return self.log_dir / f"{agent_id}.sqlite3"
+
+    def start_agent(self, agent_id: str | None = None) -> str:
+        """Start a remote agent (no DATABASE_URL; the API through the proxy). With
+        `agent_id`, a restart of that agent: same id, same idempotency log."""
+        if agent_id is None:
+            agent_id = f"chaos-a{self.next_agent}"
+            self.next_agent += 1
+        assert self.proxy is not None
+        env = {k: v for k, v in self.env.items() if k != "DATABASE_URL"}
+        argv = [
+            "--server",
+            f"http://127.0.0.1:{self.proxy.port}",
+            "--worker-id",
+            agent_id,
+            "--agent-log",
+            str(self.agent_log(agent_id)),
+        ]
+        self._spawn(agent_id, argv, env)
+        self.agents.add(agent_id)
+        return agent_id
+
+    def _spawn(self, worker_id: str, argv: list[str], env: dict[str, str]) -> None:
         log = (self.log_dir / f"{worker_id}.log").open("ab")
         self.workers[worker_id] = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--concurrency", "4", "--worker-id", worker_id],
-            env=self.env,
+            [sys.executable, "-m", "workers", "--concurrency", "4", *argv],
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-        return worker_id
+
+    def start_api(self) -> None:
+        """Start the API on `api_port` (chosen on the first start, kept after)."""
+        if not self.api_port:
+            self.api_port = _free_port()
+        api_log = (self.log_dir / "api.log").open("ab")
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--port", str(self.api_port)],
+            env=self.env,
+            stdout=api_log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    def restart_api(self) -> float:
+        """kill -9 the API, wait `API_DOWN_S`, start it again and wait until it answers;
+        returns the seconds it did not answer."""
+        assert self.api is not None
+        began = time.monotonic()
+        self.api.kill()
+        self.api.wait()
+        time.sleep(API_DOWN_S)
+        self.start_api()
+        _wait_healthy(self, deadline_s=60)
+        return time.monotonic() - began
+
+    def cut_link(self) -> int:
+        """Cut the agent-API link: reset every open connection and refuse new ones for
+        `LINK_CUT_S`; returns how many were open."""
+        assert self.proxy is not None
+        self.proxy.refuse(True)
+        n = self.proxy.drop_all()
+        time.sleep(LINK_CUT_S)
+        self.proxy.refuse(False)
+        self.link_cuts += 1
+        return n
+
+
+def _wait_healthy(chaos: Chaos, *, deadline_s: float) -> None:
+    """Poll /health until 200; SystemExit when the API died or `deadline_s` passed."""
+    deadline = time.monotonic() + deadline_s
+    url = f"http://127.0.0.1:{chaos.api_port}/health"
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or (chaos.api is not None and chaos.api.poll() is not None):
+            raise SystemExit(f"the API did not start; see {chaos.log_dir / 'api.log'}")
+        time.sleep(0.1)
 
 
 def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> dict[str, Any]:
@@ -240,11 +337,15 @@ def _kill(chaos: Chaos) -> Kill | None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     del chaos.workers[worker_id]
-    replacement = chaos.start_worker()
+    if worker_id in chaos.agents:  # restarted with its log, as a supervisor would
+        replacement = chaos.start_agent(worker_id)
+    else:
+        replacement = chaos.start_worker()
     chaos.kills.append(kill)
     chaos.console.print(
         f"[red]kill -9[/] {worker_id} (pid {kill.pid}) during step [bold]{kill.step}[/] "
-        f"attempt {kill.attempt}; started {replacement}"
+        f"attempt {kill.attempt}; "
+        + ("restarted it with its log" if replacement == worker_id else f"started {replacement}")
     )
     return kill
 
@@ -274,7 +375,13 @@ def _progress(chaos: Chaos, client: httpx.Client, started: float) -> tuple[Text,
     return text, all(s in TERMINAL_RUN_STATES for s in statuses)
 
 
-def _verdict(chaos: Chaos, report: Report, ledger: Ledger, elapsed_s: float) -> int:
+def _verdict(
+    chaos: Chaos,
+    report: Report,
+    ledger: Ledger,
+    elapsed_s: float,
+    agent_report: AgentLogReport | None = None,
+) -> int:
     with psycopg.connect(chaos.url, row_factory=dict_row) as conn:
         rows = conn.execute(
             "SELECT r.id, r.status, count(*) FILTER (WHERE s.status = 'succeeded') AS ok,"
@@ -313,7 +420,8 @@ def _verdict(chaos: Chaos, report: Report, ledger: Ledger, elapsed_s: float) -> 
     steps_all = sum(r["n"] for r in rows)
     releases = [k.released_after_s for k in chaos.kills if k.released_after_s is not None]
     all_completed = outcomes == {"completed"} and len(rows) == len(chaos.run_ids)
-    passed = all_completed and report.ok and duplicates == 0
+    agents_ok = agent_report is None or agent_report.ok
+    passed = all_completed and report.ok and duplicates == 0 and agents_ok
 
     def mark(ok: bool) -> str:
         return "[green]ok[/]" if ok else "[red]FAIL[/]"
@@ -330,6 +438,21 @@ def _verdict(chaos: Chaos, report: Report, ledger: Ledger, elapsed_s: float) -> 
     table.add_row("retries after transient failures", str(report.retries), "")
     table.add_row("leases expired and recovered", str(report.leases_expired), "")
     table.add_row("workers killed (kill -9 mid-step)", str(len(chaos.kills)), "")
+    if agent_report is not None:
+        agent_kills = sum(1 for k in chaos.kills if k.worker_id in chaos.agents)
+        table.add_row("  of them agents (restarted with their log)", str(agent_kills), "")
+        table.add_row("agent-API link cuts", str(chaos.link_cuts), "")
+        downs = ", ".join(f"{d:.1f}s" for d in chaos.api_restarts)
+        table.add_row(
+            "API kill -9 and restarts (down for)",
+            f"{len(chaos.api_restarts)}" + (f" ({downs})" if downs else ""),
+            "",
+        )
+        table.add_row(
+            "agent outcomes logged: recorded / refused by token",
+            f"{agent_report.logged}: {agent_report.recorded} / {agent_report.refused}",
+            mark(agent_report.ok),
+        )
     if chaos.args.postgres_restarts:
         table.add_row("postgres restarts", str(len(chaos.pg_restarts)), "")
     table.add_row(
@@ -350,6 +473,12 @@ def _verdict(chaos: Chaos, report: Report, ledger: Ledger, elapsed_s: float) -> 
     chaos.console.print(table)
     for v in report.violations[:20]:
         chaos.console.print(f"[red]violation[/] {v.kind} run {v.run_id} step {v.step}: {v.detail}")
+    for lv in agent_report.violations[:20] if agent_report is not None else []:
+        o = lv.outcome
+        chaos.console.print(
+            f"[red]agent log violation[/] {lv.kind} in {o.log}: step {o.step_id} token "
+            f"{o.lease_token} ({o.status}): {lv.detail}"
+        )
     if story_kill and story:
         chaos.console.print(
             f"\naudit log of [bold]{story_kill.step}[/], whose worker {story_kill.worker_id} "
@@ -392,36 +521,32 @@ def run(args: argparse.Namespace) -> int:
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
     chaos = Chaos(args, url, env, log_dir, random.Random(seed), console)
-    port = _free_port()
-    api_log = (log_dir / "api.log").open("ab")
-    api = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--port", str(port)],
-        env=env,
-        stdout=api_log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
+    chaos.start_api()
+    agents_text = ""
+    if args.agents:
+        agents_text = (
+            f", {args.agents} agents via a proxy (link cut every ~{args.link_cut_every}s,"
+            f" {args.api_restarts} API restart(s))"
+        )
     console.print(
-        f"[bold]pgdag chaos[/]: seed {seed}, {args.workers} workers, kill every "
+        f"[bold]pgdag chaos[/]: seed {seed}, {args.workers} workers{agents_text}, kill every "
         f"~{args.kill_every}s, failure rate {args.failure_rate}, lease TTL {args.lease_ttl}s"
         + (f", {args.postgres_restarts} postgres restart(s)" if args.postgres_restarts else "")
     )
     console.print(f"logs in {log_dir}; ledger at {ledger_url}")
     started = time.monotonic()
     try:
+        if args.agents:
+            for stale in log_dir.glob("chaos-a*.sqlite3*"):
+                stale.unlink()  # a previous demo's logs would be judged with this one's
+            chaos.proxy = TcpProxy("127.0.0.1", chaos.api_port)
+            chaos.proxy.start()
         for _ in range(args.workers):
             chaos.start_worker()
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or api.poll() is not None:
-                    raise SystemExit(f"the API did not start; see {log_dir / 'api.log'}")
-                time.sleep(0.1)
+        for _ in range(args.agents):
+            chaos.start_agent()
+        with httpx.Client(base_url=f"http://127.0.0.1:{chaos.api_port}", timeout=30) as client:
+            _wait_healthy(chaos, deadline_s=60)
 
             def submit() -> None:
                 body = build_run(
@@ -439,6 +564,12 @@ def run(args: argparse.Namespace) -> int:
             started = time.monotonic()
             next_kill = started + args.kill_every * (0.5 + chaos.rng.random())
             restart_times = [started + (i + 1) * 6.0 for i in range(args.postgres_restarts)]
+            api_restart_times = [started + 4.0 + i * 7.0 for i in range(args.api_restarts)]
+            next_cut = (
+                started + args.link_cut_every * (0.5 + chaos.rng.random())
+                if args.agents and args.link_cut_every > 0
+                else float("inf")
+            )
             with Live(console=console, refresh_per_second=4, transient=False) as live:
                 while True:
                     now = time.monotonic()
@@ -454,6 +585,22 @@ def run(args: argparse.Namespace) -> int:
                         console.print(
                             f"[yellow]restarted postgres[/] (down {chaos.pg_restarts[-1]:.1f}s)"
                         )
+                    if now >= next_cut:
+                        n = chaos.cut_link()
+                        console.print(
+                            f"[magenta]cut the agent-API link[/] ({n} connection(s) reset,"
+                            f" new ones refused for {LINK_CUT_S}s)"
+                        )
+                        next_cut = time.monotonic() + args.link_cut_every * (
+                            0.5 + chaos.rng.random()
+                        )
+                    if api_restart_times and now >= api_restart_times[0]:
+                        api_restart_times.pop(0)
+                        chaos.api_restarts.append(chaos.restart_api())
+                        console.print(
+                            f"[yellow]killed and restarted the API[/] (down "
+                            f"{chaos.api_restarts[-1]:.1f}s)"
+                        )
                     try:
                         text, finished = _progress(chaos, client, started)
                     except (httpx.HTTPError, KeyError):
@@ -463,23 +610,39 @@ def run(args: argparse.Namespace) -> int:
                     if finished:
                         if now - started < args.duration:
                             submit()  # soak: keep the engine busy until --duration
-                        elif not restart_times:
+                        elif not restart_times and not api_restart_times:
                             break
                     time.sleep(0.25)
             elapsed = time.monotonic() - started
     finally:
-        for proc in [*chaos.workers.values(), api]:
+        # Workers and agents first (agents report what they hold while the API still
+        # answers), then the API.
+        procs = list(chaos.workers.values())
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in [*chaos.workers.values(), api]:
+        for proc in procs:
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if chaos.api is not None:
+            chaos.api.send_signal(signal.SIGTERM)
+            try:
+                chaos.api.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                chaos.api.kill()
+        if chaos.proxy is not None:
+            chaos.proxy.stop()
         ledger.stop()
     with psycopg.connect(url) as conn:
         report = check_database(conn, chaos.run_ids)
-    return _verdict(chaos, report, ledger, elapsed)
+        agent_report = (
+            check_agent_logs(conn, [chaos.agent_log(a) for a in sorted(chaos.agents)])
+            if chaos.agents
+            else None
+        )
+    return _verdict(chaos, report, ledger, elapsed, agent_report)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -489,7 +652,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="database worker processes (default 3, or 0 with --agents)",
+    )
+    p.add_argument(
+        "--agents",
+        type=int,
+        default=0,
+        metavar="K",
+        help="remote agents through the API (python -m workers --server), behind a proxy",
+    )
+    p.add_argument(
+        "--link-cut-every",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="with --agents: mean seconds between cuts of the agent-API link; 0 disables",
+    )
+    p.add_argument(
+        "--api-restarts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="kill -9 and restart the API N times, 7 s apart (default 1 with --agents, else 0)",
+    )
     p.add_argument("--steps", type=int, default=30, help="steps per run, at least 10 (default 30)")
     p.add_argument(
         "--kill-every",
@@ -533,8 +722,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be at least 10")
     if not 0 <= args.failure_rate < 1:
         p.error("--failure-rate must be in [0, 1)")
-    if args.workers < 1:
-        p.error("--workers must be at least 1")
+    if args.agents < 0:
+        p.error("--agents must be at least 0")
+    if args.workers is None:
+        args.workers = 0 if args.agents else 3
+    if args.api_restarts is None:
+        args.api_restarts = 1 if args.agents else 0
+    if args.workers < 0 or args.api_restarts < 0:
+        p.error("--workers and --api-restarts must be at least 0")
+    if args.workers + args.agents < 1:
+        p.error("needs at least one worker or agent (--workers, --agents)")
     return args
 
 

@@ -1,5 +1,7 @@
 """``python -m workers`` and the ``pgdag-worker`` console script: run one worker process
-until SIGTERM/SIGINT."""
+until SIGTERM/SIGINT, on Postgres (`workers.database.DatabaseBackend`) or, with ``--server
+URL``, as an agent of the API (`workers.agent.AgentBackend`, no ``DATABASE_URL``); with
+``--processes N``, N of them under a supervisor."""
 
 from __future__ import annotations
 
@@ -8,18 +10,22 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
 import sys
 
 from engine.cli import program_name
 from engine.config import Settings
 from engine.db import open_pool, resolve_database_url
-from engine.errors import PgdagError, SchemaNotCurrent
+from engine.errors import ConfigError, PgdagError, SchemaNotCurrent
 from engine.schema import schema_problem
 from engine.startup import wait_for_postgres
 from engine.store import Pool, Store
 from engine.tools import load_tool_modules
+from workers.agent import AgentBackend, AgentSettings
+from workers.agent_log import AgentLog
+from workers.database import DatabaseBackend
 from workers.tools import BUILTIN_TOOL_MODULES
-from workers.worker import CrashPlan, Worker
+from workers.worker import CrashPlan, Worker, default_worker_id
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +42,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--worker-id", default=None, help="worker id (default <hostname>-<pid>)")
     p.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
+    agent = p.add_argument_group(
+        "agent (reach only the API, no DATABASE_URL: docs/agents.md)",
+    )
+    agent.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="run as an agent of the API at URL (PGDAG_SERVER) instead of on Postgres",
+    )
+    agent.add_argument(
+        "--token",
+        default=None,
+        help="the agent's API token, scope agent (PGDAG_AGENT_TOKEN); visible in ps: "
+        "prefer the variable",
+    )
+    agent.add_argument(
+        "--agent-log",
+        default=None,
+        metavar="PATH",
+        help="the agent's idempotency log, a SQLite file (default "
+        "~/.pgdag/agent-<worker id>.sqlite3); {agentId} in PATH is replaced by the worker id",
+    )
     p.add_argument("--lease-ttl", type=float, default=None, help="seconds; PGDAG_LEASE_TTL")
     p.add_argument(
         "--http-allow-private",
@@ -117,30 +145,86 @@ async def amain(args: argparse.Namespace) -> None:
         max_output_bytes=args.max_output_bytes,
     )
     load_tool_modules((*BUILTIN_TOOL_MODULES, *settings.tool_modules))
+    agent = AgentSettings.from_env(server=args.server, token=args.token, agent_log=args.agent_log)
+    if agent.server is not None:
+        await run_agent(args, settings, agent)
+        return
     url = await asyncio.to_thread(resolve_database_url, settings)
     await wait_for_postgres(url, wait_s=settings.db_wait_s)
     # Successes share one writer (SuccessBatcher); failures and "idempotent": false results
     # take a connection each, so a few more than the concurrency rarely helps.
     pool = await open_worker_pool(url, max_size=min(args.concurrency, 16) + 4)
     try:
-        worker = Worker(
+        backend = DatabaseBackend(
             Store(pool, lease_ttl_s=settings.lease_ttl_s),
             settings,
             database_url=url,
-            worker_id=args.worker_id,
+            worker_id=args.worker_id or default_worker_id(),
+            restarts=settings.restarts,
+            last_exit_code=settings.last_exit_code,
+        )
+        worker = Worker(
+            backend,
+            settings,
             concurrency=args.concurrency,
             crash_plan=(
                 CrashPlan(args.random_failures, args.crash_seed) if args.random_failures else None
             ),
         )
-        worker.install_signal_handlers()
-        if args.kill_after is not None:
-            asyncio.get_running_loop().call_later(
-                args.kill_after, os.kill, os.getpid(), signal.SIGKILL
-            )
-        await worker.run()
+        await _run(worker, args)
     finally:
         await pool.close()
+
+
+async def _run(worker: Worker, args: argparse.Namespace) -> None:
+    worker.install_signal_handlers()
+    if args.kill_after is not None:
+        asyncio.get_running_loop().call_later(args.kill_after, os.kill, os.getpid(), signal.SIGKILL)
+    await worker.run()
+
+
+async def run_agent(args: argparse.Namespace, settings: Settings, agent: AgentSettings) -> None:
+    """Run the worker as an agent of the API at ``agent.server`` (no database). Raises
+    `ConfigError` when the idempotency log cannot be opened, `AgentRefused` when the API
+    refuses the token."""
+    assert agent.server is not None
+    worker_id = args.worker_id or default_worker_id()
+    path = agent.log_path(worker_id)
+    try:
+        log = await asyncio.to_thread(AgentLog, path)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"cannot open the agent log {path}: {exc}") from None
+    if args.worker_id is None:
+        logging.getLogger("workers").warning(
+            "agent id %s includes the pid: after a restart its log %s is not found again; "
+            "pass --worker-id (or --agent-log) to keep one",
+            worker_id,
+            path,
+        )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    backend = AgentBackend(
+        agent.server,
+        worker_id=worker_id,
+        log=log,
+        token=agent.token,
+        restarts=settings.restarts,
+        last_exit_code=settings.last_exit_code,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    logging.getLogger("workers").info("agent %s: API %s, log %s", worker_id, agent.server, log.path)
+    try:
+        worker = Worker(
+            backend,
+            settings,
+            concurrency=args.concurrency,
+            crash_plan=(
+                CrashPlan(args.random_failures, args.crash_seed) if args.random_failures else None
+            ),
+        )
+        await _run(worker, args)
+    finally:
+        await backend.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,20 +1,20 @@
 """The worker: claim ready steps, run their tools, keep their leases alive, record results.
 
-One asyncio process runs four loops:
+One asyncio loop over a `workers.backend.Backend` (Postgres, or the API's agent protocol):
 
-- claim loop: claims as many steps as it has free slots (``--concurrency``), wakes on
-  ``LISTEN pgdag_ready`` and polls every `poll_interval_s` as a safety net (a NOTIFY sent
-  while the listener was reconnecting is lost, so polling is never optional);
-- heartbeat loop: every third of the lease TTL, extends the leases of its attempts (by
-  fencing token) and refreshes its workers row; an attempt whose lease is gone is cancelled,
-  since its result would be refused anyway;
-- reaper loop: requeues expired leases of dead workers (one reaper at a time across all
-  processes, by advisory lock);
-- listener: the dedicated LISTEN connection, reconnected after any failure.
+- claim loop: claims as many steps as it has free slots (``--concurrency``); a database
+  backend wakes it on ``LISTEN pgdag_ready`` and it polls every `poll_interval_s` as a
+  safety net (a NOTIFY sent while the listener was reconnecting is lost, so polling is never
+  optional); an agent backend long-polls the API instead;
+- heartbeat loop: every `Backend.heartbeat_interval_s`, extends the leases of its attempts
+  (by fencing token) and refreshes its workers row; an attempt whose lease is gone is
+  cancelled, since its result would be refused anyway;
+- the backend's own loops (`Backend.background`): listener and reaper for the database, the
+  idempotency log's re-sender for agents.
 
 SIGTERM/SIGINT: stop claiming, let in-flight attempts finish for `shutdown_grace_s`, then
 cancel the rest and release their leases so another worker takes them at once.
-The worker contains no SQL: every database operation is a `engine.store.Store` method.
+The worker contains no SQL and no HTTP: every operation is a `Backend` method.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-import psycopg
 from pydantic import ValidationError
 
 from engine.config import Settings
-from engine.db import CONNECT_TIMEOUT_S, RETRYABLE, Backoff
 from engine.errors import (
     LeaseLost,
     OutputRefused,
@@ -42,18 +40,15 @@ from engine.errors import (
     UnknownTool,
     UnstorableJson,
 )
-from engine.store import Store
 from engine.tools import ToolContext, get_tool, registered_tools
 from engine.transitions import ClaimedStep, output_json
+from workers.backend import Backend
 
 logger = logging.getLogger(__name__)
 
-READY_CHANNEL = "pgdag_ready"
 MAX_CLAIM = 100  # steps claimed per statement at most
-PRUNE_INTERVAL_S = 60.0  # how often a worker deletes runs past their retention
 CRASH_POINTS = ("before_tool", "during_tool", "after_tool")
-LISTEN_RECONNECT_FIRST_S = 0.5  # first pause after the LISTEN connection fails; doubles
-LISTEN_RECONNECT_MAX_S = 5.0  # up to this
+REGISTER_RETRY_MAX_S = 5.0  # longest pause between two tries to register at start
 
 
 @dataclass(frozen=True)
@@ -88,8 +83,9 @@ class _Attempt:
 
 class SuccessBatcher:
     """Group commit for successes: attempts hand their result to `record` and wait; one
-    task writes everything handed over meanwhile in a single `complete_steps` statement
-    (up to `max_batch`), then the next batch, with no timer. At low load a batch is one step
+    task writes everything handed over meanwhile in one `Backend.complete_many` (one
+    `complete_steps` statement, or one agent report; up to `max_batch`), then the next
+    batch, with no timer. At low load a batch is one step
     and costs what a lone write costs; under load, batches grow while the previous write is
     in flight, so the run's counter row and the commit are paid once per batch, not per step.
 
@@ -100,9 +96,8 @@ class SuccessBatcher:
     on their own.
     """
 
-    def __init__(self, store: Store, worker_id: str, *, max_batch: int = 500) -> None:
-        self.store = store
-        self.worker_id = worker_id
+    def __init__(self, backend: Backend, *, max_batch: int = 500) -> None:
+        self.backend = backend
         self.max_batch = max_batch
         self.batches = 0
         self._pending: list[tuple[ClaimedStep, str, asyncio.Future[PgdagError | None]]] = []
@@ -135,11 +130,7 @@ class SuccessBatcher:
     ) -> None:
         self.batches += 1
         try:
-            outcome = await self.store.complete_many(
-                [(step.id, step.lease_token, text) for step, text, _ in batch],
-                worker_id=self.worker_id,
-                may_skip=any(step.may_skip_children for step, _, _ in batch),
-            )
+            outcome = await self.backend.complete_many([(step, text) for step, text, _ in batch])
         except Exception as exc:  # every waiter learns the write failed
             for _, _, future in batch:
                 if not future.done():
@@ -170,35 +161,33 @@ def default_worker_id() -> str:
 class Worker:
     """A worker process's engine: `run()` until `stop()` (or SIGTERM) and shutdown.
 
-    `store` is the database facade, `database_url` is used for the LISTEN connection,
-    `concurrency` is the number of attempts run at once.
+    `backend` does every operation (`workers.database.DatabaseBackend` or
+    `workers.agent.AgentBackend`) and names the worker (`backend.worker_id`); `settings`
+    gives the poll interval, the shutdown grace, the output cap and the map width;
+    `concurrency` is the number of attempts run at once (raises `ValueError` below 1).
     """
 
     def __init__(
         self,
-        store: Store,
+        backend: Backend,
         settings: Settings,
         *,
-        database_url: str,
-        worker_id: str | None = None,
         concurrency: int = 4,
         crash_plan: CrashPlan | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        self.store = store
+        self.backend = backend
         self.settings = settings
-        self.database_url = database_url
-        self.worker_id = worker_id or default_worker_id()
+        self.worker_id = backend.worker_id
         self.concurrency = concurrency
         self.stats = WorkerStats()
         self._attempts: dict[int, _Attempt] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._heartbeat_interval_s = settings.lease_ttl_s / 3
         self._crash_plan = crash_plan
         self._crash_rng = random.Random(crash_plan.seed if crash_plan else None)
-        self._successes = SuccessBatcher(store, self.worker_id)
+        self._successes = SuccessBatcher(backend)
         # The tools this process loaded: registered with the worker's row and passed to
         # every claim, so that it is never handed a step it cannot run.
         self.tools = tuple(sorted(registered_tools()))
@@ -225,17 +214,16 @@ class Worker:
         """Register, run the loops until `stop()`, then shut down gracefully."""
         await self._register()
         logger.info(
-            "worker %s started: concurrency %d, lease ttl %.1fs, tools %s",
+            "worker %s started: concurrency %d, heartbeat every %.1fs, tools %s",
             self.worker_id,
             self.concurrency,
-            self.settings.lease_ttl_s,
+            self.backend.heartbeat_interval_s,
             ", ".join(self.tools),
         )
         background = [
-            asyncio.create_task(self._listen_loop(), name="listen"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._reaper_loop(), name="reaper"),
             asyncio.create_task(self._successes.run(), name="successes"),
+            *(asyncio.create_task(c) for c in self.backend.background(self._wake.set)),
         ]
         try:
             await self._claim_loop()
@@ -245,7 +233,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(Exception):
-                await self.store.worker_stopped(self.worker_id)
+                await self.backend.stopped()
             s = self.stats
             logger.info(
                 "worker %s stopped: claimed %d, succeeded %d, failed %d, leases lost %d, "
@@ -259,23 +247,22 @@ class Worker:
             )
 
     async def _register(self) -> None:
+        """Register until it works, with capped exponential backoff (a log line per try);
+        errors that are not `Backend.transient` propagate (a refused token, say)."""
         delay = 0.1
         while True:
             try:
-                await self.store.register_worker(
-                    self.worker_id,
-                    hostname=socket.gethostname(),
-                    pid=os.getpid(),
-                    concurrency=self.concurrency,
-                    tools=list(self.tools),
-                    restarts=self.settings.restarts,
-                    last_exit_code=self.settings.last_exit_code,
-                )
+                await self.backend.register(concurrency=self.concurrency, tools=self.tools)
                 return
-            except RETRYABLE as exc:
-                logger.warning("worker %s cannot register yet (%s)", self.worker_id, exc)
+            except self.backend.transient as exc:
+                logger.warning(
+                    "worker %s cannot register yet (%s); retrying in %.1fs",
+                    self.worker_id,
+                    str(exc).strip() or type(exc).__name__,
+                    delay,
+                )
                 await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
+                delay = min(REGISTER_RETRY_MAX_S, delay * 2)
 
     # --- claiming -----------------------------------------------------------------------
 
@@ -284,23 +271,44 @@ class Worker:
         while not self._stopping.is_set():
             free = self.concurrency - len(self._attempts)
             got = 0
+            polled = False  # a claim that waited for work (long poll) was answered
             if free >= self._claim_min or (free > 0 and not self._attempts):
                 try:
-                    steps = await self.store.claim(
-                        self.worker_id, min(free, MAX_CLAIM), tools=self.tools
-                    )
-                except RETRYABLE as exc:
+                    steps = await self._claim(min(free, MAX_CLAIM))
+                except self.backend.transient as exc:
                     logger.warning("claim failed (%s); retrying in %.1fs", exc, error_delay)
                     await self._sleep_or_wake(error_delay)
                     error_delay = min(2.0, error_delay * 2)
                     continue
                 error_delay = 0.1
+                polled = self.backend.long_polls and self.backend.max_wait_s > 0
                 got = len(steps)
                 for step in steps:
                     self._start_attempt(step)
             if got:
                 continue  # there may be more ready work: ask again (or wait for free slots)
+            if polled:
+                continue  # the claim waited for work already
             await self._sleep_or_wake(self.settings.poll_interval_s * (0.8 + random.random() * 0.4))
+
+    async def _claim(self, limit: int) -> list[ClaimedStep]:
+        """One claim; a long poll is abandoned when `stop()` is called (steps the backend
+        was handing over meanwhile go back when their lease expires)."""
+        if not self.backend.long_polls:
+            return await self.backend.claim(limit, self.tools, wait_s=0)
+        claim = asyncio.ensure_future(
+            self.backend.claim(limit, self.tools, wait_s=self.backend.max_wait_s)
+        )
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({claim, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not claim.done():
+                claim.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            return await claim
+        return []
 
     async def _sleep_or_wake(self, timeout_s: float) -> None:
         self._wake.clear()
@@ -362,7 +370,7 @@ class Worker:
                 if step.idempotent:
                     await self._successes.record(step, text)
                 else:  # at once and alone: see SuccessBatcher
-                    await self.store.complete(step, text, worker_id=self.worker_id)
+                    await self.backend.complete(step, text)
                 self.stats.succeeded += 1
                 logger.debug("run %s step %s attempt %d on %s: succeeded", *log_ctx)
             except LeaseLost as exc:
@@ -384,9 +392,7 @@ class Worker:
         waits for them. A source that is not an array, or too wide, fails the step for good."""
         step = attempt.step
         try:
-            expansion = await self.store.expand_map(
-                step, worker_id=self.worker_id, max_width=self.settings.max_map_width
-            )
+            expansion = await self.backend.expand_map(step, max_width=self.settings.max_map_width)
         except LeaseLost as exc:
             self.stats.leases_lost += 1
             logger.warning("map step %s of run %s not expanded: %s", step.name, step.run_id, exc)
@@ -444,14 +450,7 @@ class Worker:
         step = attempt.step
         self.stats.failed += 1
         try:
-            outcome = await self.store.fail(
-                step,
-                error=error,
-                retryable=retryable,
-                worker_id=self.worker_id,
-                backoff_base_ms=self.settings.backoff_base_ms,
-                backoff_cap_ms=self.settings.backoff_cap_ms,
-            )
+            outcome = await self.backend.fail(step, error=error, retryable=retryable)
         except LeaseLost as exc:
             self.stats.leases_lost += 1
             logger.warning(
@@ -480,7 +479,7 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._heartbeat_interval_s)
+            await asyncio.sleep(self.backend.heartbeat_interval_s)
             try:
                 await self._heartbeat_once()
             except Exception:  # the loop must outlive any one failure, or leases lapse
@@ -490,15 +489,15 @@ class Worker:
         attempts = list(self._attempts.values())
         leases = [(a.step.id, a.step.lease_token) for a in attempts]
         try:
-            held = await self.store.heartbeat(leases)
-        except RETRYABLE as exc:
+            held = await self.backend.heartbeat(leases)
+        except self.backend.transient as exc:
             logger.warning("lease heartbeat failed: %s", exc)
             return
         try:
-            await self.store.worker_heartbeat(
-                self.worker_id, status="stopping" if self._stopping.is_set() else "running"
+            await self.backend.worker_heartbeat(
+                status="stopping" if self._stopping.is_set() else "running"
             )
-        except RETRYABLE as exc:
+        except self.backend.transient as exc:
             logger.warning("worker heartbeat failed: %s", exc)
         for a in attempts:
             if a.step.id not in held and a.task is not None and not a.task.done():
@@ -511,87 +510,6 @@ class Worker:
                     a.step.attempt,
                 )
                 a.task.cancel()
-
-    async def _reaper_loop(self) -> None:
-        next_prune = time.monotonic() + random.random() * PRUNE_INTERVAL_S
-        while True:
-            await asyncio.sleep(self.settings.reaper_interval_s * (0.75 + random.random() / 2))
-            try:
-                reaped = await self.store.reap()
-            except RETRYABLE as exc:
-                logger.debug("reaper pass failed: %s", exc)
-                continue
-            except Exception:  # keep reaping after an unexpected error
-                logger.exception("reaper pass failed")
-                continue
-            if reaped:
-                logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped)
-                self._wake.set()
-            if self.settings.retention_days > 0 and time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + PRUNE_INTERVAL_S
-                await self._prune()
-
-    async def _prune(self) -> None:
-        """Delete finished runs older than the retention, a batch at a time."""
-        retention_s = self.settings.retention_days * 86400
-        total = 0
-        try:
-            while (n := await self.store.prune(retention_s=retention_s)) > 0:
-                total += n
-        except RETRYABLE as exc:
-            logger.debug("pruner pass failed: %s", exc)
-        except Exception:  # the reaper loop must go on
-            logger.exception("pruner pass failed")
-        if total:
-            logger.info(
-                "pruner: deleted %d run(s) finished over %g day(s) ago (PGDAG_RETENTION_DAYS)",
-                total,
-                self.settings.retention_days,
-            )
-
-    # --- wake-ups -----------------------------------------------------------------------
-
-    async def _listen_loop(self) -> None:
-        """LISTEN for ready steps; reconnect after any failure with capped exponential
-        backoff and jitter (`LISTEN_RECONNECT_FIRST_S` .. `LISTEN_RECONNECT_MAX_S`), reset
-        once LISTEN works again. Logs the first failure of an outage and its end, not each
-        try (polling keeps claiming meanwhile)."""
-        backoff = Backoff(LISTEN_RECONNECT_FIRST_S, LISTEN_RECONNECT_MAX_S)
-        failures = 0
-        down_since = 0.0
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {READY_CHANNEL}")
-                    if failures:
-                        logger.info(
-                            "listener back after %.1fs and %d failed attempt(s)",
-                            time.monotonic() - down_since,
-                            failures,
-                        )
-                    failures = 0
-                    backoff.reset()
-                    self._wake.set()  # catch up on anything sent while not listening
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    down_since = time.monotonic()
-                    logger.warning(
-                        "listener lost (%s); reconnecting with backoff (up to %.0fs between "
-                        "tries), polling meanwhile",
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
-                        LISTEN_RECONNECT_MAX_S,
-                    )
-                else:
-                    logger.debug("listener still down (attempt %d): %s", failures, exc)
-            await asyncio.sleep(backoff.next_delay())
 
     # --- shutdown -----------------------------------------------------------------------
 
@@ -614,10 +532,10 @@ class Worker:
             a.task.cancel()
         await asyncio.gather(*(a.task for a in leftover if a.task), return_exceptions=True)
         try:
-            released = await self.store.release(
-                [(a.step.id, a.step.lease_token) for a in leftover], worker_id=self.worker_id
+            released = await self.backend.release(
+                [(a.step.id, a.step.lease_token) for a in leftover]
             )
-        except RETRYABLE as exc:
+        except self.backend.transient as exc:
             logger.warning("could not release %d step(s) (%s); the reaper will", len(leftover), exc)
             return
         self.stats.released += released

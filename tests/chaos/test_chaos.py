@@ -267,10 +267,20 @@ def test_eight_workers_race_on_2000_steps(db_url: str, tmp_path: Path) -> None:
             }
         ]
     }
-    run_id = submit(db_url, body)
     # a longer lease than the suite's 2 s: 8 workers and Postgres share 2 cores here, and
     # this test is about racing for claims, not about expiry
     with workers(db_url, tmp_path, n=8, concurrency=4, PGDAG_LEASE_TTL="15"):
+        # All eight registered (their claim loops about to start) before there is work: a
+        # worker still importing on a loaded machine would otherwise miss the whole race.
+        wait_for(
+            lambda: (
+                query(db_url, "SELECT count(*) AS n FROM workers WHERE status = 'running'")[0]["n"]
+                == 8
+            ),
+            timeout_s=60,
+            what="the eight workers to register",
+        )
+        run_id = submit(db_url, body)
         assert wait_run_finished(db_url, run_id, timeout_s=150) == "completed"
     report = check(db_url, [run_id])
     assert report.attempts == 2000

@@ -35,6 +35,10 @@ def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
         w1 = results["w1"][shape]
         assert w1["notCompleted"] == 0 and w1["jobs"] == 1000 and w1["jobsPerS"] > 0
     assert results["w1"]["steps"]["rss"]["apiMb"] > 0
+    w9 = results["w9"]
+    assert w9["notCompleted"] == 0 and w9["jobs"] == 1000 and w9["agents"] == 2, w9
+    assert w9["jobsPerSDb"] > 0 and all(mb > 0 for mb in w9["rss"]["agentMb"]), w9
+    assert any(g["goal"].startswith("W9 agents") for g in results["goals"])
     assert results["w2"]["notCompleted"] == 0 and results["w2"]["steps"] == 500
     assert results["w3"]["n"] == 30 and results["w3"]["p50Ms"] > 0
     assert set(results["w4"]["rates"]) == {"2000", "20000"}

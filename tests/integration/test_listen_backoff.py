@@ -20,7 +20,7 @@ from engine.migrate import upgrade_head
 from engine.store import Store
 from tests.pgfixtures import Database, create_database, drop_database, unique_name
 from tests.support import wait_for
-from workers.worker import Worker
+from workers.database import DatabaseBackend
 
 # With the first pause 0.5 s (jittered to >= 0.25 s) doubling to 1, 2, 4 s, the 5th attempt
 # comes >= 3.75 s after the first; a loop without backoff makes 5 in well under a second.
@@ -100,9 +100,11 @@ def test_worker_listen_loop_backs_off_and_logs_once(
 
     async def go() -> float:
         pool = await open_pool(db_url, min_size=1, max_size=2)
-        worker = Worker(Store(pool, lease_ttl_s=30), Settings(), database_url=_via(db_url, proxy))
+        backend = DatabaseBackend(
+            Store(pool, lease_ttl_s=30), Settings(), database_url=_via(db_url, proxy), worker_id="w"
+        )
         loop = asyncio.get_running_loop()
-        task = asyncio.create_task(worker._listen_loop())
+        task = asyncio.create_task(backend.listen_loop(lambda: None))
         try:
             await asyncio.to_thread(
                 wait_for, lambda: proxy.accepted >= 1, timeout_s=10, what="first attempt"

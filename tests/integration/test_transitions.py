@@ -15,6 +15,7 @@ from engine.store import Store
 from engine.tools import load_tool_modules
 from engine.transitions import ClaimedStep
 from tests.support import events, query, steps_by_name
+from workers.database import DatabaseBackend
 from workers.worker import Worker
 
 load_tool_modules(["workers.tools.builtin"])
@@ -118,11 +119,10 @@ def test_reclaimed_step_stops_the_older_attempt(db_url: str) -> None:
         store = Store(pool, lease_ttl_s=30)
         try:
             await create(store, {"name": "slow", "tool": "DELAY", "input": {"ms": 60_000}})
+            settings = Settings(database_url=db_url)
             worker = Worker(
-                store,
-                Settings(database_url=db_url),
-                database_url=db_url,
-                worker_id="w",
+                DatabaseBackend(store, settings, database_url=db_url, worker_id="w"),
+                settings,
                 concurrency=2,
             )
             old = await claim_one(store, "slow")

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from engine import errors
+from engine.config import Settings
 from engine.db import open_pool
 from engine.store import Store
 from tests.support import events, steps_by_name, submit, wait_run_finished, workers
+from workers.database import DatabaseBackend
 from workers.worker import SuccessBatcher
 
 TEST_TOOLS = {"PGDAG_TOOLS": "tests.testtools"}
@@ -106,7 +108,9 @@ def test_a_group_write_postgres_refuses_falls_back_to_one_row_at_a_time(db_url: 
     async def go() -> list[BaseException | None]:
         pool = await open_pool(db_url, min_size=1, max_size=2)
         store = Store(pool, lease_ttl_s=30)
-        batcher = SuccessBatcher(store, "w")
+        batcher = SuccessBatcher(
+            DatabaseBackend(store, Settings(), database_url=db_url, worker_id="w")
+        )
         writer = asyncio.create_task(batcher.run())
         try:
             claimed = {c.name: c for c in await store.claim("w", 10)}

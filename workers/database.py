@@ -1,0 +1,225 @@
+"""`DatabaseBackend`: a worker that holds a ``DATABASE_URL`` (``python -m workers``).
+
+Every operation is an `engine.store.Store` method (the worker contains no SQL). Besides
+them it runs two loops of its own while the worker runs:
+
+- listener: the dedicated ``LISTEN pgdag_ready`` connection, reconnected after any failure
+  with capped exponential backoff; each notification wakes the claim loop;
+- reaper: requeues expired leases of dead workers (one reaper at a time across all
+  processes, by advisory lock), and now and then deletes runs past their retention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import psycopg
+
+from engine.config import Settings
+from engine.db import CONNECT_TIMEOUT_S, RETRYABLE, Backoff
+from engine.errors import PgdagError
+from engine.store import Store
+from engine.transitions import ClaimedStep, FailOutcome, MapExpansion
+
+logger = logging.getLogger(__name__)
+
+READY_CHANNEL = "pgdag_ready"
+PRUNE_INTERVAL_S = 60.0  # how often a worker deletes runs past their retention
+LISTEN_RECONNECT_FIRST_S = 0.5  # first pause after the LISTEN connection fails; doubles
+LISTEN_RECONNECT_MAX_S = 5.0  # up to this
+
+
+class DatabaseBackend:
+    """The `workers.backend.Backend` of a worker on Postgres: `store` for every operation,
+    `database_url` for the LISTEN connection, `settings` for the lease TTL, the failure
+    backoff and the retention. `restarts` and `last_exit_code` come from the supervisor
+    (PGDAG_RESTARTS, PGDAG_LAST_EXIT_CODE) and go to the workers row."""
+
+    transient: tuple[type[BaseException], ...] = RETRYABLE
+    long_polls = False
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        database_url: str,
+        worker_id: str,
+        restarts: int = 0,
+        last_exit_code: int | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.database_url = database_url
+        self.worker_id = worker_id
+        self.restarts = restarts
+        self.last_exit_code = last_exit_code
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """A third of the lease TTL, in seconds."""
+        return self.settings.lease_ttl_s / 3
+
+    @property
+    def max_wait_s(self) -> float:
+        """0: a database claim never waits (LISTEN wakes the worker instead)."""
+        return 0.0
+
+    async def register(self, *, concurrency: int, tools: Sequence[str]) -> None:
+        """Insert or refresh the workers row (kind ``database``)."""
+        await self.store.register_worker(
+            self.worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            concurrency=concurrency,
+            tools=list(tools),
+            restarts=self.restarts,
+            last_exit_code=self.last_exit_code,
+        )
+
+    async def claim(self, limit: int, tools: Sequence[str], *, wait_s: float) -> list[ClaimedStep]:
+        """`Store.claim`; returns at once (`wait_s` is ignored)."""
+        del wait_s  # LISTEN wakes a database worker instead
+        return await self.store.claim(self.worker_id, limit, tools=tools)
+
+    async def heartbeat(self, leases: list[tuple[int, int]]) -> set[int]:
+        """`Store.heartbeat`."""
+        return await self.store.heartbeat(leases)
+
+    async def complete(self, step: ClaimedStep, output_json: str) -> None:
+        """`Store.complete`: raises `LeaseLost` or `OutputRefused`."""
+        await self.store.complete(step, output_json, worker_id=self.worker_id)
+
+    async def complete_many(
+        self, results: list[tuple[ClaimedStep, str]]
+    ) -> dict[int, PgdagError | None]:
+        """`Store.complete_many` in one statement."""
+        return await self.store.complete_many(
+            [(step.id, step.lease_token, text) for step, text in results],
+            worker_id=self.worker_id,
+            may_skip=any(step.may_skip_children for step, _ in results),
+        )
+
+    async def fail(self, step: ClaimedStep, *, error: str, retryable: bool) -> FailOutcome:
+        """`Store.fail` with the settings' backoff; raises `LeaseLost`."""
+        return await self.store.fail(
+            step,
+            error=error,
+            retryable=retryable,
+            worker_id=self.worker_id,
+            backoff_base_ms=self.settings.backoff_base_ms,
+            backoff_cap_ms=self.settings.backoff_cap_ms,
+        )
+
+    async def expand_map(self, step: ClaimedStep, *, max_width: int) -> MapExpansion:
+        """`Store.expand_map`; raises `LeaseLost`."""
+        return await self.store.expand_map(step, worker_id=self.worker_id, max_width=max_width)
+
+    async def release(self, leases: list[tuple[int, int]]) -> int:
+        """`Store.release`."""
+        return await self.store.release(leases, worker_id=self.worker_id)
+
+    async def worker_heartbeat(self, *, status: str) -> None:
+        """`Store.worker_heartbeat`."""
+        await self.store.worker_heartbeat(self.worker_id, status=status)
+
+    async def stopped(self) -> None:
+        """`Store.worker_stopped`."""
+        await self.store.worker_stopped(self.worker_id)
+
+    def background(self, wake: Callable[[], None]) -> list[Coroutine[Any, Any, None]]:
+        """The listener and the reaper (with the pruner)."""
+        return [self.listen_loop(wake), self.reaper_loop(wake)]
+
+    async def close(self) -> None:
+        """Nothing: the pool belongs to whoever opened it."""
+
+    # --- loops --------------------------------------------------------------------------
+
+    async def reaper_loop(self, wake: Callable[[], None]) -> None:
+        """Reap every `reaper_interval_s` (with jitter) and prune every `PRUNE_INTERVAL_S`;
+        runs until cancelled."""
+        next_prune = time.monotonic() + random.random() * PRUNE_INTERVAL_S
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_s * (0.75 + random.random() / 2))
+            try:
+                reaped = await self.store.reap()
+            except RETRYABLE as exc:
+                logger.debug("reaper pass failed: %s", exc)
+                continue
+            except Exception:  # keep reaping after an unexpected error
+                logger.exception("reaper pass failed")
+                continue
+            if reaped:
+                logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped)
+                wake()
+            if self.settings.retention_days > 0 and time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                await self._prune()
+
+    async def _prune(self) -> None:
+        """Delete finished runs older than the retention, a batch at a time."""
+        retention_s = self.settings.retention_days * 86400
+        total = 0
+        try:
+            while (n := await self.store.prune(retention_s=retention_s)) > 0:
+                total += n
+        except RETRYABLE as exc:
+            logger.debug("pruner pass failed: %s", exc)
+        except Exception:  # the reaper loop must go on
+            logger.exception("pruner pass failed")
+        if total:
+            logger.info(
+                "pruner: deleted %d run(s) finished over %g day(s) ago (PGDAG_RETENTION_DAYS)",
+                total,
+                self.settings.retention_days,
+            )
+
+    async def listen_loop(self, wake: Callable[[], None]) -> None:
+        """LISTEN for ready steps and `wake` on each; reconnect after any failure with capped
+        exponential backoff and jitter (`LISTEN_RECONNECT_FIRST_S` ..
+        `LISTEN_RECONNECT_MAX_S`), reset once LISTEN works again. Logs the first failure of
+        an outage and its end, not each try (polling keeps claiming meanwhile)."""
+        backoff = Backoff(LISTEN_RECONNECT_FIRST_S, LISTEN_RECONNECT_MAX_S)
+        failures = 0
+        down_since = 0.0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {READY_CHANNEL}")
+                    if failures:
+                        logger.info(
+                            "listener back after %.1fs and %d failed attempt(s)",
+                            time.monotonic() - down_since,
+                            failures,
+                        )
+                    failures = 0
+                    backoff.reset()
+                    wake()  # catch up on anything sent while not listening
+                    async for _ in conn.notifies():
+                        wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    down_since = time.monotonic()
+                    logger.warning(
+                        "listener lost (%s); reconnecting with backoff (up to %.0fs between "
+                        "tries), polling meanwhile",
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
+                        LISTEN_RECONNECT_MAX_S,
+                    )
+                else:
+                    logger.debug("listener still down (attempt %d): %s", failures, exc)
+            await asyncio.sleep(backoff.next_delay())
