@@ -539,25 +539,6 @@ async def _db_down(request: Request, exc: Exception) -> Response:
     return _error(503, "database_unavailable", f"postgres is not answering: {type(exc).__name__}")
 
 
-async def _audit_upkeep(store: Store, retention_days: float) -> None:
-    """One pass of the audit-log partition upkeep (`engine.retention`); logs what it did,
-    and a failure (never raises: the reaper loop goes on)."""
-    try:
-        upkeep = await store.maintain_audit_partitions(retention_days=retention_days)
-    except RETRYABLE as exc:
-        logger.debug("audit partition upkeep failed: %s", exc)
-        return
-    except Exception:  # the reaper loop must go on
-        logger.exception("audit partition upkeep failed")
-        return
-    if upkeep:
-        logger.info(
-            "audit partition upkeep (PGDAG_RETENTION_DAYS %g): %s",
-            retention_days,
-            retention.describe(upkeep),
-        )
-
-
 async def _reaper_loop(
     store: Store, interval_s: float, gate: SchemaGate, *, retention_days: float
 ) -> None:
@@ -571,7 +552,7 @@ async def _reaper_loop(
             continue  # no schema to reap in (yet); /health says so
         if time.monotonic() >= next_upkeep:
             next_upkeep = time.monotonic() + retention.UPKEEP_INTERVAL_S
-            await _audit_upkeep(store, retention_days)
+            await retention.upkeep_pass(store, retention_days=retention_days)
         try:
             reaped = await store.reap()
         except RETRYABLE as exc:
