@@ -314,3 +314,37 @@ def test_api_keeps_the_partitions(db_url: str, tmp_path: Path) -> None:
             timeout_s=30,
             what="the API to recreate the partitions",
         )
+
+
+def test_database_worker_pruner_keeps_the_partitions(db_url: str) -> None:
+    """The database worker's pruner pass (workers/database.py) runs the upkeep after it
+    deletes runs: a missing day ahead is created, a day past the retention dropped."""
+    from engine.config import Settings
+    from engine.db import open_pool
+    from engine.store import Store
+    from workers.database import DatabaseBackend
+
+    today = db_today(db_url)
+    old_id = insert_event(db_url, midnight(today - timedelta(days=40)))
+    upkeep(db_url, retention_days=None, ahead_days=0)  # its day gets a partition
+    assert where(db_url, old_id) == part_name(today - timedelta(days=40))
+    ahead = part_name(today + timedelta(days=3))
+    query(db_url, f"DROP TABLE {ahead}")
+
+    async def go() -> None:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        try:
+            backend = DatabaseBackend(
+                Store(pool, lease_ttl_s=30),
+                Settings(retention_days=30),
+                database_url=db_url,
+                worker_id="w-prune",
+            )
+            await backend._prune()
+        finally:
+            await pool.close()
+
+    run(go())
+    left = partitions(db_url)
+    assert ahead in left
+    assert part_name(today - timedelta(days=40)) not in left
