@@ -55,6 +55,7 @@ from engine.transitions import TERMINAL_RUN_STATES
 ROOT = Path(__file__).resolve().parent.parent
 CHAOS_DB = "pgdag_chaos"
 MAX_KILLS_PER_STEP = 2
+CHARGE_PATH = "/charge/"  # the ledger path of the workload's "idempotent": false steps
 LINK_CUT_S = 1.5  # how long the agent-API link stays cut (new connections refused)
 API_DOWN_S = 1.0  # how long the API stays dead before it is started again
 
@@ -259,6 +260,19 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
             **attempts,
         }
     )
+    # At-most-once: a charge must never reach the ledger twice. A kill that interrupts one
+    # sends it to review (dead_letter, never re-run), which fails the run: expected, and
+    # counted apart in the verdict. Leaves, so that nothing else is skipped with them.
+    steps += [
+        {
+            "name": f"charge-{group}",
+            "tool": "HTTP_GET_JSON",
+            "input": {"url": f"{ledger}{CHARGE_PATH}{group}"},
+            "dependsOn": [f"record-{group}"],
+            "idempotent": False,
+        }
+        for group in ("a", "b")
+    ]
     return {"goal": f"chaos demo (seed {seed})", "steps": steps}
 
 
@@ -385,6 +399,7 @@ def _verdict(
     with psycopg.connect(chaos.url, row_factory=dict_row) as conn:
         rows = conn.execute(
             "SELECT r.id, r.status, count(*) FILTER (WHERE s.status = 'succeeded') AS ok,"
+            " count(*) FILTER (WHERE s.status = 'dead_letter') AS dead,"
             " count(*) AS n FROM runs r JOIN steps s ON s.run_id = r.id"
             " WHERE r.id = ANY(%s::uuid[]) GROUP BY r.id, r.status",
             (chaos.run_ids,),
@@ -415,13 +430,25 @@ def _verdict(
                 (story_kill.run_id, story_kill.step),
             ).fetchall()
     duplicates, reruns = ledger_duplicates(ledger.requests(), succeeded_at)
+    charges = collections.Counter(
+        path for _, _, path in ledger.requests_with_paths() if path.startswith(CHARGE_PATH)
+    )
+    charged_twice = sum(1 for n in charges.values() if n > 1)
     outcomes = {r["status"] for r in rows}
     steps_ok = sum(r["ok"] for r in rows)
     steps_all = sum(r["n"] for r in rows)
+    review = report.non_idempotent_for_review
     releases = [k.released_after_s for k in chaos.kills if k.released_after_s is not None]
-    all_completed = outcomes == {"completed"} and len(rows) == len(chaos.run_ids)
+    # A run fails only as the rules say it must: each of its dead letters an "idempotent":
+    # false step whose lease ended mid-attempt (sent to review, not re-run).
+    all_completed = (
+        len(rows) == len(chaos.run_ids)
+        and outcomes <= {"completed", "failed"}
+        and (outcomes == {"completed"} or sum(r["dead"] for r in rows) == review)
+        and steps_ok + review == steps_all
+    )
     agents_ok = agent_report is None or agent_report.ok
-    passed = all_completed and report.ok and duplicates == 0 and agents_ok
+    passed = all_completed and report.ok and duplicates == 0 and agents_ok and charged_twice == 0
 
     def mark(ok: bool) -> str:
         return "[green]ok[/]" if ok else "[red]FAIL[/]"
@@ -433,7 +460,11 @@ def _verdict(
     table.add_row(
         "run outcome", ", ".join(sorted(outcomes)) + f" ({len(rows)} run(s))", mark(all_completed)
     )
-    table.add_row("steps succeeded", f"{steps_ok}/{steps_all}", mark(steps_ok == steps_all))
+    table.add_row(
+        "steps succeeded (+ sent to review)",
+        f"{steps_ok}/{steps_all}" + (f" (+{review})" if review else ""),
+        mark(steps_ok + review == steps_all),
+    )
     table.add_row("attempts (claims)", str(report.attempts), "")
     table.add_row("retries after transient failures", str(report.retries), "")
     table.add_row("leases expired and recovered", str(report.leases_expired), "")
@@ -467,6 +498,11 @@ def _verdict(
     table.add_row("at-least-once re-sends before the success was recorded", str(reruns), "")
     table.add_row(
         '"idempotent": false steps sent to review', str(report.non_idempotent_for_review), ""
+    )
+    table.add_row(
+        '"idempotent": false side effects sent twice (ledger)',
+        f"{charged_twice} of {len(charges)}",
+        mark(charged_twice == 0),
     )
     table.add_row("invariant violations", str(len(report.violations)), mark(report.ok))
     chaos.console.print()

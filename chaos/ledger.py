@@ -52,6 +52,11 @@ class Ledger:
         self._server.shutdown()
         self._server.server_close()
 
+    def requests_with_paths(self) -> list[tuple[str, datetime, str]]:
+        """Every request so far as ``(idempotency_key, arrival time UTC, path)``."""
+        with self._lock:
+            return list(self._requests)
+
     def requests(self) -> list[tuple[str, datetime]]:
         """Every request so far as ``(idempotency_key, arrival time UTC)``."""
         with self._lock:

@@ -48,7 +48,7 @@ def test_chaos_with_agents_passes(db_url: str, tmp_path: Path) -> None:
     assert "killed and restarted the API" in out and "cut the agent-API link" in out
     # Agents did the work: their logs hold outcomes, each recorded or refused.
     logged = re.search(
-        r"agent outcomes logged: recorded / refused by token\s+(\d+): (\d+) / (\d+)", out
+        r"agent outcomes logged: recorded / refused by token[\s│]+(\d+): (\d+) / (\d+)", out
     )
     assert logged is not None, out[-3000:]
     total, recorded, refused = map(int, logged.groups())
