@@ -18,10 +18,11 @@ with their partition at the first upkeep after their day ends past the retention
 outlive the run by at most a day. Events of a run still kept (a long run, or one retried by
 hand) are dropped by their own age, like every other event.
 
-Upkeep is serialized between processes by an advisory lock, and every ``CREATE``/``DROP``
-(which needs an ``ACCESS EXCLUSIVE`` lock on ``audit_log`` for an instant) waits at most
-`lock_timeout_s` so a long reader never queues every writer behind the DDL: a partition
-whose lock was not granted is reported ``deferred`` and handled at the next call.
+Upkeep is serialized between processes by an advisory lock (a process that finds it taken
+skips its pass: the holder does the work), and every ``CREATE``/``DROP`` (which needs an
+``ACCESS EXCLUSIVE`` lock on ``audit_log`` for an instant) waits at most `lock_timeout_s`
+so a long reader never queues every writer behind the DDL: a partition whose lock was not
+granted is reported ``deferred``, with the rest of that pass, and handled at the next call.
 
 `upkeep_pass` is what the loops call: the API's reaper loop at its first pass and every
 `UPKEEP_INTERVAL_S` (engine/api.py), and each database worker's pruner, every minute while
@@ -61,6 +62,7 @@ class AuditUpkeep:
     deferred: tuple[str, ...] = ()  # lock not granted within the timeout: next call
     moved_rows: int = 0  # rows moved from DEFAULT into the partitions created
     deleted_rows: int = 0  # rows of DEFAULT deleted for being older than the retention
+    busy: bool = False  # another process's upkeep held the lock: it does the work
 
     def __bool__(self) -> bool:
         """True when the call did (or deferred) anything."""
@@ -76,9 +78,12 @@ async def maintain_audit_partitions(
 ) -> AuditUpkeep:
     """Create the audit_log partitions of today and the next `ahead_days` days (UTC), and
     drop those whose every row is older than `retention_days` days (``None`` or ``<= 0``:
-    keep everything). Idempotent and safe to call from several processes at once (they take
-    turns on an advisory lock; a second call finds nothing to do). Runs in its own
-    transaction on `conn`, which must not be inside one.
+    keep everything). Idempotent and safe to call from several processes at once: one holds
+    an advisory lock, a call that finds it taken returns at once with ``busy`` set (the
+    holder does the work), a later one finds nothing left to do. Each CREATE/DROP waits at
+    most `lock_timeout_s` seconds for its lock on audit_log; after one times out, the rest
+    of the pass is reported ``deferred`` without waiting again. Runs in its own transaction
+    on `conn`, which must not be inside one.
 
     Raises `ValueError` for a negative `ahead_days` or a `lock_timeout_s` not above 0, and
     psycopg's errors when Postgres fails (the caller's loop retries at its next pass).
@@ -100,6 +105,8 @@ async def maintain_audit_partitions(
         rows = await cur.fetchall()
     done: dict[str, list[str]] = {"created": [], "dropped": [], "deferred": []}
     moved = deleted = 0
+    if any(r["action"] == "busy" for r in rows):
+        return AuditUpkeep(busy=True)
     for r in rows:
         if r["action"] == "deleted":
             deleted += int(r["n_rows"])

@@ -23,12 +23,14 @@ the one table that grows fastest (several rows per step).
 - ``pgdag_audit_partition_v1(day)`` creates one day's partition (moving that day's rows out
   of the DEFAULT partition, if any); ``pgdag_maintain_audit_partitions_v1(retention,
   ahead_days, lock_timeout_ms)`` is the whole upkeep (engine/retention.py calls it):
-  under an advisory lock, create today + ``ahead_days`` (and the day of any row in DEFAULT),
+  under an advisory lock (a second process finds it taken and leaves the work to the
+  first, reporting ``busy``), create today + ``ahead_days`` (and the day of any row in DEFAULT),
   drop each partition whose upper bound is older than ``now() - retention`` (every row in it
   is older than the retention), delete DEFAULT's rows older than the retention. Each DDL
   waits at most ``lock_timeout_ms`` for its lock (it needs ``ACCESS EXCLUSIVE`` on
   ``audit_log`` for an instant); one that cannot get it is reported ``deferred`` and tried
-  at the next pass, so upkeep never queues every writer behind a long reader.
+  at the next pass (with every later one of the pass, without waiting again), so upkeep
+  never queues every writer behind a long reader and a pass waits at most once.
 - No foreign key points from ``audit_log`` to ``runs`` (dropped in 0002), so neither a DROP
   of a partition nor a DELETE of a run checks the other table.
 - The insert-vacuum settings of 0002 are not carried over: a partitioned table has no
@@ -90,7 +92,9 @@ LANGUAGE plpgsql AS $$
 -- Audit-log partition upkeep (see migration 0007). `retention` NULL keeps everything.
 -- Returns one row per thing done: created (n_rows = rows moved from DEFAULT), dropped,
 -- deleted (rows of DEFAULT older than the retention), deferred (a lock not granted within
--- lock_timeout_ms: tried again at the next pass). Nothing done, no rows.
+-- lock_timeout_ms: tried at the next pass; after the first, the rest of this pass is
+-- deferred without waiting again, so a pass waits at most lock_timeout_ms), busy (another
+-- upkeep holds the advisory lock: it does the work). Nothing done, no rows.
 DECLARE
     today date := (now() AT TIME ZONE 'UTC')::date;
     cutoff timestamptz := now() - retention;
@@ -98,8 +102,13 @@ DECLARE
     moved bigint;
     p record;
     n bigint;
+    blocked boolean := false;
 BEGIN
-    PERFORM pg_advisory_xact_lock(8210605542);
+    IF NOT pg_try_advisory_xact_lock(8210605542) THEN
+        action := 'busy'; partition_name := NULL; n_rows := NULL;
+        RETURN NEXT;
+        RETURN;
+    END IF;
     PERFORM set_config('lock_timeout', lock_timeout_ms || 'ms', true);
     FOR d IN
         SELECT today + i FROM generate_series(0, greatest(ahead_days, 0)) AS i
@@ -108,6 +117,14 @@ BEGIN
         WHERE cutoff IS NULL OR created_at >= cutoff
         ORDER BY 1
     LOOP
+        IF blocked THEN
+            IF to_regclass(quote_ident('audit_log_p' || to_char(d, 'YYYYMMDD'))) IS NULL THEN
+                action := 'deferred'; partition_name := 'audit_log_p' || to_char(d, 'YYYYMMDD');
+                n_rows := NULL;
+                RETURN NEXT;
+            END IF;
+            CONTINUE;
+        END IF;
         BEGIN
             moved := pgdag_audit_partition_v1(d);
             IF moved IS NOT NULL THEN
@@ -116,6 +133,7 @@ BEGIN
                 RETURN NEXT;
             END IF;
         EXCEPTION WHEN lock_not_available THEN
+            blocked := true;
             action := 'deferred'; partition_name := 'audit_log_p' || to_char(d, 'YYYYMMDD');
             n_rows := NULL;
             RETURN NEXT;
@@ -134,15 +152,22 @@ BEGIN
         ORDER BY 2
     LOOP
         CONTINUE WHEN p.upper_bound > cutoff;
-        BEGIN
-            EXECUTE format('DROP TABLE %I', p.relname);
-            action := 'dropped'; partition_name := p.relname; n_rows := NULL;
-            RETURN NEXT;
-        EXCEPTION WHEN lock_not_available THEN
-            action := 'deferred'; partition_name := p.relname; n_rows := NULL;
-            RETURN NEXT;
-        END;
+        IF NOT blocked THEN
+            BEGIN
+                EXECUTE format('DROP TABLE %I', p.relname);
+                action := 'dropped'; partition_name := p.relname; n_rows := NULL;
+                RETURN NEXT;
+                CONTINUE;
+            EXCEPTION WHEN lock_not_available THEN
+                blocked := true;
+            END;
+        END IF;
+        action := 'deferred'; partition_name := p.relname; n_rows := NULL;
+        RETURN NEXT;
     END LOOP;
+    IF blocked THEN
+        RETURN;
+    END IF;
     BEGIN
         DELETE FROM audit_log_default WHERE created_at < cutoff;
         GET DIAGNOSTICS n = ROW_COUNT;

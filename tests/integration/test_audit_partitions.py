@@ -163,14 +163,14 @@ def test_old_rows_in_the_default_partition_are_deleted(db_url: str) -> None:
 
 
 def test_concurrent_upkeep_from_two_connections(db_url: str) -> None:
-    """The second upkeep waits for the first's advisory lock, then finds nothing to do;
-    and many at once create each partition exactly once, without an error."""
+    """While one upkeep holds the advisory lock, a second returns at once as busy (no
+    wait, no error, nothing done twice); many at once create each partition exactly once."""
     today = db_today(db_url)
     far = [midnight(today + timedelta(days=d)) for d in (30, 31)]
     for at in far:
         insert_event(db_url, at)
 
-    async def held_then_second() -> tuple[list[dict[str, Any]], AuditUpkeep]:
+    async def held_then_second() -> tuple[list[dict[str, Any]], AuditUpkeep, AuditUpkeep]:
         first = await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row)
         second = await psycopg.AsyncConnection.connect(
             db_url, autocommit=True, row_factory=dict_row
@@ -182,35 +182,22 @@ def test_concurrent_upkeep_from_two_connections(db_url: str) -> None:
                     {"retention_s": None, "ahead_days": 20, "lock_timeout_ms": 2000},
                 )
                 made = await cur.fetchall()
-                task = asyncio.create_task(
-                    maintain_audit_partitions(second, retention_days=None, ahead_days=20)
+                during = await asyncio.wait_for(
+                    maintain_audit_partitions(second, retention_days=None, ahead_days=20), 30
                 )
-                pid = second.info.backend_pid
-
-                async def second_waits() -> bool:
-                    async with await psycopg.AsyncConnection.connect(db_url) as probe:
-                        cur = await probe.execute(
-                            "SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)
-                        )
-                        row = await cur.fetchone()
-                        return row is not None and row[0] == "advisory"
-
-                deadline = asyncio.get_running_loop().time() + 30
-                while not await second_waits():
-                    assert asyncio.get_running_loop().time() < deadline, "second never waited"
-                    assert not task.done(), "the second upkeep did not wait for the first"
-                    await asyncio.sleep(0.02)
-            return made, await asyncio.wait_for(task, 30)
+            after = await maintain_audit_partitions(second, retention_days=None, ahead_days=20)
+            return made, during, after
         finally:
             await first.close()
             await second.close()
 
-    made, second = run(held_then_second())
+    made, during, after = run(held_then_second())
     expected = {part_name(today + timedelta(days=i)) for i in range(8, 21)} | {
         part_name(at.date()) for at in far
     }
     assert {r["partition_name"] for r in made if r["action"] == "created"} == expected
-    assert not second
+    assert during == AuditUpkeep(busy=True)
+    assert after == AuditUpkeep()  # the first one's work is committed: nothing left
 
     async def many_at_once() -> list[AuditUpkeep]:
         conns = [
@@ -228,20 +215,30 @@ def test_concurrent_upkeep_from_two_connections(db_url: str) -> None:
     results = run(many_at_once())
     created = [name for r in results for name in r.created]
     assert sorted(created) == sorted(part_name(today + timedelta(days=i)) for i in range(21, 26))
+    assert set(partitions(db_url)) >= {part_name(today + timedelta(days=i)) for i in range(26)}
 
 
 def test_ddl_behind_a_long_reader_is_deferred_not_queued(db_url: str) -> None:
     """A reader holding audit_log (a WebSocket snapshot's transaction) would make a CREATE
-    wait, and every writer queue behind it: upkeep gives up after its lock timeout."""
+    wait, and every writer queue behind it: upkeep gives up after its lock timeout, and
+    defers the rest of the pass (creates and drops) without waiting again."""
     today = db_today(db_url)
+    old_day = today - timedelta(days=40)
+    insert_event(db_url, midnight(old_day))
+    upkeep(db_url, retention_days=None, ahead_days=0)
     with psycopg.connect(db_url) as reader:
         reader.execute("SELECT count(*) FROM audit_log")  # holds ACCESS SHARE until the end
-        did = upkeep(db_url, retention_days=None, ahead_days=9, lock_timeout_s=0.2)
-        assert did.deferred == tuple(part_name(today + timedelta(days=i)) for i in (8, 9))
-        assert did.created == ()
+        did = upkeep(db_url, retention_days=30, ahead_days=9, lock_timeout_s=0.2)
+        assert did.deferred == (
+            part_name(today + timedelta(days=8)),
+            part_name(today + timedelta(days=9)),
+            part_name(old_day),
+        )
+        assert did.created == () and did.dropped == ()
         reader.rollback()
-    did = upkeep(db_url, retention_days=None, ahead_days=9)
+    did = upkeep(db_url, retention_days=30, ahead_days=9)
     assert did.created == tuple(part_name(today + timedelta(days=i)) for i in (8, 9))
+    assert did.dropped == (part_name(old_day),)
 
 
 def test_pruned_runs_leave_audit_rows_to_their_partition(db_url: str, tmp_path: Path) -> None:
