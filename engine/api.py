@@ -10,7 +10,8 @@ to, 401 without a token (when one is configured: ``PGDAG_API_TOKEN`` or a live s
 `engine.tokens`; ``/health`` is open), 403 for a token whose scope does not allow the
 request, and 415 for a POST that is not ``Content-Type: application/json``; CORS only for
 ``PGDAG_CORS_ORIGINS``.
-The API process also runs a reaper loop (one reaper at a time across all processes).
+The API process also runs a reaper loop (one reaper at a time across all processes), which
+also keeps the audit log's daily partitions (`engine.retention`).
 ``GET /metrics`` (admin scope) exports Prometheus metrics: this process's counters and the
 queue and Postgres-health gauges (`engine.metrics`; docs/operations.md, "Metrics").
 """
@@ -23,6 +24,7 @@ import functools
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -40,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from engine import agents, metrics, openapi, responses, ws
+from engine import agents, metrics, openapi, responses, retention, ws
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings
@@ -568,11 +570,20 @@ async def _db_down(request: Request, exc: Exception) -> Response:
     return _error(503, "database_unavailable", f"postgres is not answering: {type(exc).__name__}")
 
 
-async def _reaper_loop(store: Store, interval_s: float, gate: SchemaGate) -> None:
+async def _reaper_loop(
+    store: Store, interval_s: float, gate: SchemaGate, *, retention_days: float
+) -> None:
+    """Reap expired leases every `interval_s` seconds (jittered), and run the audit-log
+    partition upkeep at the first pass with a schema and every
+    `retention.UPKEEP_INTERVAL_S` seconds after."""
+    next_upkeep = 0.0
     while True:
         await asyncio.sleep(interval_s * (0.75 + random.random() / 2))
         if await gate.current() is not None:
             continue  # no schema to reap in (yet); /health says so
+        if time.monotonic() >= next_upkeep:
+            next_upkeep = time.monotonic() + retention.UPKEEP_INTERVAL_S
+            await retention.upkeep_pass(store, retention_days=retention_days)
         try:
             reaped = await store.reap_detailed()
         except RETRYABLE as exc:
@@ -649,7 +660,12 @@ def create_app(
         )
         app.state.metrics_registry.register(app.state.queue_metrics)
         reaper = asyncio.create_task(
-            _reaper_loop(app.state.store, settings.reaper_interval_s, gate)
+            _reaper_loop(
+                app.state.store,
+                settings.reaper_interval_s,
+                gate,
+                retention_days=settings.retention_days,
+            )
         )
         try:
             yield

@@ -94,7 +94,7 @@ from psycopg.rows import DictRow, dict_row
 
 from engine import metrics
 from engine.db import Backoff
-from engine.store import event_json, read_live_events, start_live
+from engine.store import event_json, read_live_events, setup_live_session, start_live
 
 logger = logging.getLogger(__name__)
 
@@ -418,6 +418,7 @@ class EventHub:
             keepalives_count=3,
         )
         await conn.execute(f"LISTEN {CHANNEL}")  # a fixed identifier, never user input
+        await setup_live_session(conn)
         return conn
 
     async def _run(self) -> None:

@@ -17,7 +17,7 @@ import psycopg
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
-from engine import transitions
+from engine import retention, transitions
 from engine.dag import RunSpec
 from engine.db import retrying
 from engine.errors import NotFound, PgdagError
@@ -134,6 +134,12 @@ async def _read_run(
         await _read_run_json(conn, run_id, with_steps=with_steps, lease_ttl_s=lease_ttl_s)
     )
     return run
+
+
+async def setup_live_session(conn: Conn) -> None:
+    """Session settings of the listener's dedicated connection (``live_session``: generic
+    plans for the reads by id of the partitioned audit log)."""
+    await conn.execute(queries["live_session"])
 
 
 async def start_live(conn: Conn) -> tuple[int, int]:
@@ -353,6 +359,18 @@ class Store:
         """One retention pass (see `transitions.prune_finished_runs`); runs deleted."""
         async with self.pool.connection() as conn:
             return await transitions.prune_finished_runs(conn, retention_s=retention_s, limit=limit)
+
+    async def maintain_audit_partitions(
+        self,
+        *,
+        retention_days: float | None,
+        ahead_days: int = retention.AHEAD_DAYS_DEFAULT,
+    ) -> retention.AuditUpkeep:
+        """One audit-log partition upkeep (see `retention.maintain_audit_partitions`)."""
+        async with self.pool.connection() as conn:
+            return await retention.maintain_audit_partitions(
+                conn, retention_days=retention_days, ahead_days=ahead_days
+            )
 
     async def cancel_run(self, run_id: str, *, reason: str = "cancelled by request") -> int:
         """Cancel a run (see `transitions.cancel_run`). Cancel locks the run before its

@@ -564,8 +564,9 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None
 
 async def prune_finished_runs(conn: Conn, *, retention_s: float, limit: int = 100) -> int:
     """Retention: delete up to `limit` runs that finished (completed, failed or cancelled)
-    more than `retention_s` seconds ago, with their steps, edges and audit log. Returns how
-    many runs were deleted. Unfinished runs are never touched."""
+    more than `retention_s` seconds ago, with their steps and edges. Returns how many runs
+    were deleted. Unfinished runs are never touched. Their audit rows go with their day's
+    audit_log partition (`engine.retention.maintain_audit_partitions`), not here."""
     async with conn.transaction():
         cur = await conn.execute(
             queries["prune_finished_runs"], {"retention_s": retention_s, "limit": limit}

@@ -6,7 +6,8 @@ them it runs two loops of its own while the worker runs:
 - listener: the dedicated ``LISTEN pgdag_ready`` connection, reconnected after any failure
   with capped exponential backoff; each notification wakes the claim loop;
 - reaper: requeues expired leases of dead workers (one reaper at a time across all
-  processes, by advisory lock), and now and then deletes runs past their retention.
+  processes, by advisory lock), and now and then deletes runs past their retention and
+  keeps the audit log's daily partitions (`engine.retention.upkeep_pass`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import psycopg
 
+from engine import retention
 from engine.config import Settings
 from engine.db import CONNECT_TIMEOUT_S, RETRYABLE, Backoff
 from engine.errors import PgdagError
@@ -165,7 +167,8 @@ class DatabaseBackend:
                 await self._prune()
 
     async def _prune(self) -> None:
-        """Delete finished runs older than the retention, a batch at a time."""
+        """Delete finished runs older than the retention, a batch at a time; then the audit
+        log's partition upkeep (create ahead, drop days past the retention)."""
         retention_s = self.settings.retention_days * 86400
         total = 0
         try:
@@ -175,6 +178,7 @@ class DatabaseBackend:
             logger.debug("pruner pass failed: %s", exc)
         except Exception:  # the reaper loop must go on
             logger.exception("pruner pass failed")
+        await retention.upkeep_pass(self.store, retention_days=self.settings.retention_days)
         if total:
             logger.info(
                 "pruner: deleted %d run(s) finished over %g day(s) ago (PGDAG_RETENTION_DAYS)",

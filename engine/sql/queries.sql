@@ -412,9 +412,11 @@ SELECT pg_try_advisory_xact_lock(8210605541) AS acquired
 
 -- name: prune_finished_runs
 -- Retention: delete up to %(limit)s runs that finished more than %(retention_s)s seconds
--- ago, oldest first, with their steps (ON DELETE CASCADE), edges and audit rows (explicitly:
--- those tables have no foreign keys, see migration 0002). Runs another pruner holds are
--- skipped. Reads runs_finished_idx.
+-- ago, oldest first, with their steps (ON DELETE CASCADE) and edges (explicitly: step_edges
+-- has no foreign keys, see migration 0002). Their audit rows are not deleted here: they go
+-- with their day's audit_log partition (maintain_audit_partitions, migration 0007), every
+-- one of them being older than the run's finish. Runs another pruner holds are skipped.
+-- Reads runs_finished_idx.
 WITH old AS (
     SELECT id FROM runs
     WHERE finished_at < now() - make_interval(secs => %(retention_s)s)
@@ -425,11 +427,35 @@ WITH old AS (
 ), edges AS (
     DELETE FROM step_edges e USING steps s, old
     WHERE s.run_id = old.id AND e.parent_id = s.id
-), audit AS (
-    DELETE FROM audit_log a USING old WHERE a.run_id = old.id
 )
 DELETE FROM runs r USING old WHERE r.id = old.id
 RETURNING r.id
+
+-- name: maintain_audit_partitions
+-- Audit-log partition upkeep (migration 0007, pgdag_maintain_audit_partitions_v1): create
+-- the partitions of today and the next %(ahead_days)s days (UTC), drop those whose every row
+-- is older than %(retention_s)s seconds (NULL: drop nothing), each DDL waiting at most
+-- %(lock_timeout_ms)s ms for its lock. Serialized between processes by an advisory lock.
+-- One row per thing done: action (created, dropped, deleted, deferred), partition_name,
+-- n_rows (created: rows moved from the DEFAULT partition; deleted: rows of DEFAULT).
+SELECT action, partition_name, n_rows
+FROM pgdag_maintain_audit_partitions_v1(
+    make_interval(secs => %(retention_s)s::double precision), %(ahead_days)s::integer,
+    %(lock_timeout_ms)s::integer)
+
+-- name: list_audit_partitions
+-- The audit_log partitions, oldest first: name, bounds (NULL for DEFAULT), rows (estimate
+-- from the statistics: never a count), bytes.
+SELECT c.relname AS partition_name,
+       substring(pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \(''([^'']+)''\)')
+           ::timestamptz AS lower_bound,
+       substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([^'']+)''\)')
+           ::timestamptz AS upper_bound,
+       greatest(c.reltuples, 0)::bigint AS rows_estimate,
+       pg_total_relation_size(c.oid) AS total_bytes
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'audit_log'::regclass
+ORDER BY lower_bound NULLS LAST
 
 -- name: fail_dependents
 -- Steps %(ids)s ended without succeeding (dead_letter or skipped): count each direct
