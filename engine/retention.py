@@ -160,3 +160,12 @@ async def upkeep_pass(store: Store, *, retention_days: float) -> AuditUpkeep | N
             describe(upkeep),
         )
     return upkeep
+
+
+async def list_partitions(conn: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
+    """The audit log's partitions, oldest first: ``partition_name``, ``lower_bound`` and
+    ``upper_bound`` (timestamptz; None for the DEFAULT partition), ``rows_estimate`` (from
+    the statistics, never a count) and ``total_bytes``. For operators and tests: what the
+    upkeep created and what it will drop next."""
+    cur = await conn.execute(queries["list_audit_partitions"])
+    return await cur.fetchall()
