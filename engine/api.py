@@ -583,10 +583,7 @@ async def _reaper_loop(store: Store, interval_s: float, gate: SchemaGate) -> Non
             continue
         if reaped is None:
             continue  # another process holds the reaper lock
-        metrics.LEASE_EXPIRIES.inc(len(reaped.expired))
-        for tool, status in reaped.expired:
-            if status == "dead_letter":
-                metrics.DEAD_LETTERS.labels(tool=tool).inc()
+        metrics.count_reaped(reaped.expired)
         if reaped.total:
             logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped.total)
 

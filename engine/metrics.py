@@ -39,6 +39,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -166,6 +167,56 @@ def observe_seconds(histogram: Histogram, tool: str, seconds: float | None) -> N
     ``tool`` child of `histogram`; nothing when `seconds` is None (not known)."""
     if seconds is not None:
         histogram.labels(tool=tool).observe(max(0.0, seconds))
+
+
+def count_claim(tool: str, ready_wait_s: float | None) -> None:
+    """A claimed attempt of `tool`: its ready-to-start latency (`ready_wait_s` seconds on
+    the database clock, `ClaimedStep.ready_wait_s`; None when not known) in `READY_TO_START`."""
+    observe_seconds(READY_TO_START, tool, ready_wait_s)
+
+
+def count_result(
+    tool: str,
+    outcome: str,
+    *,
+    duration_s: float | None = None,
+    retried: bool = False,
+    dead_letter: bool = False,
+) -> None:
+    """An attempt of `tool` handled with `outcome` (one of `OUTCOMES`; raises `ValueError`
+    for another): `ATTEMPTS`; `duration_s` (seconds from its claim, None: not observed) in
+    `ATTEMPT_DURATION`; a ``lease_lost`` attempt is a fencing refusal (`FENCING_REFUSALS`);
+    `retried` counts a retry (`RETRIES`), `dead_letter` a dead letter (`DEAD_LETTERS`)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    ATTEMPTS.labels(tool=tool, outcome=outcome).inc()
+    observe_seconds(ATTEMPT_DURATION, tool, duration_s)
+    if outcome == "lease_lost":
+        FENCING_REFUSALS.labels(tool=tool).inc()
+    if retried:
+        RETRIES.labels(tool=tool).inc()
+    if dead_letter:
+        DEAD_LETTERS.labels(tool=tool).inc()
+
+
+def count_reaped(expired: Iterable[tuple[str, str]]) -> None:
+    """One reaper pass of this process: `expired` is ``(tool, new_status)`` of each step
+    whose lease expired (`engine.transitions.Reaped.expired`): each a `LEASE_EXPIRIES`, and
+    a `DEAD_LETTERS` of its tool when it went to ``dead_letter``."""
+    for tool, status in expired:
+        LEASE_EXPIRIES.inc()
+        if status == "dead_letter":
+            DEAD_LETTERS.labels(tool=tool).inc()
+
+
+def serve(port: int, host: str = "127.0.0.1") -> int:
+    """Serve ``/metrics`` (this process's `REGISTRY`) over HTTP on `host`:`port` from a
+    daemon thread (prometheus_client's `start_http_server`); what ``python -m workers
+    --metrics-port`` runs. Returns the port bound (`port` 0: one the system chose). Raises
+    `OSError` when the address cannot be bound (a port in use, a host not local)."""
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    bound: int = server.server_address[1]
+    return bound
 
 
 def render(registry: CollectorRegistry = REGISTRY) -> bytes:
