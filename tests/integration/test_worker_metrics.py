@@ -1,0 +1,192 @@
+"""``python -m workers --metrics-port`` (docs/operations.md, "Metrics"): a real worker
+subprocess serves ``/metrics`` while runs go by, and its counters and histograms move by
+exactly what it did.
+
+What goes by, each in a run of its own (a dead letter must not cancel a neighbour):
+a step that fails once and then succeeds (a retry), one that fails both of its two
+attempts (a retry, then a dead letter), one whose output jsonb cannot store (failed for
+good: a dead letter without a retry), and one whose lease expires: this test claims it as
+a worker that then vanishes, so the worker's reaper requeues it (a lease expiry) and the
+worker runs it. No API runs, so the worker's reaper is the only one. Every scrape is parsed
+with ``prometheus_client.parser``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.db import open_pool
+from engine.store import Store
+from tests import testtools
+from tests.support import Proc, base_env, free_port, query, submit, wait_for
+from workers.supervisor import child_argv
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+assert testtools.fail_times  # registers the TEST_* tools in this process (for `submit`)
+FAIL = "TEST_FAIL_TIMES"
+NUL = "TEST_NUL_OUTPUT"
+ECHO = "TEST_ECHO"
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of the worker's ``/metrics``, keyed by (sample name, labels)."""
+    r = httpx.get(url, timeout=5)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain"), r.headers
+    samples: Samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in samples, f"sample {key} exported twice"
+            samples[key] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample's value; 0 when absent (a labelled counter appears at its first inc)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def claim_and_vanish(db_url: str, tool: str) -> None:
+    """Claim one ready step of `tool` as worker ``ghost``, which never heartbeats: its
+    lease expires after PGDAG_LEASE_TTL (2 s in tests)."""
+
+    async def go() -> None:
+        pool = await open_pool(db_url, min_size=1, max_size=1)
+        try:
+            claimed = await Store(pool, lease_ttl_s=2).claim("ghost", 1, tools=[tool])
+            assert len(claimed) == 1, claimed
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+
+
+def test_worker_metrics_move_by_what_it_did(db_url: str, tmp_path: Path) -> None:
+    expiring = submit(db_url, {"steps": [{"name": "expiring", "tool": ECHO, "input": {}}]})
+    claim_and_vanish(db_url, ECHO)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    worker = Proc(
+        ["-m", "workers", "--concurrency", "4", "--worker-id", "m0", "--metrics-port", str(port)],
+        base_env(db_url, PGDAG_TOOLS="tests.testtools"),
+        tmp_path / "worker-m0.log",
+    )
+    try:
+
+        def up() -> Samples | None:
+            if worker.popen.poll() is not None:
+                raise AssertionError("worker exited:\n" + worker.output())
+            try:
+                return scrape(url)
+            except httpx.TransportError:
+                return None
+
+        wait_for(up, timeout_s=30, what="the worker's /metrics")
+        runs = [
+            submit(db_url, {"steps": [step]})
+            for step in (
+                {"name": "retried", "tool": FAIL, "input": {"failTimes": 1}, "maxAttempts": 3},
+                {"name": "dead", "tool": FAIL, "input": {"failTimes": 5}, "maxAttempts": 2},
+                {"name": "refused", "tool": NUL, "input": {}, "maxAttempts": 3},
+            )
+        ]
+
+        def settled() -> list[str] | None:
+            rows = query(
+                db_url,
+                "SELECT s.status FROM steps s WHERE s.run_id = ANY(%(ids)s) ORDER BY s.run_id",
+                {"ids": [*runs, expiring]},
+            )
+            statuses = sorted(r["status"] for r in rows)
+            want = ["dead_letter", "dead_letter", "succeeded", "succeeded"]
+            return statuses if statuses == want else None
+
+        wait_for(settled, timeout_s=60, what="every step succeeded or dead-lettered")
+        # The counters move once the outcome is recorded, a hair after the row changed.
+        after = wait_for(
+            lambda: (
+                (s := scrape(url))
+                and value(s, "pgdag_attempts_total", tool=ECHO, outcome="succeeded") == 1
+                and value(s, "pgdag_dead_letters_total", tool=FAIL) == 1
+                and value(s, "pgdag_dead_letters_total", tool=NUL) == 1
+                and value(s, "pgdag_attempts_total", tool=FAIL, outcome="succeeded") == 1
+                and s
+            ),
+            timeout_s=20,
+            what="the worker's counters",
+        )
+        expected = {
+            ("pgdag_attempts_total", (("tool", FAIL), ("outcome", "succeeded"))): 1,
+            ("pgdag_attempts_total", (("tool", FAIL), ("outcome", "failed"))): 3,
+            ("pgdag_attempts_total", (("tool", FAIL), ("outcome", "lease_lost"))): 0,
+            ("pgdag_attempts_total", (("tool", NUL), ("outcome", "failed"))): 1,
+            ("pgdag_attempts_total", (("tool", NUL), ("outcome", "succeeded"))): 0,
+            ("pgdag_attempts_total", (("tool", ECHO), ("outcome", "succeeded"))): 1,
+            ("pgdag_retries_total", (("tool", FAIL),)): 2,
+            ("pgdag_retries_total", (("tool", NUL),)): 0,
+            ("pgdag_dead_letters_total", (("tool", FAIL),)): 1,
+            ("pgdag_dead_letters_total", (("tool", NUL),)): 1,
+            ("pgdag_dead_letters_total", (("tool", ECHO),)): 0,
+            ("pgdag_fencing_refusals_total", (("tool", FAIL),)): 0,
+            ("pgdag_lease_expiries_total", ()): 1,
+            # Claims: FAIL 2 + 2 attempts, NUL 1, ECHO 1 (after the reaper requeued it).
+            ("pgdag_ready_to_start_seconds_count", (("tool", FAIL),)): 4,
+            ("pgdag_ready_to_start_seconds_count", (("tool", NUL),)): 1,
+            ("pgdag_ready_to_start_seconds_count", (("tool", ECHO),)): 1,
+            # Durations of recorded results (succeeded or failed).
+            ("pgdag_attempt_duration_seconds_count", (("tool", FAIL),)): 4,
+            ("pgdag_attempt_duration_seconds_count", (("tool", NUL),)): 1,
+            ("pgdag_attempt_duration_seconds_count", (("tool", ECHO),)): 1,
+        }
+        got = {key: value(after, key[0], **dict(key[1])) for key in expected}
+        assert got == expected
+        assert value(after, "pgdag_ready_to_start_seconds_sum", tool=FAIL) >= 0
+        assert value(after, "pgdag_attempt_duration_seconds_sum", tool=FAIL) > 0
+        # A worker does not export the API's gauges (they are the API's to read).
+        assert not any(name == "pgdag_steps_ready" for name, _ in after)
+        # Nothing moves afterwards: no attempt was counted twice, none late.
+        assert {key: value(scrape(url), key[0], **dict(key[1])) for key in expected} == expected
+    finally:
+        worker.stop()
+
+
+def test_metrics_port_in_use_is_a_config_error(db_url: str, tmp_path: Path) -> None:
+    """A worker whose --metrics-port is taken exits 2 with one line, before claiming."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = Proc(
+            ["-m", "workers", "--worker-id", "busy", "--metrics-port", str(port)],
+            base_env(db_url),
+            tmp_path / "worker-busy.log",
+        )
+        code = proc.popen.wait(timeout=60)
+        proc.stop()
+    assert code == 2, proc.output()
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.output()
+
+
+@pytest.mark.parametrize(
+    ("argv", "slot", "want"),
+    [
+        (["--processes", "3", "--metrics-port", "9100"], 3, ["--metrics-port", "9102"]),
+        (["--metrics-port=9100", "--processes=2"], 1, ["--metrics-port", "9100"]),
+        (["--metrics-p", "9100"], 2, ["--metrics-port", "9101"]),
+        (["--metrics-port", "0"], 2, ["--metrics-port", "0"]),
+        (["--metrics-host", "0.0.0.0"], 2, ["--metrics-host", "0.0.0.0"]),
+    ],
+)
+def test_each_supervised_child_gets_its_own_port(
+    argv: list[str], slot: int, want: list[str]
+) -> None:
+    assert child_argv(argv, slot) == want
