@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import psycopg
 from prometheus_client import (
@@ -226,6 +227,47 @@ def render(registry: CollectorRegistry = REGISTRY) -> bytes:
     return generate_latest(registry)
 
 
+# --- throughput: completions by the minute (the dashboard's queue view) -------------------
+
+THROUGHPUT_MINUTES = 10  # minutes of completions ``GET /queue`` returns
+
+
+class MinuteCounts:
+    """Events counted by the UTC minute they happened in (``unix seconds // 60``), the last
+    `keep` minutes only (older minutes are dropped as newer ones come: memory is bounded).
+
+    `COMPLETIONS` is the API's count of ``step_succeeded`` audit events, fed by its live
+    listener (`engine.live.EventHub`), which reads every audit row exactly once: no query
+    of its own (audit_log has no index on ``created_at`` to count from). It starts empty
+    when the process starts."""
+
+    def __init__(self, keep: int = THROUGHPUT_MINUTES) -> None:
+        self.keep = keep
+        self.counts: dict[int, int] = {}
+
+    def add(self, at_s: float, n: int = 1) -> None:
+        """Count `n` events at Unix time `at_s` (seconds); an event older than the kept
+        minutes (a late commit read after them) is not counted."""
+        minute = int(at_s // 60)
+        newest = max(self.counts, default=minute)
+        if minute <= newest - self.keep:
+            return
+        self.counts[minute] = self.counts.get(minute, 0) + n
+        if minute > newest:
+            for old in [m for m in self.counts if m <= minute - self.keep]:
+                del self.counts[old]
+
+    def last(self, now_s: float) -> list[tuple[int, int]]:
+        """``(minute start in Unix seconds, count)`` of the `keep` minutes up to the one of
+        Unix time `now_s`, oldest first; the last one is the current, partial minute."""
+        current = int(now_s // 60)
+        minutes = range(current - self.keep + 1, current + 1)
+        return [(m * 60, self.counts.get(m, 0)) for m in minutes]
+
+
+COMPLETIONS = MinuteCounts()
+
+
 # --- state: gauges read at scrape time -----------------------------------------------------
 
 
@@ -318,18 +360,49 @@ class QueueCollector(Collector):
         when the collector is registered."""
         return iter(())
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        """The gauges of the last snapshot (none before the first `refresh`)."""
-        snap = self.snapshot
-        if snap is None:
-            return
-        tools = sorted(
+    def tools_of(self, snap: Snapshot) -> list[str]:
+        """The tools `snap` is exported for, sorted: `tools` and every tool it saw."""
+        return sorted(
             self.tools
             | snap.ready.keys()
             | snap.running.keys()
             | snap.dead_letter.keys()
             | snap.workers.keys()
         )
+
+    def queue_json(self, snap: Snapshot, *, now_s: float) -> dict[str, object]:
+        """``GET /queue``'s body: `snap`'s gauges by tool (the numbers ``/metrics`` exports),
+        the unfinished runs, `COMPLETIONS` of the last `THROUGHPUT_MINUTES` minutes up to
+        Unix time `now_s` (seconds), and the snapshot's age in seconds."""
+        return {
+            "tools": [
+                {
+                    "tool": tool,
+                    "ready": int(snap.ready.get(tool, 0)),
+                    "running": int(snap.running.get(tool, 0)),
+                    "oldestReadyAgeSeconds": snap.oldest_ready_s.get(tool, 0.0),
+                    "deadLetter": int(snap.dead_letter.get(tool, 0)),
+                    "workersLive": int(snap.workers.get(tool, 0)),
+                }
+                for tool in self.tools_of(snap)
+            ],
+            "runs": {s: int(snap.runs.get(s, 0)) for s in ("pending", "running")},
+            "completionsPerMinute": [
+                {
+                    "minute": datetime.fromtimestamp(start, UTC).isoformat(),
+                    "succeeded": n,
+                }
+                for start, n in COMPLETIONS.last(now_s)
+            ],
+            "snapshotAgeSeconds": max(0.0, time.monotonic() - snap.read_at),
+        }
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges of the last snapshot (none before the first `refresh`)."""
+        snap = self.snapshot
+        if snap is None:
+            return
+        tools = self.tools_of(snap)
 
         def by_tool(name: str, doc: str, values: dict[str, float]) -> GaugeMetricFamily:
             family = GaugeMetricFamily(name, doc, labels=["tool"])
