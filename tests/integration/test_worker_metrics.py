@@ -7,8 +7,12 @@ a step that fails once and then succeeds (a retry), one that fails both of its t
 attempts (a retry, then a dead letter), one whose output jsonb cannot store (failed for
 good: a dead letter without a retry), and one whose lease expires: this test claims it as
 a worker that then vanishes, so the worker's reaper requeues it (a lease expiry) and the
-worker runs it. No API runs, so the worker's reaper is the only one. Every scrape is parsed
-with ``prometheus_client.parser``.
+worker runs it; and a DELAY step whose lease this test takes away while it runs (its token
+changed under the worker, as if another worker had claimed it), so that the worker's
+heartbeat abandons the attempt (lease_lost, a fencing refusal), the lease expires, the
+reaper requeues the step (a second lease expiry) and the worker runs it again. No API
+runs, so the worker's reaper is the only one. Every scrape is parsed with
+``prometheus_client.parser``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ assert testtools.fail_times  # registers the TEST_* tools in this process (for `
 FAIL = "TEST_FAIL_TIMES"
 NUL = "TEST_NUL_OUTPUT"
 ECHO = "TEST_ECHO"
+DELAY = "DELAY"
 
 
 def scrape(url: str) -> Samples:
@@ -105,9 +110,24 @@ def test_worker_metrics_move_by_what_it_did(db_url: str, tmp_path: Path) -> None
                 {"ids": [*runs, expiring]},
             )
             statuses = sorted(r["status"] for r in rows)
-            want = ["dead_letter", "dead_letter", "succeeded", "succeeded"]
+            want = ["dead_letter", "dead_letter", "succeeded", "succeeded", "succeeded"]
             return statuses if statuses == want else None
 
+        stolen = submit(
+            db_url, {"steps": [{"name": "stolen", "tool": DELAY, "input": {"ms": 3000}}]}
+        )
+        wait_for(
+            lambda: query(
+                db_url,
+                "UPDATE steps SET lease_token = lease_token + 1000"
+                " WHERE run_id = %(id)s AND status = 'running' RETURNING id",
+                {"id": stolen},
+            ),
+            timeout_s=30,
+            interval_s=0.01,
+            what="the DELAY step running, to take its lease away",
+        )
+        runs.append(stolen)
         wait_for(settled, timeout_s=60, what="every step succeeded or dead-lettered")
         # The counters move once the outcome is recorded, a hair after the row changed.
         after = wait_for(
@@ -117,6 +137,7 @@ def test_worker_metrics_move_by_what_it_did(db_url: str, tmp_path: Path) -> None
                 and value(s, "pgdag_dead_letters_total", tool=FAIL) == 1
                 and value(s, "pgdag_dead_letters_total", tool=NUL) == 1
                 and value(s, "pgdag_attempts_total", tool=FAIL, outcome="succeeded") == 1
+                and value(s, "pgdag_attempts_total", tool=DELAY, outcome="succeeded") == 1
                 and s
             ),
             timeout_s=20,
@@ -135,20 +156,29 @@ def test_worker_metrics_move_by_what_it_did(db_url: str, tmp_path: Path) -> None
             ("pgdag_dead_letters_total", (("tool", NUL),)): 1,
             ("pgdag_dead_letters_total", (("tool", ECHO),)): 0,
             ("pgdag_fencing_refusals_total", (("tool", FAIL),)): 0,
-            ("pgdag_lease_expiries_total", ()): 1,
+            ("pgdag_attempts_total", (("tool", DELAY), ("outcome", "lease_lost"))): 1,
+            ("pgdag_attempts_total", (("tool", DELAY), ("outcome", "succeeded"))): 1,
+            ("pgdag_fencing_refusals_total", (("tool", DELAY),)): 1,
+            ("pgdag_retries_total", (("tool", DELAY),)): 0,
+            # The ghost's lease, and the one taken from the DELAY step.
+            ("pgdag_lease_expiries_total", ()): 2,
             # Claims: FAIL 2 + 2 attempts, NUL 1, ECHO 1 (after the reaper requeued it).
             ("pgdag_ready_to_start_seconds_count", (("tool", FAIL),)): 4,
             ("pgdag_ready_to_start_seconds_count", (("tool", NUL),)): 1,
             ("pgdag_ready_to_start_seconds_count", (("tool", ECHO),)): 1,
+            ("pgdag_ready_to_start_seconds_count", (("tool", DELAY),)): 2,
             # Durations of recorded results (succeeded or failed).
             ("pgdag_attempt_duration_seconds_count", (("tool", FAIL),)): 4,
             ("pgdag_attempt_duration_seconds_count", (("tool", NUL),)): 1,
             ("pgdag_attempt_duration_seconds_count", (("tool", ECHO),)): 1,
+            # The abandoned DELAY attempt recorded nothing: one duration, its second's.
+            ("pgdag_attempt_duration_seconds_count", (("tool", DELAY),)): 1,
         }
         got = {key: value(after, key[0], **dict(key[1])) for key in expected}
         assert got == expected
         assert value(after, "pgdag_ready_to_start_seconds_sum", tool=FAIL) >= 0
         assert value(after, "pgdag_attempt_duration_seconds_sum", tool=FAIL) > 0
+        assert value(after, "pgdag_attempt_duration_seconds_sum", tool=DELAY) >= 3.0
         # A worker does not export the API's gauges (they are the API's to read).
         assert not any(name == "pgdag_steps_ready" for name, _ in after)
         # Nothing moves afterwards: no attempt was counted twice, none late.
