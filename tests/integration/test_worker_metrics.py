@@ -27,7 +27,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.db import open_pool
 from engine.store import Store
 from tests import testtools
-from tests.support import Proc, base_env, free_port, query, submit, wait_for
+from tests.support import (
+    Proc,
+    api_server,
+    base_env,
+    free_port,
+    query,
+    submit,
+    wait_for,
+    wait_run_finished,
+)
 from workers.supervisor import child_argv
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -220,3 +229,61 @@ def test_each_supervised_child_gets_its_own_port(
     argv: list[str], slot: int, want: list[str]
 ) -> None:
     assert child_argv(argv, slot) == want
+
+
+def test_an_agent_serves_metrics_and_leaves_its_attempts_to_the_api(
+    db_url: str, tmp_path: Path
+) -> None:
+    """An agent (``--server``) with ``--metrics-port`` serves ``/metrics`` but counts none
+    of its attempts: the API that records its reports counts each once, so summing both
+    pages counts every attempt once."""
+    with api_server(db_url, tmp_path, PGDAG_TOOLS="tests.testtools") as base:
+        port = free_port()
+        env = base_env(db_url, PGDAG_TOOLS="tests.testtools")
+        del env["DATABASE_URL"]  # an agent reaches only the API
+        agent = Proc(
+            [
+                "-m",
+                "workers",
+                *("--server", base, "--worker-id", "metrics-agent"),
+                *("--agent-log", str(tmp_path / "agent.sqlite3")),
+                *("--metrics-port", str(port)),
+            ],
+            env,
+            tmp_path / "agent.log",
+        )
+        try:
+            r = httpx.post(
+                f"{base}/runs",
+                json={
+                    "steps": [
+                        {"name": "retried", "tool": FAIL, "input": {"failTimes": 1}},
+                        {"name": "echo", "tool": ECHO, "input": {}},
+                    ]
+                },
+                timeout=30,
+            )
+            assert r.status_code == 201, r.text
+            assert wait_run_finished(db_url, r.json()["id"]) == "completed", agent.output()
+            api = wait_for(
+                lambda: (
+                    (s := scrape(f"{base}/metrics"))
+                    and value(s, "pgdag_attempts_total", tool=ECHO, outcome="succeeded") == 1
+                    and s
+                ),
+                what="the API's count of the agent's reports",
+            )
+            assert value(api, "pgdag_attempts_total", tool=FAIL, outcome="failed") == 1
+            assert value(api, "pgdag_attempts_total", tool=FAIL, outcome="succeeded") == 1
+            assert value(api, "pgdag_retries_total", tool=FAIL) == 1
+            mine = scrape(f"http://127.0.0.1:{port}/metrics")
+            assert ("pgdag_lease_expiries_total", frozenset()) in mine  # the page is served
+            counted = {
+                name: v
+                for (name, _), v in mine.items()
+                if name.startswith(("pgdag_attempts", "pgdag_retries", "pgdag_dead_letters"))
+                or name.endswith("_count")
+            }
+            assert all(v == 0 for v in counted.values()), counted
+        finally:
+            agent.stop()
