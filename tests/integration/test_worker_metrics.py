@@ -287,3 +287,46 @@ def test_an_agent_serves_metrics_and_leaves_its_attempts_to_the_api(
             assert all(v == 0 for v in counted.values()), counted
         finally:
             agent.stop()
+
+
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 are both free now (on 127.0.0.1)."""
+    import socket
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    return wait_for(lambda: (p := free_port()) < 65535 and free(p + 1) and p, what="two free ports")
+
+
+def test_supervised_children_serve_metrics_on_consecutive_ports(
+    db_url: str, tmp_path: Path
+) -> None:
+    """``--processes 2 --metrics-port P``: slot 1 serves on P, slot 2 on P + 1."""
+    port = two_free_ports()
+    sup = Proc(
+        ["-m", "workers", "--processes", "2", "--worker-id", "mp", "--metrics-port", str(port)],
+        base_env(db_url),
+        tmp_path / "supervisor.log",
+    )
+    try:
+
+        def served(p: int) -> bool:
+            if sup.popen.poll() is not None:
+                raise AssertionError("supervisor exited:\n" + sup.output())
+            try:
+                return ("pgdag_lease_expiries_total", frozenset()) in scrape(
+                    f"http://127.0.0.1:{p}/metrics"
+                )
+            except httpx.TransportError:
+                return False
+
+        for p in (port, port + 1):
+            wait_for(lambda p=p: served(p), timeout_s=30, what=f"/metrics on port {p}")
+    finally:
+        assert sup.stop() == 0, sup.output()
