@@ -317,6 +317,25 @@ async def metrics_text(request: Request) -> Response:
     return Response(body, media_type=metrics.CONTENT_TYPE)
 
 
+async def queue_view(request: Request) -> Response:
+    """The dashboard's queue view (docs/operations.md, "The queue view"): by tool, the
+    ready, running and dead-lettered steps, the oldest ready age (seconds) and the live
+    workers (the gauges of ``/metrics``, from the same snapshot, read at most once a
+    second), the unfinished runs, and the steps succeeded per minute over the last
+    `engine.metrics.THROUGHPUT_MINUTES` minutes (counted by this process's live listener
+    since it started). 503 as ``/metrics`` when Postgres does not answer in time."""
+    collector: metrics.QueueCollector = request.app.state.queue_metrics
+    try:
+        snap = await asyncio.wait_for(collector.refresh(), metrics.SCRAPE_TIMEOUT_S)
+    except TimeoutError:  # (a pool timeout is an OperationalError: _db_down answers it)
+        return _error(
+            503,
+            "database_unavailable",
+            f"postgres did not answer the queue queries in {metrics.SCRAPE_TIMEOUT_S:g} s",
+        )
+    return JSONResponse(collector.queue_json(snap, now_s=time.time()))
+
+
 @functools.cache
 def _openapi_document() -> bytes:
     """The OpenAPI document of `OPERATIONS`, encoded once (it changes only with the code)."""
@@ -353,6 +372,7 @@ routes = [
     Route("/workers", list_workers, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/metrics", metrics_text, methods=["GET"]),
+    Route("/queue", queue_view, methods=["GET"]),
     *agents.routes,
     WebSocketRoute("/ws", ws.all_events),
     WebSocketRoute("/ws/runs/{run_id}", ws.run_events),
@@ -538,6 +558,14 @@ OPERATIONS: list[Operation] = [
         {200: Reply(None, "the metrics, text/plain; version=0.0.4")},
         errors={503: "postgres is not answering"},
     ),
+    Operation(
+        "GET",
+        "/queue",
+        "queue",
+        "The queue by tool and the steps succeeded per minute (the dashboard's queue view)",
+        {200: Reply(responses.QueueView, "the queue, at most a second old")},
+        errors={503: "postgres is not answering"},
+    ),
     *agents.OPERATIONS,
 ]
 
@@ -594,10 +622,7 @@ async def _reaper_loop(
             continue
         if reaped is None:
             continue  # another process holds the reaper lock
-        metrics.LEASE_EXPIRIES.inc(len(reaped.expired))
-        for tool, status in reaped.expired:
-            if status == "dead_letter":
-                metrics.DEAD_LETTERS.labels(tool=tool).inc()
+        metrics.count_reaped(reaped.expired)
         if reaped.total:
             logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped.total)
 

@@ -506,6 +506,8 @@ class EventHub:
                     metrics.LISTEN_LAG.observe(
                         max(0.0, (got.read_at - r["created_at"]).total_seconds())
                     )
+                    if r["event"] == "step_succeeded":  # the dashboard's throughput
+                        metrics.COMPLETIONS.add(r["created_at"].timestamp())
             self._merge(got.rows, got.snap_xmin, got.probe_xid, time.monotonic())
             if fresh < FETCH_LIMIT:
                 return

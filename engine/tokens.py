@@ -109,6 +109,7 @@ SCOPE_RULES: Mapping[Scope, tuple[Rule, ...]] = {
         Rule("POST", "/runs/{runId}/replay"),
         Rule("POST", "/runs/retry-dead-letters"),
         Rule("GET", "/workers"),
+        Rule("GET", "/queue"),
         Rule("GET", "/openapi.json"),
         Rule(WS, "/ws"),
         Rule(WS, "/ws/runs/{runId}"),

@@ -150,6 +150,7 @@ class AgentBackend:
 
     transient: tuple[type[BaseException], ...] = (ApiUnavailable,)
     long_polls = True
+    counts_attempts = False  # the API counts the reports (engine.agents._count_report)
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from engine import retention
+from engine import metrics, retention
 from engine.config import Settings
 from engine.db import CONNECT_TIMEOUT_S, RETRYABLE, Backoff
 from engine.errors import PgdagError
@@ -46,6 +46,7 @@ class DatabaseBackend:
 
     transient: tuple[type[BaseException], ...] = RETRYABLE
     long_polls = False
+    counts_attempts = True
 
     def __init__(
         self,
@@ -152,15 +153,18 @@ class DatabaseBackend:
         while True:
             await asyncio.sleep(self.settings.reaper_interval_s * (0.75 + random.random() / 2))
             try:
-                reaped = await self.store.reap()
+                reaped = await self.store.reap_detailed()
             except RETRYABLE as exc:
                 logger.debug("reaper pass failed: %s", exc)
                 continue
             except Exception:  # keep reaping after an unexpected error
                 logger.exception("reaper pass failed")
                 continue
-            if reaped:
-                logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped)
+            metrics.count_reaped(reaped.expired if reaped is not None else ())
+            if reaped is not None and reaped.total:
+                logger.info(
+                    "reaper: %d step(s) requeued, dead-lettered or made ready", reaped.total
+                )
                 wake()
             if self.settings.retention_days > 0 and time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL_S

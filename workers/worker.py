@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from engine import metrics
 from engine.config import Settings
 from engine.errors import (
     LeaseLost,
@@ -79,6 +80,7 @@ class _Attempt:
     step: ClaimedStep
     task: asyncio.Task[None] | None = None
     lease_lost: bool = False
+    claimed_at: float = field(default_factory=time.monotonic)  # for its duration metric
 
 
 class SuccessBatcher:
@@ -323,7 +325,10 @@ class Worker:
             # heartbeats failed) but is still running: that attempt is dead, stop it.
             previous.lease_lost = True
             self.stats.leases_lost += 1
+            self._count(previous, "lease_lost")
             previous.task.cancel()
+        if self.backend.counts_attempts:
+            metrics.count_claim(step.tool, step.ready_wait_s)
         attempt = _Attempt(step=step)
         self._attempts[step.id] = attempt
         attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"step-{step.id}")
@@ -372,12 +377,15 @@ class Worker:
                 else:  # at once and alone: see SuccessBatcher
                     await self.backend.complete(step, text)
                 self.stats.succeeded += 1
+                self._count(attempt, "succeeded")
                 logger.debug("run %s step %s attempt %d on %s: succeeded", *log_ctx)
             except LeaseLost as exc:
                 self.stats.leases_lost += 1
+                self._count(attempt, "lease_lost")
                 logger.warning("result of run %s step %s refused: %s", step.run_id, step.name, exc)
             except OutputRefused as exc:  # already recorded as a failed attempt
                 self.stats.failed += 1
+                self._count(attempt, "refused", dead_letter=True)
                 logger.warning("run %s step %s attempt %d on %s: dead letter: %s", *log_ctx, exc)
         except asyncio.CancelledError:
             if not attempt.lease_lost:
@@ -395,6 +403,7 @@ class Worker:
             expansion = await self.backend.expand_map(step, max_width=self.settings.max_map_width)
         except LeaseLost as exc:
             self.stats.leases_lost += 1
+            self._count(attempt, "lease_lost")
             logger.warning("map step %s of run %s not expanded: %s", step.name, step.run_id, exc)
             return
         if expansion.problem is not None:
@@ -446,6 +455,23 @@ class Worker:
         except Exception as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from exc
 
+    def _count(
+        self, attempt: _Attempt, outcome: str, *, retried: bool = False, dead_letter: bool = False
+    ) -> None:
+        """Count `attempt`'s `outcome` in `engine.metrics` (when this backend's attempts are
+        counted here: `Backend.counts_attempts`); the duration (seconds since its claim, on
+        this process's clock) of an attempt whose result was recorded."""
+        if not self.backend.counts_attempts:
+            return
+        recorded = outcome in ("succeeded", "failed")
+        metrics.count_result(
+            attempt.step.tool,
+            outcome,
+            duration_s=time.monotonic() - attempt.claimed_at if recorded else None,
+            retried=retried,
+            dead_letter=dead_letter,
+        )
+
     async def _fail(self, attempt: _Attempt, error: str, *, retryable: bool) -> None:
         step = attempt.step
         self.stats.failed += 1
@@ -453,10 +479,17 @@ class Worker:
             outcome = await self.backend.fail(step, error=error, retryable=retryable)
         except LeaseLost as exc:
             self.stats.leases_lost += 1
+            self._count(attempt, "lease_lost")
             logger.warning(
                 "failure of run %s step %s not recorded: %s", step.run_id, step.name, exc
             )
             return
+        self._count(
+            attempt,
+            "failed",
+            retried=outcome.status == "ready",
+            dead_letter=outcome.status == "dead_letter",
+        )
         if outcome.status == "ready":
             logger.info(
                 "run %s step %s attempt %d failed (%s); retry in %.0f ms",
@@ -503,6 +536,7 @@ class Worker:
             if a.step.id not in held and a.task is not None and not a.task.done():
                 a.lease_lost = True
                 self.stats.leases_lost += 1
+                self._count(a, "lease_lost")
                 logger.warning(
                     "run %s step %s attempt %d: lease lost; abandoning the attempt",
                     a.step.run_id,
