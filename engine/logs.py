@@ -19,6 +19,7 @@ API's agent routes bind ``agent``; keys passed as ``extra={...}`` are added too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -90,7 +91,7 @@ class ConsoleLine:
 
     def __call__(self, _: Any, __: str, event: EventDict) -> str:
         created = event.get("_created", datetime.now(UTC).timestamp())
-        local = datetime.fromtimestamp(created).astimezone()  # noqa: DTZ006 - local on purpose
+        local = datetime.fromtimestamp(created).astimezone()
         when = local.strftime("%Y-%m-%d %H:%M:%S") + f",{int(created * 1000) % 1000:03d}"
         line = f"{when} {str(event.get('level', '')).upper()} {event.get('logger', '-')}: "
         line += str(event.get("event", ""))
@@ -210,10 +211,9 @@ def scoped() -> Iterator[None]:
 def scoped_handler(fn: Callable[[T], Awaitable[Any]]) -> Callable[[T], Awaitable[Any]]:
     """`fn` (an async request handler) run inside `scoped`: context it binds ends with it."""
 
+    @functools.wraps(fn)
     async def wrapped(arg: T) -> Any:
         with scoped():
             return await fn(arg)
 
-    wrapped.__name__ = getattr(fn, "__name__", "handler")
-    wrapped.__doc__ = fn.__doc__
     return wrapped
