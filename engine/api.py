@@ -624,6 +624,7 @@ def create_app(
             await gate.close()
             await token_cache.close()
             await pool.close()
+            await asyncio.to_thread(tracing.flush)  # no atexit hook runs after a SIGTERM
 
     app = Starlette(
         routes=[*routes, *extra_routes],

@@ -78,6 +78,19 @@ class SpanHandle:
             self._span.set_status(Status(StatusCode.ERROR, message[:1000]))
 
 
+def flush(timeout_s: float = 5.0) -> bool:
+    """Export the spans the tracer provider still holds, waiting up to `timeout_s` seconds;
+    False when it did not finish in time. A process that stops by a signal (uvicorn
+    re-raises SIGTERM after its shutdown) runs no ``atexit`` hook, where the SDK would flush:
+    the API calls this as its lifespan ends. Does nothing without an SDK provider."""
+    if trace is None:
+        return True
+    force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if force_flush is None:
+        return True
+    return bool(force_flush(int(timeout_s * 1000)))
+
+
 @contextlib.contextmanager
 def run_span(headers: Mapping[str, str], **attributes: str | int | None) -> Iterator[SpanHandle]:
     """The ``pgdag.run`` span of a submission, a child of the W3C context in `headers` (the
