@@ -9,6 +9,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +27,8 @@ from engine.db import open_pool
 from engine.store import Store
 from engine.tools import load_tool_modules
 from tests.support import free_port, query
+from workers.agent import AgentBackend
+from workers.agent_log import AgentLog
 from workers.database import DatabaseBackend
 from workers.worker import Worker
 
@@ -89,9 +92,12 @@ async def _until(condition: Any, what: str) -> Any:
     raise AssertionError(f"timed out after {DEADLINE_S}s waiting for {what}")
 
 
-async def _run_through_api_and_worker(db_url: str, body: dict[str, Any]) -> tuple[str, Any]:
-    """Serve the API, run a Worker, submit `body` under a client span; returns the run id
-    and the client span's context once the run has finished."""
+async def _run_through_api_and_worker(
+    db_url: str, body: dict[str, Any], kind: str, tmp_path: Path
+) -> tuple[str, Any]:
+    """Serve the API, run a Worker (`kind`: ``database``, or ``agent`` of the API), submit
+    `body` under a client span; returns the run id and the client span's context once the
+    run has finished."""
     settings = Settings(
         database_url=db_url, http_allow_private=True, poll_interval_s=0.2, backoff_base_ms=10
     )
@@ -108,12 +114,14 @@ async def _run_through_api_and_worker(db_url: str, body: dict[str, Any]) -> tupl
     serving = asyncio.create_task(server.serve())
     pool = await open_pool(db_url, min_size=1, max_size=4)
     store = Store(pool, lease_ttl_s=settings.lease_ttl_s)
-    worker = Worker(
-        DatabaseBackend(store, settings, database_url=db_url, worker_id="w-trace"),
-        settings,
-        concurrency=2,
-    )
-    working = asyncio.create_task(worker.run())
+    backend: DatabaseBackend | AgentBackend
+    if kind == "database":
+        backend = DatabaseBackend(store, settings, database_url=db_url, worker_id="w-trace")
+    else:
+        log = AgentLog(tmp_path / "agent.sqlite3")
+        backend = AgentBackend(f"http://127.0.0.1:{port}", worker_id="w-trace", log=log)
+    worker = Worker(backend, settings, concurrency=2)
+    working: asyncio.Task[None] | None = None
     try:
 
         async def started() -> bool:
@@ -122,6 +130,7 @@ async def _run_through_api_and_worker(db_url: str, body: dict[str, Any]) -> tupl
             return server.started
 
         await _until(started, "the API to start")
+        working = asyncio.create_task(worker.run())
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             with trace.get_tracer("test").start_as_current_span("client") as span:
                 headers: dict[str, str] = {}
@@ -138,7 +147,10 @@ async def _run_through_api_and_worker(db_url: str, body: dict[str, Any]) -> tupl
         return run_id, span.get_span_context()
     finally:
         worker.stop()
-        await asyncio.wait_for(working, DEADLINE_S)
+        if working is not None:
+            await asyncio.wait_for(working, DEADLINE_S)
+        if isinstance(backend, AgentBackend):
+            await backend.close()
         server.should_exit = True
         await asyncio.wait_for(serving, DEADLINE_S)
         await pool.close()
@@ -157,9 +169,12 @@ def _by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
 
 
+@pytest.mark.parametrize("kind", ["database", "agent"])
 def test_run_and_attempt_spans_link_api_worker_and_the_called_service(
-    db_url: str, exporter: InMemorySpanExporter, recorder: str
+    db_url: str, exporter: InMemorySpanExporter, recorder: str, kind: str, tmp_path: Path
 ) -> None:
+    """The same with a database worker and with an agent (which gets the run's context as
+    the claimed step's ``traceContext``)."""
     exporter.clear()
     body = {
         "goal": "traced",
@@ -174,7 +189,7 @@ def test_run_and_attempt_spans_link_api_worker_and_the_called_service(
             },
         ],
     }
-    run_id, client = asyncio.run(_run_through_api_and_worker(db_url, body))
+    run_id, client = asyncio.run(_run_through_api_and_worker(db_url, body, kind, tmp_path))
     spans = exporter.get_finished_spans()
 
     # The run's span: a child of the client's, stored with the run.
