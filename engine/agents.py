@@ -362,7 +362,15 @@ async def _finish_in_api(
 ) -> None:
     """Finish a claimed step that needs no tool run, under its lease (as the worker does):
     an unresolved reference fails the attempt for good, a map step expands, a map step's
-    join completes. Failures are logged: the lease expires and the reaper requeues it."""
+    join completes. Failures are logged (with the attempt's context, `engine.logs`): the
+    lease expires and the reaper requeues it."""
+    with logs.bound(
+        run_id=step.run_id, step=step.name, attempt=step.attempt, lease_token=step.lease_token
+    ):
+        await _finish_step(store, settings, agent_id, step)
+
+
+async def _finish_step(store: Store, settings: Settings, agent_id: str, step: ClaimedStep) -> None:
     try:
         if step.input_error is not None:
             await store.fail(
