@@ -17,6 +17,8 @@ nullable column without a default is a catalog change only (no rewrite of ``runs
 from alembic import op
 
 revision = "0008"
+# 0007 (the audit log's partitions) is another branch's, not on main yet when this was
+# written: whichever of the two lands second chains 0008 after 0007 (one head).
 down_revision = "0006"
 branch_labels = None
 depends_on = None
