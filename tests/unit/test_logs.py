@@ -150,7 +150,8 @@ def test_a_process_with_a_bad_format_exits_naming_the_variable(module: str) -> N
 
 def test_tracing_is_a_no_op_without_opentelemetry() -> None:
     """engine.tracing with opentelemetry absent (an import of it fails): spans do nothing,
-    carriers are empty, and the worker module still imports."""
+    a run gets no context, an attempt passes its run's on unchanged, and the worker module
+    still imports."""
     code = (
         "import sys\n"
         "sys.modules['opentelemetry'] = None\n"  # `import opentelemetry` now raises
@@ -160,7 +161,10 @@ def test_tracing_is_a_no_op_without_opentelemetry() -> None:
         "with tracing.run_span({'traceparent': '00-' + '1' * 32 + '-' + '2' * 16 + '-01'},"
         " steps=1) as s:\n"
         "    s.set(run_id='x'); s.fail('no'); assert s.carrier() == {}\n"
-        "with tracing.attempt_span({'traceparent': 'x'}, tool='DELAY') as a:\n"
+        "tp = {'traceparent': '00-' + '3' * 32 + '-' + '4' * 16 + '-01'}\n"
+        "with tracing.attempt_span(tp, tool='DELAY') as a:\n"
+        "    assert a.carrier() == tp\n"  # the run's context is passed on as it is
+        "with tracing.attempt_span(None, tool='DELAY') as a:\n"
         "    assert a.carrier() == {}\n"
         "print('ok')\n"
     )
