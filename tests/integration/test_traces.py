@@ -19,6 +19,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode
 
 from engine.api import create_app
@@ -36,18 +37,33 @@ load_tool_modules(["workers.tools.builtin"])
 DEADLINE_S = 60.0
 
 
+class _Switch(Sampler):
+    """Samples everything while `on`, nothing after: the provider outlives this module (one
+    per process), and later tests in the process should not pay for recorded spans."""
+
+    on = True
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return (ALWAYS_ON if self.on else ALWAYS_OFF).should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "on while test_traces runs"
+
+
 @pytest.fixture(scope="module")
 def exporter() -> Iterator[InMemorySpanExporter]:
     """The process's tracer provider (set once: OpenTelemetry allows no second one) with an
-    in-memory exporter of this module's own."""
+    in-memory exporter of this module's own, shut down after it."""
+    switch = _Switch()
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
+        provider = TracerProvider(sampler=switch)
         trace.set_tracer_provider(provider)
     memory = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(memory))
     yield memory
-    memory.clear()
+    switch.on = False
+    memory.shutdown()  # exports nothing more
 
 
 class _Recorder(BaseHTTPRequestHandler):
