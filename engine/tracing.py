@@ -39,8 +39,9 @@ ATTEMPT_SPAN = "pgdag.attempt"
 # What an attempt came to (``pgdag.outcome``): its result was recorded (succeeded), it
 # failed (retried later or dead-lettered: ``pgdag.dead_letter`` says which), its lease was
 # gone (lease_lost: the fencing token was refused or the heartbeat lost it), its output was
-# refused (refused: recorded as a failed attempt), or the worker stopped it (cancelled).
-OUTCOMES = ("succeeded", "failed", "lease_lost", "refused", "cancelled")
+# refused (refused: recorded as a failed attempt), the worker stopped it (cancelled), or
+# its outcome could not be recorded (error: the lease expires and the reaper requeues it).
+OUTCOMES = ("succeeded", "failed", "lease_lost", "refused", "cancelled", "error")
 
 
 def enabled() -> bool:

@@ -423,7 +423,7 @@ class Worker:
                 raise  # shutdown: the lease is released by _drain
             attempt.outcome = "lease_lost"
         except Exception as exc:
-            attempt.error = f"{type(exc).__name__}: {exc}"
+            attempt.outcome, attempt.error = "error", f"{type(exc).__name__}: {exc}"
             logger.exception("attempt cannot record its outcome")
         finally:
             self._attempt_done(attempt)
