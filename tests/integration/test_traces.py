@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from engine.api import create_app
 from engine.config import Settings
+from engine.dag import parse_run
 from engine.db import open_pool
 from engine.store import Store
 from engine.tools import load_tool_modules
@@ -251,3 +252,55 @@ def test_run_and_attempt_spans_link_api_worker_and_the_called_service(
         for e in query(db_url, "SELECT event FROM audit_log WHERE run_id = %(id)s", {"id": run_id})
     ]
     assert json.dumps(kinds).count("trace") == 0
+
+
+def test_lost_and_cancelled_attempts_end_their_spans_so(
+    db_url: str, exporter: InMemorySpanExporter
+) -> None:
+    """An attempt whose lease went (re-claimed meanwhile) ends ``lease_lost``; one stopped
+    by the worker ends ``cancelled``; both children of the context stored with the run."""
+    exporter.clear()
+    parent_trace, parent_span = "5" * 32, "6" * 16
+    stored = {"traceparent": f"00-{parent_trace}-{parent_span}-01"}
+
+    async def go() -> None:
+        pool = await open_pool(db_url, min_size=1, max_size=4)
+        store = Store(pool, lease_ttl_s=30)
+        try:
+            spec = parse_run(
+                {"steps": [{"name": "slow", "tool": "DELAY", "input": {"ms": 60_000}}]},
+                max_steps=10,
+            )
+            await store.create_run(spec, trace_context=stored)
+            settings = Settings(database_url=db_url)
+            worker = Worker(
+                DatabaseBackend(store, settings, database_url=db_url, worker_id="w-lost"),
+                settings,
+                concurrency=2,
+            )
+            (old,) = await store.claim("w-lost", 10)
+            assert old.trace_context == stored
+            worker._start_attempt(old)
+            old_task = worker._attempts[old.id].task
+            assert old_task is not None
+            await store.release([(old.id, old.lease_token)], worker_id="w-lost")
+            (new,) = await store.claim("w-lost", 10)
+            worker._start_attempt(new)  # the old attempt is dead: cancelled as lease_lost
+            await asyncio.wait_for(asyncio.gather(old_task, return_exceptions=True), 10)
+            new_task = worker._attempts[new.id].task
+            assert new_task is not None
+            new_task.cancel()  # what a shutdown does to an attempt past its grace
+            await asyncio.gather(new_task, return_exceptions=True)
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
+    attempts = sorted(
+        _by_name(exporter.get_finished_spans(), "pgdag.attempt"),
+        key=lambda s: s.attributes["pgdag.lease_token"],  # type: ignore[index]
+    )
+    assert [s.attributes["pgdag.outcome"] for s in attempts] == ["lease_lost", "cancelled"]  # type: ignore[index]
+    for span in attempts:
+        assert f"{span.context.trace_id:032x}" == parent_trace
+        assert span.parent is not None and f"{span.parent.span_id:016x}" == parent_span
+        assert span.status.status_code == StatusCode.ERROR
