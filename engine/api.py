@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from engine import agents, metrics, openapi, responses, retention, ws
+from engine import agents, metrics, openapi, responses, retention, tracing, ws
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings
@@ -162,7 +162,11 @@ async def create_run(request: Request) -> Response:
     spec = parse_run(
         body, max_steps=settings.max_steps_per_run, remote_tools=await _remote_tools(store, body)
     )
-    run_id, created = await store.create_run(spec)
+    # The run's span, a child of the request's traceparent; stored with the run, it is the
+    # parent of every attempt's span (engine.tracing).
+    with tracing.run_span(request.headers, steps=len(spec.steps)) as span:
+        run_id, created = await store.create_run(spec, trace_context=span.carrier() or None)
+        span.set(run_id=run_id, created=created)
     return _json_text(await store.get_run_json(run_id), status_code=201 if created else 200)
 
 
@@ -703,6 +707,7 @@ def create_app(
             await gate.close()
             await token_cache.close()
             await pool.close()
+            await asyncio.to_thread(tracing.flush)  # no atexit hook runs after a SIGTERM
 
     app = Starlette(
         routes=[*routes, *extra_routes],

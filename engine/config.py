@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.errors import ConfigError
 from engine.guards import check_cors_origin, parse_host_entry
+from engine.logs import LOG_FORMAT_DEFAULT, check_log_format
 
 LEASE_TTL_S_DEFAULT = 30.0
 BACKOFF_BASE_MS_DEFAULT = 1_000
@@ -160,6 +161,9 @@ class Settings:
     # negative: the signal that killed it). The worker puts both in its workers row.
     restarts: int = 0
     last_exit_code: int | None = None
+    # How log lines are written: "console" (for people) or "json" (one object per line);
+    # PGDAG_LOG_FORMAT, --log-format (engine.logs).
+    log_format: str = LOG_FORMAT_DEFAULT
 
     def __post_init__(self) -> None:
         """Check the host and origin lists, whether they came from the environment or a flag,
@@ -167,6 +171,7 @@ class Settings:
 
         Raises `ConfigError` naming the variable and the bad item.
         """
+        check_log_format(self.log_format)
         if math.isinf(self.restart_backoff_max_s):
             raise ConfigError("PGDAG_RESTART_BACKOFF_MAX must be a finite number of seconds")
         if self.restart_backoff_max_s < self.restart_backoff_first_s:
@@ -287,6 +292,7 @@ class Settings:
             ),
             restarts=_parse_int("PGDAG_RESTARTS", get("PGDAG_RESTARTS", "0"), 0),
             last_exit_code=_parse_optional_int("PGDAG_LAST_EXIT_CODE", get("PGDAG_LAST_EXIT_CODE")),
+            log_format=check_log_format(get("PGDAG_LOG_FORMAT") or LOG_FORMAT_DEFAULT),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **given) if given else settings  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ are safe to repeat are retried through connection loss (`engine.db.retrying`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -198,10 +198,12 @@ class Store:
 
     # --- transitions -------------------------------------------------------------------
 
-    async def create_run(self, spec: RunSpec) -> tuple[str, bool]:
+    async def create_run(
+        self, spec: RunSpec, *, trace_context: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
         """See `transitions.create_run`. Returns ``(run_id, created)``."""
         async with self.pool.connection() as conn:
-            return await transitions.create_run(conn, spec)
+            return await transitions.create_run(conn, spec, trace_context=trace_context)
 
     async def claim(
         self, worker_id: str, limit: int, tools: Sequence[str] | None = None

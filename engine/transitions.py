@@ -51,8 +51,9 @@ in the same transaction, so that a run can never be left waiting for a step nobo
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -105,6 +106,9 @@ class ClaimedStep:
     # Seconds from the step's ready time (availableAt) to this claim, on the database clock
     # (`engine.metrics.READY_TO_START`); None when not known.
     ready_wait_s: float | None = None
+    # The run's W3C trace context (``{"traceparent": ...}``, migration 0008): the parent of
+    # the attempt's span (engine/tracing.py); None when the run has none.
+    trace_context: dict[str, str] | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -121,8 +125,11 @@ class FailOutcome:
     backoff_ms: float
 
 
-async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
+async def create_run(
+    conn: Conn, spec: RunSpec, *, trace_context: Mapping[str, str] | None = None
+) -> tuple[str, bool]:
     """Insert `spec` as a new run with its steps and edges, in one transaction.
+    `trace_context` is the run span's W3C carrier, stored with a new run (`engine.tracing`).
 
     Returns ``(run_id, created)``; `created` is False when `spec.idempotency_key` already
     names a run submitted with the same payload (`RunSpec.fingerprint`), which is returned
@@ -145,6 +152,7 @@ async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
                 "steps_total": len(spec.steps),
                 "priority": spec.priority,
                 "start_at": spec.start_at,
+                "trace_context": json.dumps(dict(trace_context)) if trace_context else None,
             },
         )
         row = await cur.fetchone()
@@ -220,6 +228,7 @@ async def claim_steps(
             lease_token=r["lease_token"],
             lease_expires_at=r["lease_expires_at"],
             ready_wait_s=r["ready_wait_s"],
+            trace_context=r["trace_context"],
         )
         for r in rows
     ]

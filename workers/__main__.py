@@ -18,6 +18,7 @@ from engine.cli import program_name
 from engine.config import Settings
 from engine.db import open_pool, resolve_database_url
 from engine.errors import ConfigError, PgdagError, SchemaNotCurrent
+from engine.logs import LOG_FORMATS, configure_logging
 from engine.schema import schema_problem
 from engine.startup import wait_for_postgres
 from engine.store import Pool, Store
@@ -103,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="address /metrics listens on (default 127.0.0.1)",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument(
+        "--log-format",
+        default=None,
+        choices=LOG_FORMATS,
+        help="console (default, for people) or json (one object per line); PGDAG_LOG_FORMAT",
+    )
     test_only = p.add_argument_group(
         "fault injection (TEST ONLY: these flags crash the worker on purpose)"
     )
@@ -263,10 +270,11 @@ async def run_agent(args: argparse.Namespace, settings: Settings, agent: AgentSe
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        configure_logging(args.log_level, Settings.from_env(log_format=args.log_format).log_format)
+    except PgdagError as exc:
+        sys.stderr.write(f"pgdag: error: {exc}\n")
+        return 2
     if args.processes is not None:
         from workers.supervisor import supervise
 

@@ -134,6 +134,7 @@ def _step(data: dict[str, Any]) -> ClaimedStep:
         idempotent=bool(data["idempotent"]),
         lease_token=int(data["leaseToken"]),
         lease_expires_at=_parse_time(data["leaseExpiresAt"]),
+        trace_context=data.get("traceContext") or None,
     )
 
 

@@ -7,11 +7,12 @@
 -- name: insert_run
 -- A new run, or nothing when its idempotency key is already taken (then: select_run_by_key).
 -- %(idempotency_fingerprint)s is the sha256 of the run's canonical JSON (engine.dag.RunSpec
--- .fingerprint), NULL without a key.
+-- .fingerprint), NULL without a key. %(trace_context)s is the run span's W3C carrier
+-- (engine/tracing.py), NULL when tracing is off.
 INSERT INTO runs (goal, idempotency_key, idempotency_fingerprint, steps_total, steps_unfinished,
-                  priority, start_at)
+                  priority, start_at, trace_context)
 VALUES (%(goal)s, %(idempotency_key)s, %(idempotency_fingerprint)s, %(steps_total)s,
-        %(steps_total)s, %(priority)s, %(start_at)s)
+        %(steps_total)s, %(priority)s, %(start_at)s, %(trace_context)s::jsonb)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id
 
@@ -99,6 +100,8 @@ SELECT %(run_id)s, 'run_created', 'pending',
 -- is invisible to the UPDATE: it would stay unclaimed while pgdag_take_slots had taken its
 -- concurrency slot, never to be given back. The EXISTS, on this statement's snapshot, keeps
 -- such rows out before any slot is taken; they stay ready for the next claim.
+-- Each claimed step comes with its run's trace_context (migration 0008; one primary-key
+-- lookup of runs per step), the parent of the attempt's span.
 WITH picked AS MATERIALIZED (
     SELECT p.id, p.concurrency_key, p.priority, p.available_at
     FROM pgdag_pick_ready(%(tools)s::text[], %(limit)s) AS p
@@ -148,7 +151,7 @@ WITH picked AS MATERIALIZED (
            %(worker_id)s, resolved_input
     FROM claimed
 )
-SELECT * FROM claimed ORDER BY id
+SELECT c.*, r.trace_context FROM claimed c JOIN runs r ON r.id = c.run_id ORDER BY c.id
 
 -- name: heartbeat_leases
 -- Extend the leases this worker still holds. A lease whose token is not current, or which
