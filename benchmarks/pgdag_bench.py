@@ -334,6 +334,7 @@ def w3(base: str, jobs: int, rate_per_s: float) -> dict[str, Any]:
                                 "steps_total": 1,
                                 "priority": 0,
                                 "start_at": None,
+                                "trace_context": None,
                             },
                         ).fetchone()[0]  # type: ignore[index]
                     )

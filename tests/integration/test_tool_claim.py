@@ -382,6 +382,7 @@ def test_a_step_inserted_while_a_claim_runs_keeps_its_concurrency_slot(db_url: s
                 "steps_total": 1,
                 "priority": 0,
                 "start_at": None,
+                "trace_context": None,
             },
         ).fetchone()
         assert row is not None
