@@ -415,9 +415,6 @@ SELECT pg_try_advisory_xact_lock(8210605541) AS acquired
 -- pgdag (not the reaper's transaction lock above).
 SELECT pg_try_advisory_lock(8210605542) AS acquired
 
--- name: maintenance_unlock
-SELECT pg_advisory_unlock(8210605542) AS released
-
 -- name: maintenance_ping
 -- The leader's check, each tick, that its lock connection (so its lock) is still there.
 SELECT 1 AS ok
