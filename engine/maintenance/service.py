@@ -62,9 +62,11 @@ class MaintenanceService:
 
     `holder` names this process in logs, in ``pg_stat_activity.application_name`` of the lock
     connection and in `status` (``api host:pid``, ``worker <id>``). `tasks` run through
-    `store`. `can_run` (optional) is asked before each round: False skips the round (the API
-    says no while the schema is not at head). `on_result(name, n)` is called after a run that
-    returned n > 0 (a worker wakes its claim loop after the reaper requeued steps).
+    `store`. `can_run` (optional) is asked before each try for the lead and each round as
+    leader: False keeps this process out of the lead, or makes it step down (the API says no
+    while the schema is not at head, so a worker that can run the tasks leads instead).
+    `on_result(name, n)` is called after a run that returned n > 0 (a worker wakes its claim
+    loop after the reaper requeued steps).
 
     Raises `ConfigError` naming ``PGDAG_MAINTENANCE_STANDBY_S`` for a standby interval that is
     not a finite number > 0 (task intervals are checked when the tasks are built).
@@ -109,7 +111,7 @@ class MaintenanceService:
         way out (so the lock is free at once for a standby)."""
         try:
             while True:
-                if await self._try_lead():
+                if await self._may_run() and await self._try_lead():
                     assert self._conn is not None
                     try:
                         await self._lead(self._conn)
@@ -126,6 +128,18 @@ class MaintenanceService:
             self.role = "stopped"
             self.leader_since = None
             await self._close()
+
+    async def _may_run(self) -> bool:
+        """`can_run`'s answer (True without one); an error in it counts as no."""
+        if self.can_run is None:
+            return True
+        try:
+            return await self.can_run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.debug("maintenance: can_run failed: %s", exc)
+            return False
 
     async def _connect(self) -> Conn:
         conn = await psycopg.AsyncConnection.connect(
@@ -179,13 +193,15 @@ class MaintenanceService:
         keeper = asyncio.create_task(self._keep(conn))
         try:
             while not keeper.done():
-                if self.can_run is None or await self.can_run():
-                    for task in self.tasks:
-                        if keeper.done():
-                            break  # lost the lock connection: stop at once
-                        if next_due[task.name] <= time.monotonic():
-                            await self._run_task(task)
-                            next_due[task.name] = time.monotonic() + task.interval_s
+                if not await self._may_run():
+                    # Let a candidate that can run the tasks lead instead.
+                    raise LeadershipLost("this process cannot run the tasks now")
+                for task in self.tasks:
+                    if keeper.done():
+                        break  # lost the lock connection: stop at once
+                    if next_due[task.name] <= time.monotonic():
+                        await self._run_task(task)
+                        next_due[task.name] = time.monotonic() + task.interval_s
                 pause = min(next_due.values()) - time.monotonic()
                 await asyncio.wait({keeper}, timeout=min(max(pause, 0.0), self.tick_s))
             keeper.result()  # raises LeadershipLost

@@ -283,3 +283,40 @@ def test_bad_maintenance_interval_exits_2_naming_the_variable(
     assert done.returncode == 2, done.stdout + done.stderr
     assert variable in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_process_that_cannot_run_the_tasks_stays_out_of_the_lead(db_url: str) -> None:
+    async def scenario(store: Store, settings: Settings) -> None:
+        ready = {"a": False}
+
+        async def a_can_run() -> bool:
+            return ready["a"]
+
+        a = MaintenanceService(
+            db_url, store, settings, [Reaper(settings)], holder="test a", can_run=a_can_run
+        )
+        b = MaintenanceService(db_url, store, settings, [Reaper(settings)], holder="test b")
+        ta = asyncio.create_task(a.run())
+        tb = asyncio.create_task(b.run())
+        try:
+            await _until(lambda: b.role == "leader", 10, "b to lead")
+            tb.cancel()
+            await asyncio.gather(tb, return_exceptions=True)
+            # The lock is free, yet a does not take it over several standby rounds...
+            rounds_until = time.monotonic() + 3 * settings.maintenance_standby_s
+            while time.monotonic() < rounds_until:
+                assert a.role == "standby"
+                await asyncio.sleep(0.02)
+            assert await asyncio.to_thread(_leaders, db_url) == []
+            # ...until it can run them; and it steps down when it no longer can.
+            ready["a"] = True
+            await _until(lambda: a.role == "leader", 10, "a to lead")
+            ready["a"] = False
+            await _until(lambda: a.role == "standby", 10, "a to step down")
+            await _until(lambda: _leaders(db_url) == [], 10, "the lock to be free")
+        finally:
+            for t in (ta, tb):
+                t.cancel()
+            await asyncio.gather(ta, tb, return_exceptions=True)
+
+    _in_process(db_url, scenario)
