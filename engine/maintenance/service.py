@@ -149,20 +149,30 @@ class MaintenanceService:
             connect_timeout=CONNECT_TIMEOUT_S,
             application_name=(APPLICATION_NAME_PREFIX + self.holder)[:63],
         )
-        await conn.execute(
-            queries["maintenance_session_guard"],
-            {"idle_ms": round(self.idle_timeout_s * 1000)},
-        )
+        # Keepalives now; the idle timeout once this connection holds the lock (a standby
+        # touches its connection only every standby interval, which may be long).
+        await conn.execute(queries["maintenance_session_guard"], {"idle_ms": 0})
         return conn
 
+    async def _try_once(self) -> bool:
+        if self._conn is None or self._conn.closed:
+            self._conn = await self._connect()
+        cur = await self._conn.execute(queries["maintenance_try_lock"])
+        row = await cur.fetchone()
+        return bool(row and row["acquired"])
+
     async def _try_lead(self) -> bool:
-        """One try for the lock on the dedicated connection (opened if needed); True when
-        this process holds it now. Connection errors are logged once per outage."""
+        """One try for the lock on the dedicated connection (opened if needed; a connection
+        that broke while standing by, say across a Postgres restart, is replaced in the same
+        try); True when this process holds it now. Errors are logged once per outage."""
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = await self._connect()
-            cur = await self._conn.execute(queries["maintenance_try_lock"])
-            row = await cur.fetchone()
+            try:
+                acquired = await self._try_once()
+            except psycopg.OperationalError:
+                if self._conn is None:
+                    raise  # could not connect: no second try
+                await self._close()
+                acquired = await self._try_once()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -174,7 +184,7 @@ class MaintenanceService:
         if self._failing:
             logger.info("maintenance: postgres answers again")
             self._failing = False
-        return bool(row and row["acquired"])
+        return acquired
 
     async def _lead(self, conn: Conn) -> None:
         """Run the tasks while the lock connection answers; raises `LeadershipLost` when it
@@ -189,7 +199,13 @@ class MaintenanceService:
             ", ".join(f"{t.name} every {t.interval_s:g}s" for t in self.tasks),
         )
         next_due = dict.fromkeys(self.records, time.monotonic())
-        await self._ping(conn)
+        try:
+            await conn.execute(
+                queries["maintenance_session_guard"],
+                {"idle_ms": round(self.idle_timeout_s * 1000)},
+            )
+        except psycopg.Error as exc:
+            raise LeadershipLost(f"lock connection: {type(exc).__name__}: {exc}") from exc
         keeper = asyncio.create_task(self._keep(conn))
         try:
             while not keeper.done():

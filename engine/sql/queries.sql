@@ -421,8 +421,9 @@ SELECT 1 AS ok
 
 -- name: maintenance_session_guard
 -- On the lock connection: Postgres ends this session (and so releases the lock) when it sits
--- idle longer than %(idle_ms)s ms, that is when its process froze or hung, and probes the
--- client with TCP keepalives so a vanished host is noticed in about 5 + 3 x 2 seconds.
+-- idle longer than %(idle_ms)s ms (0: never; set once it holds the lock), that is when its
+-- process froze or hung, and probes the client with TCP keepalives so a vanished host is
+-- noticed in about 5 + 3 x 2 seconds.
 SELECT set_config('idle_session_timeout', %(idle_ms)s::text, false),
        set_config('tcp_keepalives_idle', '5', false),
        set_config('tcp_keepalives_interval', '2', false),

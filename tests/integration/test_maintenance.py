@@ -243,11 +243,23 @@ def test_a_leader_whose_session_ends_steps_down_and_the_standby_takes_over(
             assert took_s <= settings.maintenance_standby_s + HANDOVER_SLACK_S
             assert a.role != "leader"
             assert await asyncio.to_thread(_leaders, db_url) == ["test b"]
-            # A graceful stop frees the lock at once: a takes it back.
+            # a's standby connection is cut too (as a Postgres restart would): its next try
+            # opens another in the same try.
+            await _until(lambda: "test a" in _candidates(db_url), 10, "a standing again")
+            await asyncio.to_thread(
+                query,
+                db_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'pgdag-maintenance test a'",
+            )
+            # A graceful stop frees the lock at once: a takes it back at its next try.
             tb.cancel()
             await asyncio.gather(tb, return_exceptions=True)
+            t0 = time.monotonic()
             await _until(lambda: a.role == "leader", 10, "a to lead again")
+            assert time.monotonic() - t0 <= settings.maintenance_standby_s + HANDOVER_SLACK_S
             assert a.terms == 2 and b.terms == 1
+            assert not a._failing  # no outage was reported for the cut connection
         finally:
             for t in (ta, tb):
                 t.cancel()
