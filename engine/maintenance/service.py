@@ -119,6 +119,8 @@ class MaintenanceService:
                         logger.warning(
                             "maintenance: %s lost the lead (%s); standing by", self.holder, exc
                         )
+                    except Exception:  # a bug must not end maintenance in this process
+                        logger.exception("maintenance: %s stepped down", self.holder)
                     finally:
                         self.role = "standby"
                         self.leader_since = None
