@@ -15,7 +15,9 @@ Leadership is a SESSION advisory lock (``pg_try_advisory_lock``, queries
   socket, Postgres ends the session at once and the lock is free; a standby takes it at its
   next try (at most PGDAG_MAINTENANCE_STANDBY_S later). A leader that froze (SIGSTOP, a
   blocked event loop) stops pinging: Postgres ends the idle session after `idle_timeout_s`
-  (``idle_session_timeout`` on that session). A leader whose host vanished: Postgres's TCP
+  (``idle_session_timeout`` on that session: max(5 s, 5 ticks); on a standby's connection,
+  max(5 s, 2 standby intervals + 1 s), so a process that froze right after its try took the
+  lock does not keep it either). A leader whose host vanished: Postgres's TCP
   keepalives (set on that session: 5 s idle, then 3 probes 2 s apart) end it.
 - A leader that loses its connection steps down at once (its tasks stop), and tries again
   like any standby.
@@ -46,7 +48,7 @@ from engine.store import Store
 logger = logging.getLogger(__name__)
 
 APPLICATION_NAME_PREFIX = "pgdag-maintenance "  # + holder, on the lock connection
-IDLE_TIMEOUT_MIN_S = 10.0  # a frozen leader's session ends after max(this, 5 ticks) idle
+IDLE_TIMEOUT_MIN_S = 5.0  # a frozen leader's session ends after max(this, 5 ticks) idle
 PING_TIMEOUT_S = 5.0  # a ping slower than this counts as a lost connection
 
 Role = Literal["standby", "leader", "stopped"]
@@ -94,7 +96,11 @@ class MaintenanceService:
         )
         intervals = [t.interval_s for t in self.tasks]
         self.tick_s = min([*intervals, self.standby_s])
+        # Postgres ends the lock session after this long idle: a leader pings every tick, a
+        # standby tries every standby interval. Set when the connection opens (so a process
+        # that froze right after its try took the lock cannot keep it), tightened on leading.
         self.idle_timeout_s = max(IDLE_TIMEOUT_MIN_S, 5 * self.tick_s)
+        self.standby_idle_timeout_s = max(IDLE_TIMEOUT_MIN_S, 2 * self.standby_s + 1)
         self.can_run = can_run
         self.on_result = on_result
         self.records: dict[str, TaskRecord] = {t.name: TaskRecord() for t in self.tasks}
@@ -151,9 +157,10 @@ class MaintenanceService:
             connect_timeout=CONNECT_TIMEOUT_S,
             application_name=(APPLICATION_NAME_PREFIX + self.holder)[:63],
         )
-        # Keepalives now; the idle timeout once this connection holds the lock (a standby
-        # touches its connection only every standby interval, which may be long).
-        await conn.execute(queries["maintenance_session_guard"], {"idle_ms": 0})
+        await conn.execute(
+            queries["maintenance_session_guard"],
+            {"idle_ms": round(self.standby_idle_timeout_s * 1000)},
+        )
         return conn
 
     async def _try_once(self) -> bool:

@@ -404,9 +404,14 @@ WITH due AS (
 SELECT count(*)::integer AS n FROM promoted
 
 -- name: reaper_try_lock
--- One reaper at a time across every worker and API process (transaction-scoped advisory
--- lock; the key is an arbitrary constant owned by pgdag).
-SELECT pg_try_advisory_xact_lock(8210605541) AS acquired
+-- One reaper pass at a time (transaction-scoped advisory lock; the key is an arbitrary
+-- constant owned by pgdag): only the maintenance leader reaps, this covers a hand-over. A
+-- process that freezes inside the pass (SIGSTOP, a blocked event loop) would hold this lock
+-- and the rows it locked for as long as it stays frozen, so the pass's transaction may sit
+-- idle 5 s at most: then Postgres ends the session and the next leader's pass gets through
+-- (measured: a leader frozen mid-pass had stopped all reaping until it was resumed).
+SELECT set_config('idle_in_transaction_session_timeout', '5000', true) AS idle_limit,
+       pg_try_advisory_xact_lock(8210605541) AS acquired
 
 -- name: maintenance_try_lock
 -- Leadership of the maintenance service (engine.maintenance): a SESSION advisory lock, held
@@ -421,9 +426,8 @@ SELECT 1 AS ok
 
 -- name: maintenance_session_guard
 -- On the lock connection: Postgres ends this session (and so releases the lock) when it sits
--- idle longer than %(idle_ms)s ms (0: never; set once it holds the lock), that is when its
--- process froze or hung, and probes the client with TCP keepalives so a vanished host is
--- noticed in about 5 + 3 x 2 seconds.
+-- idle longer than %(idle_ms)s ms, that is when its process froze or hung, and probes the
+-- client with TCP keepalives so a vanished host is noticed in about 5 + 3 x 2 seconds.
 SELECT set_config('idle_session_timeout', %(idle_ms)s::text, false),
        set_config('tcp_keepalives_idle', '5', false),
        set_config('tcp_keepalives_interval', '2', false),
