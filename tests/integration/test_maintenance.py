@@ -241,7 +241,9 @@ def test_a_leader_whose_session_ends_steps_down_and_the_standby_takes_over(
             await _until(lambda: b.role == "leader", 10, "b to take the lead")
             took_s = time.monotonic() - t0
             assert took_s <= settings.maintenance_standby_s + HANDOVER_SLACK_S
-            assert a.role != "leader"
+            # a learns it at its next ping (every tick); until then both may run a pass,
+            # which the reaper's transaction lock keeps apart.
+            await _until(lambda: a.role != "leader", 10, "a to step down")
             assert await asyncio.to_thread(_leaders, db_url) == ["test b"]
             # a's standby connection is cut too (as a Postgres restart would): its next try
             # opens another in the same try.
