@@ -8,7 +8,8 @@ Workloads (all by default; pick with ``--only``, repeatable):
 - w3:      pickup latency at idle, one job at a time: submit's commit -> the job starts;
 - w4:      claim rate with 1,000,000 ready steps in the table versus 10,000;
 - w5:      time to accept one 10,000-step run over HTTP;
-- w6:      table and index size and dead tuples after N steps went through;
+- w6:      table and index size and dead tuples after N steps went through, then pruning
+           the audit log: DELETE (the old way) beside dropping partitions;
 - w7:      RSS of a worker and of the API after w1 (measured inside w1);
 - w8:      map fan-out: one map step into 10,000 no-op children, submit -> the join starts;
 - w9:      w1's drain by 2 remote agents (``python -m workers --server``, no DATABASE_URL)
@@ -256,6 +257,33 @@ def _w1_cell(results: dict[str, Any], name: str, jobs: int) -> str:
     return _fmt(rate)
 
 
+def _retention_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """W6's retention phase, "delete" beside "partitions" (`pgdag_bench._retention_phase`)."""
+    d, p = r["delete"], r["partitions"]
+
+    def mb(s: dict[str, Any]) -> str:
+        return f"{s.get('tableMb', 0) + s.get('indexesMb', 0):,.1f}"
+
+    return [
+        (
+            "W6 retention",
+            f"prune {r['events']:,} audit rows, delete / drop partitions: seconds",
+            f"{d['seconds']:.3f} / {p['seconds']:.3f}",
+        ),
+        (
+            "",
+            "  audit table+indexes MB before -> after, delete / partitions",
+            f"{mb(d['before'])} -> {mb(d['after'])} / {mb(p['before'])} -> {mb(p['after'])}",
+        ),
+        (
+            "",
+            "  dead tuples after, delete / partitions",
+            f"{d['after'].get('dead', 0):,} / {p['after'].get('dead', 0):,}",
+        ),
+        ("", "  VACUUM the delete then needs: seconds", f"{d['vacuumSeconds']:.3f}"),
+    ]
+
+
 def table(results: dict[str, Any]) -> Table:
     """The summary: one row per figure, pgdag beside each peer."""
     t = Table(title="pgdag vs peers (same machine, same Postgres, one run)")
@@ -332,6 +360,9 @@ def table(results: dict[str, Any]) -> Table:
                 f"after {r['steps']:,} steps: {rel} table+indexes MB (dead tuples)",
                 f"{s.get('tableMb', 0) + s.get('indexesMb', 0):,.1f} ({s.get('dead', 0):,})",
             )
+        if "retention" in r:
+            for row in _retention_rows(r["retention"]):
+                t.add_row(*row)
     if "w8" in results:
         r = results["w8"]
         every = " / ".join(_fmt(v) if v is None else f"{v:.2f}" for v in r["joinStartAllS"])

@@ -470,15 +470,30 @@ def w5(base: str, steps: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def _sizes(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+def _sizes(
+    conn: psycopg.Connection[Any],
+    tables: tuple[str, ...] = ("steps", "audit_log", "runs", "step_edges"),
+) -> dict[str, Any]:
+    """Size and statistics of each of `tables`; a partitioned table (audit_log) is the sum
+    of its partitions."""
     rows = conn.execute(
         """
-        SELECT c.relname, pg_table_size(c.oid), pg_indexes_size(c.oid),
-               s.n_live_tup, s.n_dead_tup, s.autovacuum_count, s.n_tup_hot_upd, s.n_tup_upd
-        FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
-        WHERE c.relname IN ('steps', 'audit_log', 'runs', 'step_edges')
-        ORDER BY c.relname
-        """
+        WITH rels AS (
+            SELECT c.oid, coalesce(p.relname, c.relname) AS root
+            FROM pg_class c
+            LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+            LEFT JOIN pg_class p ON p.oid = i.inhparent
+            WHERE c.relkind = 'r' AND coalesce(p.relname, c.relname) = ANY(%s)
+        )
+        SELECT r.root, sum(pg_table_size(r.oid))::bigint, sum(pg_indexes_size(r.oid))::bigint,
+               sum(s.n_live_tup)::bigint, sum(s.n_dead_tup)::bigint,
+               sum(s.autovacuum_count)::bigint, sum(s.n_tup_hot_upd)::bigint,
+               sum(s.n_tup_upd)::bigint, count(*)::integer
+        FROM rels r JOIN pg_stat_user_tables s ON s.relid = r.oid
+        GROUP BY r.root
+        ORDER BY r.root
+        """,
+        (list(tables),),
     ).fetchall()
     return {
         r[0]: {
@@ -488,6 +503,7 @@ def _sizes(conn: psycopg.Connection[Any]) -> dict[str, Any]:
             "dead": r[4],
             "autovacuums": r[5],
             "hotUpdatePct": round(100 * r[6] / r[7], 1) if r[7] else 0.0,
+            "relations": r[8],
         }
         for r in rows
     }
@@ -495,10 +511,8 @@ def _sizes(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
 RESET_TABLE_SETTINGS = """
 ALTER TABLE runs RESET (fillfactor, autovacuum_vacuum_scale_factor);
-ALTER TABLE steps RESET (autovacuum_vacuum_scale_factor, autovacuum_analyze_scale_factor);
-ALTER TABLE audit_log RESET (autovacuum_vacuum_insert_threshold,
-                             autovacuum_vacuum_insert_scale_factor)
-"""
+ALTER TABLE steps RESET (autovacuum_vacuum_scale_factor, autovacuum_analyze_scale_factor)
+"""  # audit_log is partitioned (migration 0007): it has no settings to reset
 
 
 def w6(
@@ -544,13 +558,94 @@ def w6(
             conn.execute("SELECT pg_stat_force_next_flush()")
             time.sleep(1.0)  # statistics are flushed at most once a second
             sizes = _sizes(conn)
+        with psycopg.connect(url, autocommit=True) as conn:
+            pruning = _retention_phase(conn)
     return {
         "steps": runs * per_run,
         "tableSettings": "migrations" if table_settings else "postgres defaults",
         "seconds": round(wall, 1),
         "stepsPerS": round(runs * per_run / wall),
         "tables": sizes,
+        "retention": pruning,
     }
+
+
+# The audit log as it was before migration 0007: one plain table, pruned by DELETE.
+PLAIN_AUDIT = """
+CREATE TABLE audit_plain (
+    id bigint PRIMARY KEY, run_id uuid NOT NULL, step_id bigint, step_name text,
+    event text NOT NULL, from_status text, to_status text, attempt integer,
+    lease_token bigint, worker_id text, detail jsonb,
+    created_at timestamptz NOT NULL DEFAULT now()
+) WITH (autovacuum_vacuum_insert_threshold = 100000,
+        autovacuum_vacuum_insert_scale_factor = 0);
+CREATE INDEX audit_plain_run_idx ON audit_plain (run_id, id);
+INSERT INTO audit_plain SELECT * FROM audit_log;
+"""
+# prune_finished_runs' audit DELETE before migration 0007, a batch of (up to) 100 runs.
+PLAIN_DELETE_BATCH = """
+WITH old AS (
+    SELECT r.id FROM runs r
+    WHERE r.status IN ('completed', 'failed', 'cancelled') AND r.seq > %(after)s
+    ORDER BY r.seq LIMIT 100
+), gone AS (
+    DELETE FROM audit_plain a USING old WHERE a.run_id = old.id
+)
+SELECT max(r.seq) FROM runs r JOIN old ON old.id = r.id
+"""
+
+
+def _flushed_sizes(conn: psycopg.Connection[Any], table: str) -> dict[str, Any]:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    time.sleep(1.0)  # the statistics of this backend reach the views at most once a second
+    return dict(_sizes(conn, (table,)).get(table, {}))
+
+
+def _retention_phase(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Prune every audit row the churn wrote, two ways on the same rows, one after the
+    other: "delete" (before migration 0007: `PLAIN_DELETE_BATCH` on a plain copy, batches
+    of 100 runs as the pruner did) and "partitions" (the upkeep drops today's partition,
+    `engine.retention`'s query with a cut-off a day ahead). Each side starts vacuumed and
+    analyzed; reports seconds, size and dead tuples after, and for "delete" the VACUUM that
+    the dead tuples then cost. Runs and steps are deleted the same way by both: not timed."""
+    conn.execute(PLAIN_AUDIT)
+    conn.execute("VACUUM ANALYZE audit_plain")
+    conn.execute("VACUUM ANALYZE audit_log")
+    events = conn.execute("SELECT count(*) FROM audit_plain").fetchone()
+    out: dict[str, Any] = {"events": events[0] if events else 0}
+
+    before = _flushed_sizes(conn, "audit_plain")
+    t0 = time.perf_counter()
+    after_seq = 0
+    while True:
+        row = conn.execute(PLAIN_DELETE_BATCH, {"after": after_seq}).fetchone()
+        if row is None or row[0] is None:
+            break
+        after_seq = row[0]
+    seconds = time.perf_counter() - t0
+    sizes = _flushed_sizes(conn, "audit_plain")
+    t0 = time.perf_counter()
+    conn.execute("VACUUM audit_plain")
+    vacuum_s = time.perf_counter() - t0
+    out["delete"] = {"before": before, "seconds": round(seconds, 3), "after": sizes,
+                     "vacuumSeconds": round(vacuum_s, 3)}  # fmt: skip
+    conn.execute("DROP TABLE audit_plain")
+
+    before = _flushed_sizes(conn, "audit_log")
+    t0 = time.perf_counter()
+    done = conn.execute(
+        queries["maintain_audit_partitions"],
+        {"retention_s": -86400.0, "ahead_days": 0, "lock_timeout_ms": 60_000},
+    ).fetchall()
+    seconds = time.perf_counter() - t0
+    out["partitions"] = {
+        "before": before,
+        "seconds": round(seconds, 3),
+        "after": _flushed_sizes(conn, "audit_log"),
+        "vacuumSeconds": 0.0,
+        "dropped": [r[1] for r in done if r[0] == "dropped"],
+    }
+    return out
 
 
 FINISHED = ("completed", "failed", "cancelled")

@@ -34,12 +34,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine import logs, metrics
 from engine.bodies import json_body
 from engine.config import Settings
 from engine.errors import LeaseLost, OutputRefused, UnstorableJson, ValidationFailed
 from engine.openapi import Operation, Reply
 from engine.ready import ReadySignal
-from engine.store import Store
+from engine.store import StepState, Store
 from engine.transitions import ClaimedStep, output_json
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,12 @@ class AgentStep(_Answer):
     idempotency_key: str = Field(alias="idempotencyKey")
     lease_token: int = Field(alias="leaseToken")
     lease_expires_at: str = Field(alias="leaseExpiresAt")
+    trace_context: dict[str, str] | None = Field(
+        default=None,
+        alias="traceContext",
+        description="the run's W3C trace context (traceparent, tracestate): the parent of "
+        "the attempt's span; absent when the run has none",
+    )
 
 
 class Claimed(_Answer):
@@ -293,6 +300,7 @@ def _duplicates(field: str, ids: list[int]) -> None:
 
 
 def _step_json(step: ClaimedStep) -> dict[str, Any]:
+    extra = {"traceContext": step.trace_context} if step.trace_context else {}
     return {
         "stepId": step.id,
         "runId": step.run_id,
@@ -306,12 +314,21 @@ def _step_json(step: ClaimedStep) -> dict[str, Any]:
         "idempotencyKey": step.idempotency_key,
         "leaseToken": step.lease_token,
         "leaseExpiresAt": step.lease_expires_at.isoformat(),
+        **extra,
     }
+
+
+async def _agent_body(request: Request, model: type[_Body], **kwargs: Any) -> Any:
+    """`json_body`, then ``agent`` (its agentId) on every line the request logs after
+    (`engine.logs`; the route's `logs.scoped_handler` ends it with the request)."""
+    body = await json_body(request, model, **kwargs)
+    logs.bind(agent=body.agent_id)
+    return body
 
 
 async def register(request: Request) -> Response:
     """Register (or re-register) an agent: 200 with the timings it should use."""
-    body: RegisterRequest = await json_body(request, RegisterRequest)
+    body: RegisterRequest = await _agent_body(request, RegisterRequest)
     settings = _settings(request)
     client = request.client.host if request.client is not None else "unknown"
     await _store(request).register_worker(
@@ -345,7 +362,15 @@ async def _finish_in_api(
 ) -> None:
     """Finish a claimed step that needs no tool run, under its lease (as the worker does):
     an unresolved reference fails the attempt for good, a map step expands, a map step's
-    join completes. Failures are logged: the lease expires and the reaper requeues it."""
+    join completes. Failures are logged (with the attempt's context, `engine.logs`): the
+    lease expires and the reaper requeues it."""
+    with logs.bound(
+        run_id=step.run_id, step=step.name, attempt=step.attempt, lease_token=step.lease_token
+    ):
+        await _finish_step(store, settings, agent_id, step)
+
+
+async def _finish_step(store: Store, settings: Settings, agent_id: str, step: ClaimedStep) -> None:
     try:
         if step.input_error is not None:
             await store.fail(
@@ -384,7 +409,7 @@ async def _finish_in_api(
 
 async def claim(request: Request) -> Response:
     """Claim up to ``max`` ready steps of ``tools``, long-polling up to ``waitMs``."""
-    body: ClaimRequest = await json_body(request, ClaimRequest)
+    body: ClaimRequest = await _agent_body(request, ClaimRequest)
     settings = _settings(request)
     max_wait_ms = round(settings.agent_max_wait_s * 1000)
     if body.wait_ms > max_wait_ms:
@@ -409,6 +434,8 @@ async def claim(request: Request) -> Response:
     while True:
         seen = ready.generation()
         claimed = await store.claim(body.agent_id, body.max, tools=tools)
+        for step in claimed:
+            metrics.observe_seconds(metrics.READY_TO_START, step.tool, step.ready_wait_s)
         handed = [s for s in claimed if not (s.input_error or s.map_expand or s.map_join)]
         for step in claimed:
             if step.input_error or step.map_expand or step.map_join:
@@ -442,7 +469,7 @@ async def claim(request: Request) -> Response:
 
 async def heartbeat(request: Request) -> Response:
     """Extend leases; answer which are held (until when) and which were lost."""
-    body: HeartbeatRequest = await json_body(request, HeartbeatRequest)
+    body: HeartbeatRequest = await _agent_body(request, HeartbeatRequest)
     _duplicates("leases", [lease.step_id for lease in body.leases])
     store = _store(request)
     if not await store.agent_touch(body.agent_id):
@@ -502,19 +529,59 @@ def _recorded(outcome: Succeeded | Failed, **extra: Any) -> dict[str, Any]:
     }
 
 
+def _count_report(
+    outcomes: list[Succeeded | Failed],
+    results: list[dict[str, Any] | None],
+    states: dict[int, StepState],
+) -> None:
+    """Count a report's outcomes in `engine.metrics` (duplicates were counted the first
+    time): attempts by outcome, their durations, retries, dead letters and fencing refusals.
+    A step that does not exist (a bogus id) is counted under tool ``unknown``."""
+    for outcome, result in zip(outcomes, results, strict=True):
+        if result is None or result.get("duplicate"):
+            continue
+        state = states.get(outcome.step_id)
+        tool = state.tool if state is not None else "unknown"
+        if result["result"] == "refused":
+            code = result["code"]
+            metrics.ATTEMPTS.labels(
+                tool=tool, outcome=code if code == "lease_lost" else "refused"
+            ).inc()
+            if code == "lease_lost":
+                metrics.FENCING_REFUSALS.labels(tool=tool).inc()
+            else:  # output_refused: the attempt was failed for good instead
+                metrics.DEAD_LETTERS.labels(tool=tool).inc()
+            continue
+        if state is not None and state.lease_token == outcome.lease_token:
+            metrics.observe_seconds(metrics.ATTEMPT_DURATION, tool, state.running_s)
+        if isinstance(outcome, Succeeded):
+            metrics.ATTEMPTS.labels(tool=tool, outcome="succeeded").inc()
+            continue
+        metrics.ATTEMPTS.labels(tool=tool, outcome="failed").inc()
+        if result.get("deadLetter"):
+            metrics.DEAD_LETTERS.labels(tool=tool).inc()
+        else:
+            metrics.RETRIES.labels(tool=tool).inc()
+
+
 async def report(request: Request) -> Response:
     """Record a batch of outcomes, each under its own token; one result per outcome."""
-    body: ReportRequest = await json_body(request, ReportRequest, text_checked=_without_outputs)
+    body: ReportRequest = await _agent_body(request, ReportRequest, text_checked=_without_outputs)
     _duplicates("outcomes", [o.step_id for o in body.outcomes])
     settings = _settings(request)
     store = _store(request)
     agent_id = body.agent_id
     results: list[dict[str, Any] | None] = [None] * len(body.outcomes)
     successes = [(i, o) for i, o in enumerate(body.outcomes) if isinstance(o, Succeeded)]
-    states = await store.lease_states([o.step_id for _, o in successes]) if successes else {}
+    # One read for the duplicates check and the metrics' tool labels and durations.
+    states = await store.step_states([o.step_id for o in body.outcomes])
     batch: list[tuple[int, Succeeded, str]] = []
     for i, success in successes:
-        if states.get(success.step_id) == ("succeeded", success.lease_token):
+        state = states.get(success.step_id)
+        if state is not None and (state.status, state.lease_token) == (
+            "succeeded",
+            success.lease_token,
+        ):
             results[i] = _recorded(success, duplicate=True)  # its first answer was lost
             continue
         try:
@@ -578,6 +645,7 @@ async def report(request: Request) -> Response:
             )
         else:
             results[i] = _recorded(outcome, deadLetter=True)
+    _count_report(body.outcomes, results, states)
     refused = sum(1 for r in results if r is not None and r["result"] == "refused")
     if refused:
         logger.info("agent %s: %d of %d outcome(s) refused", agent_id, refused, len(results))
@@ -586,7 +654,7 @@ async def report(request: Request) -> Response:
 
 async def release(request: Request) -> Response:
     """Hand back leases (graceful shutdown): idempotent steps are ready again at once."""
-    body: ReleaseRequest = await json_body(request, ReleaseRequest)
+    body: ReleaseRequest = await _agent_body(request, ReleaseRequest)
     released = await _store(request).release(
         [(lease.step_id, lease.lease_token) for lease in body.leases], worker_id=body.agent_id
     )
@@ -595,19 +663,19 @@ async def release(request: Request) -> Response:
 
 async def stopped(request: Request) -> Response:
     """Mark the agent's workers row stopped."""
-    body: StoppedRequest = await json_body(request, StoppedRequest)
+    body: StoppedRequest = await _agent_body(request, StoppedRequest)
     await _store(request).worker_stopped(body.agent_id)
     logger.info("agent %s stopped", body.agent_id)
     return JSONResponse({})
 
 
 routes = [
-    Route("/agent/register", register, methods=["POST"]),
-    Route("/agent/claim", claim, methods=["POST"]),
-    Route("/agent/heartbeat", heartbeat, methods=["POST"]),
-    Route("/agent/report", report, methods=["POST"]),
-    Route("/agent/release", release, methods=["POST"]),
-    Route("/agent/stopped", stopped, methods=["POST"]),
+    Route("/agent/register", logs.scoped_handler(register), methods=["POST"]),
+    Route("/agent/claim", logs.scoped_handler(claim), methods=["POST"]),
+    Route("/agent/heartbeat", logs.scoped_handler(heartbeat), methods=["POST"]),
+    Route("/agent/report", logs.scoped_handler(report), methods=["POST"]),
+    Route("/agent/release", logs.scoped_handler(release), methods=["POST"]),
+    Route("/agent/stopped", logs.scoped_handler(stopped), methods=["POST"]),
 ]
 
 _DB = {503: "postgres is not answering"}

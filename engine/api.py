@@ -11,7 +11,10 @@ to, 401 without a token (when one is configured: ``PGDAG_API_TOKEN`` or a live s
 request, and 415 for a POST that is not ``Content-Type: application/json``; CORS only for
 ``PGDAG_CORS_ORIGINS``.
 The API process is also a candidate for the maintenance lead (`engine.maintenance`: the
-reaper, the pruner, the liveness check; one leader across all processes).
+reaper, the pruner, the audit-log partitions, the liveness check; one leader across all
+processes).
+``GET /metrics`` (admin scope) exports Prometheus metrics: this process's counters and the
+queue and Postgres-health gauges (`engine.metrics`; docs/operations.md, "Metrics").
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from importlib import metadata
 from typing import Any, get_args
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,7 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from engine import agents, openapi, responses, ws
+from engine import agents, metrics, openapi, responses, tracing, ws
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings, check_interval
@@ -160,7 +165,11 @@ async def create_run(request: Request) -> Response:
     spec = parse_run(
         body, max_steps=settings.max_steps_per_run, remote_tools=await _remote_tools(store, body)
     )
-    run_id, created = await store.create_run(spec)
+    # The run's span, a child of the request's traceparent; stored with the run, it is the
+    # parent of every attempt's span (engine.tracing).
+    with tracing.run_span(request.headers, steps=len(spec.steps)) as span:
+        run_id, created = await store.create_run(spec, trace_context=span.carrier() or None)
+        span.set(run_id=run_id, created=created)
     return _json_text(await store.get_run_json(run_id), status_code=201 if created else 200)
 
 
@@ -205,6 +214,7 @@ async def cancel_run(request: Request) -> Response:
     run_id = _run_id(request)
     store = _store(request)
     await store.cancel_run(run_id)
+    metrics.CANCELLATIONS.inc()
     return _json_text(await store.get_run_json(run_id))
 
 
@@ -310,6 +320,43 @@ async def list_workers(request: Request) -> Response:
     return JSONResponse({"workers": await _store(request).list_workers()})
 
 
+async def metrics_text(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format (docs/operations.md, "Metrics"):
+    this process's counters and histograms, and the queue and Postgres-health gauges read
+    at most once a second (`engine.metrics.QueueCollector`). 503 when Postgres does not
+    answer the gauges' queries within `engine.metrics.SCRAPE_TIMEOUT_S` seconds."""
+    collector: metrics.QueueCollector = request.app.state.queue_metrics
+    try:
+        await asyncio.wait_for(collector.refresh(), metrics.SCRAPE_TIMEOUT_S)
+    except TimeoutError:  # (a pool timeout is an OperationalError: _db_down answers it)
+        return _error(
+            503,
+            "database_unavailable",
+            f"postgres did not answer the metrics queries in {metrics.SCRAPE_TIMEOUT_S:g} s",
+        )
+    body = metrics.render() + metrics.render(request.app.state.metrics_registry)
+    return Response(body, media_type=metrics.CONTENT_TYPE)
+
+
+async def queue_view(request: Request) -> Response:
+    """The dashboard's queue view (docs/operations.md, "The queue view"): by tool, the
+    ready, running and dead-lettered steps, the oldest ready age (seconds) and the live
+    workers (the gauges of ``/metrics``, from the same snapshot, read at most once a
+    second), the unfinished runs, and the steps succeeded per minute over the last
+    `engine.metrics.THROUGHPUT_MINUTES` minutes (counted by this process's live listener
+    since it started). 503 as ``/metrics`` when Postgres does not answer in time."""
+    collector: metrics.QueueCollector = request.app.state.queue_metrics
+    try:
+        snap = await asyncio.wait_for(collector.refresh(), metrics.SCRAPE_TIMEOUT_S)
+    except TimeoutError:  # (a pool timeout is an OperationalError: _db_down answers it)
+        return _error(
+            503,
+            "database_unavailable",
+            f"postgres did not answer the queue queries in {metrics.SCRAPE_TIMEOUT_S:g} s",
+        )
+    return JSONResponse(collector.queue_json(snap, now_s=time.time()))
+
+
 @functools.cache
 def _openapi_document() -> bytes:
     """The OpenAPI document of `OPERATIONS`, encoded once (it changes only with the code)."""
@@ -346,6 +393,8 @@ routes = [
     Route("/workers", list_workers, methods=["GET"]),
     Route("/maintenance", maintenance_status, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/metrics", metrics_text, methods=["GET"]),
+    Route("/queue", queue_view, methods=["GET"]),
     *agents.routes,
     WebSocketRoute("/ws", ws.all_events),
     WebSocketRoute("/ws/runs/{run_id}", ws.run_events),
@@ -531,6 +580,22 @@ OPERATIONS: list[Operation] = [
         "This document",
         {200: Reply(None, "the OpenAPI 3.1 document of this API")},
     ),
+    Operation(
+        "GET",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics (text exposition format; admin scope)",
+        {200: Reply(None, "the metrics, text/plain; version=0.0.4")},
+        errors={503: "postgres is not answering"},
+    ),
+    Operation(
+        "GET",
+        "/queue",
+        "queue",
+        "The queue by tool and the steps succeeded per minute (the dashboard's queue view)",
+        {200: Reply(responses.QueueView, "the queue, at most a second old")},
+        errors={503: "postgres is not answering"},
+    ),
     *agents.OPERATIONS,
 ]
 
@@ -621,6 +686,11 @@ def create_app(
         # One LISTEN pgdag_ready for every agent's long-poll of this process.
         app.state.ready = ready = ReadySignal(url)
         await ready.start()
+        app.state.metrics_registry = CollectorRegistry(auto_describe=True)
+        app.state.queue_metrics = metrics.QueueCollector(
+            pool, lease_ttl_s=settings.lease_ttl_s, tools=registered_tools()
+        )
+        app.state.metrics_registry.register(app.state.queue_metrics)
 
         async def schema_current() -> bool:
             return await gate.current() is None  # no schema to maintain (yet); /health says so
@@ -645,6 +715,7 @@ def create_app(
             await gate.close()
             await token_cache.close()
             await pool.close()
+            await asyncio.to_thread(tracing.flush)  # no atexit hook runs after a SIGTERM
 
     app = Starlette(
         routes=[*routes, *extra_routes],

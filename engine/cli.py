@@ -29,6 +29,7 @@ import httpx
 
 from engine.config import API_HOST_DEFAULT, API_PORT_DEFAULT, Settings, parse_list
 from engine.errors import PgdagError
+from engine.logs import LOG_FORMATS, configure_logging
 from engine.supervisor import KILL_MARGIN_S, Supervisor
 from engine.tokens import generate_token
 from engine.transitions import TERMINAL_RUN_STATES
@@ -52,6 +53,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         cors_origins=_list_flag(getattr(args, "cors_origins", None)),
         db_wait_s=getattr(args, "db_wait", None),
         agent_max_wait_s=getattr(args, "agent_max_wait", None),
+        log_format=getattr(args, "log_format", None),
     )
 
 
@@ -104,6 +106,8 @@ def cmd_serve(args: argparse.Namespace, *, app_factory: AppFactory) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
+        # uvicorn's lines go through the process's logging (engine.logs), in its format.
+        log_config=None,
         access_log=args.access_log,
         # Every event frame goes to many clients: compressing it per connection would cost
         # more CPU than sending it. Clients send nothing worth more than a few bytes.
@@ -318,6 +322,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DATABASE_URL": url, "PGDAG_HTTP_ALLOW_PRIVATE": "1"}
+    env["PGDAG_LOG_FORMAT"] = settings.log_format  # the children log as dev was told to
     # The flags reach `serve` through its environment (each flag has its variable).
     env["PGDAG_ALLOWED_HOSTS"] = ",".join(settings.allowed_hosts)
     env["PGDAG_CORS_ORIGINS"] = ",".join(settings.cors_origins)
@@ -566,6 +571,12 @@ def build_parser(
     """The argument parser of `main`; `serve` runs the app `app_factory` builds."""
     p = argparse.ArgumentParser(prog=prog, description="pgdag engine commands")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default WARNING)")
+    p.add_argument(
+        "--log-format",
+        default=None,
+        choices=LOG_FORMATS,
+        help="console (default, for people) or json (one object per line); PGDAG_LOG_FORMAT",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -681,11 +692,9 @@ def main(
     configuration, printed in one line). `serve` runs the app `app_factory` builds; `prog`
     names the program in usage lines."""
     args = build_parser(app_factory, prog).parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
     try:
+        configure_logging(args.log_level, Settings.from_env(log_format=args.log_format).log_format)
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
         code: int = args.func(args)
     except PgdagError as exc:
         print(f"pgdag: error: {exc}", file=sys.stderr)

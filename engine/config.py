@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.errors import ConfigError
 from engine.guards import check_cors_origin, parse_host_entry
+from engine.logs import LOG_FORMAT_DEFAULT, check_log_format
 
 LEASE_TTL_S_DEFAULT = 30.0
 BACKOFF_BASE_MS_DEFAULT = 1_000
@@ -34,6 +35,7 @@ REAPER_INTERVAL_S_DEFAULT = 1.0
 # LIVENESS_INTERVAL_S_DEFAULT.
 MAINTENANCE_STANDBY_S_DEFAULT = 2.0
 PRUNE_INTERVAL_S_DEFAULT = 60.0
+AUDIT_UPKEEP_INTERVAL_S_DEFAULT = 600.0  # the audit log's daily partitions (engine.retention)
 LIVENESS_INTERVAL_S_DEFAULT = 10.0
 SHUTDOWN_GRACE_S_DEFAULT = 10.0
 RETENTION_DAYS_DEFAULT = 30.0
@@ -155,9 +157,11 @@ class Settings:
     poll_interval_s: float = POLL_INTERVAL_S_DEFAULT
     reaper_interval_s: float = REAPER_INTERVAL_S_DEFAULT
     # engine.maintenance: PGDAG_MAINTENANCE_STANDBY_S, PGDAG_PRUNE_INTERVAL_S,
-    # PGDAG_LIVENESS_INTERVAL_S (seconds, finite, > 0; see `check_interval`).
+    # PGDAG_AUDIT_UPKEEP_INTERVAL_S, PGDAG_LIVENESS_INTERVAL_S (seconds, finite, > 0; see
+    # `check_interval`).
     maintenance_standby_s: float = MAINTENANCE_STANDBY_S_DEFAULT
     prune_interval_s: float = PRUNE_INTERVAL_S_DEFAULT
+    audit_upkeep_interval_s: float = AUDIT_UPKEEP_INTERVAL_S_DEFAULT
     liveness_interval_s: float = LIVENESS_INTERVAL_S_DEFAULT
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
     retention_days: float = RETENTION_DAYS_DEFAULT
@@ -183,6 +187,9 @@ class Settings:
     # negative: the signal that killed it). The worker puts both in its workers row.
     restarts: int = 0
     last_exit_code: int | None = None
+    # How log lines are written: "console" (for people) or "json" (one object per line);
+    # PGDAG_LOG_FORMAT, --log-format (engine.logs).
+    log_format: str = LOG_FORMAT_DEFAULT
 
     def __post_init__(self) -> None:
         """Check the host and origin lists, whether they came from the environment or a flag,
@@ -190,6 +197,7 @@ class Settings:
 
         Raises `ConfigError` naming the variable and the bad item.
         """
+        check_log_format(self.log_format)
         if math.isinf(self.restart_backoff_max_s):
             raise ConfigError("PGDAG_RESTART_BACKOFF_MAX must be a finite number of seconds")
         if self.restart_backoff_max_s < self.restart_backoff_first_s:
@@ -275,6 +283,11 @@ class Settings:
                 get("PGDAG_PRUNE_INTERVAL_S", str(PRUNE_INTERVAL_S_DEFAULT)),
                 0.01,
             ),
+            audit_upkeep_interval_s=_parse_float(
+                "PGDAG_AUDIT_UPKEEP_INTERVAL_S",
+                get("PGDAG_AUDIT_UPKEEP_INTERVAL_S", str(AUDIT_UPKEEP_INTERVAL_S_DEFAULT)),
+                0.01,
+            ),
             liveness_interval_s=_parse_float(
                 "PGDAG_LIVENESS_INTERVAL_S",
                 get("PGDAG_LIVENESS_INTERVAL_S", str(LIVENESS_INTERVAL_S_DEFAULT)),
@@ -325,6 +338,7 @@ class Settings:
             ),
             restarts=_parse_int("PGDAG_RESTARTS", get("PGDAG_RESTARTS", "0"), 0),
             last_exit_code=_parse_optional_int("PGDAG_LAST_EXIT_CODE", get("PGDAG_LAST_EXIT_CODE")),
+            log_format=check_log_format(get("PGDAG_LOG_FORMAT") or LOG_FORMAT_DEFAULT),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **given) if given else settings  # type: ignore[arg-type]

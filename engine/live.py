@@ -92,8 +92,9 @@ from typing import Any
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
+from engine import metrics
 from engine.db import Backoff
-from engine.store import event_json, read_live_events, start_live
+from engine.store import event_json, read_live_events, setup_live_session, start_live
 
 logger = logging.getLogger(__name__)
 
@@ -417,6 +418,7 @@ class EventHub:
             keepalives_count=3,
         )
         await conn.execute(f"LISTEN {CHANNEL}")  # a fixed identifier, never user input
+        await setup_live_session(conn)
         return conn
 
     async def _run(self) -> None:
@@ -497,6 +499,15 @@ class EventHub:
                 QUERY_TIMEOUT_S,
             )
             fresh = sum(1 for r in got.rows if r["id"] > st.known)
+            if got.read_at is not None:
+                # Every row is read once: above `known`, or when its gap fills (a late commit,
+                # whose lag is the one worth seeing).
+                for r in got.rows:
+                    metrics.LISTEN_LAG.observe(
+                        max(0.0, (got.read_at - r["created_at"]).total_seconds())
+                    )
+                    if r["event"] == "step_succeeded":  # the dashboard's throughput
+                        metrics.COMPLETIONS.add(r["created_at"].timestamp())
             self._merge(got.rows, got.snap_xmin, got.probe_xid, time.monotonic())
             if fresh < FETCH_LIMIT:
                 return

@@ -357,3 +357,46 @@ class Maintenance(Wire):
         description="last runs while this process led (see the leader's own logs otherwise)"
     )
     leader: MaintenanceLeader | None = Field(description="null: nobody leads right now")
+
+
+# --- queue ---------------------------------------------------------------------------------
+
+
+class QueueTool(Wire):
+    """One tool's queue (the ``/metrics`` gauges of the same name, by tool)."""
+
+    tool: str
+    ready: int = Field(description="ready steps, including those waiting out a backoff")
+    running: int
+    oldest_ready_age_seconds: float = Field(
+        description="age of the oldest ready step whose availableAt has come (0: none waits)"
+    )
+    dead_letter: int = Field(description="steps in dead_letter, waiting for a person")
+    workers_live: int = Field(description="live workers and agents that have the tool")
+
+
+class QueueRuns(Wire):
+    """Unfinished runs by status."""
+
+    pending: int
+    running: int
+
+
+class QueueMinute(Wire):
+    """Steps succeeded in one minute."""
+
+    minute: datetime = Field(description="the minute's start, UTC")
+    succeeded: int
+
+
+class QueueView(Wire):
+    """``GET /queue``: the dashboard's queue view."""
+
+    tools: list[QueueTool]
+    runs: QueueRuns
+    completions_per_minute: list[QueueMinute] = Field(
+        description="the last 10 minutes, oldest first; the last is the current, partial "
+        "minute. Counted by this API process since it started (its live listener reads "
+        "every step_succeeded event): 0 for minutes before its start"
+    )
+    snapshot_age_seconds: float = Field(description="age of the queue numbers (cached 1 s)")

@@ -8,7 +8,7 @@ are safe to repeat are retried through connection loss (`engine.db.retrying`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,7 +17,7 @@ import psycopg
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
-from engine import transitions
+from engine import retention, transitions
 from engine.dag import RunSpec
 from engine.db import retrying
 from engine.errors import NotFound, PgdagError
@@ -89,6 +89,20 @@ class LiveRead:
     rows: list[DictRow]
     snap_xmin: int
     probe_xid: int | None
+    # When the rows were read (clock_timestamp() of the database), for the LISTEN lag.
+    read_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StepState:
+    """A step's `status` and current fencing token (None: never claimed), its `tool`, and
+    `running_s`: seconds since its current attempt was claimed (database clock; None: never
+    started)."""
+
+    status: str
+    lease_token: int | None
+    tool: str
+    running_s: float | None
 
 
 async def _read_run_json(conn: Conn, run_id: str, *, with_steps: bool, lease_ttl_s: float) -> str:
@@ -120,6 +134,12 @@ async def _read_run(
         await _read_run_json(conn, run_id, with_steps=with_steps, lease_ttl_s=lease_ttl_s)
     )
     return run
+
+
+async def setup_live_session(conn: Conn) -> None:
+    """Session settings of the listener's dedicated connection (``live_session``: generic
+    plans for the reads by id of the partitioned audit log)."""
+    await conn.execute(queries["live_session"])
 
 
 async def start_live(conn: Conn) -> tuple[int, int]:
@@ -156,6 +176,7 @@ async def read_live_events(
         rows=[r for r in rows if r["id"] is not None],
         snap_xmin=int(first["snap_xmin"]),
         probe_xid=int(probe_xid) if probe_xid is not None else None,
+        read_at=first["read_at"],
     )
 
 
@@ -177,10 +198,12 @@ class Store:
 
     # --- transitions -------------------------------------------------------------------
 
-    async def create_run(self, spec: RunSpec) -> tuple[str, bool]:
+    async def create_run(
+        self, spec: RunSpec, *, trace_context: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
         """See `transitions.create_run`. Returns ``(run_id, created)``."""
         async with self.pool.connection() as conn:
-            return await transitions.create_run(conn, spec)
+            return await transitions.create_run(conn, spec, trace_context=trace_context)
 
     async def claim(
         self, worker_id: str, limit: int, tools: Sequence[str] | None = None
@@ -323,7 +346,14 @@ class Store:
             return await transitions.release_steps(conn, leases, worker_id=worker_id)
 
     async def reap(self) -> int | None:
-        """One reaper pass; None when another process holds the reaper lock."""
+        """One reaper pass; None when another process holds the reaper lock, else the number
+        of steps requeued, dead-lettered or made ready."""
+        reaped = await self.reap_detailed()
+        return None if reaped is None else reaped.total
+
+    async def reap_detailed(self) -> transitions.Reaped | None:
+        """One reaper pass; None when another process holds the reaper lock, else what it
+        did (see `transitions.reap_expired_leases`), for the reaper's metrics."""
         async with self.pool.connection() as conn:
             return await transitions.reap_expired_leases(conn)
 
@@ -347,6 +377,18 @@ class Store:
             cur = await conn.execute(queries["maintenance_leader"])
             row = await cur.fetchone()
         return dict(row) if row else None
+
+    async def maintain_audit_partitions(
+        self,
+        *,
+        retention_days: float | None,
+        ahead_days: int = retention.AHEAD_DAYS_DEFAULT,
+    ) -> retention.AuditUpkeep:
+        """One audit-log partition upkeep (see `retention.maintain_audit_partitions`)."""
+        async with self.pool.connection() as conn:
+            return await retention.maintain_audit_partitions(
+                conn, retention_days=retention_days, ahead_days=ahead_days
+            )
 
     async def cancel_run(self, run_id: str, *, reason: str = "cancelled by request") -> int:
         """Cancel a run (see `transitions.cancel_run`). Cancel locks the run before its
@@ -472,9 +514,23 @@ class Store:
     async def lease_states(self, step_ids: Sequence[int]) -> dict[int, tuple[str, int | None]]:
         """``{step_id: (status, lease_token)}`` for the steps that exist (read only): how an
         agent's report of an attempt already recorded is told apart from a stale one."""
+        states = await self.step_states(step_ids)
+        return {i: (s.status, s.lease_token) for i, s in states.items()}
+
+    async def step_states(self, step_ids: Sequence[int]) -> dict[int, StepState]:
+        """`StepState` of each step of `step_ids` that exists (read only, one statement on
+        the primary key): its status, token, tool and how long it has run."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(queries["steps_lease_state"], {"ids": list(step_ids)})
-            return {r["id"]: (r["status"], r["lease_token"]) for r in await cur.fetchall()}
+            return {
+                r["id"]: StepState(
+                    status=r["status"],
+                    lease_token=r["lease_token"],
+                    tool=r["tool"],
+                    running_s=r["running_s"],
+                )
+                for r in await cur.fetchall()
+            }
 
     async def failure_recorded(
         self, step_id: int, token: int, *, worker_id: str

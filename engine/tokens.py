@@ -9,9 +9,10 @@ is nothing to guess a preimage from (slow hashes are for passwords people choose
 Scopes (`SCOPE_RULES` is the one definition; docs/operations.md shows it as a table and a
 unit test checks the two agree):
 
-- ``admin``: everything.
-- ``submit``: submit, read, cancel, retry and replay runs; read workers, the maintenance
-  status and the OpenAPI document; the WebSockets and the dashboard. Not ``/agent/*``.
+- ``admin``: everything, and alone ``GET /metrics`` (Prometheus, `engine.metrics`).
+- ``submit``: submit, read, cancel, retry and replay runs; read workers, the queue, the
+  maintenance status and the OpenAPI document; the WebSockets and the dashboard. Not
+  ``/agent/*``.
 - ``agent``: only ``/agent/*`` (claim, heartbeat, report, ...), all POST.
 
 ``GET /health`` needs no token at all (`engine.guards.OPEN_PATHS`). ``PGDAG_API_TOKEN`` is
@@ -96,7 +97,9 @@ def _path_regex(pattern: str) -> re.Pattern[str]:
 
 
 SCOPE_RULES: Mapping[Scope, tuple[Rule, ...]] = {
-    "admin": (Rule("*", "/*"),),
+    # /metrics is in "/*" already; named so that the table (docs/operations.md) shows it is
+    # admin-only: the scope of an operator, not of a submitter or an agent.
+    "admin": (Rule("*", "/*"), Rule("GET", "/metrics")),
     "submit": (
         Rule("POST", "/runs"),
         Rule("GET", "/runs"),
@@ -107,6 +110,7 @@ SCOPE_RULES: Mapping[Scope, tuple[Rule, ...]] = {
         Rule("POST", "/runs/{runId}/replay"),
         Rule("POST", "/runs/retry-dead-letters"),
         Rule("GET", "/workers"),
+        Rule("GET", "/queue"),
         Rule("GET", "/maintenance"),
         Rule("GET", "/openapi.json"),
         Rule(WS, "/ws"),

@@ -21,8 +21,8 @@ and ``python -m engine serve``'s are `workers.tools.builtin`), then `Settings.to
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -40,6 +40,12 @@ class ToolContext:
     `idempotency_key` is ``"<runId>:<stepName>"``, the same on every attempt; pass it to
     any side-effecting call. `timeout_ms` is the step's per-attempt timeout, if any.
     `http_allow_private` mirrors `PGDAG_HTTP_ALLOW_PRIVATE`.
+
+    `trace_context` is the attempt's span as W3C trace-context headers
+    (``{"traceparent": "00-<trace id>-<span id>-01"}``, and ``"tracestate"`` when there is
+    one), empty when tracing is off (`engine.tracing`). Send it with outgoing requests
+    (``headers={**ctx.trace_context}``) so the services a tool calls join the run's trace,
+    as HTTP_GET_JSON does.
     """
 
     run_id: str
@@ -48,6 +54,7 @@ class ToolContext:
     idempotency_key: str
     timeout_ms: int | None = None
     http_allow_private: bool = False
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
 
 ToolFn = Callable[[Any, ToolContext], Awaitable[JSON]]

@@ -51,8 +51,9 @@ in the same transaction, so that a run can never be left waiting for a step nobo
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -102,6 +103,12 @@ class ClaimedStep:
     map_expand: bool = False
     map_join: bool = False
     may_skip_children: bool = True
+    # Seconds from the step's ready time (availableAt) to this claim, on the database clock
+    # (`engine.metrics.READY_TO_START`); None when not known.
+    ready_wait_s: float | None = None
+    # The run's W3C trace context (``{"traceparent": ...}``, migration 0008): the parent of
+    # the attempt's span (engine/tracing.py); None when the run has none.
+    trace_context: dict[str, str] | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -118,8 +125,11 @@ class FailOutcome:
     backoff_ms: float
 
 
-async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
+async def create_run(
+    conn: Conn, spec: RunSpec, *, trace_context: Mapping[str, str] | None = None
+) -> tuple[str, bool]:
     """Insert `spec` as a new run with its steps and edges, in one transaction.
+    `trace_context` is the run span's W3C carrier, stored with a new run (`engine.tracing`).
 
     Returns ``(run_id, created)``; `created` is False when `spec.idempotency_key` already
     names a run submitted with the same payload (`RunSpec.fingerprint`), which is returned
@@ -142,6 +152,7 @@ async def create_run(conn: Conn, spec: RunSpec) -> tuple[str, bool]:
                 "steps_total": len(spec.steps),
                 "priority": spec.priority,
                 "start_at": spec.start_at,
+                "trace_context": json.dumps(dict(trace_context)) if trace_context else None,
             },
         )
         row = await cur.fetchone()
@@ -216,6 +227,8 @@ async def claim_steps(
             idempotent=r["idempotent"],
             lease_token=r["lease_token"],
             lease_expires_at=r["lease_expires_at"],
+            ready_wait_s=r["ready_wait_s"],
+            trace_context=r["trace_context"],
         )
         for r in rows
     ]
@@ -519,15 +532,30 @@ async def release_steps(conn: Conn, leases: list[tuple[int, int]], *, worker_id:
     return len(rows)
 
 
-async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> int | None:
+@dataclass(frozen=True)
+class Reaped:
+    """What one reaper pass did: `expired` is ``(tool, new_status)`` of each step whose
+    lease expired (``ready``: requeued; ``dead_letter``), `promoted` the delayed roots made
+    ready."""
+
+    expired: list[tuple[str, str]]
+    promoted: int
+
+    @property
+    def total(self) -> int:
+        """Steps requeued, dead-lettered or made ready."""
+        return len(self.expired) + self.promoted
+
+
+async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None:
     """The reaper's pass: requeue (or dead-letter) running steps whose lease expired, and
     make ready the delayed roots whose run's startAt has come.
 
     Only the maintenance leader calls it (`engine.maintenance`); a transaction-scoped
     advisory lock keeps two passes apart while the lead changes hands, and the transaction
     may sit idle 5 s at most (a process frozen in the pass loses its session instead of
-    holding the lock). Returns None when another pass holds the lock, else the number of
-    steps requeued, dead-lettered or made ready.
+    holding the lock). Returns None when another pass holds the lock, else what was done
+    (`Reaped`).
     """
     async with conn.transaction():
         cur = await conn.execute(queries["reaper_try_lock"])
@@ -541,13 +569,16 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> int | None:
             await _after_dead_letters(conn, dead)
         cur = await conn.execute(queries["promote_due_steps"], {"limit": limit})
         due = await cur.fetchone()
-    return len(rows) + (int(due["n"]) if due else 0)
+    return Reaped(
+        expired=[(r["tool"], r["status"]) for r in rows], promoted=int(due["n"]) if due else 0
+    )
 
 
 async def prune_finished_runs(conn: Conn, *, retention_s: float, limit: int = 100) -> int:
     """Retention: delete up to `limit` runs that finished (completed, failed or cancelled)
-    more than `retention_s` seconds ago, with their steps, edges and audit log. Returns how
-    many runs were deleted. Unfinished runs are never touched."""
+    more than `retention_s` seconds ago, with their steps and edges. Returns how many runs
+    were deleted. Unfinished runs are never touched. Their audit rows go with their day's
+    audit_log partition (`engine.retention.maintain_audit_partitions`), not here."""
     async with conn.transaction():
         cur = await conn.execute(
             queries["prune_finished_runs"], {"retention_s": retention_s, "limit": limit}

@@ -55,6 +55,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from engine import metrics
 from engine.db import RETRYABLE
 from engine.errors import NotFound
 from engine.live import EventHub, LiveEvent, Subscription, batch_message
@@ -254,6 +255,7 @@ async def _send_run_replay(
     start = stream.sub.restart()
     rows = await store.replay_events(run_id, after=after, upto=start, limit=REPLAY_MAX_EVENTS + 1)
     if len(rows) > REPLAY_MAX_EVENTS:
+        metrics.WEBSOCKET_RESYNCS.labels(reason="replay_too_long").inc()
         await stream.send({"type": "resync", "reason": "replay_too_long"})
         await _send_snapshot(stream, store, hub, run_id)
         return
@@ -275,9 +277,11 @@ async def run_events(websocket: WebSocket) -> None:
         await _close(websocket, CLOSE_NOT_FOUND, "not_found", f"no run {raw}")
         return
     sub = hub.subscribe(run_id)
+    metrics.WEBSOCKET_CLIENTS.inc()
     stream = _Stream(websocket, sub, batch=batch)
 
     async def resync() -> None:
+        metrics.WEBSOCKET_RESYNCS.labels(reason="slow_client").inc()
         await stream.send({"type": "resync", "reason": "slow_client"})
         await _send_snapshot(stream, store, hub, run_id)
 
@@ -292,6 +296,7 @@ async def run_events(websocket: WebSocket) -> None:
         await _guarded(websocket, body)
     finally:
         hub.unsubscribe(sub)
+        metrics.WEBSOCKET_CLIENTS.dec()
 
 
 # --- /ws ------------------------------------------------------------------------------------
@@ -305,9 +310,11 @@ async def all_events(websocket: WebSocket) -> None:
         return
     hub, store, after, batch = opened
     sub = hub.subscribe(None)
+    metrics.WEBSOCKET_CLIENTS.inc()
     stream = _Stream(websocket, sub, batch=batch)
 
     async def resync(reason: str = "slow_client") -> None:
+        metrics.WEBSOCKET_RESYNCS.labels(reason=reason).inc()
         start = sub.restart()
         stream.floor = start
         await stream.send({"type": "resync", "reason": reason, "lastEventId": start})
@@ -332,3 +339,4 @@ async def all_events(websocket: WebSocket) -> None:
         await _guarded(websocket, body)
     finally:
         hub.unsubscribe(sub)
+        metrics.WEBSOCKET_CLIENTS.dec()

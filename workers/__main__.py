@@ -13,10 +13,12 @@ import signal
 import sqlite3
 import sys
 
+from engine import metrics
 from engine.cli import program_name
 from engine.config import Settings
 from engine.db import open_pool, resolve_database_url
 from engine.errors import ConfigError, PgdagError, SchemaNotCurrent
+from engine.logs import LOG_FORMATS, configure_logging
 from engine.schema import schema_problem
 from engine.startup import wait_for_postgres
 from engine.store import Pool, Store
@@ -87,7 +89,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cap on a step's output as JSON text, in bytes; PGDAG_MAX_OUTPUT_BYTES "
         "(default 8 MiB)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port (default 0: off); with --processes N "
+        "the children take PORT..PORT+N-1",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address /metrics listens on (default 127.0.0.1)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument(
+        "--log-format",
+        default=None,
+        choices=LOG_FORMATS,
+        help="console (default, for people) or json (one object per line); PGDAG_LOG_FORMAT",
+    )
     test_only = p.add_argument_group(
         "fault injection (TEST ONLY: these flags crash the worker on purpose)"
     )
@@ -114,7 +136,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--processes must be >= 1")
     if args.kill_after is not None and args.kill_after < 0:
         p.error("--kill-after must be >= 0 seconds")
+    if not 0 <= args.metrics_port <= 65535:
+        p.error("--metrics-port must be between 0 and 65535")
     return args
+
+
+def serve_metrics(args: argparse.Namespace) -> None:
+    """Serve ``/metrics`` on ``--metrics-host``:``--metrics-port`` when the port is not 0
+    (`engine.metrics.serve`). Raises `ConfigError` when the address cannot be bound."""
+    if not args.metrics_port:
+        return
+    try:
+        port = metrics.serve(args.metrics_port, args.metrics_host)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc} "
+            "(--metrics-port, --metrics-host)"
+        ) from None
+    logging.getLogger("workers").info("metrics on http://%s:%d/metrics", args.metrics_host, port)
 
 
 async def open_worker_pool(url: str, *, max_size: int) -> Pool:
@@ -145,6 +184,7 @@ async def amain(args: argparse.Namespace) -> None:
         max_output_bytes=args.max_output_bytes,
     )
     load_tool_modules((*BUILTIN_TOOL_MODULES, *settings.tool_modules))
+    serve_metrics(args)
     agent = AgentSettings.from_env(server=args.server, token=args.token, agent_log=args.agent_log)
     if agent.server is not None:
         await run_agent(args, settings, agent)
@@ -230,10 +270,11 @@ async def run_agent(args: argparse.Namespace, settings: Settings, agent: AgentSe
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        configure_logging(args.log_level, Settings.from_env(log_format=args.log_format).log_format)
+    except PgdagError as exc:
+        sys.stderr.write(f"pgdag: error: {exc}\n")
+        return 2
     if args.processes is not None:
         from workers.supervisor import supervise
 

@@ -134,6 +134,7 @@ def _step(data: dict[str, Any]) -> ClaimedStep:
         idempotent=bool(data["idempotent"]),
         lease_token=int(data["leaseToken"]),
         lease_expires_at=_parse_time(data["leaseExpiresAt"]),
+        trace_context=data.get("traceContext") or None,
     )
 
 
@@ -150,6 +151,7 @@ class AgentBackend:
 
     transient: tuple[type[BaseException], ...] = (ApiUnavailable,)
     long_polls = True
+    counts_attempts = False  # the API counts the reports (engine.agents._count_report)
 
     def __init__(
         self,

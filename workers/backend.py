@@ -33,6 +33,10 @@ class Backend(Protocol):
     # True when `claim` itself waits (up to `wait_s`) for work to become ready, so the
     # Worker claims again at once after an empty answer instead of sleeping.
     long_polls: bool
+    # True when the Worker counts its attempts in `engine.metrics` (a database worker);
+    # False when another process does (the API counts an agent's reports), so that summing
+    # the counters over every process's /metrics counts each attempt once.
+    counts_attempts: bool
 
     @property
     def heartbeat_interval_s(self) -> float:

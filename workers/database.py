@@ -6,8 +6,8 @@ them it runs two loops of its own while the worker runs:
 - listener: the dedicated ``LISTEN pgdag_ready`` connection, reconnected after any failure
   with capped exponential backoff; each notification wakes the claim loop;
 - maintenance: this process stands for the maintenance lead (`engine.maintenance`: the
-  reaper, the pruner, the liveness check; one leader across the API and every database
-  worker) and runs the tasks while it leads.
+  reaper, the pruner, the audit log's daily partitions, the liveness check; one leader
+  across the API and every database worker) and runs the tasks while it leads.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class DatabaseBackend:
 
     transient: tuple[type[BaseException], ...] = RETRYABLE
     long_polls = False
+    counts_attempts = True
 
     def __init__(
         self,

@@ -3,8 +3,9 @@
 
 Each of the N slots runs ``sys.executable -m workers <the same flags minus --processes>``:
 ``--worker-id BASE`` becomes ``--worker-id BASE-<slot>`` (slots counted from 1); without
-it each child takes its default id. Every other flag passes through unchanged, so flags
-added to the worker later need nothing here.
+it each child takes its default id; ``--metrics-port PORT`` becomes ``PORT + slot - 1``
+(the first child serves on PORT; 0 stays 0, off). Every other flag passes through
+unchanged, so flags added to the worker later need nothing here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _is_flag(name: str, flag: str) -> bool:
 def child_argv(argv: Sequence[str], slot: int) -> list[str]:
     """The flags of slot `slot`'s child: `argv` (the supervisor's own flags, without the
     program) minus ``--processes``, with ``--worker-id BASE`` made ``--worker-id
-    BASE-<slot>``; every other flag passes through unchanged, whatever it is."""
+    BASE-<slot>`` and ``--metrics-port PORT`` made ``PORT + slot - 1`` (unless 0, or not a
+    number: the child refuses it); every other flag passes through unchanged."""
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -44,9 +46,24 @@ def child_argv(argv: Sequence[str], slot: int) -> list[str]:
             out += ["--worker-id", f"{base}-{slot}"]
             i += 1 if eq else 2
             continue
+        if _is_flag(name, "--metrics-port") and len(name) > len("--metrics-"):
+            port = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            out += ["--metrics-port", metrics_port(port, slot)]
+            i += 1 if eq else 2
+            continue
         out.append(token)
         i += 1
     return out
+
+
+def metrics_port(port: str, slot: int) -> str:
+    """Slot `slot`'s ``--metrics-port`` (slots from 1): `port` + slot - 1; "0" (off) and
+    text that is not a number pass through unchanged (the child's parser refuses it)."""
+    try:
+        first = int(port)
+    except ValueError:
+        return port
+    return str(first + slot - 1) if first else port
 
 
 def supervise(argv: Sequence[str], processes: int) -> int:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from engine import logs, metrics, tracing
 from engine.config import Settings
 from engine.errors import (
     LeaseLost,
@@ -79,6 +80,11 @@ class _Attempt:
     step: ClaimedStep
     task: asyncio.Task[None] | None = None
     lease_lost: bool = False
+    claimed_at: float = field(default_factory=time.monotonic)  # for its duration metric
+    # What it came to (`engine.tracing.OUTCOMES`; None while running) and why, if it failed.
+    outcome: str | None = None
+    error: str | None = None
+    span: tracing.SpanHandle = field(default_factory=tracing.SpanHandle)
 
 
 class SuccessBatcher:
@@ -323,7 +329,10 @@ class Worker:
             # heartbeats failed) but is still running: that attempt is dead, stop it.
             previous.lease_lost = True
             self.stats.leases_lost += 1
+            self._count(previous, "lease_lost")
             previous.task.cancel()
+        if self.backend.counts_attempts:
+            metrics.count_claim(step.tool, step.ready_wait_s)
         attempt = _Attempt(step=step)
         self._attempts[step.id] = attempt
         attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"step-{step.id}")
@@ -336,11 +345,42 @@ class Worker:
     # --- running one attempt ------------------------------------------------------------
 
     async def _run_attempt(self, attempt: _Attempt) -> None:
+        """The attempt's task: every line it logs carries run_id, step, attempt, worker and
+        lease_token (`engine.logs`), and it runs inside the attempt's span (`engine.tracing`),
+        a child of the run's, which ends with its outcome."""
         step = attempt.step
-        log_ctx = (step.run_id, step.name, step.attempt, self.worker_id)
+        logs.bind(
+            run_id=step.run_id,
+            step=step.name,
+            attempt=step.attempt,
+            worker=self.worker_id,
+            lease_token=step.lease_token,
+        )
+        with tracing.attempt_span(
+            step.trace_context,
+            run_id=step.run_id,
+            step=step.name,
+            tool=step.tool,
+            attempt=step.attempt,
+            worker=self.worker_id,
+            lease_token=step.lease_token,
+        ) as span:
+            attempt.span = span
+            try:
+                await self._attempt(attempt)
+            except asyncio.CancelledError:
+                attempt.outcome = "lease_lost" if attempt.lease_lost else "cancelled"
+                raise
+            finally:
+                span.set(outcome=attempt.outcome or "cancelled")
+                if attempt.outcome not in (None, "succeeded"):
+                    span.fail(attempt.error or attempt.outcome or "")
+
+    async def _attempt(self, attempt: _Attempt) -> None:
+        step = attempt.step
         crash_at = self._draw_crash_point()
         try:
-            logger.debug("run %s step %s attempt %d on %s: started", *log_ctx)
+            logger.debug("attempt started: %s", step.tool)
             if crash_at == "before_tool":
                 _crash(crash_at, step)
             if crash_at == "during_tool":
@@ -355,7 +395,7 @@ class Worker:
                 return
             try:
                 # A map step's join has no tool to run: complete_steps builds its output.
-                output = None if step.map_join else await self._execute(step)
+                output = None if step.map_join else await self._execute(step, attempt.span)
             except ToolError as exc:
                 await self._fail(attempt, str(exc), retryable=exc.retryable)
                 return
@@ -372,18 +412,26 @@ class Worker:
                 else:  # at once and alone: see SuccessBatcher
                     await self.backend.complete(step, text)
                 self.stats.succeeded += 1
-                logger.debug("run %s step %s attempt %d on %s: succeeded", *log_ctx)
+                self._count(attempt, "succeeded")
+                attempt.outcome = "succeeded"
+                logger.debug("attempt succeeded")
             except LeaseLost as exc:
                 self.stats.leases_lost += 1
+                self._count(attempt, "lease_lost")
+                attempt.outcome, attempt.error = "lease_lost", str(exc)
                 logger.warning("result of run %s step %s refused: %s", step.run_id, step.name, exc)
             except OutputRefused as exc:  # already recorded as a failed attempt
                 self.stats.failed += 1
-                logger.warning("run %s step %s attempt %d on %s: dead letter: %s", *log_ctx, exc)
+                self._count(attempt, "refused", dead_letter=True)
+                attempt.outcome, attempt.error = "refused", str(exc)
+                logger.warning("attempt output refused, dead letter: %s", exc)
         except asyncio.CancelledError:
             if not attempt.lease_lost:
                 raise  # shutdown: the lease is released by _drain
-        except Exception:
-            logger.exception("run %s step %s attempt %d on %s: cannot record outcome", *log_ctx)
+            attempt.outcome = "lease_lost"
+        except Exception as exc:
+            attempt.outcome, attempt.error = "error", f"{type(exc).__name__}: {exc}"
+            logger.exception("attempt cannot record its outcome")
         finally:
             self._attempt_done(attempt)
 
@@ -395,11 +443,14 @@ class Worker:
             expansion = await self.backend.expand_map(step, max_width=self.settings.max_map_width)
         except LeaseLost as exc:
             self.stats.leases_lost += 1
+            self._count(attempt, "lease_lost")
+            attempt.outcome, attempt.error = "lease_lost", str(exc)
             logger.warning("map step %s of run %s not expanded: %s", step.name, step.run_id, exc)
             return
         if expansion.problem is not None:
             await self._fail(attempt, expansion.problem, retryable=False)
             return
+        attempt.outcome = "succeeded"
         logger.info(
             "run %s map step %s expanded into %d children",
             step.run_id,
@@ -413,8 +464,9 @@ class Worker:
             return None
         return self._crash_rng.choice(CRASH_POINTS)
 
-    async def _execute(self, step: ClaimedStep) -> object:
-        """Run the step's tool; every failure becomes a `ToolError`."""
+    async def _execute(self, step: ClaimedStep, span: tracing.SpanHandle) -> object:
+        """Run the step's tool (its context carries `span`'s trace context); every failure
+        becomes a `ToolError`."""
         try:
             tool = get_tool(step.tool)
         except UnknownTool as exc:
@@ -433,6 +485,7 @@ class Worker:
             idempotency_key=step.idempotency_key,
             timeout_ms=step.timeout_ms,
             http_allow_private=self.settings.http_allow_private,
+            trace_context=span.carrier(),
         )
         try:
             if step.timeout_ms is None:
@@ -446,34 +499,49 @@ class Worker:
         except Exception as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from exc
 
+    def _count(
+        self, attempt: _Attempt, outcome: str, *, retried: bool = False, dead_letter: bool = False
+    ) -> None:
+        """Count `attempt`'s `outcome` in `engine.metrics` (when this backend's attempts are
+        counted here: `Backend.counts_attempts`); the duration (seconds since its claim, on
+        this process's clock) of an attempt whose result was recorded."""
+        if not self.backend.counts_attempts:
+            return
+        recorded = outcome in ("succeeded", "failed")
+        metrics.count_result(
+            attempt.step.tool,
+            outcome,
+            duration_s=time.monotonic() - attempt.claimed_at if recorded else None,
+            retried=retried,
+            dead_letter=dead_letter,
+        )
+
     async def _fail(self, attempt: _Attempt, error: str, *, retryable: bool) -> None:
         step = attempt.step
         self.stats.failed += 1
+        attempt.error = error
         try:
             outcome = await self.backend.fail(step, error=error, retryable=retryable)
         except LeaseLost as exc:
             self.stats.leases_lost += 1
+            self._count(attempt, "lease_lost")
+            attempt.outcome = "lease_lost"
             logger.warning(
                 "failure of run %s step %s not recorded: %s", step.run_id, step.name, exc
             )
             return
+        self._count(
+            attempt,
+            "failed",
+            retried=outcome.status == "ready",
+            dead_letter=outcome.status == "dead_letter",
+        )
+        attempt.outcome = "failed"
+        attempt.span.set(dead_letter=outcome.status != "ready")
         if outcome.status == "ready":
-            logger.info(
-                "run %s step %s attempt %d failed (%s); retry in %.0f ms",
-                step.run_id,
-                step.name,
-                step.attempt,
-                error,
-                outcome.backoff_ms,
-            )
+            logger.info("attempt failed (%s); retry in %.0f ms", error, outcome.backoff_ms)
         else:
-            logger.warning(
-                "run %s step %s attempt %d failed (%s); dead letter",
-                step.run_id,
-                step.name,
-                step.attempt,
-                error,
-            )
+            logger.warning("attempt failed (%s); dead letter", error)
 
     # --- leases -------------------------------------------------------------------------
 
@@ -503,12 +571,20 @@ class Worker:
             if a.step.id not in held and a.task is not None and not a.task.done():
                 a.lease_lost = True
                 self.stats.leases_lost += 1
-                logger.warning(
-                    "run %s step %s attempt %d: lease lost; abandoning the attempt",
-                    a.step.run_id,
-                    a.step.name,
-                    a.step.attempt,
-                )
+                self._count(a, "lease_lost")
+                with logs.bound(
+                    run_id=a.step.run_id,
+                    step=a.step.name,
+                    attempt=a.step.attempt,
+                    worker=self.worker_id,
+                    lease_token=a.step.lease_token,
+                ):
+                    logger.warning(
+                        "run %s step %s attempt %d: lease lost; abandoning the attempt",
+                        a.step.run_id,
+                        a.step.name,
+                        a.step.attempt,
+                    )
                 a.task.cancel()
 
     # --- shutdown -----------------------------------------------------------------------

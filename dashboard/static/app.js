@@ -1,5 +1,6 @@
 // pgdag dashboard: the runs list (live from /ws), a run's graph (live from /ws/runs/{id}),
-// a step's detail with its history, the workers, and the cancel and retry buttons.
+// a step's detail with its history, the workers, the cancel and retry buttons, and while no
+// run is open the queue view (GET /queue every 2 s).
 "use strict";
 (function () {
   const { api, DagView, esc } = window.pgdag;
@@ -9,6 +10,7 @@
   const TERMINAL_STEP = new Set(["succeeded", "dead_letter", "skipped", "cancelled"]);
   const RUNS_PAGE = 50;
   const WORKERS_EVERY_MS = 2000;
+  const QUEUE_EVERY_MS = 2000;
   const EVENTS_PAGE = 10000;
   const SAMPLES_MAX = 20000;
   const $ = (id) => document.getElementById(id);
@@ -319,6 +321,7 @@
     graph.clear();
     $("run-view").hidden = true;
     $("empty").hidden = false;
+    pollQueue(false); // at once, not at the next tick
   }
 
   function openRun(id) {
@@ -781,6 +784,68 @@
     );
   }
 
+  // --- the queue view (GET /queue: the numbers of /metrics), while no run is open --------
+  let queueBusy = false;
+  async function pollQueue(again = true) {
+    if (again) setTimeout(pollQueue, QUEUE_EVERY_MS);
+    if (document.hidden || $("empty").hidden || queueBusy) return;
+    queueBusy = true;
+    try {
+      renderQueue(await api.http("GET", "/queue"));
+      $("queue-error").hidden = true;
+    } catch (err) {
+      $("queue-error").textContent = `Queue: ${err.message}`;
+      $("queue-error").hidden = false;
+    } finally {
+      queueBusy = false;
+    }
+  }
+
+  function ageText(s) {
+    if (!s) return "—";
+    if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
+    if (s < 3600) return `${Math.round(s / 60)} min`;
+    return `${(s / 3600).toFixed(1)} h`;
+  }
+
+  function renderQueue(q) {
+    const busy = (t) => t.ready + t.running + t.deadLetter;
+    const tools = q.tools.slice().sort((a, b) => busy(b) - busy(a) || a.tool.localeCompare(b.tool));
+    const cell = (field, n, text) =>
+      `<td data-field="${field}" data-value="${n}"${n ? ' class="hot"' : ""}>${text === undefined ? n : text}</td>`;
+    $("queue-tools").innerHTML = tools.length
+      ? tools
+          .map(
+            (t) =>
+              `<tr data-tool="${esc(t.tool)}"${busy(t) ? "" : ' class="idle"'}><td>${esc(t.tool)}</td>` +
+              cell("ready", t.ready) +
+              cell("running", t.running) +
+              `<td data-field="oldestReadyAgeSeconds" data-value="${t.oldestReadyAgeSeconds}">${ageText(t.oldestReadyAgeSeconds)}</td>` +
+              cell("deadLetter", t.deadLetter) +
+              `<td data-field="workersLive" data-value="${t.workersLive}"${t.ready && !t.workersLive ? ' class="none" title="no live worker has this tool"' : ""}>${t.workersLive}</td></tr>`,
+          )
+          .join("")
+      : '<tr><td colspan="6" class="placeholder">No tool known yet.</td></tr>';
+    $("queue-runs").textContent = `${q.runs.running} running · ${q.runs.pending} pending runs`;
+    $("queue-age").textContent = `as of ${q.snapshotAgeSeconds.toFixed(1)} s ago`;
+    const minutes = q.completionsPerMinute;
+    const max = Math.max(1, ...minutes.map((m) => m.succeeded));
+    const total = minutes.reduce((n, m) => n + m.succeeded, 0);
+    $("queue-total").textContent = `${total} in ${minutes.length} min`;
+    const chart = $("queue-throughput");
+    chart.dataset.total = String(total);
+    chart.innerHTML = minutes
+      .map((m, i) => {
+        const at = new Date(m.minute).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+        const tick = i === minutes.length - 1 ? "now" : i % 3 === 0 ? `-${minutes.length - 1 - i}m` : "";
+        return (
+          `<div class="col" data-minute="${esc(m.minute)}" data-value="${m.succeeded}" title="${esc(at)}: ${m.succeeded} succeeded">` +
+          `<b>${m.succeeded || ""}</b><i style="height:${((m.succeeded / max) * 70).toFixed(1)}px"></i><span>${tick}</span></div>`
+        );
+      })
+      .join("");
+  }
+
   // --- start -----------------------------------------------------------------------------
   function setConn(s, why) {
     const el = $("conn");
@@ -815,4 +880,5 @@
   }, 3000);
   route();
   pollWorkers();
+  pollQueue();
 })();

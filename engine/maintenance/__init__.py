@@ -6,16 +6,17 @@ they have no database) and runs the tasks, each a small class in a file of its o
 
 - `Reaper` (reaper.py): requeue expired leases, promote delayed steps;
 - `Pruner` (pruner.py): delete finished runs past the retention;
+- `AuditPartitions` (audit.py): the audit log's daily partitions (`engine.retention`);
 - `Liveness` (liveness.py): log workers whose heartbeat stopped.
 
-`default_tasks` builds them from the settings; a new task (audit-log partitions, when
-``engine.retention`` lands) is one more class with `name`, `interval_s` and `run_once`, and
-one more line there.
+`default_tasks` builds them from the settings; a new task is one more class with `name`,
+`interval_s` and `run_once`, and one more line there.
 """
 
 from __future__ import annotations
 
 from engine.config import Settings
+from engine.maintenance.audit import AuditPartitions
 from engine.maintenance.liveness import Liveness
 from engine.maintenance.pruner import Pruner
 from engine.maintenance.reaper import Reaper
@@ -23,6 +24,7 @@ from engine.maintenance.service import LeadershipLost, MaintenanceService, holde
 from engine.maintenance.task import Task, TaskRecord
 
 __all__ = [
+    "AuditPartitions",
     "LeadershipLost",
     "Liveness",
     "MaintenanceService",
@@ -36,9 +38,7 @@ __all__ = [
 
 
 def default_tasks(settings: Settings) -> list[Task]:
-    """The reaper, the pruner and the liveness check, with their intervals from `settings`.
-    Raises `ConfigError` naming the variable of an interval that is not a finite number > 0.
-    """
-    # Hook: audit-log partition upkeep (branch ops/audit, `maintain_audit_partitions`) joins
-    # here as a fourth task once it is on main.
-    return [Reaper(settings), Pruner(settings), Liveness(settings)]
+    """The reaper, the pruner, the audit-log partitions and the liveness check, with their
+    intervals from `settings`. Raises `ConfigError` naming the variable of an interval that
+    is not a finite number > 0."""
+    return [Reaper(settings), Pruner(settings), AuditPartitions(settings), Liveness(settings)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from engine import metrics
 from engine.config import Settings, check_interval
 from engine.store import Store
 
@@ -23,8 +24,11 @@ class Reaper:
     async def run_once(self, store: Store) -> int:
         """One reaper pass; returns the steps requeued, dead-lettered or made ready (0 also
         when another process's pass held the reaper's transaction lock, which only happens
-        while the lead changes hands)."""
-        reaped = await store.reap() or 0
-        if reaped:
-            logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped)
-        return reaped
+        while the lead changes hands); counts the expired leases in `engine.metrics`."""
+        reaped = await store.reap_detailed()
+        if reaped is None:
+            return 0
+        metrics.count_reaped(reaped.expired)
+        if reaped.total:
+            logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped.total)
+        return reaped.total

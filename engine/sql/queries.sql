@@ -7,11 +7,12 @@
 -- name: insert_run
 -- A new run, or nothing when its idempotency key is already taken (then: select_run_by_key).
 -- %(idempotency_fingerprint)s is the sha256 of the run's canonical JSON (engine.dag.RunSpec
--- .fingerprint), NULL without a key.
+-- .fingerprint), NULL without a key. %(trace_context)s is the run span's W3C carrier
+-- (engine/tracing.py), NULL when tracing is off.
 INSERT INTO runs (goal, idempotency_key, idempotency_fingerprint, steps_total, steps_unfinished,
-                  priority, start_at)
+                  priority, start_at, trace_context)
 VALUES (%(goal)s, %(idempotency_key)s, %(idempotency_fingerprint)s, %(steps_total)s,
-        %(steps_total)s, %(priority)s, %(start_at)s)
+        %(steps_total)s, %(priority)s, %(start_at)s, %(trace_context)s::jsonb)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id
 
@@ -99,6 +100,8 @@ SELECT %(run_id)s, 'run_created', 'pending',
 -- is invisible to the UPDATE: it would stay unclaimed while pgdag_take_slots had taken its
 -- concurrency slot, never to be given back. The EXISTS, on this statement's snapshot, keeps
 -- such rows out before any slot is taken; they stay ready for the next claim.
+-- Each claimed step comes with its run's trace_context (migration 0008; one primary-key
+-- lookup of runs per step), the parent of the attempt's span.
 WITH picked AS MATERIALIZED (
     SELECT p.id, p.concurrency_key, p.priority, p.available_at
     FROM pgdag_pick_ready(%(tools)s::text[], %(limit)s) AS p
@@ -129,6 +132,7 @@ WITH picked AS MATERIALIZED (
     WHERE s.id = chosen.id
     RETURNING s.id, s.run_id, s.name, s.tool, s.input, s.attempt, s.max_attempts,
               s.timeout_ms, s.idempotent, s.lease_token, s.lease_expires_at, s.resolved_input,
+              extract(epoch FROM s.started_at - s.available_at)::float8 AS ready_wait_s,
               s.map_path IS NOT NULL AND s.map_width IS NULL AS map_expand,
               s.map_width IS NOT NULL AS map_join, s.may_skip_children
 ), started_runs AS (
@@ -147,7 +151,7 @@ WITH picked AS MATERIALIZED (
            %(worker_id)s, resolved_input
     FROM claimed
 )
-SELECT * FROM claimed ORDER BY id
+SELECT c.*, r.trace_context FROM claimed c JOIN runs r ON r.id = c.run_id ORDER BY c.id
 
 -- name: heartbeat_leases
 -- Extend the leases this worker still holds. A lease whose token is not current, or which
@@ -262,7 +266,8 @@ FROM steps WHERE id = %(id)s
 
 -- name: steps_lease_state
 -- The same for several attempts at once (a batch of successes of which some matched nothing).
-SELECT id, status, lease_token, lease_expires_at > now() AS lease_live
+SELECT id, tool, status, lease_token, lease_expires_at > now() AS lease_live,
+       extract(epoch FROM now() - started_at)::float8 AS running_s
 FROM steps WHERE id = ANY(%(ids)s::bigint[])
 
 -- name: fail_attempt
@@ -366,8 +371,8 @@ WITH expired AS (
         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     FROM expired x
     WHERE s.id = x.id
-    RETURNING s.id, s.run_id, s.name, s.status, s.attempt, s.lease_token, x.lease_owner,
-              x.lease_expires_at, s.error
+    RETURNING s.id, s.run_id, s.name, s.tool, s.status, s.attempt, s.lease_token,
+              x.lease_owner, x.lease_expires_at, s.error
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
                            attempt, lease_token, worker_id, detail)
@@ -378,7 +383,7 @@ WITH expired AS (
                               'leaseExpiredAt', lease_expires_at)
     FROM upd
 )
-SELECT id, run_id, status FROM upd
+SELECT id, run_id, tool, status FROM upd
 
 -- name: promote_due_steps
 -- Delayed roots (a run's startAt) whose time has come: pending -> ready. Run by the reaper
@@ -458,9 +463,11 @@ LIMIT 1000
 
 -- name: prune_finished_runs
 -- Retention: delete up to %(limit)s runs that finished more than %(retention_s)s seconds
--- ago, oldest first, with their steps (ON DELETE CASCADE), edges and audit rows (explicitly:
--- those tables have no foreign keys, see migration 0002). Runs another pruner holds are
--- skipped. Reads runs_finished_idx.
+-- ago, oldest first, with their steps (ON DELETE CASCADE) and edges (explicitly: step_edges
+-- has no foreign keys, see migration 0002). Their audit rows are not deleted here: they go
+-- with their day's audit_log partition (maintain_audit_partitions, migration 0007), every
+-- one of them being older than the run's finish. Runs another pruner holds are skipped.
+-- Reads runs_finished_idx.
 WITH old AS (
     SELECT id FROM runs
     WHERE finished_at < now() - make_interval(secs => %(retention_s)s)
@@ -471,11 +478,35 @@ WITH old AS (
 ), edges AS (
     DELETE FROM step_edges e USING steps s, old
     WHERE s.run_id = old.id AND e.parent_id = s.id
-), audit AS (
-    DELETE FROM audit_log a USING old WHERE a.run_id = old.id
 )
 DELETE FROM runs r USING old WHERE r.id = old.id
 RETURNING r.id
+
+-- name: maintain_audit_partitions
+-- Audit-log partition upkeep (migration 0007, pgdag_maintain_audit_partitions_v1): create
+-- the partitions of today and the next %(ahead_days)s days (UTC), drop those whose every row
+-- is older than %(retention_s)s seconds (NULL: drop nothing), each DDL waiting at most
+-- %(lock_timeout_ms)s ms for its lock. Serialized between processes by an advisory lock.
+-- One row per thing done: action (created, dropped, deleted, deferred), partition_name,
+-- n_rows (created: rows moved from the DEFAULT partition; deleted: rows of DEFAULT).
+SELECT action, partition_name, n_rows
+FROM pgdag_maintain_audit_partitions_v1(
+    make_interval(secs => %(retention_s)s::double precision), %(ahead_days)s::integer,
+    %(lock_timeout_ms)s::integer)
+
+-- name: list_audit_partitions
+-- The audit_log partitions, oldest first: name, bounds (NULL for DEFAULT), rows (estimate
+-- from the statistics: never a count), bytes.
+SELECT c.relname AS partition_name,
+       substring(pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \(''([^'']+)''\)')
+           ::timestamptz AS lower_bound,
+       substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([^'']+)''\)')
+           ::timestamptz AS upper_bound,
+       greatest(c.reltuples, 0)::bigint AS rows_estimate,
+       pg_total_relation_size(c.oid) AS total_bytes
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'audit_log'::regclass
+ORDER BY lower_bound NULLS LAST
 
 -- name: fail_dependents
 -- Steps %(ids)s ended without succeeding (dead_letter or skipped): count each direct
@@ -965,3 +996,63 @@ SELECT 1 AS ok
 
 -- name: schema_revisions
 SELECT version_num FROM alembic_version
+
+-- name: metrics_queue
+-- One scrape of the queue gauges (engine/metrics.py), one row per (kind, key): steps
+-- ready / running / dead_letter by tool, each counted from its partial index
+-- (steps_ready_idx leads with tool: an index-only scan; steps_lease_idx and
+-- steps_dead_letter_idx then read the heap for the tool of each entry) -- never a scan of
+-- steps; runs pending / running by status from runs_status_seq_idx; live workers and agents
+-- by tool (heartbeat within %(lease_ttl_s)s). `oldest_s` is the age in seconds (database
+-- clock) of the oldest ready step whose availableAt has come, per tool (NULL: none yet due).
+-- The plans and their cost on 1,000,000 steps: docs/operations.md, "Metrics".
+SELECT 'ready' AS kind, tool AS key, count(*)::bigint AS n,
+       extract(epoch FROM now() - min(available_at) FILTER (WHERE available_at <= now()))
+           ::float8 AS oldest_s
+FROM steps WHERE status = 'ready' GROUP BY tool
+UNION ALL
+SELECT 'running', tool, count(*), NULL FROM steps WHERE status = 'running' GROUP BY tool
+UNION ALL
+SELECT 'dead_letter', tool, count(*), NULL FROM steps WHERE status = 'dead_letter' GROUP BY tool
+UNION ALL
+SELECT 'runs', status, count(*), NULL FROM runs
+WHERE status IN ('pending', 'running') GROUP BY status
+UNION ALL
+SELECT 'workers', t, count(*), NULL
+FROM workers w CROSS JOIN LATERAL unnest(w.tools) AS t
+WHERE w.status <> 'stopped'
+  AND w.last_heartbeat_at > now() - make_interval(secs => %(lease_ttl_s)s)
+GROUP BY t
+
+-- name: metrics_pg_tables
+-- Postgres health of pgdag's big tables, from the statistics views (no table is read):
+-- live and dead tuples, total size in bytes (heap + indexes + TOAST) and the last
+-- autovacuum (epoch seconds, NULL: never). A partitioned table is summed over itself and
+-- its partitions (pg_partition_tree, which is empty for a plain table; a partitioned parent
+-- has no storage and no tuples of its own). A table that does not exist has no row.
+SELECT t.name AS table_name,
+       coalesce(sum(s.n_live_tup), 0)::float8 AS live_tuples,
+       coalesce(sum(s.n_dead_tup), 0)::float8 AS dead_tuples,
+       coalesce(sum(pg_total_relation_size(p.relid)), 0)::float8 AS size_bytes,
+       extract(epoch FROM max(s.last_autovacuum))::float8 AS last_autovacuum_s
+FROM unnest(%(tables)s::text[]) AS t(name)
+CROSS JOIN LATERAL (
+    SELECT to_regclass(t.name) AS relid
+    UNION
+    SELECT relid FROM pg_partition_tree(to_regclass(t.name))
+) AS p
+LEFT JOIN pg_stat_user_tables s ON s.relid = p.relid
+WHERE p.relid IS NOT NULL
+GROUP BY t.name
+
+-- name: metrics_pg_activity
+-- Connections of the whole cluster by state (client backends only; NULL state: one this
+-- role may not see), and the age in seconds of the oldest open transaction of any other
+-- client backend (what holds vacuum back; 0 when none). pg_stat_activity shows the state
+-- and xact_start of other roles' sessions only to members of pg_read_all_stats.
+SELECT coalesce(state, 'unknown') AS state, count(*)::float8 AS n,
+       coalesce(max(extract(epoch FROM now() - xact_start))
+                FILTER (WHERE pid <> pg_backend_pid()), 0)::float8 AS oldest_xact_s
+FROM pg_stat_activity
+WHERE backend_type = 'client backend'
+GROUP BY coalesce(state, 'unknown')

@@ -44,6 +44,9 @@ def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
     assert set(results["w4"]["rates"]) == {"2000", "20000"}
     assert results["w5"]["steps"] == 1000
     assert results["w6"]["tables"]["steps"]["live"] >= 0
+    pruned = results["w6"]["retention"]
+    assert pruned["events"] > 0 and pruned["partitions"]["dropped"], pruned
+    assert pruned["partitions"]["after"]["dead"] == 0 and pruned["delete"]["after"]["dead"] > 0
     w8 = results["w8"]
     assert w8["children"] == 500 and w8["repeats"] == 3
     assert w8["outputOk"] is True and w8["outputLength"] == 500, w8["runs"]

@@ -16,6 +16,8 @@ Output: ``{"status": int, "body": json | null, "truncated": bool, "bytesReturned
   name in the ``Host`` header and in TLS SNI and certificate verification. A refused URL
   or address raises a non-retryable `ToolError` before anything is sent.
 - Errors never contain URL user-info (refused anyway), queries or request headers.
+- Headers sent: ``Idempotency-Key`` (``<runId>:<stepName>``) and, when tracing is on, the
+  attempt span's W3C ``traceparent`` (`ToolContext.trace_context`, `engine.tracing`).
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ async def _send(
         "Accept-Encoding": "gzip, deflate",  # the encodings `_Decoder` can bound
         "Idempotency-Key": ctx.idempotency_key,
         "User-Agent": USER_AGENT,
+        **ctx.trace_context,  # traceparent (tracestate): the attempt's span (engine.tracing)
     }
     extensions: dict[str, Any] = {"sni_hostname": host} if url.scheme == "https" else {}
     failure: httpx.ConnectError | None = None

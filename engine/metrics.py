@@ -1,0 +1,505 @@
+"""Prometheus metrics: one `REGISTRY` per process, what the process does as counters and
+histograms, and the queue + Postgres-health gauges the API reads at scrape time.
+
+Names follow Prometheus conventions (prefix ``pgdag_``, base units seconds and bytes,
+``_total`` on counters) and carry low-cardinality labels only: ``tool``, ``outcome``,
+``status``, ``table``, ``state``, ``reason``; never a run or step id.
+docs/operations.md ("Metrics") lists them with their meaning, the scrape cost and alert rules.
+
+Two kinds live here:
+
+- **Counters and histograms of work done** (`ATTEMPTS`, `RETRIES`, `DEAD_LETTERS`,
+  `LEASE_EXPIRIES`, `FENCING_REFUSALS`, `CANCELLATIONS`, `READY_TO_START`,
+  `ATTEMPT_DURATION`, and the live-event ones). Each process counts what *it* did: the API
+  its reaper passes, the agent reports it records and the cancellations it makes; a
+  database worker (``python -m workers --metrics-port``) its own attempts. Summing a
+  counter over every process's ``/metrics`` gives the cluster's total.
+- **Gauges of state** (`QueueCollector`): read from Postgres when ``/metrics`` is scraped,
+  by three statements of ``engine/sql/queries.sql`` (``metrics_queue``,
+  ``metrics_pg_tables``, ``metrics_pg_activity``) that read partial indexes and statistics
+  views, never all of ``steps``. A snapshot is kept `CACHE_S` (1 s), so two scrapes in a
+  row (or two Prometheus servers) cost one round of queries. Only the API exports them:
+  every process would read the same numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from psycopg.rows import DictRow
+from psycopg_pool import AsyncConnectionPool
+
+from engine.sql import queries
+
+logger = logging.getLogger(__name__)
+
+Pool = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
+
+PREFIX = "pgdag_"
+CACHE_S = 1.0  # a gauge snapshot is reused this long (seconds) by the next scrape
+SCRAPE_TIMEOUT_S = 5.0  # the gauge queries' budget (seconds) before the scrape answers 503
+CONTENT_TYPE = CONTENT_TYPE_LATEST  # text exposition format 0.0.4
+HEALTH_TABLES: tuple[str, ...] = ("steps", "audit_log", "runs", "step_edges")
+# Attempt outcomes (`ATTEMPTS`' ``outcome`` label): the attempt's result was recorded as a
+# success or a failure, or it was not recorded because its lease was lost (a stale fencing
+# token), or because the result was refused (an output Postgres cannot store).
+OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "lease_lost", "refused")
+
+# Latency buckets (seconds): from a claim on a hot queue (ms) to a backlog of minutes.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+)  # fmt: skip
+# Attempt durations (seconds): tools run from milliseconds to their timeout (minutes).
+DURATION_BUCKETS_S: tuple[float, ...] = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+)  # fmt: skip
+# LISTEN lag (seconds): normally milliseconds; seconds mean a long transaction or a backlog.
+LAG_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+# No ``*_created`` series beside every counter and histogram: they double the text for a
+# timestamp Prometheus does not use (process-wide in prometheus_client, as is this module).
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+"""This process's registry: everything below is registered in it, and `render` exports it.
+(Not prometheus_client's global REGISTRY, whose process and platform collectors would mix
+with ours and which a library should not fill.)"""
+
+# --- work done: counters and histograms ---------------------------------------------------
+
+ATTEMPTS = Counter(
+    "pgdag_attempts",
+    "Attempts whose result this process handled, by tool and outcome: succeeded or failed "
+    "(recorded), lease_lost (refused: the fencing token was stale), refused (the output "
+    "could not be stored; the attempt was failed instead).",
+    ["tool", "outcome"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "pgdag_retries",
+    "Failed attempts that sent their step back to ready for another attempt after a backoff.",
+    ["tool"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Counter(
+    "pgdag_dead_letters",
+    "Steps this process moved to dead_letter (attempts spent, an error not retryable, or "
+    'the lease of an "idempotent": false step expired).',
+    ["tool"],
+    registry=REGISTRY,
+)
+LEASE_EXPIRIES = Counter(
+    "pgdag_lease_expiries",
+    "Running steps whose lease expired and that this process's reaper requeued or dead-lettered.",
+    registry=REGISTRY,
+)
+FENCING_REFUSALS = Counter(
+    "pgdag_fencing_refusals",
+    "Results or heartbeats refused because their fencing token was not the step's current "
+    "one (a zombie attempt).",
+    ["tool"],
+    registry=REGISTRY,
+)
+CANCELLATIONS = Counter(
+    "pgdag_cancellations",
+    "Runs this process cancelled.",
+    registry=REGISTRY,
+)
+READY_TO_START = Histogram(
+    "pgdag_ready_to_start_seconds",
+    "Seconds from a step's ready time (availableAt) to its claim, on the database clock.",
+    ["tool"],
+    buckets=LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+ATTEMPT_DURATION = Histogram(
+    "pgdag_attempt_duration_seconds",
+    "Seconds from an attempt's claim to its result being recorded (or refused).",
+    ["tool"],
+    buckets=DURATION_BUCKETS_S,
+    registry=REGISTRY,
+)
+
+# --- live events (engine.live, engine.ws) --------------------------------------------------
+
+LISTEN_LAG = Histogram(
+    "pgdag_live_listen_lag_seconds",
+    "Seconds from an audit event's created_at (its transaction's start) to this process's "
+    "LISTEN read of it, on the database clock.",
+    buckets=LAG_BUCKETS_S,
+    registry=REGISTRY,
+)
+WEBSOCKET_CLIENTS = Gauge(
+    "pgdag_websocket_clients",
+    "WebSocket clients (/ws and /ws/runs/{runId}) connected to this process.",
+    registry=REGISTRY,
+)
+WEBSOCKET_RESYNCS = Counter(
+    "pgdag_websocket_resyncs",
+    "Resyncs sent to WebSocket clients, by reason: slow_client (it fell behind its queue) "
+    "or replay_too_long (its ?after= asked for too many events).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+def observe_seconds(histogram: Histogram, tool: str, seconds: float | None) -> None:
+    """Observe `seconds` (clamped at 0: clocks of two statements may be a hair apart) in the
+    ``tool`` child of `histogram`; nothing when `seconds` is None (not known)."""
+    if seconds is not None:
+        histogram.labels(tool=tool).observe(max(0.0, seconds))
+
+
+# Labelled children by (metric, label values): `labels()` costs ~1.5 µs a call (it checks
+# and joins its arguments under a lock), a dict hit 0.05 µs; tools and outcomes are few.
+_CHILDREN: dict[tuple[Counter | Histogram, str, str], Any] = {}
+
+
+def _child(metric: Counter | Histogram, tool: str, outcome: str = "") -> Any:
+    """`metric`'s child for `tool` (and `outcome`, for `ATTEMPTS`), made once."""
+    key = (metric, tool, outcome)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = (
+            metric.labels(tool=tool, outcome=outcome) if outcome else metric.labels(tool=tool)
+        )
+    return child
+
+
+def count_claim(tool: str, ready_wait_s: float | None) -> None:
+    """A claimed attempt of `tool`: its ready-to-start latency (`ready_wait_s` seconds on
+    the database clock, `ClaimedStep.ready_wait_s`; None when not known) in `READY_TO_START`."""
+    if ready_wait_s is not None:
+        _child(READY_TO_START, tool).observe(max(0.0, ready_wait_s))
+
+
+def count_result(
+    tool: str,
+    outcome: str,
+    *,
+    duration_s: float | None = None,
+    retried: bool = False,
+    dead_letter: bool = False,
+) -> None:
+    """An attempt of `tool` handled with `outcome` (one of `OUTCOMES`; raises `ValueError`
+    for another): `ATTEMPTS`; `duration_s` (seconds from its claim, None: not observed) in
+    `ATTEMPT_DURATION`; a ``lease_lost`` attempt is a fencing refusal (`FENCING_REFUSALS`);
+    `retried` counts a retry (`RETRIES`), `dead_letter` a dead letter (`DEAD_LETTERS`)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    _child(ATTEMPTS, tool, outcome).inc()
+    if duration_s is not None:
+        _child(ATTEMPT_DURATION, tool).observe(max(0.0, duration_s))
+    if outcome == "lease_lost":
+        _child(FENCING_REFUSALS, tool).inc()
+    if retried:
+        _child(RETRIES, tool).inc()
+    if dead_letter:
+        _child(DEAD_LETTERS, tool).inc()
+
+
+def count_reaped(expired: Iterable[tuple[str, str]]) -> None:
+    """One reaper pass of this process: `expired` is ``(tool, new_status)`` of each step
+    whose lease expired (`engine.transitions.Reaped.expired`): each a `LEASE_EXPIRIES`, and
+    a `DEAD_LETTERS` of its tool when it went to ``dead_letter``."""
+    for tool, status in expired:
+        LEASE_EXPIRIES.inc()
+        if status == "dead_letter":
+            DEAD_LETTERS.labels(tool=tool).inc()
+
+
+def serve(port: int, host: str = "127.0.0.1") -> int:
+    """Serve ``/metrics`` (this process's `REGISTRY`) over HTTP on `host`:`port` from a
+    daemon thread (prometheus_client's `start_http_server`); what ``python -m workers
+    --metrics-port`` runs. Returns the port bound (`port` 0: one the system chose). Raises
+    `OSError` when the address cannot be bound (a port in use, a host not local)."""
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    bound: int = server.server_address[1]
+    return bound
+
+
+def render(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """The text exposition format (`CONTENT_TYPE`) of `registry`: what ``/metrics`` answers.
+    Raises what a collector raises (`QueueCollector.collect` does not: it serves its last
+    snapshot)."""
+    return generate_latest(registry)
+
+
+# --- throughput: completions by the minute (the dashboard's queue view) -------------------
+
+THROUGHPUT_MINUTES = 10  # minutes of completions ``GET /queue`` returns
+
+
+class MinuteCounts:
+    """Events counted by the UTC minute they happened in (``unix seconds // 60``), the last
+    `keep` minutes only (older minutes are dropped as newer ones come: memory is bounded).
+
+    `COMPLETIONS` is the API's count of ``step_succeeded`` audit events, fed by its live
+    listener (`engine.live.EventHub`), which reads every audit row exactly once: no query
+    of its own (audit_log has no index on ``created_at`` to count from). It starts empty
+    when the process starts."""
+
+    def __init__(self, keep: int = THROUGHPUT_MINUTES) -> None:
+        self.keep = keep
+        self.counts: dict[int, int] = {}
+
+    def add(self, at_s: float, n: int = 1) -> None:
+        """Count `n` events at Unix time `at_s` (seconds); an event older than the kept
+        minutes (a late commit read after them) is not counted."""
+        minute = int(at_s // 60)
+        newest = max(self.counts, default=minute)
+        if minute <= newest - self.keep:
+            return
+        self.counts[minute] = self.counts.get(minute, 0) + n
+        if minute > newest:
+            for old in [m for m in self.counts if m <= minute - self.keep]:
+                del self.counts[old]
+
+    def last(self, now_s: float) -> list[tuple[int, int]]:
+        """``(minute start in Unix seconds, count)`` of the `keep` minutes up to the one of
+        Unix time `now_s`, oldest first; the last one is the current, partial minute."""
+        current = int(now_s // 60)
+        minutes = range(current - self.keep + 1, current + 1)
+        return [(m * 60, self.counts.get(m, 0)) for m in minutes]
+
+
+COMPLETIONS = MinuteCounts()
+
+
+# --- state: gauges read at scrape time -----------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """One round of the gauge queries; `read_at` is `time.monotonic` seconds."""
+
+    read_at: float
+    ready: dict[str, float] = field(default_factory=dict)
+    oldest_ready_s: dict[str, float] = field(default_factory=dict)
+    running: dict[str, float] = field(default_factory=dict)
+    dead_letter: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, float] = field(default_factory=dict)
+    workers: dict[str, float] = field(default_factory=dict)
+    tables: list[DictRow] = field(default_factory=list)
+    connections: dict[str, float] = field(default_factory=dict)
+    oldest_xact_s: float = 0.0
+
+
+class QueueCollector(Collector):
+    """The gauges of queue state and Postgres health, read from Postgres through `pool`.
+
+    prometheus_client calls `collect` synchronously, so the API's ``/metrics`` route first
+    awaits `refresh` (three statements on one pooled connection, at most once per
+    `cache_s` seconds however many scrapes come) and `collect` then yields that snapshot.
+    `tools` are tool names always exported (0 when idle), so that a series does not vanish
+    when its queue empties; tools seen in the tables or on live workers are added.
+    `lease_ttl_s` is the heartbeat age (seconds) within which a worker counts as live.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        lease_ttl_s: float,
+        tools: Iterable[str] = (),
+        cache_s: float = CACHE_S,
+        tables: Sequence[str] = HEALTH_TABLES,
+    ) -> None:
+        self.pool = pool
+        self.lease_ttl_s = lease_ttl_s
+        self.tools = frozenset(tools)
+        self.cache_s = cache_s
+        self.tables = tuple(tables)
+        self.snapshot: Snapshot | None = None
+        self.rounds = 0  # rounds of queries run (a test checks the cache with it)
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> Snapshot:
+        """The snapshot, read again unless the last one is younger than `cache_s` seconds;
+        concurrent callers share one read. Raises `psycopg.Error` (or `PoolTimeout`) when
+        Postgres does not answer: the route answers 503 then."""
+        async with self._lock:
+            snap = self.snapshot
+            if snap is not None and time.monotonic() - snap.read_at < self.cache_s:
+                return snap
+            snap = await self._read()
+            self.snapshot = snap
+            self.rounds += 1
+            return snap
+
+    async def _read(self) -> Snapshot:
+        snap = Snapshot(read_at=time.monotonic())
+        async with self.pool.connection(timeout=SCRAPE_TIMEOUT_S) as conn:
+            cur = await conn.execute(queries["metrics_queue"], {"lease_ttl_s": self.lease_ttl_s})
+            for row in await cur.fetchall():
+                kind, key, n = row["kind"], row["key"], float(row["n"])
+                if kind == "ready":
+                    snap.ready[key] = n
+                    if row["oldest_s"] is not None:
+                        snap.oldest_ready_s[key] = max(0.0, float(row["oldest_s"]))
+                elif kind == "running":
+                    snap.running[key] = n
+                elif kind == "dead_letter":
+                    snap.dead_letter[key] = n
+                elif kind == "runs":
+                    snap.runs[key] = n
+                else:
+                    snap.workers[key] = n
+            cur = await conn.execute(queries["metrics_pg_tables"], {"tables": list(self.tables)})
+            snap.tables = await cur.fetchall()
+            cur = await conn.execute(queries["metrics_pg_activity"])
+            for row in await cur.fetchall():
+                snap.connections[row["state"]] = float(row["n"])
+                snap.oldest_xact_s = max(snap.oldest_xact_s, float(row["oldest_xact_s"]))
+        return snap
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """No families up front: the registry must not run `collect` (nor need a snapshot)
+        when the collector is registered."""
+        return iter(())
+
+    def tools_of(self, snap: Snapshot) -> list[str]:
+        """The tools `snap` is exported for, sorted: `tools` and every tool it saw."""
+        return sorted(
+            self.tools
+            | snap.ready.keys()
+            | snap.running.keys()
+            | snap.dead_letter.keys()
+            | snap.workers.keys()
+        )
+
+    def queue_json(self, snap: Snapshot, *, now_s: float) -> dict[str, object]:
+        """``GET /queue``'s body: `snap`'s gauges by tool (the numbers ``/metrics`` exports),
+        the unfinished runs, `COMPLETIONS` of the last `THROUGHPUT_MINUTES` minutes up to
+        Unix time `now_s` (seconds), and the snapshot's age in seconds."""
+        return {
+            "tools": [
+                {
+                    "tool": tool,
+                    "ready": int(snap.ready.get(tool, 0)),
+                    "running": int(snap.running.get(tool, 0)),
+                    "oldestReadyAgeSeconds": snap.oldest_ready_s.get(tool, 0.0),
+                    "deadLetter": int(snap.dead_letter.get(tool, 0)),
+                    "workersLive": int(snap.workers.get(tool, 0)),
+                }
+                for tool in self.tools_of(snap)
+            ],
+            "runs": {s: int(snap.runs.get(s, 0)) for s in ("pending", "running")},
+            "completionsPerMinute": [
+                {
+                    "minute": datetime.fromtimestamp(start, UTC).isoformat(),
+                    "succeeded": n,
+                }
+                for start, n in COMPLETIONS.last(now_s)
+            ],
+            "snapshotAgeSeconds": max(0.0, time.monotonic() - snap.read_at),
+        }
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges of the last snapshot (none before the first `refresh`)."""
+        snap = self.snapshot
+        if snap is None:
+            return
+        tools = self.tools_of(snap)
+
+        def by_tool(name: str, doc: str, values: dict[str, float]) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=["tool"])
+            for tool in tools:
+                family.add_metric([tool], values.get(tool, 0.0))
+            return family
+
+        yield by_tool(
+            "pgdag_steps_ready",
+            "Ready steps by tool, including those waiting out a backoff (steps_ready_idx).",
+            snap.ready,
+        )
+        yield by_tool(
+            "pgdag_oldest_ready_age_seconds",
+            "Age in seconds of the oldest ready step whose availableAt has come, by tool "
+            "(0: none waiting).",
+            snap.oldest_ready_s,
+        )
+        yield by_tool(
+            "pgdag_steps_running", "Running steps by tool (steps_lease_idx).", snap.running
+        )
+        yield by_tool(
+            "pgdag_steps_dead_letter",
+            "Steps in dead_letter by tool (steps_dead_letter_idx).",
+            snap.dead_letter,
+        )
+        yield by_tool(
+            "pgdag_workers_live",
+            "Live workers and agents (heartbeat within the lease TTL) that have the tool.",
+            snap.workers,
+        )
+        runs = GaugeMetricFamily(
+            "pgdag_runs", "Unfinished runs by status (runs_status_seq_idx).", labels=["status"]
+        )
+        for status in ("pending", "running"):
+            runs.add_metric([status], snap.runs.get(status, 0.0))
+        yield runs
+        yield from self._health(snap)
+
+    def _health(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
+        dead = GaugeMetricFamily(
+            "pgdag_pg_table_dead_tuples",
+            "Dead tuples of the table (pg_stat_user_tables, an estimate).",
+            labels=["table"],
+        )
+        live = GaugeMetricFamily(
+            "pgdag_pg_table_live_tuples",
+            "Live tuples of the table (pg_stat_user_tables, an estimate).",
+            labels=["table"],
+        )
+        size = GaugeMetricFamily(
+            "pgdag_pg_table_size_bytes",
+            "Bytes on disk of the table with its indexes and TOAST (pg_total_relation_size).",
+            labels=["table"],
+        )
+        vacuumed = GaugeMetricFamily(
+            "pgdag_pg_last_autovacuum_timestamp_seconds",
+            "Unix time of the table's last autovacuum (absent: never vacuumed by autovacuum).",
+            labels=["table"],
+        )
+        for row in snap.tables:
+            name = row["table_name"]
+            dead.add_metric([name], row["dead_tuples"])
+            live.add_metric([name], row["live_tuples"])
+            size.add_metric([name], row["size_bytes"])
+            if row["last_autovacuum_s"] is not None:
+                vacuumed.add_metric([name], row["last_autovacuum_s"])
+        yield from (dead, live, size, vacuumed)
+        yield GaugeMetricFamily(
+            "pgdag_pg_oldest_transaction_age_seconds",
+            "Age in seconds of the oldest open transaction of another client backend (0: none).",
+            value=snap.oldest_xact_s,
+        )
+        connections = GaugeMetricFamily(
+            "pgdag_pg_connections",
+            "Client connections to the Postgres cluster by state (pg_stat_activity).",
+            labels=["state"],
+        )
+        for state, n in sorted(snap.connections.items()):
+            connections.add_metric([state], n)
+        yield connections
