@@ -21,6 +21,8 @@ Leadership is a SESSION advisory lock (``pg_try_advisory_lock``, queries
   keepalives (set on that session: 5 s idle, then 3 probes 2 s apart) end it.
 - A leader that loses its connection steps down at once (its tasks stop), and tries again
   like any standby.
+- `engine.metrics` gets each run (``pgdag_maintenance_last_run_*{task}``) and whether this
+  process leads (``pgdag_maintenance_leader``).
 
 The reaper keeps its own transaction lock (``reaper_try_lock``) as well: while the lead
 changes hands, two passes never overlap.
@@ -39,6 +41,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
+from engine import metrics
 from engine.config import Settings, check_interval
 from engine.db import CONNECT_TIMEOUT_S, RETRYABLE
 from engine.maintenance.task import Task, TaskRecord
@@ -130,11 +133,13 @@ class MaintenanceService:
                     finally:
                         self.role = "standby"
                         self.leader_since = None
+                        metrics.MAINTENANCE_LEADER.set(0)
                         await self._close()
                 await asyncio.sleep(self.standby_s)
         finally:
             self.role = "stopped"
             self.leader_since = None
+            metrics.MAINTENANCE_LEADER.set(0)
             await self._close()
 
     async def _may_run(self) -> bool:
@@ -201,6 +206,7 @@ class MaintenanceService:
         self.role = "leader"
         self.leader_since = datetime.now(UTC)
         self.terms += 1
+        metrics.MAINTENANCE_LEADER.set(1)
         logger.info(
             "maintenance: %s leads (backend pid %d); tasks: %s",
             self.holder,
@@ -261,6 +267,12 @@ class MaintenanceService:
         except Exception as exc:
             record.started_at, record.duration_s = started_at, time.monotonic() - t0
             record.result, record.error = None, f"{type(exc).__name__}: {exc}".strip()[:1000]
+            metrics.observe_maintenance_run(
+                task.name,
+                started_at_s=started_at.timestamp(),
+                duration_s=record.duration_s,
+                rows=None,
+            )
             record.runs += 1
             record.failures += 1
             record.failing_since += 1
@@ -275,6 +287,12 @@ class MaintenanceService:
         record.started_at, record.duration_s = started_at, time.monotonic() - t0
         record.result, record.error = result, None
         record.runs += 1
+        metrics.observe_maintenance_run(
+            task.name,
+            started_at_s=started_at.timestamp(),
+            duration_s=record.duration_s,
+            rows=result,
+        )
         if record.failing_since:
             logger.info(
                 "maintenance task %s works again after %d failed run(s)",
