@@ -422,8 +422,9 @@ SELECT set_config('idle_in_transaction_session_timeout', '5000', true) AS idle_l
 -- Leadership of the maintenance service (engine.maintenance): a SESSION advisory lock, held
 -- on one dedicated connection for as long as that session lives. Postgres releases it when
 -- the session ends (the process died, its connection closed). The key is a constant owned by
--- pgdag (not the reaper's transaction lock above).
-SELECT pg_try_advisory_lock(8210605542) AS acquired
+-- pgdag (not the reaper's transaction lock above, nor the audit upkeep's 8210605542 of
+-- migration 0007).
+SELECT pg_try_advisory_lock(8210605543) AS acquired
 
 -- name: maintenance_ping
 -- The leader's check, each tick, that its lock connection (so its lock) is still there.
@@ -446,8 +447,8 @@ SELECT a.application_name, l.pid, a.backend_start
 FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.classid = (8210605542::bigint >> 32)::oid
-  AND l.objid = (8210605542::bigint & 4294967295)::oid
+  AND l.classid = (8210605543::bigint >> 32)::oid
+  AND l.objid = (8210605543::bigint & 4294967295)::oid
 
 -- name: stale_workers
 -- Workers that are not stopped but whose last heartbeat is older than %(limit_s)s seconds

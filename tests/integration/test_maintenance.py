@@ -39,8 +39,8 @@ LEADER_SQL = """
 SELECT substr(a.application_name, length('pgdag-maintenance ') + 1) AS holder, l.pid
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.classid = (8210605542::bigint >> 32)::oid
-  AND l.objid = (8210605542::bigint & 4294967295)::oid
+  AND l.classid = (8210605543::bigint >> 32)::oid
+  AND l.objid = (8210605543::bigint & 4294967295)::oid
 """
 CANDIDATES_SQL = """
 SELECT substr(application_name, length('pgdag-maintenance ') + 1) AS holder
