@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from engine import metrics
 from engine.config import Settings
 from engine.db import open_pool
 from engine.maintenance import MaintenanceService, Reaper
@@ -207,6 +208,10 @@ def test_a_task_error_is_recorded_and_the_loop_goes_on(db_url: str) -> None:
             assert rec.result is None
             await _until(lambda: rec.runs >= 5 and rec.error is None, 10, "later runs")
             assert (rec.failures, rec.result) == (3, 1)
+            sample = metrics.REGISTRY.get_sample_value
+            assert sample("pgdag_maintenance_leader") == 1.0
+            assert sample("pgdag_maintenance_last_run_success", {"task": "flaky"}) == 1.0
+            assert sample("pgdag_maintenance_last_run_rows", {"task": "flaky"}) == 1.0
             assert service.records["reaper"].runs >= 1  # the other task ran meanwhile
             status = service.status()
             assert status["role"] == "leader"
@@ -217,6 +222,7 @@ def test_a_task_error_is_recorded_and_the_loop_goes_on(db_url: str) -> None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         assert service.role == "stopped"
+        assert metrics.REGISTRY.get_sample_value("pgdag_maintenance_leader") == 0.0
 
     _in_process(db_url, scenario)
 
