@@ -10,8 +10,9 @@ to, 401 without a token (when one is configured: ``PGDAG_API_TOKEN`` or a live s
 `engine.tokens`; ``/health`` is open), 403 for a token whose scope does not allow the
 request, and 415 for a POST that is not ``Content-Type: application/json``; CORS only for
 ``PGDAG_CORS_ORIGINS``.
-The API process also runs a reaper loop (one reaper at a time across all processes), which
-also keeps the audit log's daily partitions (`engine.retention`).
+The API process is also a candidate for the maintenance lead (`engine.maintenance`: the
+reaper, the pruner, the audit-log partitions, the liveness check; one leader across all
+processes).
 ``GET /metrics`` (admin scope) exports Prometheus metrics: this process's counters and the
 queue and Postgres-health gauges (`engine.metrics`; docs/operations.md, "Metrics").
 """
@@ -23,7 +24,8 @@ import contextlib
 import functools
 import json
 import logging
-import random
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -42,16 +44,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from engine import agents, metrics, openapi, responses, retention, tracing, ws
+from engine import agents, metrics, openapi, responses, tracing, ws
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
-from engine.config import Settings
+from engine.config import Settings, check_interval
 from engine.dag import ApiDatetime, RunSpec, parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.internal_error import InternalErrorGuard
 from engine.live import EventHub
+from engine.maintenance import MaintenanceService, default_tasks, holder_of
 from engine.openapi import Operation, Reply
 from engine.ready import ReadySignal
 from engine.schema import SchemaGate, SchemaGuard
@@ -298,6 +301,20 @@ async def retry_dead_letters(request: Request) -> Response:
     )
 
 
+async def maintenance_status(request: Request) -> Response:
+    """This process's maintenance service (its role, each task's last run while it led) and
+    who leads now, from ``pg_locks`` (`engine.maintenance`)."""
+    service: MaintenanceService = request.app.state.maintenance
+    body = service.status()
+    row = await _store(request).maintenance_leader()
+    body["leader"] = (
+        None
+        if row is None
+        else {"holder": holder_of(row["application_name"] or ""), "backendPid": row["pid"]}
+    )
+    return JSONResponse(body)
+
+
 async def list_workers(request: Request) -> Response:
     """Registered workers, their heartbeat, liveness and current steps."""
     return JSONResponse({"workers": await _store(request).list_workers()})
@@ -374,6 +391,7 @@ routes = [
     Route("/runs/{run_id}/steps/{step_name}/retry", retry_step, methods=["POST"]),
     Route("/runs/{run_id}/replay", replay_run, methods=["POST"]),
     Route("/workers", list_workers, methods=["GET"]),
+    Route("/maintenance", maintenance_status, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/metrics", metrics_text, methods=["GET"]),
     Route("/queue", queue_view, methods=["GET"]),
@@ -549,6 +567,14 @@ OPERATIONS: list[Operation] = [
     ),
     Operation(
         "GET",
+        "/maintenance",
+        "getMaintenance",
+        "The maintenance service: who leads, and this process's tasks and their last runs",
+        {200: Reply(responses.Maintenance, "this process's maintenance status")},
+        errors={503: "postgres is not answering"},
+    ),
+    Operation(
+        "GET",
         "/openapi.json",
         "openapi",
         "This document",
@@ -602,35 +628,6 @@ async def _db_down(request: Request, exc: Exception) -> Response:
     return _error(503, "database_unavailable", f"postgres is not answering: {type(exc).__name__}")
 
 
-async def _reaper_loop(
-    store: Store, interval_s: float, gate: SchemaGate, *, retention_days: float
-) -> None:
-    """Reap expired leases every `interval_s` seconds (jittered), and run the audit-log
-    partition upkeep at the first pass with a schema and every
-    `retention.UPKEEP_INTERVAL_S` seconds after."""
-    next_upkeep = 0.0
-    while True:
-        await asyncio.sleep(interval_s * (0.75 + random.random() / 2))
-        if await gate.current() is not None:
-            continue  # no schema to reap in (yet); /health says so
-        if time.monotonic() >= next_upkeep:
-            next_upkeep = time.monotonic() + retention.UPKEEP_INTERVAL_S
-            await retention.upkeep_pass(store, retention_days=retention_days)
-        try:
-            reaped = await store.reap_detailed()
-        except RETRYABLE as exc:
-            logger.debug("reaper pass failed: %s", exc)
-            continue
-        except Exception:  # keep reaping after an unexpected error
-            logger.exception("reaper pass failed")
-            continue
-        if reaped is None:
-            continue  # another process holds the reaper lock
-        metrics.count_reaped(reaped.expired)
-        if reaped.total:
-            logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped.total)
-
-
 def create_app(
     settings: Settings,
     *,
@@ -647,6 +644,9 @@ def create_app(
     ``settings.tool_modules`` (imported here, so submitted steps are checked against their
     tools' input schemas). `engine.__main__.create_server` is that program's composition.
 
+    Raises `ConfigError` naming the variable for a maintenance interval that is not a finite
+    number > 0 (`engine.maintenance.default_tasks`).
+
     `database_url` defaults to `resolve_database_url(settings)` at startup. `bound` is the
     (host, port) the server listens on: that name and port are answered besides the
     loopback names and ``settings.allowed_hosts`` (not for a wildcard bind like 0.0.0.0).
@@ -657,6 +657,9 @@ def create_app(
     /health and the page answers 503 with the migrate advice until it is (`SchemaGate`).
     """
     load_tool_modules(settings.tool_modules)
+    # Bad maintenance intervals end start-up here (ConfigError naming the variable: exit 2).
+    tasks = default_tasks(settings)
+    check_interval("PGDAG_MAINTENANCE_STANDBY_S", settings.maintenance_standby_s)
     gate = SchemaGate()
     token_cache = TokenCache()  # its store is set once the pool is open
 
@@ -688,20 +691,25 @@ def create_app(
             pool, lease_ttl_s=settings.lease_ttl_s, tools=registered_tools()
         )
         app.state.metrics_registry.register(app.state.queue_metrics)
-        reaper = asyncio.create_task(
-            _reaper_loop(
-                app.state.store,
-                settings.reaper_interval_s,
-                gate,
-                retention_days=settings.retention_days,
-            )
+
+        async def schema_current() -> bool:
+            return await gate.current() is None  # no schema to maintain (yet); /health says so
+
+        app.state.maintenance = maintenance = MaintenanceService(
+            url,
+            app.state.store,
+            settings,
+            tasks,
+            holder=f"api {socket.gethostname()}:{os.getpid()}",
+            can_run=schema_current,
         )
+        maintainer = asyncio.create_task(maintenance.run())
         try:
             yield
         finally:
-            reaper.cancel()
+            maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+                await maintainer
             await ready.stop()
             await hub.stop()
             await gate.close()

@@ -29,6 +29,14 @@ API_HOST_DEFAULT = "127.0.0.1"
 API_PORT_DEFAULT = 4000
 POLL_INTERVAL_S_DEFAULT = 1.0
 REAPER_INTERVAL_S_DEFAULT = 1.0
+# The maintenance service (`engine.maintenance`): a process that does not lead tries to take
+# the lead every MAINTENANCE_STANDBY_S_DEFAULT seconds; the leader prunes runs past their
+# retention every PRUNE_INTERVAL_S_DEFAULT and looks for workers gone silent every
+# LIVENESS_INTERVAL_S_DEFAULT.
+MAINTENANCE_STANDBY_S_DEFAULT = 2.0
+PRUNE_INTERVAL_S_DEFAULT = 60.0
+AUDIT_UPKEEP_INTERVAL_S_DEFAULT = 600.0  # the audit log's daily partitions (engine.retention)
+LIVENESS_INTERVAL_S_DEFAULT = 10.0
 SHUTDOWN_GRACE_S_DEFAULT = 10.0
 RETENTION_DAYS_DEFAULT = 30.0
 LIVE_QUEUE_MAX_EVENTS_DEFAULT = 5_000
@@ -58,6 +66,17 @@ def _parse_float(name: str, raw: str, minimum: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def check_interval(name: str, value: float, minimum: float = 0.01) -> float:
+    """`value` (seconds) if it is a finite number >= `minimum`: the period of a loop that must
+    run (``inf`` would never run it, NaN never compares). Raises `ConfigError` naming the
+    variable `name`."""
+    if math.isnan(value) or math.isinf(value) or value < minimum:
+        raise ConfigError(
+            f"{name} must be a finite number of seconds >= {minimum:g}, got {value!r}"
+        )
     return value
 
 
@@ -137,6 +156,13 @@ class Settings:
     max_output_bytes: int = MAX_OUTPUT_BYTES_DEFAULT
     poll_interval_s: float = POLL_INTERVAL_S_DEFAULT
     reaper_interval_s: float = REAPER_INTERVAL_S_DEFAULT
+    # engine.maintenance: PGDAG_MAINTENANCE_STANDBY_S, PGDAG_PRUNE_INTERVAL_S,
+    # PGDAG_AUDIT_UPKEEP_INTERVAL_S, PGDAG_LIVENESS_INTERVAL_S (seconds, finite, > 0; see
+    # `check_interval`).
+    maintenance_standby_s: float = MAINTENANCE_STANDBY_S_DEFAULT
+    prune_interval_s: float = PRUNE_INTERVAL_S_DEFAULT
+    audit_upkeep_interval_s: float = AUDIT_UPKEEP_INTERVAL_S_DEFAULT
+    liveness_interval_s: float = LIVENESS_INTERVAL_S_DEFAULT
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
     retention_days: float = RETENTION_DAYS_DEFAULT
     # Modules named by PGDAG_TOOLS. The engine ships no tools: the program that runs it adds
@@ -245,6 +271,26 @@ class Settings:
             reaper_interval_s=_parse_float(
                 "PGDAG_REAPER_INTERVAL",
                 get("PGDAG_REAPER_INTERVAL", str(REAPER_INTERVAL_S_DEFAULT)),
+                0.01,
+            ),
+            maintenance_standby_s=_parse_float(
+                "PGDAG_MAINTENANCE_STANDBY_S",
+                get("PGDAG_MAINTENANCE_STANDBY_S", str(MAINTENANCE_STANDBY_S_DEFAULT)),
+                0.01,
+            ),
+            prune_interval_s=_parse_float(
+                "PGDAG_PRUNE_INTERVAL_S",
+                get("PGDAG_PRUNE_INTERVAL_S", str(PRUNE_INTERVAL_S_DEFAULT)),
+                0.01,
+            ),
+            audit_upkeep_interval_s=_parse_float(
+                "PGDAG_AUDIT_UPKEEP_INTERVAL_S",
+                get("PGDAG_AUDIT_UPKEEP_INTERVAL_S", str(AUDIT_UPKEEP_INTERVAL_S_DEFAULT)),
+                0.01,
+            ),
+            liveness_interval_s=_parse_float(
+                "PGDAG_LIVENESS_INTERVAL_S",
+                get("PGDAG_LIVENESS_INTERVAL_S", str(LIVENESS_INTERVAL_S_DEFAULT)),
                 0.01,
             ),
             shutdown_grace_s=_parse_float(

@@ -141,6 +141,54 @@ ATTEMPT_DURATION = Histogram(
     registry=REGISTRY,
 )
 
+# --- maintenance (engine.maintenance) -------------------------------------------------------
+
+MAINTENANCE_LEADER = Gauge(
+    "pgdag_maintenance_leader",
+    "1 while this process holds the maintenance lead (one process across the installation), "
+    "else 0.",
+    registry=REGISTRY,
+)
+MAINTENANCE_LAST_RUN = Gauge(
+    "pgdag_maintenance_last_run_timestamp_seconds",
+    "Start (Unix time) of the last run of each maintenance task in this process, by task: "
+    "reaper, pruner, audit_partitions, liveness.",
+    ["task"],
+    registry=REGISTRY,
+)
+MAINTENANCE_LAST_DURATION = Gauge(
+    "pgdag_maintenance_last_run_duration_seconds",
+    "Seconds the last run of each maintenance task took in this process.",
+    ["task"],
+    registry=REGISTRY,
+)
+MAINTENANCE_LAST_SUCCESS = Gauge(
+    "pgdag_maintenance_last_run_success",
+    "1 when the last run of the task succeeded, 0 when it raised (see GET /maintenance).",
+    ["task"],
+    registry=REGISTRY,
+)
+MAINTENANCE_LAST_ROWS = Gauge(
+    "pgdag_maintenance_last_run_rows",
+    "What the last successful run of the task acted on: steps reaped, runs pruned, "
+    "partitions and rows handled, silent workers.",
+    ["task"],
+    registry=REGISTRY,
+)
+
+
+def observe_maintenance_run(
+    task: str, *, started_at_s: float, duration_s: float, rows: int | None
+) -> None:
+    """One run of maintenance task `task`: its start (Unix seconds), duration (seconds) and
+    `rows` (None: it raised)."""
+    MAINTENANCE_LAST_RUN.labels(task=task).set(started_at_s)
+    MAINTENANCE_LAST_DURATION.labels(task=task).set(duration_s)
+    MAINTENANCE_LAST_SUCCESS.labels(task=task).set(0 if rows is None else 1)
+    if rows is not None:
+        MAINTENANCE_LAST_ROWS.labels(task=task).set(rows)
+
+
 # --- live events (engine.live, engine.ws) --------------------------------------------------
 
 LISTEN_LAG = Histogram(

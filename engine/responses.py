@@ -318,6 +318,47 @@ class WorkerList(Wire):
     workers: list[Worker]
 
 
+class MaintenanceRun(Wire):
+    """A maintenance task's last run in this process."""
+
+    started_at: datetime
+    duration_s: float = Field(description="seconds the run took")
+    result: int | None = Field(description="rows it acted on (steps, runs, workers); null: failed")
+    error: str | None = Field(description="the exception of a failed run, else null")
+
+
+class MaintenanceTask(Wire):
+    """One task of the maintenance service (`engine.maintenance`)."""
+
+    name: str = Field(description="reaper, pruner or liveness")
+    interval_s: float = Field(description="seconds between the end of a run and the next")
+    runs: int = Field(description="runs made while this process led")
+    failures: int = Field(description="of which failed")
+    last_run: MaintenanceRun | None
+
+
+class MaintenanceLeader(Wire):
+    """Who holds the maintenance lock now, as ``pg_locks`` shows it."""
+
+    holder: str | None = Field(description="`api host:pid` or `worker <id>`")
+    backend_pid: int = Field(description="the Postgres backend pid of its lock connection")
+
+
+class Maintenance(Wire):
+    """``GET /maintenance``: this process's maintenance service, and the current leader."""
+
+    holder: str = Field(description="this process: `api host:pid`")
+    role: Literal["standby", "leader", "stopped"]
+    leader_since: datetime | None = Field(description="when this process took the lead")
+    terms: int = Field(description="how many times this process took the lead")
+    standby_interval_s: float = Field(description="a standby tries for the lead this often")
+    tick_s: float = Field(description="the leader checks its lock connection this often")
+    tasks: list[MaintenanceTask] = Field(
+        description="last runs while this process led (see the leader's own logs otherwise)"
+    )
+    leader: MaintenanceLeader | None = Field(description="null: nobody leads right now")
+
+
 # --- queue ---------------------------------------------------------------------------------
 
 

@@ -24,25 +24,19 @@ skips its pass: the holder does the work), and every ``CREATE``/``DROP`` (which 
 so a long reader never queues every writer behind the DDL: a partition whose lock was not
 granted is reported ``deferred``, with the rest of that pass, and handled at the next call.
 
-`upkeep_pass` is what the loops call: the API's reaper loop at its first pass and every
-`UPKEEP_INTERVAL_S` (engine/api.py), and each database worker's pruner, every minute while
-``PGDAG_RETENTION_DAYS`` > 0 (workers/database.py). A maintenance service may own it later.
+The maintenance leader calls it (`engine.maintenance.AuditPartitions`, task
+``audit_partitions``): as it takes the lead, then every ``PGDAG_AUDIT_UPKEEP_INTERVAL_S``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg.rows import DictRow
 
-from engine.db import RETRYABLE
 from engine.sql import queries
-
-if TYPE_CHECKING:  # engine.store imports this module
-    from engine.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +44,6 @@ Conn = psycopg.AsyncConnection[DictRow]
 
 AHEAD_DAYS_DEFAULT = 7  # days of partitions created ahead of today (UTC)
 LOCK_TIMEOUT_S_DEFAULT = 2.0  # longest wait of one CREATE/DROP for its lock on audit_log
-UPKEEP_INTERVAL_S = 600.0  # how often the API's reaper loop runs the upkeep
 
 
 @dataclass(frozen=True)
@@ -139,27 +132,6 @@ def describe(upkeep: AuditUpkeep) -> str:
     if upkeep.deleted_rows:
         parts.append(f"deleted {upkeep.deleted_rows} old row(s) of audit_log_default")
     return "; ".join(parts) or "nothing to do"
-
-
-async def upkeep_pass(store: Store, *, retention_days: float) -> AuditUpkeep | None:
-    """One upkeep through `store` (retention `retention_days` days, `AHEAD_DAYS_DEFAULT`
-    ahead), logged when it did anything. Never raises: a failure is logged (at DEBUG when
-    Postgres is away, `engine.db.RETRYABLE`) and None returned, for the loop to go on."""
-    try:
-        upkeep = await store.maintain_audit_partitions(retention_days=retention_days)
-    except RETRYABLE as exc:
-        logger.debug("audit partition upkeep failed: %s", exc)
-        return None
-    except Exception:  # the caller's loop must go on
-        logger.exception("audit partition upkeep failed")
-        return None
-    if upkeep:
-        logger.info(
-            "audit partition upkeep (PGDAG_RETENTION_DAYS %g): %s",
-            retention_days,
-            describe(upkeep),
-        )
-    return upkeep
 
 
 async def list_partitions(conn: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:

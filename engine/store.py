@@ -362,6 +362,22 @@ class Store:
         async with self.pool.connection() as conn:
             return await transitions.prune_finished_runs(conn, retention_s=retention_s, limit=limit)
 
+    async def stale_workers(self, *, limit_s: float) -> list[dict[str, Any]]:
+        """Workers not stopped whose last heartbeat is older than `limit_s` seconds (at most
+        1000, longest silent first): id, kind, hostname, pid, last_heartbeat_at, silent_s."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["stale_workers"], {"limit_s": limit_s})
+            return list(await cur.fetchall())
+
+    async def maintenance_leader(self) -> dict[str, Any] | None:
+        """Who holds the maintenance lock (`engine.maintenance`), seen in ``pg_locks``:
+        ``application_name``, ``pid`` (its backend) and ``backend_start``; None when nobody
+        does."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["maintenance_leader"])
+            row = await cur.fetchone()
+        return dict(row) if row else None
+
     async def maintain_audit_partitions(
         self,
         *,

@@ -10,8 +10,9 @@ Scopes (`SCOPE_RULES` is the one definition; docs/operations.md shows it as a ta
 unit test checks the two agree):
 
 - ``admin``: everything, and alone ``GET /metrics`` (Prometheus, `engine.metrics`).
-- ``submit``: submit, read, cancel, retry and replay runs; read workers and the OpenAPI
-  document; the WebSockets and the dashboard. Not ``/agent/*``.
+- ``submit``: submit, read, cancel, retry and replay runs; read workers, the queue, the
+  maintenance status and the OpenAPI document; the WebSockets and the dashboard. Not
+  ``/agent/*``.
 - ``agent``: only ``/agent/*`` (claim, heartbeat, report, ...), all POST.
 
 ``GET /health`` needs no token at all (`engine.guards.OPEN_PATHS`). ``PGDAG_API_TOKEN`` is
@@ -110,6 +111,7 @@ SCOPE_RULES: Mapping[Scope, tuple[Rule, ...]] = {
         Rule("POST", "/runs/retry-dead-letters"),
         Rule("GET", "/workers"),
         Rule("GET", "/queue"),
+        Rule("GET", "/maintenance"),
         Rule("GET", "/openapi.json"),
         Rule(WS, "/ws"),
         Rule(WS, "/ws/runs/{runId}"),

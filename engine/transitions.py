@@ -551,8 +551,11 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None
     """The reaper's pass: requeue (or dead-letter) running steps whose lease expired, and
     make ready the delayed roots whose run's startAt has come.
 
-    Only one process reaps at a time (a transaction-scoped advisory lock); returns None when
-    another holds it, else what was done (`Reaped`).
+    Only the maintenance leader calls it (`engine.maintenance`); a transaction-scoped
+    advisory lock keeps two passes apart while the lead changes hands, and the transaction
+    may sit idle 5 s at most (a process frozen in the pass loses its session instead of
+    holding the lock). Returns None when another pass holds the lock, else what was done
+    (`Reaped`).
     """
     async with conn.transaction():
         cur = await conn.execute(queries["reaper_try_lock"])

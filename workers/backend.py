@@ -4,7 +4,7 @@
 graceful shutdown) over a backend; two implement it:
 
 - `workers.database.DatabaseBackend`: Postgres through `engine.store.Store`, woken by
-  ``LISTEN pgdag_ready``, with the reaper and pruner loops (``python -m workers``);
+  ``LISTEN pgdag_ready``, a candidate for the maintenance lead (``python -m workers``);
 - `workers.agent.AgentBackend`: the API's agent protocol over HTTP (``POST /agent/*``),
   with the local idempotency log (``python -m workers --server URL``).
 

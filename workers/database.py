@@ -5,9 +5,9 @@ them it runs two loops of its own while the worker runs:
 
 - listener: the dedicated ``LISTEN pgdag_ready`` connection, reconnected after any failure
   with capped exponential backoff; each notification wakes the claim loop;
-- reaper: requeues expired leases of dead workers (one reaper at a time across all
-  processes, by advisory lock), and now and then deletes runs past their retention and
-  keeps the audit log's daily partitions (`engine.retention.upkeep_pass`).
+- maintenance: this process stands for the maintenance lead (`engine.maintenance`: the
+  reaper, the pruner, the audit log's daily partitions, the liveness check; one leader
+  across the API and every database worker) and runs the tasks while it leads.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -23,17 +22,16 @@ from typing import Any
 
 import psycopg
 
-from engine import metrics, retention
 from engine.config import Settings
 from engine.db import CONNECT_TIMEOUT_S, RETRYABLE, Backoff
 from engine.errors import PgdagError
+from engine.maintenance import MaintenanceService, default_tasks
 from engine.store import Store
 from engine.transitions import ClaimedStep, FailOutcome, MapExpansion
 
 logger = logging.getLogger(__name__)
 
 READY_CHANNEL = "pgdag_ready"
-PRUNE_INTERVAL_S = 60.0  # how often a worker deletes runs past their retention
 LISTEN_RECONNECT_FIRST_S = 0.5  # first pause after the LISTEN connection fails; doubles
 LISTEN_RECONNECT_MAX_S = 5.0  # up to this
 
@@ -41,8 +39,10 @@ LISTEN_RECONNECT_MAX_S = 5.0  # up to this
 class DatabaseBackend:
     """The `workers.backend.Backend` of a worker on Postgres: `store` for every operation,
     `database_url` for the LISTEN connection, `settings` for the lease TTL, the failure
-    backoff and the retention. `restarts` and `last_exit_code` come from the supervisor
-    (PGDAG_RESTARTS, PGDAG_LAST_EXIT_CODE) and go to the workers row."""
+    backoff and the maintenance intervals. `restarts` and `last_exit_code` come from the
+    supervisor (PGDAG_RESTARTS, PGDAG_LAST_EXIT_CODE) and go to the workers row. Raises
+    `ConfigError` naming the variable of a maintenance interval that is not a finite number
+    > 0."""
 
     transient: tuple[type[BaseException], ...] = RETRYABLE
     long_polls = False
@@ -64,6 +64,16 @@ class DatabaseBackend:
         self.worker_id = worker_id
         self.restarts = restarts
         self.last_exit_code = last_exit_code
+        self._wake: Callable[[], None] | None = None
+        # Built here so that bad intervals end start-up (ConfigError naming the variable).
+        self.maintenance = MaintenanceService(
+            database_url,
+            store,
+            settings,
+            default_tasks(settings),
+            holder=f"worker {worker_id}",
+            on_result=self._after_maintenance,
+        )
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -138,57 +148,19 @@ class DatabaseBackend:
         await self.store.worker_stopped(self.worker_id)
 
     def background(self, wake: Callable[[], None]) -> list[Coroutine[Any, Any, None]]:
-        """The listener and the reaper (with the pruner)."""
-        return [self.listen_loop(wake), self.reaper_loop(wake)]
+        """The listener and the maintenance service (leader or standby)."""
+        self._wake = wake
+        return [self.listen_loop(wake), self.maintenance.run()]
+
+    def _after_maintenance(self, task: str, n: int) -> None:
+        """Wake the claim loop after the reaper made `n` > 0 steps ready (or dead)."""
+        if task == "reaper" and n > 0 and self._wake is not None:
+            self._wake()
 
     async def close(self) -> None:
         """Nothing: the pool belongs to whoever opened it."""
 
     # --- loops --------------------------------------------------------------------------
-
-    async def reaper_loop(self, wake: Callable[[], None]) -> None:
-        """Reap every `reaper_interval_s` (with jitter) and prune every `PRUNE_INTERVAL_S`;
-        runs until cancelled."""
-        next_prune = time.monotonic() + random.random() * PRUNE_INTERVAL_S
-        while True:
-            await asyncio.sleep(self.settings.reaper_interval_s * (0.75 + random.random() / 2))
-            try:
-                reaped = await self.store.reap_detailed()
-            except RETRYABLE as exc:
-                logger.debug("reaper pass failed: %s", exc)
-                continue
-            except Exception:  # keep reaping after an unexpected error
-                logger.exception("reaper pass failed")
-                continue
-            metrics.count_reaped(reaped.expired if reaped is not None else ())
-            if reaped is not None and reaped.total:
-                logger.info(
-                    "reaper: %d step(s) requeued, dead-lettered or made ready", reaped.total
-                )
-                wake()
-            if self.settings.retention_days > 0 and time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + PRUNE_INTERVAL_S
-                await self._prune()
-
-    async def _prune(self) -> None:
-        """Delete finished runs older than the retention, a batch at a time; then the audit
-        log's partition upkeep (create ahead, drop days past the retention)."""
-        retention_s = self.settings.retention_days * 86400
-        total = 0
-        try:
-            while (n := await self.store.prune(retention_s=retention_s)) > 0:
-                total += n
-        except RETRYABLE as exc:
-            logger.debug("pruner pass failed: %s", exc)
-        except Exception:  # the reaper loop must go on
-            logger.exception("pruner pass failed")
-        await retention.upkeep_pass(self.store, retention_days=self.settings.retention_days)
-        if total:
-            logger.info(
-                "pruner: deleted %d run(s) finished over %g day(s) ago (PGDAG_RETENTION_DAYS)",
-                total,
-                self.settings.retention_days,
-            )
 
     async def listen_loop(self, wake: Callable[[], None]) -> None:
         """LISTEN for ready steps and `wake` on each; reconnect after any failure with capped

@@ -9,8 +9,8 @@ One asyncio loop over a `workers.backend.Backend` (Postgres, or the API's agent 
 - heartbeat loop: every `Backend.heartbeat_interval_s`, extends the leases of its attempts
   (by fencing token) and refreshes its workers row; an attempt whose lease is gone is
   cancelled, since its result would be refused anyway;
-- the backend's own loops (`Backend.background`): listener and reaper for the database, the
-  idempotency log's re-sender for agents.
+- the backend's own loops (`Backend.background`): listener and maintenance service for the
+  database, the idempotency log's re-sender for agents.
 
 SIGTERM/SIGINT: stop claiming, let in-flight attempts finish for `shutdown_grace_s`, then
 cancel the rest and release their leases so another worker takes them at once.

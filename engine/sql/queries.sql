@@ -409,9 +409,58 @@ WITH due AS (
 SELECT count(*)::integer AS n FROM promoted
 
 -- name: reaper_try_lock
--- One reaper at a time across every worker and API process (transaction-scoped advisory
--- lock; the key is an arbitrary constant owned by pgdag).
-SELECT pg_try_advisory_xact_lock(8210605541) AS acquired
+-- One reaper pass at a time (transaction-scoped advisory lock; the key is an arbitrary
+-- constant owned by pgdag): only the maintenance leader reaps, this covers a hand-over. A
+-- process that freezes inside the pass (SIGSTOP, a blocked event loop) would hold this lock
+-- and the rows it locked for as long as it stays frozen, so the pass's transaction may sit
+-- idle 5 s at most: then Postgres ends the session and the next leader's pass gets through
+-- (measured: a leader frozen mid-pass had stopped all reaping until it was resumed).
+SELECT set_config('idle_in_transaction_session_timeout', '5000', true) AS idle_limit,
+       pg_try_advisory_xact_lock(8210605541) AS acquired
+
+-- name: maintenance_try_lock
+-- Leadership of the maintenance service (engine.maintenance): a SESSION advisory lock, held
+-- on one dedicated connection for as long as that session lives. Postgres releases it when
+-- the session ends (the process died, its connection closed). The key is a constant owned by
+-- pgdag (not the reaper's transaction lock above, nor the audit upkeep's 8210605542 of
+-- migration 0007).
+SELECT pg_try_advisory_lock(8210605543) AS acquired
+
+-- name: maintenance_ping
+-- The leader's check, each tick, that its lock connection (so its lock) is still there.
+SELECT 1 AS ok
+
+-- name: maintenance_session_guard
+-- On the lock connection: Postgres ends this session (and so releases the lock) when it sits
+-- idle longer than %(idle_ms)s ms, that is when its process froze or hung, and probes the
+-- client with TCP keepalives so a vanished host is noticed in about 5 + 3 x 2 seconds.
+SELECT set_config('idle_session_timeout', %(idle_ms)s::text, false),
+       set_config('tcp_keepalives_idle', '5', false),
+       set_config('tcp_keepalives_interval', '2', false),
+       set_config('tcp_keepalives_count', '3', false)
+
+-- name: maintenance_leader
+-- Who holds the maintenance lock, from any process: the session's application_name (set to
+-- "pgdag-maintenance <holder>") and backend pid. An advisory lock on a bigint key shows in
+-- pg_locks as classid = its high 32 bits, objid = its low 32 bits, objsubid = 1.
+SELECT a.application_name, l.pid, a.backend_start
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid = (8210605543::bigint >> 32)::oid
+  AND l.objid = (8210605543::bigint & 4294967295)::oid
+
+-- name: stale_workers
+-- Workers that are not stopped but whose last heartbeat is older than %(limit_s)s seconds
+-- (the lease TTL: GET /workers shows them alive = false): gone without saying so. The workers
+-- table holds one row per worker id, so this reads a small table.
+SELECT id, kind, hostname, pid, last_heartbeat_at,
+       extract(epoch FROM now() - last_heartbeat_at)::float8 AS silent_s
+FROM workers
+WHERE status <> 'stopped'
+  AND last_heartbeat_at <= now() - make_interval(secs => %(limit_s)s)
+ORDER BY last_heartbeat_at
+LIMIT 1000
 
 -- name: prune_finished_runs
 -- Retention: delete up to %(limit)s runs that finished more than %(retention_s)s seconds

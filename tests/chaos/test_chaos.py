@@ -212,7 +212,12 @@ def test_zombie_past_its_lease(db_url: str, tmp_path: Path) -> None:
             )
             zombie.signal(signal.SIGCONT)
             assert wait_run_finished(db_url, run_id) == "completed"
-            wait_for(lambda: zombie.output().count("lease") >= 1, what="the zombie to notice")
+            # Its results are refused: "lease token N is stale" once a live worker claimed the
+            # step again, "attempt with token N was ended (ready)" when it reports first.
+            wait_for(
+                lambda: "lease" in zombie.output() or " refused: " in zombie.output(),
+                what="the zombie to notice",
+            )
     report = check(db_url, [run_id])
     assert report.leases_expired == 6
     succeeded_once(db_url, run_id)

@@ -297,8 +297,8 @@ def test_migration_down_and_up_keeps_rows(db_url: str) -> None:
 
 
 def test_api_keeps_the_partitions(db_url: str, tmp_path: Path) -> None:
-    """The API's reaper loop runs the upkeep at its first pass: partitions dropped behind
-    its back come back."""
+    """The API, as the maintenance leader, runs the upkeep as it takes the lead: partitions
+    dropped behind its back come back."""
     today = db_today(db_url)
     ahead = [part_name(today + timedelta(days=i)) for i in range(1, 8)]
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -313,13 +313,13 @@ def test_api_keeps_the_partitions(db_url: str, tmp_path: Path) -> None:
         )
 
 
-def test_database_worker_pruner_keeps_the_partitions(db_url: str) -> None:
-    """The database worker's pruner pass (workers/database.py) runs the upkeep after it
-    deletes runs: a missing day ahead is created, a day past the retention dropped."""
+def test_maintenance_task_keeps_the_partitions(db_url: str) -> None:
+    """The maintenance leader's pruner and audit_partitions tasks (engine/maintenance/): a
+    missing day ahead is created, a day past the retention dropped."""
     from engine.config import Settings
     from engine.db import open_pool
+    from engine.maintenance import AuditPartitions, Pruner
     from engine.store import Store
-    from workers.database import DatabaseBackend
 
     today = db_today(db_url)
     old_id = insert_event(db_url, midnight(today - timedelta(days=40)))
@@ -331,13 +331,10 @@ def test_database_worker_pruner_keeps_the_partitions(db_url: str) -> None:
     async def go() -> None:
         pool = await open_pool(db_url, min_size=1, max_size=2)
         try:
-            backend = DatabaseBackend(
-                Store(pool, lease_ttl_s=30),
-                Settings(retention_days=30),
-                database_url=db_url,
-                worker_id="w-prune",
-            )
-            await backend._prune()
+            store = Store(pool, lease_ttl_s=30)
+            settings = Settings(retention_days=30)
+            await Pruner(settings).run_once(store)
+            assert await AuditPartitions(settings).run_once(store) >= 2  # created, dropped
         finally:
             await pool.close()
 

@@ -15,7 +15,7 @@ from engine import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = re.compile(r"pgdag_[a-z][a-z0-9_]*")
-ALLOWED_LABELS = {"tool", "outcome", "status", "table", "state", "reason"}
+ALLOWED_LABELS = {"tool", "outcome", "status", "table", "state", "reason", "task"}
 # Units in a name are base units, spelled out (Prometheus: seconds and bytes, not ms or kb).
 BAD_UNITS = re.compile(r"_(ms|milliseconds|us|ns|minutes|hours|days|kb|mb|kilobytes)(_|$)")
 SPEC_NAMES = {
