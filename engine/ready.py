@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import psycopg
 
@@ -85,45 +86,76 @@ class ReadySignal:
             self._changed.notify_all()
 
     async def _listen_loop(self) -> None:
-        """LISTEN; reconnect after any failure with backoff. Logs the first failure of an
-        outage and its end, not each try (waiters re-poll meanwhile)."""
-        backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
-        failures = 0
-        down_since = 0.0
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {READY_CHANNEL}")
-                    if failures:
-                        logger.info(
-                            "ready listener back after %.1fs and %d failed attempt(s)",
-                            time.monotonic() - down_since,
-                            failures,
-                        )
-                    failures = 0
-                    backoff.reset()
-                    await self._bump()  # catch up on anything sent while not listening
-                    self.connected = True
-                    self.connections += 1
-                    async for _ in conn.notifies():
-                        await self._bump()
-            except asyncio.CancelledError:
-                self.connected = False
-                raise
-            except Exception as exc:
-                self.connected = False
-                failures += 1
-                if failures == 1:
-                    down_since = time.monotonic()
-                    logger.warning(
-                        "ready listener lost (%s); reconnecting with backoff, agents' claims "
-                        "poll meanwhile",
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
+        await listen_for_ready(
+            self.database_url,
+            self._bump,
+            label="ready listener",
+            meanwhile="agents' claims poll meanwhile",
+            on_state=self._on_state,
+        )
+
+    def _on_state(self, connected: bool) -> None:
+        self.connected = connected
+        if connected:
+            self.connections += 1
+
+
+async def listen_for_ready(
+    database_url: str,
+    on_notify: Callable[[], Awaitable[None]],
+    *,
+    label: str,
+    meanwhile: str,
+    on_state: Callable[[bool], None] | None = None,
+) -> None:
+    """``LISTEN pgdag_ready`` on a connection of its own until cancelled: `on_notify` is
+    awaited after each (re)connect (to catch up on anything sent while nobody listened) and
+    on each notification. After any failure it reconnects with capped exponential backoff
+    and jitter (`RECONNECT_FIRST_S` .. `RECONNECT_MAX_S`, reset once LISTEN works again),
+    logging the first failure of an outage and its end as `label`, not each try
+    (`meanwhile` says what keeps work moving in between). `on_state` hears True once
+    listening and False when the connection is lost. The one LISTEN loop of both the API's
+    `ReadySignal` and a database worker."""
+    backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
+    failures = 0
+    down_since = 0.0
+    state = on_state or (lambda _connected: None)
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+            )
+            async with conn:
+                await conn.execute(f"LISTEN {READY_CHANNEL}")
+                if failures:
+                    logger.info(
+                        "%s back after %.1fs and %d failed attempt(s)",
+                        label,
+                        time.monotonic() - down_since,
+                        failures,
                     )
-                else:
-                    logger.debug("ready listener still down (attempt %d): %s", failures, exc)
-            self.connected = False
-            await asyncio.sleep(backoff.next_delay())
+                failures = 0
+                backoff.reset()
+                await on_notify()
+                state(True)
+                async for _ in conn.notifies():
+                    await on_notify()
+        except asyncio.CancelledError:
+            state(False)
+            raise
+        except Exception as exc:
+            state(False)
+            failures += 1
+            if failures == 1:
+                down_since = time.monotonic()
+                logger.warning(
+                    "%s lost (%s); reconnecting with backoff (up to %.0fs between tries), %s",
+                    label,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
+                    RECONNECT_MAX_S,
+                    meanwhile,
+                )
+            else:
+                logger.debug("%s still down (attempt %d): %s", label, failures, exc)
+        state(False)
+        await asyncio.sleep(backoff.next_delay())

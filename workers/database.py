@@ -12,28 +12,21 @@ them it runs two loops of its own while the worker runs:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import psycopg
-
 from engine.config import Settings
-from engine.db import CONNECT_TIMEOUT_S, RETRYABLE, Backoff
+from engine.db import RETRYABLE
 from engine.errors import PgdagError
 from engine.maintenance import MaintenanceService, default_tasks
+from engine.ready import listen_for_ready
 from engine.store import Store
 from engine.transitions import ClaimedStep, FailOutcome, MapExpansion
 
 logger = logging.getLogger(__name__)
-
-READY_CHANNEL = "pgdag_ready"
-LISTEN_RECONNECT_FIRST_S = 0.5  # first pause after the LISTEN connection fails; doubles
-LISTEN_RECONNECT_MAX_S = 5.0  # up to this
 
 
 class DatabaseBackend:
@@ -163,43 +156,12 @@ class DatabaseBackend:
     # --- loops --------------------------------------------------------------------------
 
     async def listen_loop(self, wake: Callable[[], None]) -> None:
-        """LISTEN for ready steps and `wake` on each; reconnect after any failure with capped
-        exponential backoff and jitter (`LISTEN_RECONNECT_FIRST_S` ..
-        `LISTEN_RECONNECT_MAX_S`), reset once LISTEN works again. Logs the first failure of
-        an outage and its end, not each try (polling keeps claiming meanwhile)."""
-        backoff = Backoff(LISTEN_RECONNECT_FIRST_S, LISTEN_RECONNECT_MAX_S)
-        failures = 0
-        down_since = 0.0
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.database_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {READY_CHANNEL}")
-                    if failures:
-                        logger.info(
-                            "listener back after %.1fs and %d failed attempt(s)",
-                            time.monotonic() - down_since,
-                            failures,
-                        )
-                    failures = 0
-                    backoff.reset()
-                    wake()  # catch up on anything sent while not listening
-                    async for _ in conn.notifies():
-                        wake()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    down_since = time.monotonic()
-                    logger.warning(
-                        "listener lost (%s); reconnecting with backoff (up to %.0fs between "
-                        "tries), polling meanwhile",
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
-                        LISTEN_RECONNECT_MAX_S,
-                    )
-                else:
-                    logger.debug("listener still down (attempt %d): %s", failures, exc)
-            await asyncio.sleep(backoff.next_delay())
+        """LISTEN for ready steps and `wake` on each (`engine.ready.listen_for_ready`:
+        reconnected with backoff, polling keeps claiming meanwhile)."""
+
+        async def notified() -> None:
+            wake()
+
+        await listen_for_ready(
+            self.database_url, notified, label="listener", meanwhile="polling meanwhile"
+        )
