@@ -475,7 +475,7 @@ async def heartbeat(request: Request) -> Response:
     if not await store.agent_touch(body.agent_id):
         return _not_registered(body.agent_id)
     held = await store.heartbeat_until(
-        [(lease.step_id, lease.lease_token) for lease in body.leases]
+        [(lease.step_id, lease.lease_token) for lease in body.leases], owner=body.agent_id
     )
     return JSONResponse(
         {
@@ -520,6 +520,28 @@ def _refused(outcome: Succeeded | Failed, code: str, message: str) -> dict[str, 
     }
 
 
+def _held_by_another(outcome: Succeeded | Failed, state: StepState | None, agent_id: str) -> bool:
+    """Whether `outcome`'s attempt is running under a lease another worker holds. Its
+    token is current, but tokens are sequential numbers, not secrets: only the claimer may
+    end the attempt. (The write itself is guarded by ``lease_owner`` too, which settles a
+    race with a claim after this read.)"""
+    return (
+        state is not None
+        and state.status == "running"
+        and state.lease_token == outcome.lease_token
+        and state.lease_owner != agent_id
+    )
+
+
+def _not_owner(outcome: Succeeded | Failed) -> dict[str, Any]:
+    return _refused(
+        outcome,
+        "not_owner",
+        f"step {outcome.step_id}: the attempt with lease token {outcome.lease_token} was "
+        "not claimed by this agent",
+    )
+
+
 def _recorded(outcome: Succeeded | Failed, **extra: Any) -> dict[str, Any]:
     return {
         "stepId": outcome.step_id,
@@ -547,10 +569,10 @@ def _count_report(
             metrics.ATTEMPTS.labels(
                 tool=tool, outcome=code if code == "lease_lost" else "refused"
             ).inc()
-            if code == "lease_lost":
-                metrics.FENCING_REFUSALS.labels(tool=tool).inc()
-            else:  # output_refused: the attempt was failed for good instead
+            if code == "output_refused":  # the attempt was failed for good instead
                 metrics.DEAD_LETTERS.labels(tool=tool).inc()
+            else:  # lease_lost, not_owner: the fenced write refused it
+                metrics.FENCING_REFUSALS.labels(tool=tool).inc()
             continue
         if state is not None and state.lease_token == outcome.lease_token:
             metrics.observe_seconds(metrics.ATTEMPT_DURATION, tool, state.running_s)
@@ -578,11 +600,19 @@ async def report(request: Request) -> Response:
     batch: list[tuple[int, Succeeded, str]] = []
     for i, success in successes:
         state = states.get(success.step_id)
+        if _held_by_another(success, state, agent_id):
+            results[i] = _not_owner(success)
+            continue
         if state is not None and (state.status, state.lease_token) == (
             "succeeded",
             success.lease_token,
         ):
-            results[i] = _recorded(success, duplicate=True)  # its first answer was lost
+            if await store.success_recorded(
+                success.step_id, success.lease_token, worker_id=agent_id
+            ):
+                results[i] = _recorded(success, duplicate=True)  # its first answer was lost
+            else:
+                results[i] = _not_owner(success)
             continue
         try:
             text = output_json(success.output, max_bytes=settings.max_output_bytes)
@@ -617,6 +647,9 @@ async def report(request: Request) -> Response:
                 results[i] = _refused(success, "lease_lost", str(problem))
     for i, outcome in enumerate(body.outcomes):
         if not isinstance(outcome, Failed):
+            continue
+        if _held_by_another(outcome, states.get(outcome.step_id), agent_id):
+            results[i] = _not_owner(outcome)
             continue
         try:
             failed = await store.fail_lease(

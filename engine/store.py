@@ -95,14 +95,15 @@ class LiveRead:
 
 @dataclass(frozen=True)
 class StepState:
-    """A step's `status` and current fencing token (None: never claimed), its `tool`, and
+    """A step's `status` and current fencing token (None: never claimed), its `tool`,
     `running_s`: seconds since its current attempt was claimed (database clock; None: never
-    started)."""
+    started), and `lease_owner`: the worker holding the lease (None when not running)."""
 
     status: str
     lease_token: int | None
     tool: str
     running_s: float | None
+    lease_owner: str | None = None
 
 
 async def _read_run_json(conn: Conn, run_id: str, *, with_steps: bool, lease_ttl_s: float) -> str:
@@ -221,26 +222,32 @@ class Store:
                 tools=names,
             )
 
-    async def heartbeat(self, leases: list[tuple[int, int]]) -> set[int]:
-        """Extend leases ``[(step_id, token)]``; returns the step ids still held."""
+    async def heartbeat(
+        self, leases: list[tuple[int, int]], *, owner: str | None = None
+    ) -> set[int]:
+        """Extend leases ``[(step_id, token)]`` (only `owner`'s, when given); returns the
+        step ids still held."""
 
         async def op() -> set[int]:
             async with self.pool.connection() as conn:
                 return await transitions.heartbeat_leases(
-                    conn, leases, lease_ttl_s=self.lease_ttl_s
+                    conn, leases, lease_ttl_s=self.lease_ttl_s, owner=owner
                 )
 
         return await retrying(op, what="lease heartbeat", deadline_s=self.lease_ttl_s)
 
-    async def heartbeat_until(self, leases: list[tuple[int, int]]) -> dict[int, datetime]:
-        """Extend leases ``[(step_id, token)]``; returns ``{step_id: lease_expires_at}`` for
-        the ones still held (see `transitions.heartbeat_leases_until`). Retried through
-        connection loss for up to the lease TTL."""
+    async def heartbeat_until(
+        self, leases: list[tuple[int, int]], *, owner: str | None = None
+    ) -> dict[int, datetime]:
+        """Extend leases ``[(step_id, token)]`` (only `owner`'s, when given); returns
+        ``{step_id: lease_expires_at}`` for the ones still held (see
+        `transitions.heartbeat_leases_until`). Retried through connection loss for up to the
+        lease TTL."""
 
         async def op() -> dict[int, datetime]:
             async with self.pool.connection() as conn:
                 return await transitions.heartbeat_leases_until(
-                    conn, leases, lease_ttl_s=self.lease_ttl_s
+                    conn, leases, lease_ttl_s=self.lease_ttl_s, owner=owner
                 )
 
         return await retrying(op, what="lease heartbeat", deadline_s=self.lease_ttl_s)
@@ -528,6 +535,7 @@ class Store:
                     lease_token=r["lease_token"],
                     tool=r["tool"],
                     running_s=r["running_s"],
+                    lease_owner=r["lease_owner"],
                 )
                 for r in await cur.fetchall()
             }
@@ -545,6 +553,16 @@ class Store:
             )
             row = await cur.fetchone()
         return None if row is None else (row["to_status"], row["available_at"])
+
+    async def success_recorded(self, step_id: int, token: int, *, worker_id: str) -> bool:
+        """Whether `worker_id` recorded the success of attempt (`step_id`, `token`) (read
+        only, from the audit log): a re-sent success is a duplicate only for its recorder."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                queries["attempt_success_recorded"],
+                {"id": step_id, "token": token, "worker_id": worker_id},
+            )
+            return await cur.fetchone() is not None
 
     async def worker_stopped(self, worker_id: str) -> None:
         """Mark the worker stopped."""

@@ -235,18 +235,19 @@ async def claim_steps(
 
 
 async def heartbeat_leases(
-    conn: Conn, leases: list[tuple[int, int]], *, lease_ttl_s: float
+    conn: Conn, leases: list[tuple[int, int]], *, lease_ttl_s: float, owner: str | None = None
 ) -> set[int]:
     """Extend the leases ``[(step_id, token), ...]``; returns the ids still held.
 
     A step missing from the result has lost its lease (expired, reaped, cancelled or
     re-claimed): the worker must stop that attempt, whose result would be refused anyway.
+    With `owner` (a worker id), only leases claimed by that worker are extended.
     """
-    return set(await heartbeat_leases_until(conn, leases, lease_ttl_s=lease_ttl_s))
+    return set(await heartbeat_leases_until(conn, leases, lease_ttl_s=lease_ttl_s, owner=owner))
 
 
 async def heartbeat_leases_until(
-    conn: Conn, leases: list[tuple[int, int]], *, lease_ttl_s: float
+    conn: Conn, leases: list[tuple[int, int]], *, lease_ttl_s: float, owner: str | None = None
 ) -> dict[int, datetime]:
     """`heartbeat_leases`, saying until when each lease held now lasts: ``{step_id:
     lease_expires_at}`` (database clock) for the ids still held; a missing id was lost."""
@@ -259,6 +260,7 @@ async def heartbeat_leases_until(
                 "ids": [i for i, _ in leases],
                 "tokens": [t for _, t in leases],
                 "lease_ttl_s": lease_ttl_s,
+                "owner": owner,
             },
         )
         rows = await cur.fetchall()
@@ -859,6 +861,8 @@ def _lease_lost_message(step_id: int, token: int, state: DictRow | None) -> str:
         )
     if state["status"] != "running":
         return f"step {step_id}: attempt with token {token} was ended ({state['status']})"
+    if state["lease_live"]:  # token current and live: the write's lease_owner guard refused it
+        return f"step {step_id}: the lease with token {token} is held by another worker"
     return f"step {step_id}: lease with token {token} expired"
 
 

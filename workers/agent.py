@@ -628,7 +628,7 @@ def _problem(answer: dict[str, Any]) -> PgdagError | None:
         return None
     code = answer.get("code")
     message = str(answer.get("message") or code)
-    if code == "lease_lost":
+    if code in ("lease_lost", "not_owner"):  # either way the attempt is not this agent's
         return LeaseLost(message)
     if code == "output_refused":
         return OutputRefused(message)

@@ -97,7 +97,7 @@ class DatabaseBackend:
 
     async def heartbeat(self, leases: list[tuple[int, int]]) -> set[int]:
         """`Store.heartbeat`."""
-        return await self.store.heartbeat(leases)
+        return await self.store.heartbeat(leases, owner=self.worker_id)
 
     async def complete(self, step: ClaimedStep, output_json: str) -> None:
         """`Store.complete`: raises `LeaseLost` or `OutputRefused`."""

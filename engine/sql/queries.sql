@@ -1,7 +1,9 @@
 -- Every query pgdag runs. Loaded by engine/sql/__init__.py; called only from engine/.
 -- Status writes live only in the queries used by engine/transitions.py. Each one is guarded
--- (expected status, and the fencing token for attempt writes) and writes its audit_log rows
--- in the same statement or transaction; the audit_log trigger sends the NOTIFY.
+-- (expected status, and for attempt writes the fencing token and the lease's owner: a token is
+-- a sequential number anyone can guess, so an attempt is ended only by the worker that claimed
+-- it) and writes its audit_log rows in the same statement or transaction; the audit_log
+-- trigger sends the NOTIFY.
 -- Times come from the database clock: now(), never a client's.
 
 -- name: insert_run
@@ -156,7 +158,9 @@ SELECT c.*, r.trace_context FROM claimed c JOIN runs r ON r.id = c.run_id ORDER 
 -- name: heartbeat_leases
 -- Extend the leases this worker still holds. A lease whose token is not current, or which
 -- has already expired on the database clock, is not extended: its id is missing from the
--- result and the worker must abandon that attempt.
+-- result and the worker must abandon that attempt. With %(owner)s (an agent's heartbeat over
+-- the API), a lease is extended only for the worker that claimed it: a fencing token is a
+-- small sequential number, so it is no secret.
 UPDATE steps s
 SET lease_expires_at = now() + make_interval(secs => %(lease_ttl_s)s)
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS l(id, token)
@@ -164,6 +168,7 @@ WHERE s.id = l.id
   AND s.lease_token = l.token
   AND s.status = 'running'
   AND s.lease_expires_at > now()
+  AND (%(owner)s::text IS NULL OR s.lease_owner = %(owner)s::text)
 RETURNING s.id, s.lease_expires_at
 
 -- name: complete_steps
@@ -190,6 +195,7 @@ WITH done AS (
       AND s.lease_token = d.token
       AND s.status = 'running'
       AND s.lease_expires_at > now()
+      AND s.lease_owner = %(worker_id)s::text
     RETURNING s.id, s.run_id, s.name, s.attempt, s.lease_token, %(worker_id)s::text AS worker_id
 ), child_counts AS (
     SELECT e.child_id, count(*)::integer AS n
@@ -261,12 +267,12 @@ SELECT id, run_id, NULL, true FROM promoted WHERE old_status = 'pending' AND sta
 -- name: step_lease_state
 -- What became of an attempt whose write matched nothing (lease lost, or an ambiguous commit
 -- that did in fact land).
-SELECT id, status, lease_token, lease_expires_at > now() AS lease_live
+SELECT id, status, lease_token, lease_owner, lease_expires_at > now() AS lease_live
 FROM steps WHERE id = %(id)s
 
 -- name: steps_lease_state
 -- The same for several attempts at once (a batch of successes of which some matched nothing).
-SELECT id, tool, status, lease_token, lease_expires_at > now() AS lease_live,
+SELECT id, tool, status, lease_token, lease_owner, lease_expires_at > now() AS lease_live,
        extract(epoch FROM now() - started_at)::float8 AS running_s
 FROM steps WHERE id = ANY(%(ids)s::bigint[])
 
@@ -286,6 +292,7 @@ WITH target AS (
       AND s.lease_token = %(token)s
       AND s.status = 'running'
       AND s.lease_expires_at > now()
+      AND s.lease_owner = %(worker_id)s::text
     FOR UPDATE
 ), jittered AS (
     SELECT t.*, CASE WHEN t.will_retry THEN floor(random() * t.ceiling_ms) ELSE 0 END AS delay_ms
@@ -330,6 +337,7 @@ WITH upd AS (
         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS l(id, token)
     WHERE s.id = l.id AND s.lease_token = l.token AND s.status = 'running'
+      AND s.lease_owner = %(worker_id)s::text
     RETURNING s.id, s.run_id, s.name, s.status, s.attempt, s.lease_token
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
@@ -736,7 +744,8 @@ WITH target AS (
                pgdag_ref_context(s.run_id, ARRAY[s.map_path ->> 1])) AS src
     FROM steps s
     WHERE s.id = %(id)s AND s.lease_token = %(token)s AND s.status = 'running'
-      AND s.lease_expires_at > now() AND s.map_path IS NOT NULL AND s.map_width IS NULL
+      AND s.lease_expires_at > now() AND s.lease_owner = %(worker_id)s::text
+      AND s.map_path IS NOT NULL AND s.map_width IS NULL
     FOR UPDATE
 ), checked AS (
     SELECT t.*, t.src -> 'input' -> 'items' AS items,
@@ -834,6 +843,19 @@ WHERE a.run_id = (SELECT s.run_id FROM steps s WHERE s.id = %(id)s)
   AND a.from_status = 'running'
   AND a.event IN ('step_retry_scheduled', 'step_dead_lettered')
 ORDER BY a.id DESC
+LIMIT 1
+
+-- name: attempt_success_recorded
+-- Whether the success of attempt (%(id)s, %(token)s) was recorded by %(worker_id)s
+-- (complete_steps' audit row): a re-sent success whose answer was lost is a duplicate only for
+-- the worker that recorded it. Read only; walks the run's audit rows (audit_log_run_idx).
+SELECT 1 AS recorded
+FROM audit_log a
+WHERE a.run_id = (SELECT s.run_id FROM steps s WHERE s.id = %(id)s)
+  AND a.step_id = %(id)s
+  AND a.lease_token = %(token)s
+  AND a.worker_id = %(worker_id)s
+  AND a.event = 'step_succeeded'
 LIMIT 1
 
 -- name: worker_stopped

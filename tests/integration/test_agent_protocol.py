@@ -573,3 +573,69 @@ def test_an_agent_token_runs_the_protocol_and_nothing_else(db_url: str, tmp_path
             assert r.status_code == 403 and r.json()["error"] == "forbidden"
             r = httpx.post(f"{base}/agent/register", json={}, timeout=10)
             assert r.status_code == 401
+
+
+def test_an_agent_cannot_touch_another_agents_lease(client: httpx.Client, db_url: str) -> None:
+    """Lease tokens are sequential, so knowing one proves nothing: only the agent that
+    claimed an attempt may heartbeat, end or release it, and a success recorded by one
+    agent is not a "duplicate" for another."""
+    owner = RawAgent(client, "owner", [ECHO])
+    thief = RawAgent(client, "thief", [ECHO])
+    owner.register()
+    thief.register()
+    run_id = submit(
+        client,
+        [{"name": "a", "tool": ECHO, "input": {}}, {"name": "b", "tool": ECHO, "input": {}}],
+    )
+    a, b = sorted(owner.claim(n=2), key=lambda s: s["name"])
+    lease_a = (a["stepId"], a["leaseToken"])
+
+    beat = thief.heartbeat(lease_a)
+    assert beat == {"held": [], "lost": [{"stepId": a["stepId"], "leaseToken": a["leaseToken"]}]}
+    stolen_success, stolen_failure = thief.report(
+        success(a, {"stolen": True}),
+        {
+            "stepId": b["stepId"],
+            "leaseToken": b["leaseToken"],
+            "status": "failed",
+            "error": "sabotage",
+            "retryable": False,
+        },
+    )
+    for result, step in ((stolen_success, a), (stolen_failure, b)):
+        assert result["result"] == "refused" and result["code"] == "not_owner", result
+        assert result["stepId"] == step["stepId"]
+    released = thief.post(
+        "/agent/release",
+        {
+            "agentId": thief.agent_id,
+            "leases": [{"stepId": a["stepId"], "leaseToken": a["leaseToken"]}],
+        },
+    )
+    assert released == {"released": 0}
+    # Nothing was written: both still run under the owner's leases.
+    rows = query(
+        db_url,
+        "SELECT name, status, lease_owner FROM steps WHERE run_id = %(r)s ORDER BY name",
+        {"r": run_id},
+    )
+    assert [(r["name"], r["status"], r["lease_owner"]) for r in rows] == [
+        ("a", "running", "owner"),
+        ("b", "running", "owner"),
+    ]
+    assert owner.heartbeat(lease_a)["lost"] == []
+
+    # The owner records a; the thief's "re-send" of it is no duplicate of its own.
+    [mine] = owner.report(success(a, {"mine": True}))
+    assert mine["result"] == "recorded", mine
+    [late_thief] = thief.report(success(a, {"mine": True}))
+    assert late_thief["result"] == "refused" and late_thief["code"] == "not_owner", late_thief
+    [again] = owner.report(success(a, {"mine": True}))
+    assert again["result"] == "recorded" and again["duplicate"] is True
+    assert step_of(client, run_id, "a")["output"] == {"mine": True}
+    events = query(
+        db_url,
+        "SELECT count(*) AS n FROM audit_log WHERE run_id = %(r)s AND worker_id = 'thief'",
+        {"r": run_id},
+    )
+    assert events[0]["n"] == 0
