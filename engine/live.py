@@ -68,7 +68,8 @@ exception to the cursor guarantee.
 
 Bounded queues
 --------------
-Each event is parsed and serialised once and appended, without awaiting, to one shared
+Each event is parsed and serialised once (and only when some client watches its stream) and
+appended, without awaiting, to one shared
 `EventLog` per stream (every run, and each run somebody watches); a `Subscription` is only
 a position in it, so fanning an event out costs the same for 1 or 1,000 clients. A log
 keeps its last `queue_max_events` events: a client whose sender falls further behind (its
@@ -268,7 +269,10 @@ class _State:
 
     frontier: int = 0
     known: int = 0
-    pending: dict[int, LiveEvent] = field(default_factory=dict)
+    # Rows, not events: an event is built (parsed and serialised) only for a stream that
+    # somebody watches (`EventHub._offer`); with no client that is most of the API's CPU
+    # under load (docs/benchmarks.md, W9).
+    pending: dict[int, DictRow] = field(default_factory=dict)
     gaps: list[_Gap] = field(default_factory=list)
     probes: deque[tuple[int, int]] = field(default_factory=deque)  # (probe_xid, known)
 
@@ -523,14 +527,14 @@ class EventHub:
         self, rows: list[DictRow], snap_xmin: int, probe_xid: int | None, now: float
     ) -> None:
         st = self._state
-        late: list[LiveEvent] = []
+        late: list[DictRow] = []
         for row in rows:
             event_id = int(row["id"])
             if event_id > st.known:
                 if event_id > st.known + 1:
                     st.gaps.append(_Gap(st.known + 1, event_id - 1, now))
                 st.known = event_id
-                st.pending[event_id] = LiveEvent.from_row(row)
+                st.pending[event_id] = row
                 continue
             gap = self._take_from_gap(event_id)
             if gap is None:
@@ -543,9 +547,9 @@ class EventHub:
                     row["run_id"],
                     now - gap.opened_at,
                 )
-                late.append(LiveEvent.from_row(row, late=True))
+                late.append(row)
             else:
-                st.pending[event_id] = LiveEvent.from_row(row)
+                st.pending[event_id] = row
         # Settle: every transaction in flight at an earlier read has ended, so its gap ids
         # that are still missing rolled back.
         while st.probes and snap_xmin > st.probes[0][0]:
@@ -574,7 +578,7 @@ class EventHub:
         out = [st.pending.pop(i) for i in ready_ids]
         before = st.frontier
         st.frontier = max(st.frontier, block - 1)
-        self._offer(late)
+        self._offer(late, late=True)
         self._offer(out)
         if st.frontier != before or late:
             self._advanced.set()
@@ -594,16 +598,28 @@ class EventHub:
                 return g
         return None
 
-    def _offer(self, events: list[LiveEvent]) -> None:
-        if not events:
+    def _offer(self, rows: list[DictRow], *, late: bool = False) -> None:
+        """Hand `rows` (resolved, in id order; `late`: past the frontier already) to the
+        streams watched now, each row made into a `LiveEvent` once, and only when some
+        stream wants it."""
+        if not rows:
             return
-        self.delivered += len(events)
-        if self._all.subscribers:
+        self.delivered += len(rows)
+        to_all = self._all.subscribers > 0
+        if not to_all and not self._by_run:
+            return
+        events: list[LiveEvent] = []
+        per_run: dict[str, list[LiveEvent]] = {}
+        for row in rows:
+            run_id = str(row["run_id"])
+            watched = run_id in self._by_run
+            if not (to_all or watched):
+                continue
+            event = LiveEvent.from_row(row, late=late)
+            events.append(event)
+            if watched:
+                per_run.setdefault(run_id, []).append(event)
+        if to_all:
             self._all.append(events)
-        if self._by_run:
-            per_run: dict[str, list[LiveEvent]] = {}
-            for event in events:
-                if event.run_id in self._by_run:
-                    per_run.setdefault(event.run_id, []).append(event)
-            for run_id, mine in per_run.items():
-                self._by_run[run_id].append(mine)
+        for run_id, mine in per_run.items():
+            self._by_run[run_id].append(mine)

@@ -179,3 +179,30 @@ def test_event_message_is_the_events_endpoint_shape() -> None:
         "at",
     }
     assert event.message.startswith('{"type": "event", "event": {"id": 7,')
+
+
+def test_events_are_built_only_for_watched_streams(monkeypatch: Any) -> None:
+    """With nobody subscribed the hub still advances its frontier, but builds no event
+    (parsing and serialising every audit row was a fifth of the API's CPU under load); a
+    per-run stream gets events built for its own run only."""
+    built: list[int] = []
+    original = LiveEvent.from_row.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[LiveEvent], r: Any, *, late: bool = False) -> LiveEvent:
+        built.append(r["id"])
+        return original(cls, r, late=late)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(LiveEvent, "from_row", classmethod(counting))
+    hub = EventHub("postgresql://unused")
+    hub._startup_xid = 0
+    hub._merge([row(1), row(2)], 50, None, 1.0)  # type: ignore[misc]
+    assert hub.frontier == 2 and hub.delivered == 2 and built == []
+    other = str(uuid.UUID(int=2))
+    mine = hub.subscribe(RUN)
+    hub._merge([row(3, other), row(4, RUN)], 50, None, 1.1)  # type: ignore[misc]
+    assert built == [4] and [e.id for e in mine.take(10)] == [4]
+    everything = hub.subscribe(None)
+    hub._merge([row(5, other), row(6, RUN)], 50, None, 1.2)  # type: ignore[misc]
+    assert built == [4, 5, 6]  # once each, shared by both streams
+    assert [e.id for e in everything.take(10)] == [5, 6] and [e.id for e in mine.take(10)] == [6]
+    assert everything.take(0) == [] and mine._log.slice(1, 1)[0] is everything._log.slice(1, 1)[0]
