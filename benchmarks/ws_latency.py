@@ -234,17 +234,18 @@ def _producer_process(url: str, rate: float, seconds: float, conn: Connection) -
         start = time.monotonic()
 
         async def loop(offset: float) -> int:
+            worker_id = f"bench-producer-{offset}"  # a lease is ended by its claimer only
             steps = 0
             next_at = start + offset
             while time.monotonic() - start < seconds:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 next_at += interval
                 t0 = time.perf_counter()
-                claimed = await store.claim(f"bench-producer-{offset}", 1)
+                claimed = await store.claim(worker_id, 1)
                 t1 = time.perf_counter()
                 statement_ms.append((t1 - t0) * 1000)
                 for step in claimed:
-                    await store.complete(step, '{"ok": true}', worker_id="bench-producer")
+                    await store.complete(step, '{"ok": true}', worker_id=worker_id)
                     statement_ms.append((time.perf_counter() - t1) * 1000)
                     steps += 1
             return steps

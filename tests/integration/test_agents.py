@@ -417,10 +417,13 @@ def test_sigterm_releases_the_running_step_and_marks_the_agent_stopped(
     db_url: str, tmp_path: Path
 ) -> None:
     with api(db_url, tmp_path, PGDAG_LEASE_TTL="60") as server:
-        a0 = start_agent(db_url, tmp_path, server, "a0")
+        a0 = start_agent(db_url, tmp_path, server, "a0", "--log-level", "DEBUG")
         try:
             run_id = post_run(server, {"steps": [delay("long", 60_000)]})
             wait_for(lambda: running_on(db_url, run_id, "a0"), timeout_s=30, what="a0 runs it")
+            # The claim committed; wait until a0 has its answer too (a SIGTERM before that
+            # leaves the step to the lease's expiry).
+            wait_for(lambda: "attempt started" in a0.output(), timeout_s=30, what="a0 to start it")
             started = time.monotonic()
             code = a0.stop()  # SIGTERM: grace 2 s, then release
             assert time.monotonic() - started < 15
@@ -532,10 +535,13 @@ def test_cancelled_run_stops_the_agents_attempt_by_heartbeat(db_url: str, tmp_pa
     """A lease the heartbeat answer lists as lost (the run was cancelled) ends the attempt
     at once: the agent does not run the minute-long step to its end."""
     with api(db_url, tmp_path) as server:
-        a0 = start_agent(db_url, tmp_path, server, "a0")
+        a0 = start_agent(db_url, tmp_path, server, "a0", "--log-level", "DEBUG")
         try:
             run_id = post_run(server, {"steps": [delay("long", 60_000)]})
             wait_for(lambda: running_on(db_url, run_id, "a0"), timeout_s=30, what="a0 runs it")
+            # The claim committed; wait until a0 has its answer too (a SIGTERM before that
+            # leaves the step to the lease's expiry).
+            wait_for(lambda: "attempt started" in a0.output(), timeout_s=30, what="a0 to start it")
             r = httpx.post(f"{server}/runs/{run_id}/cancel", json={}, timeout=10)
             assert r.status_code == 200, r.text
             wait_for(
