@@ -124,6 +124,16 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (Linux /proc), 0.0 if it is
+    gone: how much of the 2 cores a drain cost each process, steadier than its rate."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def wait_until(
     check: Callable[[], T | None], *, timeout_s: float, what: str, interval_s: float = 0.02
 ) -> T:

@@ -25,6 +25,7 @@ import psycopg
 
 from benchmarks.common import (
     child_env,
+    cpu_s,
     free_port,
     log_tail,
     percentile,
@@ -133,6 +134,9 @@ def _drain(
         rss = {
             "workerMb": [round(rss_mb(p.pid), 1) for p in procs[:workers]],
             "apiMb": round(rss_mb(procs[-1].pid), 1) if api else None,
+            # CPU seconds since start (start-up included, ~0.5 s each)
+            "workerCpuS": [round(cpu_s(p.pid), 2) for p in procs[:workers]],
+            "apiCpuS": round(cpu_s(procs[-1].pid), 2) if api else None,
         }
         first, last = conn.execute(
             "SELECT min(created_at) FILTER (WHERE event = 'step_claimed'),"
