@@ -24,6 +24,7 @@ import httpx
 import psycopg
 
 from benchmarks.common import (
+    CostMeter,
     child_env,
     cpu_s,
     free_port,
@@ -112,20 +113,38 @@ def _unfinished_runs(conn: psycopg.Connection[Any]) -> int:
 
 
 def _drain(
-    url: str, *, workers: int, concurrency: int, timeout_s: float, api: bool = False
+    url: str,
+    *,
+    jobs: int,
+    workers: int,
+    concurrency: int,
+    timeout_s: float,
+    api: bool = False,
 ) -> dict[str, Any]:
     """Start `workers` worker processes (and an idle API when `api`), wait until no run is
     unfinished, and time it two ways: wall clock from spawning the processes, and the
-    database's own clock from the first claim to the last success (no process start-up)."""
+    database's own clock from the first claim to the last success (no process start-up).
+    ``cost``: the WAL bytes and commits the drain cost, over `jobs` (`CostMeter`: from
+    before the processes start to after they have exited, so their start-up and shutdown
+    are in it)."""
     argvs = _worker_argvs(workers, concurrency)
     port = free_port()
     if api:
         argvs.append(["-m", "engine", "serve", "--port", str(port)])
     env = child_env(url, PGDAG_TOOLS=TOOLS)
+    meter = CostMeter(url)
+    meter.before()
+    polls = 0  # transactions of our own monitoring connection, subtracted from the commits
+
+    def finished(conn: psycopg.Connection[Any]) -> bool:
+        nonlocal polls
+        polls += 1
+        return _unfinished_runs(conn) == 0
+
     with processes(argvs, env) as procs, psycopg.connect(url, autocommit=True) as conn:
         t0 = time.perf_counter()
         wait_until(
-            lambda: _unfinished_runs(conn) == 0,
+            lambda: finished(conn),
             timeout_s=timeout_s,
             what="every run to finish",
             interval_s=0.01,
@@ -144,11 +163,13 @@ def _drain(
             " FROM audit_log"
         ).fetchone()  # type: ignore[misc]
         failed = conn.execute("SELECT count(*) FROM runs WHERE status <> 'completed'").fetchone()
+        polls += 2
     return {
         "wallS": round(wall, 3),
         "dbS": round((last - first).total_seconds(), 3),
         "notCompleted": int(failed[0]) if failed else None,
         "rss": rss,
+        "cost": meter.after(jobs, monitor_commits=polls),
     }
 
 
@@ -167,7 +188,14 @@ def w1(base: str, jobs: int, *, shape: str = "runs", workers: int = 2) -> dict[s
                 _spec([{"name": f"s{i}", "tool": "NOOP", "input": {}} for i in range(per_run)])
             ] * max(1, jobs // per_run)
         _, enqueue_s = enqueue(url, specs)
-        d = _drain(url, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600, api=True)
+        d = _drain(
+            url,
+            jobs=jobs,
+            workers=workers,
+            concurrency=WORKER_CONCURRENCY,
+            timeout_s=600,
+            api=True,
+        )
     return {
         "jobs": jobs,
         "shape": shape,
@@ -294,7 +322,9 @@ def w2(base: str, runs: int, *, workers: int = 2) -> dict[str, Any]:
     with scratch_db(base, "pgdag_bench_w2") as url:
         spec = _spec(diamond_chain(10))
         _, enqueue_s = enqueue(url, [spec] * runs)
-        d = _drain(url, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600)
+        d = _drain(
+            url, jobs=runs * 10, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600
+        )
     steps = runs * 10
     return {
         "runs": runs,
