@@ -216,7 +216,8 @@ class CostMeter:
     to the database: what every exited backend did is then counted. The readings are made
     over a connection to `base`'s database, so they add nothing to `dbname`'s commits; the
     caller passes how many transactions its own monitoring connection to `dbname` ran in
-    between (`monitor_commits`), which are subtracted. `url` is the drain's database;
+    between (`monitor_commits`: one per autocommit query, plus one for the connection's
+    start-up), which are subtracted. `url` is the drain's database;
     the readings connect to the same server's ``postgres`` database, or to `stats_url`."""
 
     def __init__(self, url: str, stats_url: str | None = None) -> None:
@@ -227,13 +228,11 @@ class CostMeter:
     def _read(self, timeout_s: float) -> tuple[int, int]:
         with psycopg.connect(self.base, autocommit=True) as stats:
             wait_until(
-                lambda: (
-                    stats.execute(
-                        "SELECT count(*) = 0 FROM pg_stat_activity"
-                        " WHERE datname = %s AND backend_type = 'client backend'",
-                        (self.dbname,),
-                    ).fetchone()[0]  # type: ignore[index]
-                ),
+                lambda: stats.execute(
+                    "SELECT count(*) = 0 FROM pg_stat_activity"
+                    " WHERE datname = %s AND backend_type = 'client backend'",
+                    (self.dbname,),
+                ).fetchone()[0],  # type: ignore[index]
                 timeout_s=timeout_s,
                 what=f"every connection to {self.dbname} to close (its stats flushed)",
             )

@@ -134,7 +134,7 @@ def _drain(
     env = child_env(url, PGDAG_TOOLS=TOOLS)
     meter = CostMeter(url)
     meter.before()
-    polls = 0  # transactions of our own monitoring connection, subtracted from the commits
+    polls = 0  # queries of our own monitoring connection: its commits are subtracted
 
     def finished(conn: psycopg.Connection[Any]) -> bool:
         nonlocal polls
@@ -169,7 +169,7 @@ def _drain(
         "dbS": round((last - first).total_seconds(), 3),
         "notCompleted": int(failed[0]) if failed else None,
         "rss": rss,
-        "cost": meter.after(jobs, monitor_commits=polls),
+        "cost": meter.after(jobs, monitor_commits=polls + 1),  # + its start-up
     }
 
 
