@@ -134,6 +134,25 @@ def cpu_s(pid: int) -> float:
         return 0.0
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of process `pid` (Linux /proc), 0 if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def postgres_cpu_s(postmaster: int) -> float:
+    """CPU seconds used so far by the postmaster `postmaster` and every process it started
+    that is still alive (backends, WAL writer, checkpointer, autovacuum): a server on this
+    machine only. Backends that exited took their CPU time with them."""
+    total = cpu_s(postmaster)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and parent_pid(int(entry.name)) == postmaster:
+            total += cpu_s(int(entry.name))
+    return total
+
+
 def wait_until(
     check: Callable[[], T | None], *, timeout_s: float, what: str, interval_s: float = 0.02
 ) -> T:

@@ -29,7 +29,9 @@ from benchmarks.common import (
     cpu_s,
     free_port,
     log_tail,
+    parent_pid,
     percentile,
+    postgres_cpu_s,
     processes,
     rss_mb,
     scratch_db,
@@ -141,8 +143,19 @@ def _drain(
         polls += 1
         return _unfinished_runs(conn) == 0
 
+    def registered(conn: psycopg.Connection[Any]) -> bool:
+        nonlocal polls
+        polls += 1
+        row = conn.execute("SELECT count(*) FROM workers WHERE status = 'running'").fetchone()
+        return bool(row and row[0] >= workers)
+
     with processes(argvs, env) as procs, psycopg.connect(url, autocommit=True) as conn:
         t0 = time.perf_counter()
+        # CPU from the moment the workers registered (their start-up left out) to the end.
+        postmaster = parent_pid(int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
+        polls += 1
+        wait_until(lambda: registered(conn), timeout_s=timeout_s, what="the workers to register")
+        cpu0 = [cpu_s(p.pid) for p in procs], postgres_cpu_s(postmaster)
         wait_until(
             lambda: finished(conn),
             timeout_s=timeout_s,
@@ -150,6 +163,13 @@ def _drain(
             interval_s=0.01,
         )
         wall = time.perf_counter() - t0
+        cpu1 = [cpu_s(p.pid) for p in procs], postgres_cpu_s(postmaster)
+        worker_cpu = sum(cpu1[0][i] - cpu0[0][i] for i in range(workers))
+        cpu_us = {
+            "postgres": round((cpu1[1] - cpu0[1]) / jobs * 1e6),
+            "workers": round(worker_cpu / jobs * 1e6),
+            "api": round((cpu1[0][-1] - cpu0[0][-1]) / jobs * 1e6) if api else None,
+        }
         rss = {
             "workerMb": [round(rss_mb(p.pid), 1) for p in procs[:workers]],
             "apiMb": round(rss_mb(procs[-1].pid), 1) if api else None,
@@ -169,6 +189,8 @@ def _drain(
         "dbS": round((last - first).total_seconds(), 3),
         "notCompleted": int(failed[0]) if failed else None,
         "rss": rss,
+        # CPU microseconds per job, from the workers' registration to the last success
+        "cpuUsPerJob": cpu_us,
         "cost": meter.after(jobs, monitor_commits=polls + 1),  # + its start-up
     }
 
