@@ -374,6 +374,13 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                 _cost_cell(cost, key, fmt),
                 _cost_cell(pgq, key, fmt),
             )
+    split = w1.get("steps", {}).get("cpuUsPerJob")
+    if split:
+        add(
+            "",
+            "  CPU us / job: Postgres / 2 workers / API (after start-up)",
+            f"{split['postgres']} / {split['workers']} / {split['api']}",
+        )
     if "w9" in results:
         r = results["w9"]
         w1_rate = w1.get("steps", {}).get("jobsPerSDb")
