@@ -390,6 +390,13 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
             f"the same drain by {r['agents']} agents over the API: jobs/s{share}",
             _fmt(r["jobsPerSDb"]),
         )
+        split = r.get("cpuUsPerJob")
+        if split:
+            add(
+                "",
+                "  CPU us / job: Postgres / agents / API (after start-up)",
+                f"{split['postgres']} / {split['agents']} / {split['api']}",
+            )
     if "w2" in results:
         r = results["w2"]
         add(

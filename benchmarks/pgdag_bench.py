@@ -272,9 +272,23 @@ def w9_agents(base: str, jobs: int, *, agents: int = 2) -> dict[str, Any]:
                 ]
                 for i in range(agents)
             ]
+            postmaster = parent_pid(int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
             with processes(argvs, agent_env, log_dir=Path(tmp) / "logs") as procs:
                 t0 = time.perf_counter()
+                everyone = [*procs, api[0]]
                 try:
+                    # CPU from the agents' registration (their start-up left out) to the end.
+                    wait_until(
+                        lambda: (
+                            conn.execute(
+                                "SELECT count(*) FROM workers WHERE status = 'running'"
+                            ).fetchone()[0]  # type: ignore[index]
+                            >= agents
+                        ),
+                        timeout_s=60,
+                        what="the agents to register",
+                    )
+                    cpu0 = [cpu_s(p.pid) for p in everyone], postgres_cpu_s(postmaster)
                     wait_until(
                         lambda: _unfinished_runs(conn) == 0,
                         timeout_s=600,
@@ -284,6 +298,14 @@ def w9_agents(base: str, jobs: int, *, agents: int = 2) -> dict[str, Any]:
                 except TimeoutError:
                     raise RuntimeError(log_tail(Path(tmp) / "logs")) from None
                 wall = time.perf_counter() - t0
+                cpu1 = [cpu_s(p.pid) for p in everyone], postgres_cpu_s(postmaster)
+                cpu_us = {
+                    "postgres": round((cpu1[1] - cpu0[1]) / jobs * 1e6),
+                    "agents": round(
+                        sum(cpu1[0][i] - cpu0[0][i] for i in range(agents)) / jobs * 1e6
+                    ),
+                    "api": round((cpu1[0][-1] - cpu0[0][-1]) / jobs * 1e6),
+                }
                 rss = {
                     "agentMb": [round(rss_mb(p.pid), 1) for p in procs],
                     "apiMb": round(rss_mb(api[0].pid), 1),
@@ -304,6 +326,8 @@ def w9_agents(base: str, jobs: int, *, agents: int = 2) -> dict[str, Any]:
         "dbS": round(db_s, 3),
         "notCompleted": int(row[0]) if row else None,
         "rss": rss,
+        # CPU microseconds per job, from the agents' registration to the last success
+        "cpuUsPerJob": cpu_us,
         "jobsPerS": round(jobs / wall),
         "jobsPerSDb": round(jobs / db_s),
     }
