@@ -713,6 +713,7 @@ async def _run_graph(conn: Conn, run_id: str) -> tuple[dict[int, GraphStep], lis
             is_map=r["is_map"],
             map_width=r["map_width"],
             map_parent_id=r["map_parent_id"],
+            delay_ms=r["delay_ms"],
         )
         for r in await cur.fetchall()
     }
