@@ -190,7 +190,8 @@ class StepSpec(BaseModel):
     # Milliseconds to sleep, parked in Postgres (no lease, no worker slot), between the
     # moment the step's dependencies are done (a root: its run's start) and its becoming
     # ready. A map step sleeps once, before it expands; its children and its join do not.
-    delay_ms: int | None = Field(default=None, ge=0, le=MAX_DELAY_MS, alias="delayMs")
+    # Strict: a JSON integer only (true, "5" or 1.0 are refused, not read as a number).
+    delay_ms: int | None = Field(default=None, ge=0, le=MAX_DELAY_MS, alias="delayMs", strict=True)
 
     def to_row(self, parsed: StepRefs | None = None) -> dict[str, Any]:
         """The JSON object `insert_steps` reads for this step, with its references as

@@ -169,7 +169,7 @@ def test_cancel_while_parked(db_url: str, tmp_path: Path) -> None:
 
 
 def test_replay_sleeps_again_and_a_manual_retry_does_not(db_url: str, tmp_path: Path) -> None:
-    fail = {"failTimes": 1, "retryable": False}
+    fixed = tmp_path / "fixed"
     run_id = submit(
         db_url,
         {
@@ -178,8 +178,8 @@ def test_replay_sleeps_again_and_a_manual_retry_does_not(db_url: str, tmp_path: 
                 emit("b", 2, "a", delayMs=400),
                 {
                     "name": "c",
-                    "tool": "TEST_FAIL_TIMES",
-                    "input": fail,
+                    "tool": "TEST_FAIL_UNTIL_FILE",
+                    "input": {"path": str(fixed)},
                     "maxAttempts": 1,
                     "dependsOn": ["a"],
                     "delayMs": 400,
@@ -194,6 +194,7 @@ def test_replay_sleeps_again_and_a_manual_retry_does_not(db_url: str, tmp_path: 
         replayed = named(events(db_url, run_id), "step_replayed", "b")
         assert len(replayed) == 1 and replayed[0]["to_status"] == "pending"
         assert replayed[0]["detail"]["delayMs"] == 400 and "until" in replayed[0]["detail"]
+        fixed.write_text("")
         r = httpx.post(f"{base}/runs/{run_id}/steps/c/retry", json={}, timeout=10)
         assert r.status_code == 200, r.text
         assert wait_run_finished(db_url, run_id) == "completed"
@@ -230,7 +231,9 @@ def test_10000_parked_sleeps_hold_no_worker(db_url: str, tmp_path: Path) -> None
         workers(db_url, tmp_path, 1, concurrency=2, **TOOLS),
     ):
         wait_for(
-            lambda: any(w["alive"] for w in httpx.get(f"{base}/workers", timeout=10).json()),
+            lambda: any(
+                w["alive"] for w in httpx.get(f"{base}/workers", timeout=10).json()["workers"]
+            ),
             what="the worker registered",
         )
         t0 = time.monotonic()
@@ -248,7 +251,7 @@ def test_10000_parked_sleeps_hold_no_worker(db_url: str, tmp_path: Path) -> None
         )[0]
         assert held["pending"] == 10_000 and held["busy"] == 0
         assert held["first_wake"] > timedelta(minutes=59)
-        ws = httpx.get(f"{base}/workers", timeout=10).json()
+        ws = httpx.get(f"{base}/workers", timeout=10).json()["workers"]
         assert [len(w["currentSteps"]) for w in ws if w["alive"]] == [0]
         running = query(db_url, "SELECT count(*) AS n FROM steps WHERE status = 'running'")
         assert running[0]["n"] == 0
