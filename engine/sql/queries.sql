@@ -433,7 +433,7 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), promoted AS (
     UPDATE steps s SET status = 'ready', available_at = now(), updated_at = now()
-    FROM due WHERE s.id = due.id AND s.status = 'pending' AND s.deps_remaining = 0
+    FROM due WHERE s.id = due.id
     RETURNING s.id, s.run_id, s.name, s.delay_ms
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status, detail)
