@@ -375,11 +375,15 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                 _cost_cell(pgq, key, fmt),
             )
     split = w1.get("steps", {}).get("cpuUsPerJob")
-    if split:
+    pgq_split = _peer(results, "pgqueuer", "w1", "cpuUsPerJob")
+    if not isinstance(pgq_split, dict):
+        pgq_split = None
+    if split or pgq_split:
         add(
             "",
             "  CPU us / job: Postgres / 2 workers / API (after start-up)",
-            f"{split['postgres']} / {split['workers']} / {split['api']}",
+            f"{split['postgres']} / {split['workers']} / {split['api']}" if split else "-",
+            f"{pgq_split['postgres']} / {pgq_split['workers']} / -" if pgq_split else "-",
         )
     if "w9" in results:
         r = results["w9"]

@@ -131,7 +131,8 @@ def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
     after the workers exited; their start-up and shutdown are in it), in all and per job.
 
     Raises `PeerBenchError` if a worker dies or the call overruns its budget."""
-    from benchmarks.common import CostMeter  # imports the engine: not in worker processes
+    # imports the engine: not in worker processes
+    from benchmarks.common import CostMeter, cpu_s, parent_pid, postgres_cpu_s
 
     budget = Budget(f"pgqueuer w1 ({jobs} jobs, {processes} processes)")
     enqueue_s = run_async(_install_and_enqueue(dsn, jobs), budget, "installing and enqueueing")
@@ -159,10 +160,21 @@ def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
                 raise PeerBenchError(f"{budget.what}: {jobs - ok} jobs did not succeed")
             return True, ""
 
+        postmaster = parent_pid(int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
+        polls += 1
+        pids = [w.proc.pid for w in group.workers]
+        cpu0 = [cpu_s(p) for p in pids], postgres_cpu_s(postmaster)
         group.go()
         t0 = time.monotonic()
         t1 = wait_drained(done, group, budget)
+        cpu1 = [cpu_s(p) for p in pids], postgres_cpu_s(postmaster)
     result = drain_result(jobs, enqueue_s, t1 - t0, CONFIG)
+    # CPU microseconds per job from the release of the ready workers to the drained queue,
+    # as pgdag's W1 reports it (benchmarks.pgdag_bench._drain)
+    result["cpuUsPerJob"] = {
+        "postgres": round((cpu1[1] - cpu0[1]) / jobs * 1e6),
+        "workers": round(sum(b - a for a, b in zip(cpu0[0], cpu1[0], strict=True)) / jobs * 1e6),
+    }
     result["cost"] = meter.after(
         jobs, monitor_commits=polls + 1, timeout_s=max(budget.left(), 5.0)
     )  # + 1: its start-up
