@@ -45,6 +45,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
 from engine import agents, metrics, openapi, responses, tracing, ws
+from engine.bodies import gc_paused
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings, check_interval
@@ -156,15 +157,16 @@ async def create_run(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     raw = await _read_body(request, settings.max_body_bytes)
     try:
-        body = json.loads(raw)
+        with gc_paused():
+            body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ValidationFailed(
             [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}]
         ) from None
     store = _store(request)
-    spec = parse_run(
-        body, max_steps=settings.max_steps_per_run, remote_tools=await _remote_tools(store, body)
-    )
+    remote_tools = await _remote_tools(store, body)
+    with gc_paused():  # synchronous: decoding and checking build objects, no cycles
+        spec = parse_run(body, max_steps=settings.max_steps_per_run, remote_tools=remote_tools)
     # The run's span, a child of the request's traceparent; stored with the run, it is the
     # parent of every attempt's span (engine.tracing).
     with tracing.run_span(request.headers, steps=len(spec.steps)) as span:
