@@ -45,13 +45,13 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
 from engine import agents, metrics, openapi, responses, tracing, ws
-from engine.bodies import gc_paused
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings, check_interval
 from engine.dag import ApiDatetime, RunSpec, parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
+from engine.gcpause import gc_paused
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.internal_error import InternalErrorGuard
 from engine.live import EventHub
