@@ -14,6 +14,10 @@ Workloads (all by default; pick with ``--only``, repeatable):
 - w8:      map fan-out: one map step into 10,000 no-op children, submit -> the join starts;
 - w9:      w1's drain by 2 remote agents (``python -m workers --server``, no DATABASE_URL)
            through one API process, beside w1;
+- ceiling: W1's jobs in a bare queue table (no engine), drained by 2 processes with
+           SKIP LOCKED claims and one completing UPDATE per batch (`benchmarks.ceiling`);
+- ws:      live events to 1,000 WebSocket clients on ``/ws``: commit -> client latency and
+           lost events, one frame per event and ``?batch=1`` (`benchmarks.ws_latency`);
 - pgbench: single-row UPDATE commits/s at 8 and 16 clients (the ceiling);
 - explain: EXPLAIN (ANALYZE, BUFFERS) of the claim and reaper queries on 1,000,000 steps.
 
@@ -38,13 +42,27 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import pgbench, pgdag_bench
+from benchmarks import ceiling, pgbench, pgdag_bench, ws_latency
 from benchmarks.common import ROOT, machine, scratch_db
 from engine.config import Settings
 from engine.db import resolve_database_url
 from engine.sql import queries
 
-WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6", "w8", "w9", "pgbench", "peers", "explain")
+WORKLOADS = (
+    "w1",
+    "w2",
+    "w3",
+    "w4",
+    "w5",
+    "w6",
+    "w8",
+    "w9",
+    "ceiling",
+    "ws",
+    "pgbench",
+    "peers",
+    "explain",
+)
 
 FULL: dict[str, Any] = {
     "w1_jobs": 20_000,
@@ -61,6 +79,12 @@ FULL: dict[str, Any] = {
     "pgbench_seconds": 10,
     "explain_steps": 1_000_000,
     "dbos_workflows": 1_000,
+    "ceiling_batches": (25, 100),
+    "ws_clients": 1_000,
+    "ws_rate": 200.0,
+    "ws_seconds": 10.0,
+    "ws_warmup_s": 3.0,
+    "ws_modes": ("event", "batch"),
 }
 QUICK: dict[str, Any] = {
     "w1_jobs": 1_000,
@@ -77,6 +101,12 @@ QUICK: dict[str, Any] = {
     "pgbench_seconds": 2,
     "explain_steps": 20_000,
     "dbos_workflows": 30,
+    "ceiling_batches": (100,),
+    "ws_clients": 50,
+    "ws_rate": 200.0,
+    "ws_seconds": 1.0,
+    "ws_warmup_s": 1.0,
+    "ws_modes": ("event",),
 }
 
 
@@ -257,6 +287,14 @@ def _w1_cell(results: dict[str, Any], name: str, jobs: int) -> str:
     return _fmt(rate)
 
 
+def _cost_cell(cost: Any, key: str, fmt: str) -> str:
+    """One `CostMeter` figure of a W1 result's ``cost`` (or "n/a"/"error"/"-" as `_peer`)."""
+    if isinstance(cost, dict):
+        value = cost.get(key)
+        return "-" if value is None else fmt.format(value)
+    return _fmt(cost)
+
+
 def _retention_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     """W6's retention phase, "delete" beside "partitions" (`pgdag_bench._retention_phase`)."""
     d, p = r["delete"], r["partitions"]
@@ -284,16 +322,32 @@ def _retention_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+COLUMNS = ("workload", "figure", "pgdag", "PgQueuer", "Procrastinate", "DBOS")
+
+
 def table(results: dict[str, Any]) -> Table:
-    """The summary: one row per figure, pgdag beside each peer."""
+    """The summary (`rows`) as a rich table."""
     t = Table(title="pgdag vs peers (same machine, same Postgres, one run)")
-    for col in ("workload", "figure", "pgdag", "PgQueuer", "Procrastinate", "DBOS"):
+    for col in COLUMNS:
         t.add_column(col, justify="left" if col in ("workload", "figure") else "right")
+    for row in rows(results):
+        t.add_row(*row)
+    return t
+
+
+def rows(results: dict[str, Any]) -> list[list[str]]:
+    """The summary: one row per figure, pgdag beside each peer (cells as in `COLUMNS`,
+    trailing empty cells left out)."""
+    out: list[list[str]] = []
+
+    def add(*cells: str) -> None:
+        out.append(list(cells))
+
     peers = ("pgqueuer", "procrastinate", "dbos")
     w1 = results.get("w1", {})
     if "steps" in w1:
         r = w1["steps"]
-        t.add_row(
+        add(
             "W1 flat",
             f"{r['jobs']:,} no-op jobs, 2 processes: jobs/s (pgdag: steps of 10,000-step runs)",
             _fmt(r["jobsPerSDb"]),
@@ -301,24 +355,55 @@ def table(results: dict[str, Any]) -> Table:
         )
     if "runs" in w1:
         r = w1["runs"]
-        t.add_row("", "  pgdag, each job a one-step run", _fmt(r["jobsPerSDb"]))
-        t.add_row(
+        add("", "  pgdag, each job a one-step run", _fmt(r["jobsPerSDb"]))
+        add(
             "",
             "  pgdag wall clock incl. process start-up: steps / one-step runs",
             f"{_fmt(w1.get('steps', {}).get('jobsPerS'))} / {_fmt(r['jobsPerS'])}",
+        )
+    cost = w1.get("steps", {}).get("cost")
+    if cost or "pgqueuer" in results.get("peers", {}):
+        pgq = _peer(results, "pgqueuer", "w1", "cost")
+        for key, label, fmt in (
+            ("walBytesPerJob", "WAL bytes / job (cluster-wide: incl. API, autovacuum)", "{:,.0f}"),
+            ("commitsPerJob", "commits / job (the drain's database)", "{:.2f}"),
+        ):
+            add(
+                "W1 cost" if key == "walBytesPerJob" else "",
+                f"  {label}",
+                _cost_cell(cost, key, fmt),
+                _cost_cell(pgq, key, fmt),
+            )
+    split = w1.get("steps", {}).get("cpuUsPerJob")
+    pgq_split = _peer(results, "pgqueuer", "w1", "cpuUsPerJob")
+    if not isinstance(pgq_split, dict):
+        pgq_split = None
+    if split or pgq_split:
+        add(
+            "",
+            "  CPU us / job: Postgres / 2 workers / API (after start-up)",
+            f"{split['postgres']} / {split['workers']} / {split['api']}" if split else "-",
+            f"{pgq_split['postgres']} / {pgq_split['workers']} / -" if pgq_split else "-",
         )
     if "w9" in results:
         r = results["w9"]
         w1_rate = w1.get("steps", {}).get("jobsPerSDb")
         share = f" ({r['jobsPerSDb'] / w1_rate:.2f}x W1)" if w1_rate else ""
-        t.add_row(
+        add(
             "W9 agents",
             f"the same drain by {r['agents']} agents over the API: jobs/s{share}",
             _fmt(r["jobsPerSDb"]),
         )
+        split = r.get("cpuUsPerJob")
+        if split:
+            add(
+                "",
+                "  CPU us / job: Postgres / agents / API (after start-up)",
+                f"{split['postgres']} / {split['agents']} / {split['api']}",
+            )
     if "w2" in results:
         r = results["w2"]
-        t.add_row(
+        add(
             "W2 DAG",
             f"{r['runs']:,} runs x 10-step diamond chain: steps/s",
             _fmt(r["stepsPerSDb"]),
@@ -326,7 +411,7 @@ def table(results: dict[str, Any]) -> Table:
             "",
             _fmt(_peer(results, "dbos", "w2", "stepsPerS")),
         )
-        t.add_row(
+        add(
             "",
             "  runs/s (DBOS: 3-step workflows/s)",
             _fmt(r["runsPerSDb"]),
@@ -337,7 +422,7 @@ def table(results: dict[str, Any]) -> Table:
     if "w3" in results:
         r = results["w3"]
         for key, label in (("p50Ms", "p50"), ("p99Ms", "p99")):
-            t.add_row(
+            add(
                 "W3 pickup" if key == "p50Ms" else "",
                 f"{r['n']} jobs at {r['ratePerS']:.0f}/s, commit -> start {label} (ms)",
                 _fmt(r[key]),
@@ -346,64 +431,93 @@ def table(results: dict[str, Any]) -> Table:
     if "w4" in results:
         r = results["w4"]
         for i, (backlog, rate) in enumerate(r["rates"].items()):
-            t.add_row("" if i else "W4 backlog", f"{int(backlog):,} ready: steps/s", _fmt(rate))
-        t.add_row("", "  rate at the largest / at the smallest", _fmt(r["ratio"]))
+            add("" if i else "W4 backlog", f"{int(backlog):,} ready: steps/s", _fmt(rate))
+        add("", "  rate at the largest / at the smallest", _fmt(r["ratio"]))
     if "w5" in results:
         r = results["w5"]
-        t.add_row("W5 big run", f"POST /runs, {r['steps']:,} steps: median ms", _fmt(r["medianMs"]))
+        add("W5 big run", f"POST /runs, {r['steps']:,} steps: median ms", _fmt(r["medianMs"]))
     if "w6" in results:
         r = results["w6"]
         for rel in ("steps", "audit_log"):
             s = r["tables"].get(rel, {})
-            t.add_row(
+            add(
                 "W6 churn" if rel == "steps" else "",
                 f"after {r['steps']:,} steps: {rel} table+indexes MB (dead tuples)",
                 f"{s.get('tableMb', 0) + s.get('indexesMb', 0):,.1f} ({s.get('dead', 0):,})",
             )
         if "retention" in r:
             for row in _retention_rows(r["retention"]):
-                t.add_row(*row)
+                add(*row)
     if "w8" in results:
         r = results["w8"]
         every = " / ".join(_fmt(v) if v is None else f"{v:.2f}" for v in r["joinStartAllS"])
-        t.add_row(
+        add(
             "W8 map",
             f"{r['children']:,} no-op children, {r['workers']} processes: submit -> join"
             f" start, median s ({every})",
             "-" if r["joinStartS"] is None else f"{r['joinStartS']:.2f}",
         )
-        t.add_row(
+        add(
             "",
             "  submit -> map expanded, median s",
             "-" if r["expandS"] is None else f"{r['expandS']:.3f}",
         )
-        t.add_row("", "  children/s, expanded -> last child done", _fmt(r["childrenPerS"]))
-        t.add_row(
+        add("", "  children/s, expanded -> last child done", _fmt(r["childrenPerS"]))
+        add(
             "",
             "  map output: JSON array of the children's outputs, in order",
             f"{_fmt(r['outputLength'])} {'ok' if r['outputOk'] else 'WRONG'}",
         )
     if "steps" in w1:
         rss = w1["steps"]["rss"]
-        t.add_row(
-            "W7 memory", "RSS after W1: worker / API (MiB)", f"{rss['workerMb']} / {rss['apiMb']}"
-        )
+        add("W7 memory", "RSS after W1: worker / API (MiB)", f"{rss['workerMb']} / {rss['apiMb']}")
+    if "ceiling" in results:
+        c = results["ceiling"]
+        for i, (batch, r) in enumerate(c["batches"].items()):
+            add(
+                "" if i else "ceiling",
+                f"bare SKIP LOCKED claim+complete, batch {batch}: jobs/s ({r['jobs']:,} jobs,"
+                f" {r['processes']} x {r['connectionsPerProcess']} connections)",
+                _fmt(r["jobsPerSDb"]),
+            )
+        for batch, r in c["batches"].items():
+            add(
+                "",
+                f"  batch {batch}: WAL bytes / job, commits / job",
+                f"{r['cost']['walBytesPerJob']:,.0f} / {r['cost']['commitsPerJob']:.2f}",
+            )
+        if "steps" in w1 and c.get("best"):
+            add(
+                "",
+                "  W1 as a fraction of the ceiling (best batch)",
+                f"{w1['steps']['jobsPerSDb'] / c['best']:.2f}",
+            )
+    if "ws" in results:
+        for i, r in enumerate(results["ws"]):
+            add(
+                "" if i else "WS live",
+                f"{r['clients']:,} clients on /ws ({r['mode']}),"
+                f" {r['producedEventsPerSecond']:,.0f} events/s: commit -> client"
+                " p50 / p99 ms, events lost (resyncs)",
+                f"{r['p50Ms']} / {r['p99Ms']}, {r['lostEvents']:,} ({r['resyncs']})",
+            )
     if "pgbench" in results and "tps" in results["pgbench"]:
         for i, (c, tps) in enumerate(results["pgbench"]["tps"].items()):
-            t.add_row(
+            add(
                 "" if i else "ceiling",
                 f"pgbench single-row UPDATE, {c} clients: commits/s",
                 _fmt(tps),
             )
         if "steps" in w1 and "16" in results["pgbench"]["tps"]:
             frac = w1["steps"]["jobsPerSDb"] / results["pgbench"]["tps"]["16"]
-            t.add_row("", "  W1 jobs/s as a fraction of 16-client UPDATEs/s", f"{frac:.2f}")
-    return t
+            add("", "  W1 jobs/s as a fraction of 16-client UPDATEs/s", f"{frac:.2f}")
+    return out
 
 
 def goals(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    """Issue 5's goals against this run's figures: ``(goal, measured, met)``; `met` is None
-    when a figure it needs is missing (a peer not installed, a workload not run)."""
+    """Issue 14's goals (and W8's) against this run's figures: ``(goal, measured, met)``;
+    `met` is None when a figure it needs is missing (a peer not installed, a workload not
+    run)."""
 
     def num(value: Any) -> float | None:
         return float(value) if isinstance(value, int | float) else None
@@ -419,21 +533,15 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 
     w1 = results.get("w1", {}).get("steps", {}).get("jobsPerSDb")
     w2 = results.get("w2", {})
-    ratio("W1 >= 1.5x PgQueuer", w1, _peer(results, "pgqueuer", "w1", "jobsPerS"), 1.5)
-    ratio("W1 >= 10x Procrastinate", w1, _peer(results, "procrastinate", "w1", "jobsPerS"), 10)
-    ratio(
-        "W2 steps/s >= PgQueuer W1 jobs/s",
-        w2.get("stepsPerSDb"),
-        _peer(results, "pgqueuer", "w1", "jobsPerS"),
-        1.0,
-    )
+    pgq_w1 = _peer(results, "pgqueuer", "w1", "jobsPerS")
+    ratio("W1 >= 1.5x PgQueuer", w1, pgq_w1, 1.5)
     ratio(
         "W2 runs/s >= 10x DBOS workflows/s",
         w2.get("runsPerSDb"),
         _peer(results, "dbos", "w2", "workflowsPerS"),
         10,
     )
-    ratio("W9 agents >= 0.5x W1", results.get("w9", {}).get("jobsPerSDb"), w1, 0.5)
+    ratio("W2 steps/s >= PgQueuer W1 jobs/s", w2.get("stepsPerSDb"), pgq_w1, 1.0)
     w3 = results.get("w3")
     if w3:
         out.append(("W3 p50 <= 3 ms", f"{w3['p50Ms']} ms", w3["p50Ms"] <= 3))
@@ -443,7 +551,21 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         out.append(("W4 largest >= 90 % of smallest", f"{w4['ratio']:.0%}", w4["ratio"] >= 0.9))
     w5 = results.get("w5")
     if w5:
-        out.append(("W5 under 1 s", f"{w5['medianMs']} ms", w5["medianMs"] < 1000))
+        ms = w5["medianMs"]
+        out.append((f"W5 POST {w5['steps']:,} steps: median <= 0.5 s", f"{ms} ms", ms <= 500))
+    ratio("W9 agents >= 0.5x W1", results.get("w9", {}).get("jobsPerSDb"), w1, 0.5)
+    ws = results.get("ws")
+    if ws:
+        best = min(ws, key=lambda r: r["p99Ms"])
+        lost = sum(r["lostEvents"] for r in ws)
+        resyncs = sum(r["resyncs"] for r in ws)
+        out.append(
+            (
+                f"WS {best['clients']:,} clients: p99 <= 100 ms, nothing lost",
+                f"{best['p99Ms']} ms ({best['mode']}), {lost} lost, {resyncs} resyncs",
+                best["p99Ms"] <= 100 and lost == 0 and resyncs == 0,
+            )
+        )
     w8 = results.get("w8")
     if w8:
         goal = f"W8 map {w8['children']:,} -> join start under 10 s"
@@ -509,6 +631,20 @@ def main(argv: list[str] | None = None) -> int:
         step("w8", lambda: pgdag_bench.w8_map(base, size["w8_children"], size["w8_repeats"]))
     if "w9" in only:
         step("w9", lambda: pgdag_bench.w9_agents(base, size["w1_jobs"]))
+    if "ceiling" in only:
+        step("ceiling", lambda: ceiling.run(base, size["w1_jobs"], size["ceiling_batches"]))
+    if "ws" in only:
+        step(
+            "ws",
+            lambda: ws_latency.run(
+                clients=[size["ws_clients"]],
+                rate=size["ws_rate"],
+                seconds=size["ws_seconds"],
+                modes=list(size["ws_modes"]),
+                warmup_s=size["ws_warmup_s"],
+                base=base,
+            ),
+        )
     if "pgbench" in only:
         step("pgbench", lambda: pgbench.run(base, (8, 16), size["pgbench_seconds"]))
     if "peers" in only:
@@ -519,10 +655,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"--- {name}\n" + "\n".join(plan), highlight=False)
 
     console.print(table(results))
+    results["table"] = {"columns": list(COLUMNS), "rows": rows(results)}
     results["goals"] = [{"goal": g, "measured": m, "met": ok} for g, m, ok in goals(results)]
     for g in results["goals"]:
         mark = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
-        console.print(f"goal: {g['goal']:<40} {g['measured']:>10}  {mark}", highlight=False)
+        console.print(f"goal: {g['goal']:<45} {g['measured']:>14}  {mark}", highlight=False)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     console.print(f"wrote {args.out}")
     return 0

@@ -134,6 +134,25 @@ def cpu_s(pid: int) -> float:
         return 0.0
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of process `pid` (Linux /proc), 0 if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def postgres_cpu_s(postmaster: int) -> float:
+    """CPU seconds used so far by the postmaster `postmaster` and every process it started
+    that is still alive (backends, WAL writer, checkpointer, autovacuum): a server on this
+    machine only. Backends that exited took their CPU time with them."""
+    total = cpu_s(postmaster)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and parent_pid(int(entry.name)) == postmaster:
+            total += cpu_s(int(entry.name))
+    return total
+
+
 def wait_until(
     check: Callable[[], T | None], *, timeout_s: float, what: str, interval_s: float = 0.02
 ) -> T:
@@ -190,3 +209,69 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _cost_counters(stats: psycopg.Connection[Any], dbname: str) -> tuple[int, int]:
+    """``(pg_stat_wal.wal_bytes, pg_stat_database.xact_commit of dbname)`` as now read."""
+    row = stats.execute(
+        "SELECT (SELECT wal_bytes FROM pg_stat_wal)::bigint,"
+        " (SELECT xact_commit FROM pg_stat_database WHERE datname = %s)",
+        (dbname,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1] or 0)
+
+
+class CostMeter:
+    """WAL bytes and commits a drain cost: `before()` after the enqueue, `after()` once the
+    drain's processes have exited; `per_job` divides the deltas.
+
+    ``wal_bytes`` is `pg_stat_wal`'s (cluster-wide: it includes whatever else wrote WAL
+    meanwhile: the drain's API and maintenance, autovacuum, and any other database of the
+    cluster); ``commits`` is `pg_stat_database.xact_commit` of the drain's database only
+    (read-only transactions count too). Backends report their counters lazily (PG 15+: at
+    most once a second while busy, and when they exit, before they leave
+    `pg_stat_activity`), so each reading first waits until no client backend is connected
+    to the database: what every exited backend did is then counted. The readings are made
+    over a connection to `base`'s database, so they add nothing to `dbname`'s commits; the
+    caller passes how many transactions its own monitoring connection to `dbname` ran in
+    between (`monitor_commits`: one per autocommit query, plus one for the connection's
+    start-up), which are subtracted. `url` is the drain's database;
+    the readings connect to the same server's ``postgres`` database, or to `stats_url`."""
+
+    def __init__(self, url: str, stats_url: str | None = None) -> None:
+        self.dbname = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+        self.base = stats_url or db_url(url, "postgres")
+        self._before: tuple[int, int] | None = None
+
+    def _read(self, timeout_s: float) -> tuple[int, int]:
+        with psycopg.connect(self.base, autocommit=True) as stats:
+            wait_until(
+                lambda: stats.execute(
+                    "SELECT count(*) = 0 FROM pg_stat_activity"
+                    " WHERE datname = %s AND backend_type = 'client backend'",
+                    (self.dbname,),
+                ).fetchone()[0],  # type: ignore[index]
+                timeout_s=timeout_s,
+                what=f"every connection to {self.dbname} to close (its stats flushed)",
+            )
+            return _cost_counters(stats, self.dbname)
+
+    def before(self, timeout_s: float = 30) -> None:
+        """Take the first reading; raise TimeoutError if connections stay open `timeout_s`."""
+        self._before = self._read(timeout_s)
+
+    def after(self, jobs: int, monitor_commits: int = 0, timeout_s: float = 30) -> dict[str, Any]:
+        """The second reading: ``walBytes`` and ``commits`` deltas (commits less
+        `monitor_commits`), and both per job (``walBytesPerJob``, ``commitsPerJob``)."""
+        assert self._before is not None, "CostMeter.before() first"
+        wal, commits = self._read(timeout_s)
+        d_wal = wal - self._before[0]
+        d_commits = commits - self._before[1] - monitor_commits
+        return {
+            "walBytes": d_wal,
+            "commits": d_commits,
+            "monitorCommits": monitor_commits,
+            "walBytesPerJob": round(d_wal / jobs, 1) if jobs else None,
+            "commitsPerJob": round(d_commits / jobs, 3) if jobs else None,
+        }

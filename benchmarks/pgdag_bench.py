@@ -24,11 +24,14 @@ import httpx
 import psycopg
 
 from benchmarks.common import (
+    CostMeter,
     child_env,
     cpu_s,
     free_port,
     log_tail,
+    parent_pid,
     percentile,
+    postgres_cpu_s,
     processes,
     rss_mb,
     scratch_db,
@@ -112,25 +115,61 @@ def _unfinished_runs(conn: psycopg.Connection[Any]) -> int:
 
 
 def _drain(
-    url: str, *, workers: int, concurrency: int, timeout_s: float, api: bool = False
+    url: str,
+    *,
+    jobs: int,
+    workers: int,
+    concurrency: int,
+    timeout_s: float,
+    api: bool = False,
 ) -> dict[str, Any]:
     """Start `workers` worker processes (and an idle API when `api`), wait until no run is
     unfinished, and time it two ways: wall clock from spawning the processes, and the
-    database's own clock from the first claim to the last success (no process start-up)."""
+    database's own clock from the first claim to the last success (no process start-up).
+    ``cost``: the WAL bytes and commits the drain cost, over `jobs` (`CostMeter`: from
+    before the processes start to after they have exited, so their start-up and shutdown
+    are in it)."""
     argvs = _worker_argvs(workers, concurrency)
     port = free_port()
     if api:
         argvs.append(["-m", "engine", "serve", "--port", str(port)])
     env = child_env(url, PGDAG_TOOLS=TOOLS)
+    meter = CostMeter(url)
+    meter.before()
+    polls = 0  # queries of our own monitoring connection: its commits are subtracted
+
+    def finished(conn: psycopg.Connection[Any]) -> bool:
+        nonlocal polls
+        polls += 1
+        return _unfinished_runs(conn) == 0
+
+    def registered(conn: psycopg.Connection[Any]) -> bool:
+        nonlocal polls
+        polls += 1
+        row = conn.execute("SELECT count(*) FROM workers WHERE status = 'running'").fetchone()
+        return bool(row and row[0] >= workers)
+
     with processes(argvs, env) as procs, psycopg.connect(url, autocommit=True) as conn:
         t0 = time.perf_counter()
+        # CPU from the moment the workers registered (their start-up left out) to the end.
+        postmaster = parent_pid(int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
+        polls += 1
+        wait_until(lambda: registered(conn), timeout_s=timeout_s, what="the workers to register")
+        cpu0 = [cpu_s(p.pid) for p in procs], postgres_cpu_s(postmaster)
         wait_until(
-            lambda: _unfinished_runs(conn) == 0,
+            lambda: finished(conn),
             timeout_s=timeout_s,
             what="every run to finish",
             interval_s=0.01,
         )
         wall = time.perf_counter() - t0
+        cpu1 = [cpu_s(p.pid) for p in procs], postgres_cpu_s(postmaster)
+        worker_cpu = sum(cpu1[0][i] - cpu0[0][i] for i in range(workers))
+        cpu_us = {
+            "postgres": round((cpu1[1] - cpu0[1]) / jobs * 1e6),
+            "workers": round(worker_cpu / jobs * 1e6),
+            "api": round((cpu1[0][-1] - cpu0[0][-1]) / jobs * 1e6) if api else None,
+        }
         rss = {
             "workerMb": [round(rss_mb(p.pid), 1) for p in procs[:workers]],
             "apiMb": round(rss_mb(procs[-1].pid), 1) if api else None,
@@ -144,11 +183,15 @@ def _drain(
             " FROM audit_log"
         ).fetchone()  # type: ignore[misc]
         failed = conn.execute("SELECT count(*) FROM runs WHERE status <> 'completed'").fetchone()
+        polls += 2
     return {
         "wallS": round(wall, 3),
         "dbS": round((last - first).total_seconds(), 3),
         "notCompleted": int(failed[0]) if failed else None,
         "rss": rss,
+        # CPU microseconds per job, from the workers' registration to the last success
+        "cpuUsPerJob": cpu_us,
+        "cost": meter.after(jobs, monitor_commits=polls + 1),  # + its start-up
     }
 
 
@@ -167,7 +210,14 @@ def w1(base: str, jobs: int, *, shape: str = "runs", workers: int = 2) -> dict[s
                 _spec([{"name": f"s{i}", "tool": "NOOP", "input": {}} for i in range(per_run)])
             ] * max(1, jobs // per_run)
         _, enqueue_s = enqueue(url, specs)
-        d = _drain(url, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600, api=True)
+        d = _drain(
+            url,
+            jobs=jobs,
+            workers=workers,
+            concurrency=WORKER_CONCURRENCY,
+            timeout_s=600,
+            api=True,
+        )
     return {
         "jobs": jobs,
         "shape": shape,
@@ -222,9 +272,23 @@ def w9_agents(base: str, jobs: int, *, agents: int = 2) -> dict[str, Any]:
                 ]
                 for i in range(agents)
             ]
+            postmaster = parent_pid(int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
             with processes(argvs, agent_env, log_dir=Path(tmp) / "logs") as procs:
                 t0 = time.perf_counter()
+                everyone = [*procs, api[0]]
                 try:
+                    # CPU from the agents' registration (their start-up left out) to the end.
+                    wait_until(
+                        lambda: (
+                            conn.execute(
+                                "SELECT count(*) FROM workers WHERE status = 'running'"
+                            ).fetchone()[0]  # type: ignore[index]
+                            >= agents
+                        ),
+                        timeout_s=60,
+                        what="the agents to register",
+                    )
+                    cpu0 = [cpu_s(p.pid) for p in everyone], postgres_cpu_s(postmaster)
                     wait_until(
                         lambda: _unfinished_runs(conn) == 0,
                         timeout_s=600,
@@ -234,6 +298,14 @@ def w9_agents(base: str, jobs: int, *, agents: int = 2) -> dict[str, Any]:
                 except TimeoutError:
                     raise RuntimeError(log_tail(Path(tmp) / "logs")) from None
                 wall = time.perf_counter() - t0
+                cpu1 = [cpu_s(p.pid) for p in everyone], postgres_cpu_s(postmaster)
+                cpu_us = {
+                    "postgres": round((cpu1[1] - cpu0[1]) / jobs * 1e6),
+                    "agents": round(
+                        sum(cpu1[0][i] - cpu0[0][i] for i in range(agents)) / jobs * 1e6
+                    ),
+                    "api": round((cpu1[0][-1] - cpu0[0][-1]) / jobs * 1e6),
+                }
                 rss = {
                     "agentMb": [round(rss_mb(p.pid), 1) for p in procs],
                     "apiMb": round(rss_mb(api[0].pid), 1),
@@ -254,6 +326,8 @@ def w9_agents(base: str, jobs: int, *, agents: int = 2) -> dict[str, Any]:
         "dbS": round(db_s, 3),
         "notCompleted": int(row[0]) if row else None,
         "rss": rss,
+        # CPU microseconds per job, from the agents' registration to the last success
+        "cpuUsPerJob": cpu_us,
         "jobsPerS": round(jobs / wall),
         "jobsPerSDb": round(jobs / db_s),
     }
@@ -294,7 +368,9 @@ def w2(base: str, runs: int, *, workers: int = 2) -> dict[str, Any]:
     with scratch_db(base, "pgdag_bench_w2") as url:
         spec = _spec(diamond_chain(10))
         _, enqueue_s = enqueue(url, [spec] * runs)
-        d = _drain(url, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600)
+        d = _drain(
+            url, jobs=runs * 10, workers=workers, concurrency=WORKER_CONCURRENCY, timeout_s=600
+        )
     steps = runs * 10
     return {
         "runs": runs,

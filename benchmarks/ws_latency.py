@@ -17,7 +17,10 @@ event,batch``: one frame per event, the default protocol, or ``?batch=1``) it
    it, and ``received`` is the client's ``time.time()`` when the frame's bytes arrived. Both
    clocks are this machine's, so the figure is the time from the transaction's start to
    arrival: commit-to-arrival plus the statement itself (about a millisecond);
-5. reads the API's RSS (``/proc/<pid>/status``) after the clients connected, and again
+5. counts lost events: once the producer is done, the events committed after each client's
+   ``hello`` (its ``lastEventId``) are counted in the audit log; a client that has not
+   received that many within `DRAIN_WAIT_S` lost the difference (``lostEvents``);
+6. reads the API's RSS (``/proc/<pid>/status``) after the clients connected, and again
    after the load, and the CPU time the API used.
 
 Prints one line per configuration and returns the figures (`run`). Opening 1,000 sockets
@@ -30,6 +33,7 @@ import argparse
 import array
 import asyncio
 import base64
+import json
 import multiprocessing as mp
 import os
 import re
@@ -49,6 +53,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_S = 3.0
+DRAIN_WAIT_S = 10.0
+"""After the load, how long clients may take to receive the last event before the events
+they are missing count as lost (seconds)."""
 CLIENTS_PER_PROCESS = 500
 PRODUCERS = 4  # concurrent claim+complete loops (one alone cannot keep 200 events/s)
 ID_RE = re.compile(rb'"id": (\d+), "runId"')
@@ -69,6 +76,7 @@ class _Client(asyncio.Protocol):
         self.handshaken = False
         self.transport: Any = None  # asyncio's or uvloop's transport
         self.events = 0
+        self.hello_id: int | None = None  # the hello's lastEventId: events after it are due
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -136,6 +144,7 @@ class _Shared:
     def on_text(self, client: _Client, payload: bytes, now: float) -> None:
         self.frames += 1
         if payload.startswith(b'{"type": "hello"'):
+            client.hello_id = int(json.loads(payload)["lastEventId"])
             self.hellos += 1
             if self.hellos == self.expected:
                 self.all_connected.set()
@@ -161,7 +170,9 @@ class _Shared:
 
 def _client_process(port: int, path: str, n: int, conn: Connection) -> None:
     """Child: connect `n` clients, report when all said hello, then measure from and until
-    the times (epoch seconds) the parent sends."""
+    the times (epoch seconds) the parent sends; then wait (at most `DRAIN_WAIT_S`) until
+    every client has received the events due to it, which the parent sends once the
+    producer is done (``{hello lastEventId: events committed after it}``), and report."""
     _raise_nofile()
 
     async def go() -> dict[str, Any]:
@@ -180,11 +191,18 @@ def _client_process(port: int, path: str, n: int, conn: Connection) -> None:
             )
             clients += [protocol for _, protocol in made]
         await shared.all_connected.wait()
-        conn.send("connected")
+        conn.send(("connected", sorted({c.hello_id for c in clients if c.hello_id is not None})))
         shared.measure_from, stop_at = await loop.run_in_executor(None, conn.recv)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_before = usage.ru_utime + usage.ru_stime
         await asyncio.sleep(max(0.0, stop_at - time.time()))
+        due: dict[int, int] = await loop.run_in_executor(None, conn.recv)
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        # a bounded poll, once: an Event would put a check on every frame's hot path
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110
+            c.hello_id is None or c.events < due.get(c.hello_id, 0) for c in clients
+        ):
+            await asyncio.sleep(0.01)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         per_client = [c.events for c in clients]
         return {
@@ -192,6 +210,10 @@ def _client_process(port: int, path: str, n: int, conn: Connection) -> None:
             "resyncs": shared.resyncs,
             "frames": shared.frames,
             "perClientEvents": per_client,
+            "perClientLost": [
+                max(0, due.get(c.hello_id, 0) - c.events) if c.hello_id is not None else None
+                for c in clients
+            ],
             "cpuSeconds": usage.ru_utime + usage.ru_stime - cpu_before,
             "minId": shared.min_id,
             "maxId": shared.max_id,
@@ -333,10 +355,35 @@ def _percentile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
+def _events_due(url: str, hello_ids: set[int]) -> dict[int, int]:
+    """For each hello ``lastEventId`` h: how many audit rows (events of ``/ws``) have an id
+    above h, i.e. how many events a client that was told h must receive."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT h, (SELECT count(*) FROM audit_log WHERE id > h)"
+            " FROM unnest(%s::bigint[]) AS h",
+            (sorted(hello_ids),),
+        ).fetchall()
+    return {int(h): int(n) for h, n in rows}
+
+
 def bench_ws_latency(
-    url: str, *, clients: int, rate: float, seconds: float, batch: bool
+    url: str,
+    *,
+    clients: int,
+    rate: float,
+    seconds: float,
+    batch: bool,
+    warmup_s: float = WARMUP_S,
 ) -> dict[str, Any]:
-    """One configuration on the migrated database `url`; the figures as a dict."""
+    """One configuration on the migrated database `url`: `clients` clients on ``/ws``
+    (``?batch=1`` when `batch`), `rate` events/s for `warmup_s` + `seconds` seconds,
+    latency sampled over the last `seconds`. The figures as a dict (latencies in ms);
+    ``lostEvents`` sums, over the clients, the events committed after a client's hello
+    that it had not received `DRAIN_WAIT_S` after the load ended (``lostClients``: how
+    many clients missed any; a ``resync`` also means the client missed events)."""
     ctx = mp.get_context("spawn")
     path = "/ws?batch=1" if batch else "/ws"
     with _api(url) as (port, api):
@@ -344,7 +391,7 @@ def bench_ws_latency(
         producer_end, producer_conn = ctx.Pipe()
         producer = ctx.Process(
             target=_producer_process,
-            args=(url, rate, seconds + WARMUP_S, producer_conn),
+            args=(url, rate, seconds + warmup_s, producer_conn),
             daemon=True,
         )
         producer.start()
@@ -359,18 +406,24 @@ def bench_ws_latency(
             proc.start()
             pipes.append(mine)
             procs.append(proc)
+        hello_ids: set[int] = set()
         for pipe in pipes:
             if not pipe.poll(120):
                 raise RuntimeError(f"{clients} clients did not connect within 120 s")
-            assert pipe.recv() == "connected"
+            said, ids = pipe.recv()
+            assert said == "connected"
+            hello_ids.update(ids)
         # Measure after the warm-up; stop a second after the load ends.
         now = time.time()
         for pipe in pipes:
-            pipe.send((now + WARMUP_S, now + WARMUP_S + seconds + 1.0))
+            pipe.send((now + warmup_s, now + warmup_s + seconds + 1.0))
         rss_connected = _rss_kib(api.pid)
         cpu_before = _cpu_s(api.pid)
         producer_end.send("go")
-        produced = _recv(producer_end, seconds + WARMUP_S + 60, "the producer")
+        produced = _recv(producer_end, seconds + warmup_s + 60, "the producer")
+        due = _events_due(url, hello_ids)
+        for pipe in pipes:
+            pipe.send(due)
         results = [_recv(pipe, 120, "a client process") for pipe in pipes]
         cpu_s = _cpu_s(api.pid) - cpu_before
         rss_after = _rss_kib(api.pid)
@@ -384,6 +437,7 @@ def bench_ws_latency(
         samples.extend(a)
     samples.sort()
     per_client = [n for r in results for n in r["perClientEvents"]]
+    lost = [n for r in results for n in r["perClientLost"]]
     return {
         "clients": clients,
         "mode": "batch" if batch else "event",
@@ -392,14 +446,18 @@ def bench_ws_latency(
         "statementP50Ms": produced["statementP50Ms"],
         "statementP99Ms": produced["statementP99Ms"],
         "seconds": seconds,
+        "warmupS": warmup_s,
         "samples": len(samples),
         "p50Ms": round(_percentile(samples, 0.50), 1),
         "p99Ms": round(_percentile(samples, 0.99), 1),
         "maxMs": round(samples[-1], 1) if samples else None,
         "meanMs": round(statistics.fmean(samples), 1) if samples else None,
         "resyncs": sum(r["resyncs"] for r in results),
+        "eventsDue": max(due.values(), default=0),  # per client
+        "lostEvents": sum(n or 0 for n in lost),
+        "lostClients": sum(1 for n in lost if n is None or n > 0),
         "framesPerClientPerSecond": round(
-            sum(r["frames"] for r in results) / clients / (seconds + WARMUP_S), 1
+            sum(r["frames"] for r in results) / clients / (seconds + warmup_s), 1
         ),
         "eventsPerClientMin": min(per_client) if per_client else 0,
         "eventsPerClientMax": max(per_client) if per_client else 0,
@@ -413,22 +471,32 @@ def bench_ws_latency(
 
 
 def run(
-    *, clients: list[int], rate: float, seconds: float, modes: list[str]
+    *,
+    clients: list[int],
+    rate: float,
+    seconds: float,
+    modes: list[str],
+    warmup_s: float = WARMUP_S,
+    base: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every configuration on a scratch database of ``DATABASE_URL`` or the embedded
-    cluster; returns the figures (what `main` prints), for ``python -m benchmarks``."""
+    """Every configuration on a scratch database of `base` (default ``DATABASE_URL`` or
+    the embedded cluster); returns the figures (what `main` prints), for
+    ``python -m benchmarks``. `seconds` measured after `warmup_s`, per configuration."""
     from benchmarks.common import scratch_db
     from engine.config import Settings
     from engine.db import resolve_database_url
 
     _raise_nofile()
-    base = resolve_database_url(Settings.from_env())
+    if base is None:
+        base = resolve_database_url(Settings.from_env())
     out = []
     with scratch_db(base, "pgdag_bench_ws") as url:
         for n in clients:
             for mode in modes:
                 batch = mode == "batch"
-                r = bench_ws_latency(url, clients=n, rate=rate, seconds=seconds, batch=batch)
+                r = bench_ws_latency(
+                    url, clients=n, rate=rate, seconds=seconds, batch=batch, warmup_s=warmup_s
+                )
                 print(format_line(r), flush=True)
                 out.append(r)
     return out
@@ -441,10 +509,10 @@ def format_line(r: dict[str, Any]) -> str:
         f" p50 {r['p50Ms']} ms, p99 {r['p99Ms']} ms, max {r['maxMs']} ms"
         f" (write statement p50 {r['statementP50Ms']} / p99 {r['statementP99Ms']} ms;"
         f" {r['samples']:,} samples, {r['framesPerClientPerSecond']} frames/client/s,"
-        f" {r['resyncs']} resyncs);"
+        f" {r['resyncs']} resyncs, {r['lostEvents']} events lost);"
         f" API RSS {r['apiRssConnectedKiB'] / 1024:.1f} -> {r['apiRssAfterKiB'] / 1024:.1f} MiB,"
         f" CPU API {r['apiCpuSeconds']} s, clients {r['clientsCpuSeconds']} s"
-        f" in {r['seconds'] + WARMUP_S:.0f} s;"
+        f" in {r['seconds'] + r['warmupS']:.0f} s;"
         f" load {r['loadAverage'][0]:.2f}"
     )
 

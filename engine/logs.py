@@ -11,14 +11,16 @@ Two formats, ``PGDAG_LOG_FORMAT`` (``--log-format``):
 
 The code logs with the standard library (``logging.getLogger(__name__)``, lazy ``%``
 arguments); the handler's `structlog.stdlib.ProcessorFormatter` renders those records and
-structlog's own loggers alike. Context comes from `structlog.contextvars`: the worker binds
-``run_id``, ``step``, ``attempt``, ``worker`` and ``lease_token`` in each attempt's task, the
-API's agent routes bind ``agent``; keys passed as ``extra={...}`` are added too.
+structlog's own loggers alike. Context comes from `structlog.contextvars` (the API's agent
+routes bind ``agent``) and from `bind_attempt`, with which the worker puts ``run_id``,
+``step``, ``attempt``, ``worker`` and ``lease_token`` on each attempt's task; keys passed as
+``extra={...}`` are added too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -41,6 +43,14 @@ CONTEXT_ORDER = ("run_id", "step", "attempt", "worker", "lease_token", "agent")
 
 EventDict = MutableMapping[str, Any]
 T = TypeVar("T")
+
+# The attempt a worker's task is running (`bind_attempt`): one context variable set once per
+# attempt, merged into a line only when one is logged (`_merge_attempt`). Binding the five
+# keys through structlog.contextvars cost 2 us an attempt, a tenth of the worker's own
+# CPU per step in W1 (docs/benchmarks.md, issue 13).
+_ATTEMPT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "pgdag_attempt", default=None
+)
 
 
 def check_log_format(raw: str) -> str:
@@ -129,6 +139,7 @@ def _formatter(fmt: str) -> structlog.stdlib.ProcessorFormatter:
         # processors of `configure_logging` already).
         foreign_pre_chain=[
             structlog.contextvars.merge_contextvars,
+            _merge_attempt,
             structlog.stdlib.ExtraAdder(),
             structlog.stdlib.add_log_level,
             _logger_name,
@@ -161,6 +172,7 @@ def configure_logging(
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _merge_attempt,
             structlog.stdlib.filter_by_level,
             structlog.stdlib.add_log_level,
             _logger_name,
@@ -186,6 +198,33 @@ def bind(**context: Any) -> None:
     """Add `context` to every line logged from here on in this task (or thread); undone
     at the end of the enclosing `scoped` block."""
     structlog.contextvars.bind_contextvars(**context)
+
+
+def bind_attempt(
+    *, run_id: str, step: str, attempt: int, worker: str, lease_token: int | None
+) -> None:
+    """Put the attempt's context (run, step name, attempt number, worker id, fencing token)
+    on every line logged from here on in this task: the hot path's `bind`, one
+    context-variable write. A task started after this (`asyncio.create_task` copies the
+    context) inherits it."""
+    _ATTEMPT.set(
+        {
+            "run_id": run_id,
+            "step": step,
+            "attempt": attempt,
+            "worker": worker,
+            "lease_token": lease_token,
+        }
+    )
+
+
+def _merge_attempt(_: Any, __: str, event: EventDict) -> EventDict:
+    """Add the `bind_attempt` context to `event` (keys bound otherwise win)."""
+    context = _ATTEMPT.get()
+    if context:
+        for key, value in context.items():
+            event.setdefault(key, value)
+    return event
 
 
 @contextlib.contextmanager

@@ -288,10 +288,15 @@ class AgentBackend:
             timeout_s=wait_ms / 1000 + REQUEST_TIMEOUT_S,
         )
         steps = [_step(s) for s in answer.get("steps", [])]
+        if not steps:
+            return []
+        # One trip to the log's thread for the whole claim (one per step cost more CPU than
+        # the rest of the claim: docs/benchmarks.md, W9).
+        held = await asyncio.to_thread(self.log.held, [(s.id, s.lease_token) for s in steps])
         fresh: list[ClaimedStep] = []
         for step in steps:
             self._lease_ends[(step.id, step.lease_token)] = asked_at + self.lease_ttl_s
-            if await asyncio.to_thread(self.log.holds, step.id, step.lease_token):
+            if (step.id, step.lease_token) in held:
                 # Never run twice an attempt whose outcome we hold: report it instead.
                 logger.warning(
                     "run %s step %s attempt %d (token %d): outcome already in the log; "

@@ -27,7 +27,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -179,6 +179,19 @@ class AgentLog:
     def holds(self, step_id: int, lease_token: int) -> bool:
         """Whether the log has an outcome for this attempt (then it must not run again)."""
         return self.get(step_id, lease_token) is not None
+
+    def held(self, attempts: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Which of `attempts` (``(step_id, lease_token)`` pairs) the log has an outcome
+        for: `holds` for a whole claim at once, one lock and one call into a thread."""
+        found: set[tuple[int, int]] = set()
+        with self._lock:
+            for key in attempts:
+                cur = self._db.execute(
+                    "SELECT 1 FROM outcomes WHERE step_id = ? AND lease_token = ?", key
+                )
+                if cur.fetchone() is not None:
+                    found.add(key)
+        return found
 
     def pending(self, *, limit: int = 500) -> list[LoggedOutcome]:
         """Outcomes not answered yet, oldest first (at most `limit`)."""

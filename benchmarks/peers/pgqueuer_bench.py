@@ -127,21 +127,32 @@ def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
     """W1 flat drain in the empty database `dsn`: install, enqueue `jobs` no-op jobs, then
     drain them with `processes` worker processes. ``drainS`` runs from releasing the ready
     workers to the queue table being empty (seconds); ``jobsPerS`` = jobs / drainS.
+    ``cost``: WAL bytes and commits of the drain (`CostMeter`, read after the enqueue and
+    after the workers exited; their start-up and shutdown are in it), in all and per job.
 
     Raises `PeerBenchError` if a worker dies or the call overruns its budget."""
+    # imports the engine: not in worker processes
+    from benchmarks.common import CostMeter, cpu_s, parent_pid, postgres_cpu_s
+
     budget = Budget(f"pgqueuer w1 ({jobs} jobs, {processes} processes)")
     enqueue_s = run_async(_install_and_enqueue(dsn, jobs), budget, "installing and enqueueing")
     argvs = [["--dsn", dsn, *_settings_argv()] for _ in range(processes)]
+    meter = CostMeter(dsn)
+    meter.before(timeout_s=max(budget.left(), 1.0))
+    polls = 0  # queries of our own monitoring connection: its commits are subtracted
     with (
         worker_processes(budget.what, "pgqueuer", argvs, budget) as group,
         psycopg.connect(dsn, autocommit=True) as conn,
     ):
 
         def done() -> tuple[bool, str]:
+            nonlocal polls
+            polls += 1
             left = conn.execute(f"SELECT count(*) FROM {QUEUE_TABLE}").fetchone()[0]  # type: ignore[index]
             if left:
                 return False, f"{left} of {jobs} jobs not done"
             # A finished job leaves the queue table and gets a log row in one statement.
+            polls += 1
             ok = conn.execute(
                 f"SELECT count(*) FROM {QUEUE_TABLE}_log WHERE status = 'successful'"
             ).fetchone()[0]  # type: ignore[index]
@@ -149,10 +160,25 @@ def w1(dsn: str, jobs: int, processes: int = 2) -> dict[str, Any]:
                 raise PeerBenchError(f"{budget.what}: {jobs - ok} jobs did not succeed")
             return True, ""
 
+        postmaster = parent_pid(int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
+        polls += 1
+        pids = [w.proc.pid for w in group.workers]
+        cpu0 = [cpu_s(p) for p in pids], postgres_cpu_s(postmaster)
         group.go()
         t0 = time.monotonic()
         t1 = wait_drained(done, group, budget)
-    return drain_result(jobs, enqueue_s, t1 - t0, CONFIG)
+        cpu1 = [cpu_s(p) for p in pids], postgres_cpu_s(postmaster)
+    result = drain_result(jobs, enqueue_s, t1 - t0, CONFIG)
+    # CPU microseconds per job from the release of the ready workers to the drained queue,
+    # as pgdag's W1 reports it (benchmarks.pgdag_bench._drain)
+    result["cpuUsPerJob"] = {
+        "postgres": round((cpu1[1] - cpu0[1]) / jobs * 1e6),
+        "workers": round(sum(b - a for a, b in zip(cpu0[0], cpu1[0], strict=True)) / jobs * 1e6),
+    }
+    result["cost"] = meter.after(
+        jobs, monitor_commits=polls + 1, timeout_s=max(budget.left(), 5.0)
+    )  # + 1: its start-up
+    return result
 
 
 def w3(dsn: str, jobs: int, rate_per_s: float) -> dict[str, Any]:

@@ -40,6 +40,12 @@ def test_w1_drains_every_job(peer: ModuleType, empty_db: str) -> None:
     assert r["jobs"] == 60
     assert r["drainS"] > 0 and r["jobsPerS"] > 0
     assert r["config"] == peer.CONFIG and peer.VERSION in r["config"]
+    if "cost" in r:  # WAL and commits around the drain (PgQueuer's, for W1's cost rows)
+        cost = r["cost"]
+        assert cost["walBytes"] > 0 and cost["walBytesPerJob"] == round(cost["walBytes"] / 60, 1)
+        # every job is claimed and completed in committed transactions of at most a batch
+        assert cost["commits"] >= 2 * 60 / peer.BATCH_SIZE, cost
+        assert cost["monitorCommits"] > 0
 
 
 def test_w3_measures_pickup_of_every_job(peer: ModuleType, empty_db: str) -> None:

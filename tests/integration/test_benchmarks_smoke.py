@@ -35,6 +35,30 @@ def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
         w1 = results["w1"][shape]
         assert w1["notCompleted"] == 0 and w1["jobs"] == 1000 and w1["jobsPerS"] > 0
     assert results["w1"]["steps"]["rss"]["apiMb"] > 0
+    for shape in ("runs", "steps"):  # WAL bytes and commits around the drain
+        cost = results["w1"][shape]["cost"]
+        assert cost["walBytes"] > 0 and cost["commits"] > 0 and cost["monitorCommits"] > 0, cost
+        assert cost["commitsPerJob"] == round(cost["commits"] / 1000, 3), cost
+    ceiling = results["ceiling"]
+    bare = ceiling["batches"]["100"]
+    assert bare["jobs"] == 1000 and bare["processes"] == 2 and bare["jobsPerSDb"] > 0, bare
+    # 1,000 jobs in batches of 100 need at least 10 claims and 10 completions
+    assert bare["cost"]["commits"] >= 20 and bare["cost"]["walBytes"] > 0, bare
+    assert ceiling["best"] == bare["jobsPerSDb"]
+    (ws,) = results["ws"]
+    assert ws["clients"] == 50 and ws["mode"] == "event" and ws["samples"] > 0, ws
+    assert ws["eventsDue"] > 0 and ws["eventsPerClientMin"] == ws["eventsDue"], ws
+    assert ws["lostEvents"] == 0 and ws["lostClients"] == 0 and ws["resyncs"] == 0, ws
+    figures = [row[1] for row in results["table"]["rows"]]
+    for figure in (
+        "WAL bytes / job",
+        "commits / job",
+        "bare SKIP LOCKED claim+complete, batch 100: jobs/s",
+        "W1 as a fraction of the ceiling",
+        "50 clients on /ws (event)",
+        "pgbench single-row UPDATE, 16 clients",
+    ):
+        assert any(figure in f for f in figures), (figure, figures)
     w9 = results["w9"]
     assert w9["notCompleted"] == 0 and w9["jobs"] == 1000 and w9["agents"] == 2, w9
     assert w9["jobsPerSDb"] > 0 and all(mb > 0 for mb in w9["rss"]["agentMb"]), w9
@@ -66,3 +90,22 @@ def test_benchmarks_quick_smoke(db_url: str, tmp_path: Path) -> None:
         else:
             assert "error" not in entry.get("w1", {}), entry
     assert "W1 flat" in proc.stdout and "W8 map" in proc.stdout and "pgbench" in proc.stdout
+    assert "bare SKIP LOCKED" in proc.stdout and "WS live" in proc.stdout
+    # issue 14's goals, each printed; a goal whose figures were all measured has a verdict
+    names = [g["goal"] for g in results["goals"]]
+    assert names == [
+        "W1 >= 1.5x PgQueuer",
+        "W2 runs/s >= 10x DBOS workflows/s",
+        "W2 steps/s >= PgQueuer W1 jobs/s",
+        "W3 p50 <= 3 ms",
+        "W3 p99 <= 10 ms",
+        "W4 largest >= 90 % of smallest",
+        "W5 POST 1,000 steps: median <= 0.5 s",
+        "W9 agents >= 0.5x W1",
+        "WS 50 clients: p99 <= 100 ms, nothing lost",
+        "W8 map 500 -> join start under 10 s",
+    ], names
+    by_name = {g["goal"]: g for g in results["goals"]}
+    for name in names[3:]:
+        assert by_name[name]["met"] in (True, False), by_name[name]
+        assert f"goal: {name}" in proc.stdout

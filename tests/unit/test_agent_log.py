@@ -144,3 +144,12 @@ def test_old_answered_rows_are_pruned_at_open_pending_ones_never(tmp_path: Path)
     log = AgentLog(path, keep_answered_s=-1)  # everything answered is "old"
     assert [o.key for o in log.all()] == [(2, 20)]
     log.close()
+
+
+def test_held_finds_the_logged_attempts_of_a_claim(tmp_path: Path) -> None:
+    log = AgentLog(tmp_path / "agent.sqlite3")
+    log.write([outcome(1, 10), outcome(2, 20, status="failed")])
+    claim = [(1, 10), (1, 11), (2, 20), (3, 30)]  # (1, 11): a later attempt of step 1
+    assert log.held(claim) == {(1, 10), (2, 20)}
+    assert log.held([]) == set()
+    assert all(log.holds(*key) == (key in log.held(claim)) for key in claim)
