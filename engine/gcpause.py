@@ -18,7 +18,8 @@ def gc_paused() -> Iterator[None]:
     live object: a 10,000-step run builds some 100,000 containers (the decoded body, a
     model per step, the rows), which the collector walked again and again while they were
     being built and could free none of. Measured in the API with `gc.callbacks`: about
-    150 ms of collection per such ``POST /runs``. Reference counting still frees what the
+    270 ms of collection per such ``POST /runs``, 20 to 35 ms with these blocks paused
+    (docs/benchmarks.md, W5). Reference counting still frees what the
     block drops; a cycle made inside it (an exception's traceback) waits for the next
     collection after it. No await may sit inside the block: other requests' work would run
     with the collector off."""
