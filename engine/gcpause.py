@@ -19,10 +19,10 @@ def gc_paused() -> Iterator[None]:
     model per step, the rows), which the collector walked again and again while they were
     being built and could free none of. Measured in the API with `gc.callbacks`: about
     270 ms of collection per such ``POST /runs``, 20 to 35 ms with these blocks paused
-    (docs/benchmarks.md, W5). Reference counting still frees what the
-    block drops; a cycle made inside it (an exception's traceback) waits for the next
-    collection after it. No await may sit inside the block: other requests' work would run
-    with the collector off."""
+    (docs/benchmarks.md, W5). Reference counting still frees what the block drops; a
+    cycle made inside it (an exception's traceback) waits for the next collection after
+    it. No await may sit inside the block: other requests' work would run with the
+    collector off."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
