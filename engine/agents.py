@@ -435,7 +435,7 @@ async def claim(request: Request) -> Response:
         seen = ready.generation()
         claimed = await store.claim(body.agent_id, body.max, tools=tools)
         for step in claimed:
-            metrics.observe_seconds(metrics.READY_TO_START, step.tool, step.ready_wait_s)
+            metrics.count_claim(step.tool, step.ready_wait_s)
         handed = [s for s in claimed if not (s.input_error or s.map_expand or s.map_join)]
         for step in claimed:
             if step.input_error or step.map_expand or step.map_join:
@@ -566,24 +566,25 @@ def _count_report(
         tool = state.tool if state is not None else "unknown"
         if result["result"] == "refused":
             code = result["code"]
-            metrics.ATTEMPTS.labels(
-                tool=tool, outcome=code if code == "lease_lost" else "refused"
-            ).inc()
-            if code == "output_refused":  # the attempt was failed for good instead
-                metrics.DEAD_LETTERS.labels(tool=tool).inc()
-            else:  # lease_lost, not_owner: the fenced write refused it
-                metrics.FENCING_REFUSALS.labels(tool=tool).inc()
+            if code == "lease_lost":
+                metrics.count_result(tool, "lease_lost")
+            elif code == "output_refused":  # the attempt was failed for good instead
+                metrics.count_result(tool, "refused", dead_letter=True)
+            else:  # not_owner: the fenced write refused it
+                metrics.count_result(tool, "refused", fenced=True)
             continue
-        if state is not None and state.lease_token == outcome.lease_token:
-            metrics.observe_seconds(metrics.ATTEMPT_DURATION, tool, state.running_s)
+        duration_s = (
+            state.running_s
+            if state is not None and state.lease_token == outcome.lease_token
+            else None
+        )
         if isinstance(outcome, Succeeded):
-            metrics.ATTEMPTS.labels(tool=tool, outcome="succeeded").inc()
+            metrics.count_result(tool, "succeeded", duration_s=duration_s)
             continue
-        metrics.ATTEMPTS.labels(tool=tool, outcome="failed").inc()
-        if result.get("deadLetter"):
-            metrics.DEAD_LETTERS.labels(tool=tool).inc()
-        else:
-            metrics.RETRIES.labels(tool=tool).inc()
+        dead = bool(result.get("deadLetter"))
+        metrics.count_result(
+            tool, "failed", duration_s=duration_s, retried=not dead, dead_letter=dead
+        )
 
 
 async def report(request: Request) -> Response:

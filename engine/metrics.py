@@ -249,17 +249,19 @@ def count_result(
     duration_s: float | None = None,
     retried: bool = False,
     dead_letter: bool = False,
+    fenced: bool = False,
 ) -> None:
     """An attempt of `tool` handled with `outcome` (one of `OUTCOMES`; raises `ValueError`
     for another): `ATTEMPTS`; `duration_s` (seconds from its claim, None: not observed) in
-    `ATTEMPT_DURATION`; a ``lease_lost`` attempt is a fencing refusal (`FENCING_REFUSALS`);
+    `ATTEMPT_DURATION`; a ``lease_lost`` attempt, or any with `fenced` (an outcome refused
+    because another worker holds the lease), is a fencing refusal (`FENCING_REFUSALS`);
     `retried` counts a retry (`RETRIES`), `dead_letter` a dead letter (`DEAD_LETTERS`)."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     _child(ATTEMPTS, tool, outcome).inc()
     if duration_s is not None:
         _child(ATTEMPT_DURATION, tool).observe(max(0.0, duration_s))
-    if outcome == "lease_lost":
+    if outcome == "lease_lost" or fenced:
         _child(FENCING_REFUSALS, tool).inc()
     if retried:
         _child(RETRIES, tool).inc()
