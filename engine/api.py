@@ -51,6 +51,7 @@ from engine.config import Settings, check_interval
 from engine.dag import ApiDatetime, RunSpec, parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import IllegalTransition, NotFound, ValidationFailed
+from engine.gcpause import gc_paused
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.internal_error import InternalErrorGuard
 from engine.live import EventHub
@@ -156,15 +157,16 @@ async def create_run(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     raw = await _read_body(request, settings.max_body_bytes)
     try:
-        body = json.loads(raw)
+        with gc_paused():
+            body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ValidationFailed(
             [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}]
         ) from None
     store = _store(request)
-    spec = parse_run(
-        body, max_steps=settings.max_steps_per_run, remote_tools=await _remote_tools(store, body)
-    )
+    remote_tools = await _remote_tools(store, body)
+    with gc_paused():  # synchronous: decoding and checking build objects, no cycles
+        spec = parse_run(body, max_steps=settings.max_steps_per_run, remote_tools=remote_tools)
     # The run's span, a child of the request's traceparent; stored with the run, it is the
     # parent of every attempt's span (engine.tracing).
     with tracing.run_span(request.headers, steps=len(spec.steps)) as span:

@@ -86,6 +86,7 @@ from engine.errors import (
     OutputRefused,
     PgdagError,
 )
+from engine.gcpause import gc_paused
 from engine.rules import GraphStep, ResetStep, plan_reset
 from engine.sql import queries
 
@@ -155,6 +156,8 @@ async def create_run(
     whatever the payload, as it did when it was created.
     """
     fingerprint = spec.fingerprint() if spec.idempotency_key is not None else None
+    with gc_paused():  # 10,000 rows built and dropped: nothing for the collector to find
+        steps_json = spec.steps_json()
     async with conn.transaction():
         cur = await conn.execute(
             queries["insert_run"],
@@ -186,7 +189,7 @@ async def create_run(
             queries["insert_steps"],
             {
                 "run_id": run_id,
-                "steps": spec.steps_json(),
+                "steps": steps_json,
                 "priority": spec.priority,
                 "start_at": spec.start_at,
             },
