@@ -44,13 +44,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from engine import agents, metrics, openapi, responses, tracing, ws
+from engine import agents, jsonb, metrics, openapi, responses, tracing, ws
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings, check_interval
 from engine.dag import ApiDatetime, RunSpec, parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
-from engine.errors import IllegalTransition, NotFound, ValidationFailed
+from engine.errors import IllegalTransition, NotFound, UnstorableJson, ValidationFailed
 from engine.gcpause import gc_paused
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.internal_error import InternalErrorGuard
@@ -158,7 +158,10 @@ async def create_run(request: Request) -> Response:
     raw = await _read_body(request, settings.max_body_bytes)
     try:
         with gc_paused():
-            body = json.loads(raw)
+            body = jsonb.loads(raw)
+    except UnstorableJson as exc:  # NaN, Infinity: not stored, whichever tool it is for
+        problem = {"step": None, "field": exc.path, "problem": exc.problem}
+        raise ValidationFailed([problem]) from None
     except (ValueError, RecursionError) as exc:
         raise ValidationFailed(
             [{"step": None, "field": "body", "problem": f"not valid JSON: {exc}"}]

@@ -26,7 +26,9 @@ It refuses exactly what Postgres refuses, and what pgdag's own readers could not
   are not str, int, float, bool or None, and cycles.
 
 The walk is iterative, so no input raises RecursionError. `storable_text` is the
-counterpart for free text (error messages) bound for text and jsonb columns.
+counterpart for free text (error messages) bound for text and jsonb columns, and `loads`
+decodes a request body refusing the numbers no jsonb column takes (NaN, Infinity, a literal
+too large for a float).
 """
 
 from __future__ import annotations
@@ -204,6 +206,37 @@ _INT_PROBLEM = (
     f"integer with more than {MAX_INT_DIGITS} digits {_STORE} as pgdag reads it back "
     f"(Python's json stops at {MAX_INT_DIGITS} digits; Postgres numeric at {PG_MAX_INT_DIGITS})"
 )
+
+
+class _NotFinite(ValueError):
+    """A NaN, an Infinity or a number past the float range met while decoding."""
+
+
+def _refuse_constant(token: str) -> Any:
+    raise _NotFinite(token)
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise _NotFinite(text)
+    return number
+
+
+def loads(raw: str | bytes, *, path: str = "body") -> Any:
+    """Decode the JSON text `raw` like `json.loads`, refusing what Python's json accepts
+    but neither JSON (RFC 8259, section 6) nor a jsonb column does: the tokens ``NaN``,
+    ``Infinity`` and ``-Infinity``, and number literals too large for a float (``1e400``,
+    which json reads as Infinity). Raises `UnstorableJson` naming where the first one is
+    (``body.steps[0].input.ratio``, below `path`), and ValueError (json's own) for text that
+    is not JSON at all. The hooks cost nothing for integers and strings, and one Python call
+    per float literal."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NotFinite:
+        pass
+    check(json.loads(raw), path=path)  # decoded as json would, to say where it is
+    raise UnstorableJson(path, "a NaN or Infinity " + _STORE)  # pragma: no cover - check raised
 
 
 def _float_problem(number: float) -> str:

@@ -297,3 +297,44 @@ def test_unknown_path_and_method_answer_in_the_json_error_shape(client: httpx.Cl
     assert wrong.status_code == 405, wrong.text
     assert wrong.json()["error"] == "method_not_allowed"
     assert wrong.headers["allow"]
+
+
+@pytest.mark.parametrize(
+    ("literal", "problem"),
+    [("NaN", "NaN"), ("-Infinity", "-Infinity"), ("[1, 1e400]", "Infinity")],
+)
+def test_nan_and_infinity_in_an_input_are_422_for_local_and_agent_tools(
+    db_url: str, tmp_path: Path, literal: str, problem: str
+) -> None:
+    """Python's json reads NaN, Infinity and 1e400 (as inf); jsonb stores none of them. A
+    tool whose input schema takes any value, or one only an agent has (no schema here),
+    used to pass them on to Postgres: a 500. Now the body is refused, naming where."""
+    with (
+        api_server(db_url, tmp_path, PGDAG_TOOLS="tests.testtools") as base,
+        httpx.Client(base_url=base, timeout=60) as c,
+    ):
+        registered = c.post(
+            "/agent/register", json={"agentId": "far", "tools": ["agent.far"], "concurrency": 1}
+        )
+        assert registered.status_code == 200, registered.text
+        local = post_raw(c, "/runs", emit_step(literal))
+        refused = assert_refused(
+            c,
+            db_url,
+            local,
+            "body.steps[0].input.value" + ("[1]" if literal.startswith("[") else ""),
+        )
+        assert refused["problem"].startswith(problem), refused
+        remote = post_raw(
+            c,
+            "/runs",
+            '{"steps": [{"name": "a", "tool": "agent.far", "input": {"x": ' + literal + "}}]}",
+        )
+        refused = assert_refused(
+            c, db_url, remote, "body.steps[0].input.x" + ("[1]" if literal.startswith("[") else "")
+        )
+        assert "cannot be stored in Postgres jsonb" in refused["problem"]
+        fine = post_raw(
+            c, "/runs", '{"steps": [{"name": "a", "tool": "agent.far", "input": {"x": 1.5}}]}'
+        )
+        assert fine.status_code == 201, fine.text
