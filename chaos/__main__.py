@@ -193,7 +193,8 @@ def _wait_healthy(chaos: Chaos, *, deadline_s: float) -> None:
 def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> dict[str, Any]:
     """A DAG of at least `n_steps` steps: a seed step fans out to branches of
     fetch (HTTP) -> work (flaky) -> wait (DELAY) -> notify (HTTP), which join in two groups,
-    each recorded to the ledger, then a final step."""
+    each recorded to the ledger, then a final step; beside them, a step that sleeps 200 ms
+    parked (``delayMs``) after the seed, which the final step waits for too."""
     rng = random.Random(seed)
     branches = max(2, (n_steps - 6 + 3) // 4)
     attempts = {"maxAttempts": 15}
@@ -251,12 +252,25 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
                 **attempts,
             },
         ]
+    # A sleep that frees the worker (delayMs): parked in Postgres for 200 ms after the seed,
+    # then woken by whichever process leads maintenance (step_delayed, then step_ready with
+    # reason delay); the checker's delay_not_met judges it.
+    steps.append(
+        {
+            "name": "sleep",
+            "tool": "DELAY",
+            "input": {"ms": 10},
+            "dependsOn": ["seed"],
+            "delayMs": 200,
+            **attempts,
+        }
+    )
     steps.append(
         {
             "name": "final",
             "tool": "DELAY",
             "input": {"ms": 100},
-            "dependsOn": ["record-a", "record-b"],
+            "dependsOn": ["record-a", "record-b", "sleep"],
             **attempts,
         }
     )

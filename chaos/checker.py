@@ -53,7 +53,16 @@ Violation kinds:
     ended (or, for ``all_succeeded``, one ended without succeeding), so nothing will ever
     make it ready or skip it, and its run can never finish. An expanded map step waits for
     its children as ``all_succeeded``. A pending step with nothing to wait for is stuck too,
-    unless its run has a start time (``start_at``): the claim promotes such delayed roots.
+    unless its run has a start time (``start_at``) or the step has a ``delay_ms``: it is
+    parked, and the maintenance leader promotes it when its time comes.
+``delay_not_met``
+    A step with a ``delay_ms`` (``"delayMs"``) claimed without having slept: the decision
+    before the claim (see ``dependency_not_met``) must be the promotion of its sleep, a
+    step_ready with reason ``delay``, or the step must have been forced ready by a manual
+    retry (step_retried, which runs a dead letter at once). A map step's join is not judged
+    (it sleeps once, before it expands). And such a step_ready must not come before the
+    ``until`` its park said (the step_delayed, or a reset's detail), by the audit rows' own
+    times (the database clock).
     (The decisions happen in the statements that end each dependency, so no consistent
     snapshot shows this legitimately.)
 
@@ -98,6 +107,7 @@ STEP_EVENT_STATUS: Final[Mapping[str, str]] = {
     "step_unskipped": "pending",
     "step_map_expanded": "pending",
     "step_replayed": "pending",
+    "step_delayed": "pending",
 }
 RUN_EVENT_STATUS: Final[Mapping[str, str]] = {
     "run_created": "pending",
@@ -150,6 +160,7 @@ KINDS: Final = (
     "success_count",
     "non_idempotent_rerun",
     "stuck_pending",
+    "delay_not_met",
 )
 
 # Read-only diagnostics, not engine queries: kept here rather than in engine/sql, which
@@ -161,7 +172,7 @@ ORDER BY seq
 """
 _SELECT_STEPS: Final[LiteralString] = """
 SELECT id, run_id, name, status, idempotent, depends_on, run_if,
-       map_path IS NOT NULL AS is_map, map_width, map_parent_id, map_index
+       map_path IS NOT NULL AS is_map, map_width, map_parent_id, map_index, delay_ms
 FROM steps
 WHERE %(ids)s::uuid[] IS NULL OR run_id = ANY(%(ids)s::uuid[])
 ORDER BY id
@@ -225,10 +236,11 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     `runs` need ``id`` and ``status`` and may carry ``start_at`` (default none); `steps` need
     ``run_id``, ``name``, ``status`` and may carry ``id``, ``idempotent`` (default true),
     ``depends_on`` (default none), ``run_if`` (default ``all_succeeded``), ``is_map``
-    (default false), ``map_width``, and ``map_parent_id`` / ``map_index`` (a map child: the
-    id of its map step); `events` are audit_log rows and need ``id``, ``run_id`` and
-    ``event``, with ``step_name`` (or a ``step_id`` found in `steps`) for step events. A
-    missing ``to_status`` is taken from the event name. Ids may be UUIDs or strings.
+    (default false), ``map_width``, ``map_parent_id`` / ``map_index`` (a map child: the
+    id of its map step) and ``delay_ms`` (default none); `events` are audit_log rows and
+    need ``id``, ``run_id`` and ``event``, with ``step_name`` (or a ``step_id`` found in
+    `steps`) for step events. A missing ``to_status`` is taken from the event name. Ids may
+    be UUIDs or strings.
     """
     h = _History(steps, events)
     report = Report(runs=len(runs), steps=len(steps))
@@ -415,6 +427,9 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
     terminal: Row | None = None  # the event that left the step in a terminal state
     decision: Row | None = None  # the event that last decided the step ready
     expansion: Row | None = None  # the step_map_expanded the step now waits on, if any
+    delay_ms = 0 if row is None else int(row.get("delay_ms") or 0)
+    park_until: datetime | None = None  # when the step's latest park said it wakes
+    forced = False  # made ready by a manual retry since it last waited
 
     def end_claim(e: Row) -> None:
         nonlocal claim_open
@@ -463,6 +478,13 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
                     _check_join(e, expansion, h.children.get(key, []), h, add)
             else:
                 _check_dependencies(e, key, depends_on, rule, decision, h, add)
+                if delay_ms and not forced and not _is_wake(decision):
+                    woke = _ev(decision) if decision is not None else "none"
+                    add(
+                        "delay_not_met",
+                        f"{_ev(e)} of a step with delayMs {delay_ms} that never slept: its "
+                        f"decision to ready is {woke}, not a step_ready with reason delay",
+                    )
             last_claim, claim_open = e, True
             window.claims.append(e)
         elif event == "step_succeeded":
@@ -497,10 +519,22 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
             _check_rerun(window, idempotent or is_map, add)
             window = _Window(since=e)
         to_status = _to_status(e)
+        if _is_wake(e) and park_until is not None:
+            at = e.get("created_at")
+            if isinstance(at, datetime) and at < park_until:
+                add(
+                    "delay_not_met",
+                    f"{_ev(e)} woke the step at {at.isoformat()}, before {park_until.isoformat()}"
+                    " its park said",
+                )
         if to_status == "ready" and event not in REQUEUE_EVENTS and event != "step_retried":
             decision = e
         elif to_status in ("pending", "skipped"):
             decision = None
+            forced = False
+            park_until = _park_until(e) if to_status == "pending" else None
+        if event == "step_retried":
+            forced = True
         terminal = e if to_status in TERMINAL_STEP_STATES else None
 
     _check_rerun(window, idempotent or is_map, add)
@@ -524,6 +558,29 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
                 f"the steps table says {row['status']}, but its last event {_ev(last)} left "
                 f"it {_to_status(last)}",
             )
+
+
+def _is_wake(e: Row | None) -> bool:
+    """Whether `e` is the promotion of a parked step's sleep (step_ready, reason delay)."""
+    if e is None or e["event"] != "step_ready":
+        return False
+    detail = e.get("detail")
+    return isinstance(detail, Mapping) and detail.get("reason") == "delay"
+
+
+def _park_until(e: Row) -> datetime | None:
+    """The wake time a park wrote in its detail (``until``: step_delayed, or a reset of a
+    step with a delay), or None."""
+    detail = e.get("detail")
+    until = detail.get("until") if isinstance(detail, Mapping) else None
+    if isinstance(until, datetime):
+        return until
+    if isinstance(until, str):
+        try:
+            return datetime.fromisoformat(until)
+        except ValueError:
+            return None
+    return None
 
 
 def _replay_keeps_expansion(e: Row, name: str) -> bool:
@@ -648,7 +705,7 @@ def _check_stuck(key: StepKey, row: Row, h: _History, delayed: bool, out: list[V
         deps = [(run_id, str(d)) for d in row.get("depends_on") or ()]
         what = "dependency"
     if not deps and delayed:
-        return  # a delayed root: the claim promotes it when the run's start time comes
+        return  # a delayed root: promote_due_steps wakes it when the run's start time comes
     parents = [h.step_rows.get(d) for d in deps]
     if any(p is None for p in parents):
         return  # cannot judge what is not there
@@ -658,6 +715,8 @@ def _check_stuck(key: StepKey, row: Row, h: _History, delayed: bool, out: list[V
     verdict = _decide(rule, remaining=remaining, failed=failed)
     if verdict == "pending":
         return
+    if verdict == "ready" and row.get("delay_ms") and row.get("map_width") is None:
+        return  # parked: promote_due_steps wakes it when its sleep is over
     done = ", ".join(
         f"{d[1]!r} {s} (step_succeeded #{h.successes[d][-1]})"
         if s == "succeeded" and h.successes.get(d)

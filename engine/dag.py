@@ -48,6 +48,9 @@ from engine.tools import get_tool
 
 STEP_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
+# The longest sleep a step may ask for (``delayMs``): 30 days, in milliseconds. A longer wait
+# is a schedule's job (issue 15, part 3), not a parked step's.
+MAX_DELAY_MS = 30 * 24 * 3600 * 1000
 MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_LIMIT = 1_000_000
 MAX_CONCURRENCY_LIMIT = 100_000
@@ -202,6 +205,11 @@ class StepSpec(BaseModel):
     max_concurrency: int | None = Field(
         default=None, ge=1, le=MAX_CONCURRENCY_LIMIT, alias="maxConcurrency"
     )
+    # Milliseconds to sleep, parked in Postgres (no lease, no worker slot), between the
+    # moment the step's dependencies are done (a root: its run's start) and its becoming
+    # ready. A map step sleeps once, before it expands; its children and its join do not.
+    # Strict: a JSON integer only (true, "5" or 1.0 are refused, not read as a number).
+    delay_ms: int | None = Field(default=None, ge=0, le=MAX_DELAY_MS, alias="delayMs", strict=True)
 
     def to_row(self, parsed: StepRefs | None = None) -> dict[str, Any]:
         """The JSON object `insert_steps` reads for this step, with its references as
@@ -238,6 +246,8 @@ class StepSpec(BaseModel):
             row["concurrencyKey"] = self.concurrency_key
         if self.max_concurrency is not None:
             row["maxConcurrency"] = self.max_concurrency
+        if self.delay_ms:  # 0 sleeps no time: stored as no delay
+            row["delayMs"] = self.delay_ms
         return row
 
 
@@ -281,6 +291,11 @@ class RunSpec(BaseModel):
         out. Two bodies that submit the same run have the same fingerprint, however they are
         spelled; ``runs.idempotency_fingerprint`` keeps it (migration 0005)."""
         doc = self.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+        for step in doc["steps"]:
+            # No delay (left out, null or 0) is left out: a run whose key was fingerprinted
+            # before delayMs existed (migration 0009) keeps its fingerprint.
+            if not step.get("delayMs"):
+                step.pop("delayMs", None)
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 

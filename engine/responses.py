@@ -134,6 +134,15 @@ class WaitingStartAt(Wire):
     until: datetime
 
 
+class WaitingDelay(Wire):
+    """A step with ``delayMs`` whose dependencies are done, parked in Postgres (no lease, no
+    worker slot) until `until`; the maintenance leader makes it ready then."""
+
+    reason: Literal["delay"]
+    until: datetime
+    delay_ms: int
+
+
 class WaitingBackoff(Wire):
     """Ready again after a failed attempt, not before `until`."""
 
@@ -169,6 +178,7 @@ WaitingFor = Annotated[
     | WaitingMapChildren
     | WaitingDependencies
     | WaitingStartAt
+    | WaitingDelay
     | WaitingBackoff
     | WaitingConcurrencyKey
     | WaitingNoLiveWorker
@@ -198,6 +208,9 @@ class Step(Wire):
     map_width: int | None
     map_index: int | None
     map_of: str | None = Field(description="a map child's map step")
+    delay_ms: int | None = Field(
+        description="milliseconds the step sleeps, parked, once its dependencies are done"
+    )
     resolved_input: dict[str, JsonValue] | None = Field(
         description="the input with its references resolved, as the last attempt ran it"
     )

@@ -52,6 +52,7 @@ class GraphStep:
     is_map: bool
     map_width: int | None
     map_parent_id: int | None
+    delay_ms: int | None = None  # delayMs: milliseconds it sleeps, parked, before ready
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,11 @@ def plan_reset(
     those inside the set counted with their new status, in topological order. With
     `force_ready` the seeds become ``ready`` whatever their rule says (a manual retry of a
     dead letter). With `delayed` (the run's start time is still ahead), a root that would be
-    ready waits as ``pending`` instead.
+    ready waits as ``pending`` instead. A step with a ``delayMs`` that would be ready is
+    parked as ``pending`` with nothing left to wait for (its sleep starts again; SQL
+    ``reset_steps`` sets its wake time), except a seed forced ready (a manual retry runs the
+    dead letter at once: it slept before its first attempt) and an expanded map step kept
+    (its join: a map step sleeps once, before it expands).
 
     With `reexpand` (a replay), a map step in the set whose children are not themselves
     seeds is reset to expand again (a retry never re-expands: a map step dead-lettered at its
@@ -155,6 +160,9 @@ def plan_reset(
             status = decide(rule, remaining=remaining, failed=failed)
         if status == "ready" and delayed and not deps[current]:
             status = "pending"
+        forced = force_ready and current in seed_ids
+        if status == "ready" and step.delay_ms and not forced and not expanded:
+            status = "pending"  # parked: remaining is 0
         new_status[current] = status
         plan.append(
             ResetStep(

@@ -21,6 +21,18 @@ Step states (terminal ones in brackets)::
                  +--------------------------------- retry ------> pending   dependents too)
    any unfinished step of a cancelled run --> [cancelled]
 
+A step with ``delayMs`` parks instead of becoming ready: when its last dependency is
+decided (a root: when its run is inserted or replayed) it stays ``pending`` with no
+dependency left and ``available_at`` = now (or the run's start) + its delay, audited
+``step_delayed`` (pending -> pending, detail reason ``delay``, ``delayMs``, ``until``); it
+holds no lease and no worker slot. ``promote_due_steps`` (the maintenance leader's reaper
+pass, every ``PGDAG_REAPER_INTERVAL``) makes it ready when that time has come, audited
+``step_ready`` with reason ``delay``; that row's NOTIFY on ``pgdag_ready`` wakes the
+claimers. A run's delayed roots (``startAt``) take the same path with reason ``startAt``.
+A manual retry of a dead letter runs it at once (its sleep came before its first attempt);
+a replay sleeps again. A map step sleeps once, before it expands (its children and its join
+do not); a failed attempt's backoff is unchanged.
+
 Run states: pending --first claim--> running --> completed | failed | cancelled;
 failed --manual retry of a dead letter--> running.
 
@@ -38,6 +50,7 @@ raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
 | fail_attempt              | running   | ready / dead_letter | worker          |
 | release_steps             | running   | ready / dead_letter | worker shutdown |
 | reap_expired_leases       | running   | ready / dead_letter | reaper          |
+| promote_due_steps         | pending   | ready (parked, due) | reaper          |
 | cancel_run                | unfinished| cancelled           | API             |
 | retry_dead_letter         | dead_letter | ready (+unskip)   | API             |
 | expand_map                | running   | pending (children ready) | worker   |
@@ -540,7 +553,7 @@ async def release_steps(conn: Conn, leases: list[tuple[int, int]], *, worker_id:
 @dataclass(frozen=True)
 class Reaped:
     """What one reaper pass did: `expired` is ``(tool, new_status)`` of each step whose
-    lease expired (``ready``: requeued; ``dead_letter``), `promoted` the delayed roots made
+    lease expired (``ready``: requeued; ``dead_letter``), `promoted` the parked steps made
     ready."""
 
     expired: list[tuple[str, str]]
@@ -554,7 +567,8 @@ class Reaped:
 
 async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None:
     """The reaper's pass: requeue (or dead-letter) running steps whose lease expired, and
-    make ready the delayed roots whose run's startAt has come.
+    make ready up to `limit` parked steps whose time has come (a run's startAt, a step's
+    delayMs: `promote_due_steps`), oldest wake time first.
 
     Only the maintenance leader calls it (`engine.maintenance`); a transaction-scoped
     advisory lock keeps two passes apart while the lead changes hands, and the transaction
@@ -716,6 +730,7 @@ async def _run_graph(conn: Conn, run_id: str) -> tuple[dict[int, GraphStep], lis
             is_map=r["is_map"],
             map_width=r["map_width"],
             map_parent_id=r["map_parent_id"],
+            delay_ms=r["delay_ms"],
         )
         for r in await cur.fetchall()
     }

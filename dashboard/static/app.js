@@ -605,6 +605,8 @@
         return `${w.remaining} of ${w.width} map children`;
       case "startAt":
         return `the run's start time, ${fmtTime(w.until)}`;
+      case "delay":
+        return `a sleep of ${w.delayMs} ms (no worker held), until ${fmtTime(w.until)}`;
       case "backoff":
         return `backoff after attempt ${w.attempt}, until ${fmtTime(w.until)}`;
       case "concurrencyKey":

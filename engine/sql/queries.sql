@@ -26,8 +26,9 @@ SELECT id, idempotency_fingerprint FROM runs WHERE idempotency_key = %(idempoten
 -- name: insert_steps
 -- All steps of a run and their edges in one statement. %(steps)s is a JSON array of
 -- engine.dag.StepSpec.to_row() objects. Roots are ready at once, or wait as pending (no
--- dependencies left) until %(start_at)s when the run has a start time in the future: the
--- claim statement promotes them then. Each concurrency key's limit is upserted (one key has
+-- dependencies left) until %(start_at)s when the run has a start time in the future, plus
+-- their delayMs (migration 0009) when they have one: promote_due_steps makes them ready then
+-- (no audit row per parked root: run_created counts them in "delayed"). Each concurrency key's limit is upserted (one key has
 -- one limit per run: engine.dag checks it; across runs the latest submitted wins).
 WITH spec AS (
     SELECT s.name, s.tool, s.input, coalesce(s."dependsOn", '{}') AS depends_on,
@@ -35,12 +36,12 @@ WITH spec AS (
            coalesce(s."runIf", 'all_succeeded') AS run_if, s.refs, s."refSteps" AS ref_steps, s.map,
            s."mapPath" AS map_path, s."concurrencyKey" AS concurrency_key,
            s."maxConcurrency" AS max_concurrency,
-           coalesce(s."maySkipChildren", false) AS may_skip_children
+           coalesce(s."maySkipChildren", false) AS may_skip_children, s."delayMs" AS delay_ms
     FROM jsonb_to_recordset(%(steps)s::jsonb) AS s(
         name text, tool text, input jsonb, "dependsOn" text[], "maxAttempts" integer,
         "timeoutMs" integer, idempotent boolean, "runIf" text, refs jsonb, "refSteps" text[],
         map text, "mapPath" jsonb, "concurrencyKey" text, "maxConcurrency" integer,
-        "maySkipChildren" boolean)
+        "maySkipChildren" boolean, "delayMs" integer)
 ), timing AS (
     SELECT coalesce(%(start_at)s::timestamptz > now(), false) AS delayed,
            greatest(coalesce(%(start_at)s::timestamptz, now()), now()) AS available_at
@@ -48,12 +49,17 @@ WITH spec AS (
     INSERT INTO steps (run_id, name, tool, input, depends_on, deps_remaining, status,
                        max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map,
                        map_path, concurrency_key, max_concurrency, priority, available_at,
-                       may_skip_children)
+                       may_skip_children, delay_ms)
     SELECT %(run_id)s, name, tool, input, depends_on, cardinality(depends_on),
-           CASE WHEN cardinality(depends_on) = 0 AND NOT t.delayed THEN 'ready'
+           CASE WHEN cardinality(depends_on) = 0 AND NOT t.delayed
+                     AND coalesce(delay_ms, 0) = 0 THEN 'ready'
                 ELSE 'pending' END,
            max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map, map_path,
-           concurrency_key, max_concurrency, %(priority)s, t.available_at, may_skip_children
+           concurrency_key, max_concurrency, %(priority)s,
+           CASE WHEN cardinality(depends_on) = 0 AND delay_ms > 0
+                THEN t.available_at + make_interval(secs => delay_ms / 1000.0)
+                ELSE t.available_at END,
+           may_skip_children, delay_ms
     FROM spec CROSS JOIN timing t
     RETURNING id, name, depends_on, status
 ), slots AS (
@@ -73,6 +79,8 @@ SELECT %(run_id)s, 'run_created', 'pending',
        jsonb_build_object('steps', (SELECT count(*) FROM inserted),
                           'edges', (SELECT count(*) FROM edges),
                           'ready', (SELECT count(*) FROM inserted WHERE status = 'ready'),
+                          'delayed', (SELECT count(*) FROM inserted
+                                      WHERE status = 'pending' AND cardinality(depends_on) = 0),
                           'priority', %(priority)s::integer,
                           'startAt', %(start_at)s::timestamptz)
 
@@ -176,7 +184,11 @@ RETURNING s.id, s.lease_expires_at
 -- count each dependent down (pending and skipped ones: see below) and decide the ones whose
 -- last dependency this was by their trigger rule (engine.rules.decide: ready, or skipped for
 -- an any_failed step whose dependencies all succeeded), count the run down and finish it when
--- nothing is left, and audit all of it. A map step's own success is its join: its output is
+-- nothing is left, and audit all of it. A dependent decided ready that has a delayMs
+-- (delay_ms > 0, migration 0009) is parked instead: it stays pending with no dependency left
+-- and available_at = now() + its delay, audited step_delayed (pending -> pending, detail
+-- reason "delay", delayMs, until); promote_due_steps makes it ready then. A map step's join
+-- (map_width set) is never delayed: its delay was slept once, before it expanded. A map step's own success is its join: its output is
 -- its children's outputs in order, built here. Children are locked in id order so that two
 -- completions sharing children cannot deadlock. Returns the steps recorded, then the
 -- dependents it skipped (skipped = true), whose own dependents the caller must settle in
@@ -210,7 +222,11 @@ WITH done AS (
            CASE WHEN c.status <> 'pending' OR c.deps_remaining - cc.n > 0 THEN c.status
                 WHEN c.run_if = 'any_failed' AND c.deps_failed = 0 AND c.map_width IS NULL
                     THEN 'skipped'
-                ELSE 'ready' END AS new_status
+                WHEN c.delay_ms > 0 AND c.map_width IS NULL THEN 'pending'  -- parked
+                ELSE 'ready' END AS new_status,
+           (c.status = 'pending' AND c.deps_remaining - cc.n = 0 AND c.delay_ms > 0
+            AND c.map_width IS NULL
+            AND NOT (c.run_if = 'any_failed' AND c.deps_failed = 0)) AS parked
     FROM steps c
     JOIN child_counts cc ON cc.child_id = c.id
     WHERE c.status IN ('pending', 'skipped')
@@ -220,7 +236,8 @@ WITH done AS (
     UPDATE steps c
     SET deps_remaining = c.deps_remaining - lc.n,
         status = lc.new_status,
-        available_at = now(),
+        available_at = CASE WHEN lc.parked THEN now() + make_interval(secs => c.delay_ms / 1000.0)
+                            ELSE now() END,
         finished_at = CASE WHEN lc.new_status = 'skipped' THEN coalesce(c.finished_at, now())
                            END,
         error = CASE WHEN lc.old_status = 'pending' AND lc.new_status = 'skipped'
@@ -229,7 +246,8 @@ WITH done AS (
         updated_at = now()
     FROM locked_children lc
     WHERE c.id = lc.id AND c.status IN ('pending', 'skipped')
-    RETURNING c.id, c.run_id, c.name, c.status, lc.old_status
+    RETURNING c.id, c.run_id, c.name, c.status, lc.old_status, lc.parked, c.delay_ms,
+              c.available_at
 ), run_counts AS (
     SELECT run_id, count(*)::integer AS n
     FROM (SELECT run_id FROM done
@@ -249,15 +267,19 @@ WITH done AS (
     RETURNING r.id, r.status
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
-                           attempt, lease_token, worker_id)
+                           attempt, lease_token, worker_id, detail)
     SELECT run_id, id, name, 'step_succeeded', 'running', 'succeeded', attempt, lease_token,
-           worker_id
+           worker_id, NULL::jsonb
     FROM done
     UNION ALL
-    SELECT run_id, id, name, 'step_' || status, 'pending', status, NULL, NULL, NULL
+    SELECT run_id, id, name, 'step_' || status, 'pending', status, NULL, NULL, NULL, NULL
     FROM promoted WHERE old_status = 'pending' AND status IN ('ready', 'skipped')
     UNION ALL
-    SELECT id, NULL, NULL, 'run_' || status, 'running', status, NULL, NULL, NULL
+    SELECT run_id, id, name, 'step_delayed', 'pending', 'pending', NULL, NULL, NULL,
+           jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+    FROM promoted WHERE parked
+    UNION ALL
+    SELECT id, NULL, NULL, 'run_' || status, 'running', status, NULL, NULL, NULL, NULL
     FROM settled WHERE status IN ('completed', 'failed')
 )
 SELECT id, run_id, lease_token, false AS skipped FROM done
@@ -394,7 +416,12 @@ WITH expired AS (
 SELECT id, run_id, tool, status FROM upd
 
 -- name: promote_due_steps
--- Delayed roots (a run's startAt) whose time has come: pending -> ready. Run by the reaper
+-- Parked steps whose time has come: pending -> ready, audited step_ready with the reason:
+-- "delay" for a step with a delayMs (its dependencies done, or a root: its run started, then
+-- it slept), "startAt" for a delayed root without one. The audit row's to_status 'ready'
+-- makes the audit_log trigger NOTIFY pgdag_ready, which wakes the workers' claim loops and the
+-- agents' long polls: a parked step starts at most one reaper interval
+-- (PGDAG_REAPER_INTERVAL) after its time, plus a claim. Run by the reaper
 -- pass (one process at a time), not by the claim: the claim is planned afresh on every call
 -- (its LIMIT makes Postgres keep custom plans), and this CTE added a quarter to its planning
 -- time (measured 1.33 -> 1.07 ms). steps_scheduled_idx.
@@ -407,11 +434,12 @@ WITH due AS (
 ), promoted AS (
     UPDATE steps s SET status = 'ready', available_at = now(), updated_at = now()
     FROM due WHERE s.id = due.id
-    RETURNING s.id, s.run_id, s.name
+    RETURNING s.id, s.run_id, s.name, s.delay_ms
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status, detail)
     SELECT run_id, id, name, 'step_ready', 'pending', 'ready',
-           jsonb_build_object('reason', 'startAt')
+           CASE WHEN delay_ms > 0 THEN jsonb_build_object('reason', 'delay', 'delayMs', delay_ms)
+                ELSE jsonb_build_object('reason', 'startAt') END
     FROM promoted
 )
 SELECT count(*)::integer AS n FROM promoted
@@ -522,8 +550,9 @@ ORDER BY lower_bound NULLS LAST
 -- dependent down and up its failed count, and decide it by its trigger rule
 -- (engine.rules.decide): an all_succeeded step (and a map step waiting for its children) is
 -- skipped at once; an all_done or any_failed one becomes ready when this was its last
--- dependency, and keeps waiting otherwise. Skipped dependents are counted too (the retry of
--- a dead letter recounts them). Returns the dependents whose status changed; the caller
+-- dependency, and keeps waiting otherwise; one with a delayMs is parked then instead, as in
+-- complete_steps (pending, available_at = now() + delay, audited step_delayed). Skipped
+-- dependents are counted too (the retry of a dead letter recounts them). Returns the dependents whose status changed; the caller
 -- repeats this for the ones it skipped, in the same transaction, and settles their runs.
 WITH child_counts AS (
     SELECT e.child_id, count(*)::integer AS n
@@ -534,7 +563,10 @@ WITH child_counts AS (
            CASE WHEN c.status <> 'pending' THEN c.status
                 WHEN c.run_if = 'all_succeeded' OR c.map_width IS NOT NULL THEN 'skipped'
                 WHEN c.deps_remaining - cc.n > 0 THEN 'pending'
-                ELSE 'ready' END AS new_status
+                WHEN c.delay_ms > 0 THEN 'pending'  -- parked
+                ELSE 'ready' END AS new_status,
+           (c.status = 'pending' AND c.run_if <> 'all_succeeded' AND c.map_width IS NULL
+            AND c.deps_remaining - cc.n = 0 AND c.delay_ms > 0) AS parked
     FROM steps c
     JOIN child_counts cc ON cc.child_id = c.id
     WHERE c.status IN ('pending', 'skipped')
@@ -545,7 +577,8 @@ WITH child_counts AS (
     SET deps_remaining = s.deps_remaining - l.n,
         deps_failed = s.deps_failed + l.n,
         status = l.new_status,
-        available_at = now(),
+        available_at = CASE WHEN l.parked THEN now() + make_interval(secs => s.delay_ms / 1000.0)
+                            ELSE now() END,
         finished_at = CASE WHEN l.new_status = 'skipped' THEN coalesce(s.finished_at, now()) END,
         error = CASE WHEN l.old_status = 'skipped' THEN s.error
                      WHEN l.new_status <> 'skipped' THEN NULL
@@ -554,11 +587,16 @@ WITH child_counts AS (
         updated_at = now()
     FROM locked l
     WHERE s.id = l.id AND s.status IN ('pending', 'skipped')
-    RETURNING s.id, s.run_id, s.name, s.status, l.old_status
+    RETURNING s.id, s.run_id, s.name, s.status, l.old_status, l.parked, s.delay_ms,
+              s.available_at
 ), audit AS (
-    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status)
-    SELECT run_id, id, name, 'step_' || status, old_status, status
+    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status, detail)
+    SELECT run_id, id, name, 'step_' || status, old_status, status, NULL::jsonb
     FROM upd WHERE status <> old_status
+    UNION ALL
+    SELECT run_id, id, name, 'step_delayed', 'pending', 'pending',
+           jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+    FROM upd WHERE parked
 )
 SELECT id, run_id, status FROM upd WHERE status <> old_status
 
@@ -625,7 +663,7 @@ SELECT id FROM upd
 -- commits: a claim skips them and a completion waits, so nothing the plan was made from can
 -- change under it (a replay once reset a step a worker had claimed meanwhile).
 SELECT id, name, status, run_if, map_path IS NOT NULL AS is_map, map_width, map_parent_id,
-       lease_owner, attempt
+       lease_owner, attempt, delay_ms
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY id
 FOR UPDATE
@@ -652,8 +690,10 @@ SELECT count(*)::integer AS n FROM gone
 -- Reset steps for a manual retry or a replay: each (id, status, deps_remaining, deps_failed)
 -- was decided by engine.rules under the run's lock; attempts, outputs, errors and leases are
 -- cleared, an unexpanded map step forgets its width. A step still pending with nothing left
--- to wait for is a delayed root: it waits for the run's start time. Audits the steps whose
--- status changed with %(events)s and the reason.
+-- to wait for is parked (engine.rules.plan_reset decided it): a delayed root waits for the
+-- run's start time, and a step with a delayMs sleeps it again from then (or from now),
+-- which its audit detail says (delayMs, until). Audits the steps whose status changed with
+-- %(events)s and the reason.
 WITH u AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(remaining)s::integer[],
                          %(failed)s::integer[], %(events)s::text[], %(unexpand)s::boolean[])
@@ -669,17 +709,23 @@ WITH u AS (
                      ELSE 'skipped: a dependency did not succeed' END,
         map_width = CASE WHEN u.unexpand THEN NULL ELSE s.map_width END,
         available_at = CASE WHEN u.status = 'pending' AND u.remaining = 0
-                            THEN greatest(coalesce(r.start_at, now()), now()) ELSE now() END,
+                            THEN greatest(coalesce(r.start_at, now()), now())
+                                 + make_interval(secs => coalesce(s.delay_ms, 0) / 1000.0)
+                            ELSE now() END,
         lease_owner = NULL, lease_expires_at = NULL, started_at = NULL,
         finished_at = CASE WHEN u.status = 'skipped' THEN now() END,
         updated_at = now()
     FROM u, old, runs r
     WHERE s.id = u.id AND old.id = u.id AND r.id = s.run_id
-    RETURNING s.id, s.run_id, s.name, s.status, old.status AS from_status, u.event
+    RETURNING s.id, s.run_id, s.name, s.status, old.status AS from_status, u.event,
+              s.delay_ms, s.available_at, u.remaining
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status, detail)
     SELECT run_id, id, name, event, from_status, status,
            jsonb_build_object('reason', %(reason)s::text, 'from', %(from_step)s::text)
+           || CASE WHEN status = 'pending' AND remaining = 0 AND delay_ms > 0
+                   THEN jsonb_build_object('delayMs', delay_ms, 'until', available_at)
+                   ELSE '{}'::jsonb END
     FROM upd WHERE status <> from_status OR event = 'step_replayed'
 )
 SELECT count(*)::integer AS n FROM upd
@@ -874,7 +920,9 @@ FROM runs WHERE id = %(run_id)s
 -- for (waitingFor), first reason that holds:
 --   running        -> {"reason": "running", "worker", "leaseExpiresAt"}
 --   pending        -> "dependencies" (the unfinished ones, named), "mapChildren" (a map
---                     step's children left), or "startAt" (a delayed root, until when)
+--                     step's children left), "delay" (a step with a delayMs, parked until
+--                     when: its dependencies are done, or it is a root), or "startAt" (a
+--                     delayed root without a delayMs, until when)
 --   ready          -> "backoff" (until availableAt), "concurrencyKey" (the key is full),
 --                     "noLiveWorker" (no live worker has the tool), else "queued"
 -- Live worker: not stopped, heartbeat within %(lease_ttl_s)s.
@@ -897,7 +945,7 @@ SELECT coalesce(json_agg(json_build_object(
            'priority', s.priority, 'concurrencyKey', s.concurrency_key,
            'maxConcurrency', s.max_concurrency, 'map', s.map, 'mapWidth', s.map_width,
            'mapIndex', s.map_index,
-           'mapOf', m.name,
+           'mapOf', m.name, 'delayMs', s.delay_ms,
            'resolvedInput', s.resolved_input -> 'input',
            'availableAt', s.available_at, 'leaseOwner', s.lease_owner,
            'leaseExpiresAt', s.lease_expires_at, 'output', s.output, 'error', s.error,
@@ -912,6 +960,8 @@ SELECT coalesce(json_agg(json_build_object(
                WHEN s.status = 'pending' AND s.deps_remaining > 0 THEN json_build_object(
                    'reason', 'dependencies',
                    'steps', coalesce(wd.names, to_json(s.depends_on)))
+               WHEN s.status = 'pending' AND s.delay_ms > 0 THEN json_build_object(
+                   'reason', 'delay', 'until', s.available_at, 'delayMs', s.delay_ms)
                WHEN s.status = 'pending' THEN json_build_object(
                    'reason', 'startAt', 'until', s.available_at)
                WHEN s.available_at > now() THEN json_build_object(

@@ -552,6 +552,39 @@ def map_pending_after_its_children_succeeded() -> History:
     return h
 
 
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def delayed_run() -> History:
+    """a -> b, b with delayMs 500: a succeeds, b parks (step_delayed until T0 + 0.5 s)."""
+    h = History()
+    h.new_run({"a": [], "b": ["a"]})
+    h.steps[(R1, "b")]["delay_ms"] = 500
+    h.succeed("a")
+    until = T0 + timedelta(milliseconds=500)
+    h.ev("b", "step_delayed", to="pending", reason="delay", delayMs=500, until=until.isoformat())
+    return h
+
+
+def delayed_claimed_without_sleeping() -> History:
+    """b was made ready straight after a (a step_ready with no delay reason)."""
+    h = delayed_run()
+    h.ev("b", "step_ready")
+    h.succeed("b")
+    h.run_event("run_completed")
+    return h
+
+
+def delayed_woken_too_early() -> History:
+    """b's promotion is written before the until its park said."""
+    h = delayed_run()
+    h.ev("b", "step_ready", reason="delay", delayMs=500)
+    h.events[-1]["created_at"] = T0 + timedelta(milliseconds=100)
+    h.succeed("b")
+    h.run_event("run_completed")
+    return h
+
+
 CASES = {
     "claimed while claimed": Case("overlapping_leases", claimed_twice),
     "ended with another token": Case("overlapping_leases", ended_with_another_token),
@@ -605,6 +638,10 @@ CASES = {
     "map pending after its children succeeded": Case(
         "stuck_pending", map_pending_after_its_children_succeeded
     ),
+    "delayed step claimed without sleeping": Case(
+        "delay_not_met", delayed_claimed_without_sleeping
+    ),
+    "delayed step woken before its time": Case("delay_not_met", delayed_woken_too_early),
 }
 
 
@@ -876,6 +913,29 @@ def test_delayed_root_waits_pending() -> None:
     undelayed.new_run({"a": []})
     undelayed.steps[(R1, "a")]["status"] = "pending"  # no start time: nothing promotes it
     assert kinds(undelayed.check()) == {"stuck_pending"}
+
+
+def test_a_parked_step_waits_pending_and_sleeps_before_its_claim() -> None:
+    """A step with delay_ms whose dependencies are done is parked, not stuck; woken by a
+    step_ready with reason delay at or after its until, its claim is clean, and so is a
+    manual retry of it, which runs it at once."""
+    h = delayed_run()
+    assert h.check().ok, explain(h.check())  # parked: not stuck_pending
+    h.ev("b", "step_ready", reason="delay", delayMs=500)
+    h.events[-1]["created_at"] = T0 + timedelta(milliseconds=500)
+    t = h.claim("b")
+    h.ev("b", "step_dead_lettered", t, error="boom", retryable=False)
+    h.run_event("run_failed")
+    h.ev("b", "step_retried")
+    h.run_event("run_resumed")
+    h.succeed("b")
+    h.run_event("run_completed")
+    report = h.check()
+    assert report.ok, explain(report)
+    root = History()
+    root.new_run({"r": []})
+    root.steps[(R1, "r")].update(delay_ms=100, status="pending")  # a root parked at insert
+    assert root.check().ok, explain(root.check())
 
 
 def test_missing_step_rows_do_not_crash() -> None:
