@@ -1,0 +1,20 @@
+"""Signals and wait steps (issue 15, part 1).
+
+Reserved in the chain so that the parts of issue 15 can be built side by side; the part that
+owns this revision fills it in.
+"""
+
+from alembic import op
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("SELECT 1")
+
+
+def downgrade() -> None:
+    op.execute("SELECT 1")
