@@ -44,13 +44,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from engine import agents, jsonb, metrics, openapi, responses, tracing, ws
+from engine import agents, jsonb, metrics, openapi, responses, schedule_api, tracing, ws
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings, check_interval
 from engine.dag import ApiDatetime, RunSpec, parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
-from engine.errors import IllegalTransition, NotFound, UnstorableJson, ValidationFailed
+from engine.errors import (
+    IllegalTransition,
+    NotFound,
+    ScheduleNameTaken,
+    UnstorableJson,
+    ValidationFailed,
+)
 from engine.gcpause import gc_paused
 from engine.guards import AllowedHosts, BearerAuth, HostGuard, JsonOnly
 from engine.internal_error import InternalErrorGuard
@@ -401,6 +407,7 @@ routes = [
     Route("/metrics", metrics_text, methods=["GET"]),
     Route("/queue", queue_view, methods=["GET"]),
     *agents.routes,
+    *schedule_api.routes,
     WebSocketRoute("/ws", ws.all_events),
     WebSocketRoute("/ws/runs/{run_id}", ws.run_events),
 ]
@@ -602,6 +609,7 @@ OPERATIONS: list[Operation] = [
         errors={503: "postgres is not answering"},
     ),
     *agents.OPERATIONS,
+    *schedule_api.OPERATIONS,
 ]
 
 
@@ -622,6 +630,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _conflict(request: Request, exc: Exception) -> Response:
     return _error(409, "illegal_transition", str(exc))
+
+
+async def _name_taken(request: Request, exc: Exception) -> Response:
+    return _error(409, "schedule_name_taken", str(exc))
 
 
 async def _invalid(request: Request, exc: Exception) -> Response:
@@ -731,6 +743,7 @@ def create_app(
             HTTPException: _http_error,
             NotFound: _not_found,
             IllegalTransition: _conflict,
+            ScheduleNameTaken: _name_taken,
             ValidationFailed: _invalid,
             **{cls: _db_down for cls in RETRYABLE},
         },
@@ -742,7 +755,7 @@ def create_app(
         guarded = CORSMiddleware(
             guarded,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
             max_age=CORS_MAX_AGE_S,
         )

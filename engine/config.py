@@ -37,6 +37,9 @@ MAINTENANCE_STANDBY_S_DEFAULT = 2.0
 PRUNE_INTERVAL_S_DEFAULT = 60.0
 AUDIT_UPKEEP_INTERVAL_S_DEFAULT = 600.0  # the audit log's daily partitions (engine.retention)
 LIVENESS_INTERVAL_S_DEFAULT = 10.0
+# How often the leader fires the due schedules (engine.maintenance.scheduler): at most this
+# late, in seconds.
+SCHEDULER_INTERVAL_S_DEFAULT = 1.0
 SHUTDOWN_GRACE_S_DEFAULT = 10.0
 RETENTION_DAYS_DEFAULT = 30.0
 LIVE_QUEUE_MAX_EVENTS_DEFAULT = 5_000
@@ -163,6 +166,7 @@ class Settings:
     prune_interval_s: float = PRUNE_INTERVAL_S_DEFAULT
     audit_upkeep_interval_s: float = AUDIT_UPKEEP_INTERVAL_S_DEFAULT
     liveness_interval_s: float = LIVENESS_INTERVAL_S_DEFAULT
+    scheduler_interval_s: float = SCHEDULER_INTERVAL_S_DEFAULT  # PGDAG_SCHEDULER_INTERVAL_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S_DEFAULT
     retention_days: float = RETENTION_DAYS_DEFAULT
     # Modules named by PGDAG_TOOLS. The engine ships no tools: the program that runs it adds
@@ -291,6 +295,11 @@ class Settings:
             liveness_interval_s=_parse_float(
                 "PGDAG_LIVENESS_INTERVAL_S",
                 get("PGDAG_LIVENESS_INTERVAL_S", str(LIVENESS_INTERVAL_S_DEFAULT)),
+                0.01,
+            ),
+            scheduler_interval_s=_parse_float(
+                "PGDAG_SCHEDULER_INTERVAL_S",
+                get("PGDAG_SCHEDULER_INTERVAL_S", str(SCHEDULER_INTERVAL_S_DEFAULT)),
                 0.01,
             ),
             shutdown_grace_s=_parse_float(

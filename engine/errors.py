@@ -134,3 +134,17 @@ class TokenNameTaken(PgdagError):
 
 class TokenNotFound(PgdagError):
     """No live API token has that name."""
+
+
+class ScheduleNameTaken(PgdagError):
+    """A schedule of that name exists with another definition (delete it first, or pick
+    another name)."""
+
+
+class ScheduleNotFireable(PgdagError):
+    """A due schedule's fire times cannot be computed now (its time zone left tzdata, say);
+    `schedule_id` names it. Nothing was written."""
+
+    def __init__(self, schedule_id: str, message: str) -> None:
+        self.schedule_id = schedule_id
+        super().__init__(f"schedule {schedule_id}: {message}")

@@ -79,7 +79,7 @@ class Operation:
     `body_example` is an example body (a valid one, which fuzzers start from).
     """
 
-    method: Literal["GET", "POST"]
+    method: Literal["GET", "POST", "DELETE"]
     path: str
     operation_id: str
     summary: str

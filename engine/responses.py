@@ -413,3 +413,67 @@ class QueueView(Wire):
         "every step_succeeded event): 0 for minutes before its start"
     )
     snapshot_age_seconds: float = Field(description="age of the queue numbers (cached 1 s)")
+
+
+# --- schedules (engine.schedule_api, engine.store.schedule_json) ----------------------------
+
+
+class ScheduleLastFire(Wire):
+    """A schedule's latest fire: when, the run it submitted (None: the template was refused,
+    see `error`), that run's status (None: no run, or pruned)."""
+
+    fire_at: datetime
+    run_id: UUID | None
+    run_status: RunStatus | None
+    error: str | None
+
+
+class ScheduleFire(ScheduleLastFire):
+    """One fire of ``GET /schedules/{scheduleId}``: also how many older fire times the
+    missed-fire policy left unfired just before it, and when it was written."""
+
+    missed: int
+    fired_at: datetime
+
+
+class ScheduleHead(Wire):
+    """A schedule as submitted, its state and its next fire time (UTC; None while paused)."""
+
+    id: UUID
+    name: str
+    cron: str
+    timezone: str
+    run: dict[str, JsonValue] = Field(description="the POST /runs body each fire submits")
+    missed: Literal["skip"] | dict[str, int] = Field(
+        description='"skip", or {"catchUp": N}: what a late pass fires'
+    )
+    paused: bool
+    next_fire_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    fires: int = Field(description="how many fires it made")
+
+
+class ScheduleSummary(ScheduleHead):
+    """An item of ``GET /schedules``."""
+
+    last_fire: ScheduleLastFire | None
+
+
+class Schedule(ScheduleHead):
+    """``GET /schedules/{scheduleId}``: the schedule and its latest fires, newest first."""
+
+    recent_fires: list[ScheduleFire]
+
+
+class ScheduleList(Wire):
+    """``GET /schedules``: every schedule, by name."""
+
+    schedules: list[ScheduleSummary]
+
+
+class ScheduleDeleted(Wire):
+    """``DELETE /schedules/{scheduleId}``: the schedule deleted (its runs stay)."""
+
+    id: UUID
+    deleted: Literal[True]

@@ -8,6 +8,7 @@ are safe to repeat are retried through connection loss (`engine.db.retrying`).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ from engine import retention, transitions
 from engine.dag import RunSpec
 from engine.db import retrying
 from engine.errors import NotFound, PgdagError
+from engine.schedules import ScheduleSpec
 from engine.sql import queries
 from engine.tools import registered_tools
 from engine.transitions import ClaimedStep, FailOutcome
@@ -66,6 +68,32 @@ def event_json(row: DictRow) -> dict[str, Any]:
         "workerId": row["worker_id"],
         "detail": row["detail"],
         "at": _iso(row["created_at"]),
+    }
+
+
+def _uuid_or_none(ref: str) -> str | None:
+    """`ref` as a canonical UUID, or None when it is not one (then it is a name)."""
+    try:
+        return str(uuid.UUID(ref))
+    except ValueError:
+        return None
+
+
+def schedule_json(row: DictRow) -> dict[str, Any]:
+    """A schedules row as the API's camelCase JSON (``missed``: ``"skip"`` or
+    ``{"catchUp": N}``, as it was submitted)."""
+    return {
+        "id": str(row["id"]),
+        "name": row["name"],
+        "cron": row["cron"],
+        "timezone": row["timezone"],
+        "run": row["template"],
+        "missed": "skip" if row["missed_policy"] == "skip" else {"catchUp": row["catch_up_limit"]},
+        "paused": row["paused"],
+        # While paused there is no next fire: a resume computes it from its own now().
+        "nextFireAt": None if row["paused"] else _iso(row["next_fire_at"]),
+        "createdAt": _iso(row["created_at"]),
+        "updatedAt": _iso(row["updated_at"]),
     }
 
 
@@ -666,3 +694,87 @@ class Store:
             }
             for r in rows
         ]
+
+    # --- schedules (migration 0012, engine.schedules) ------------------------------------
+
+    async def create_schedule(self, spec: ScheduleSpec) -> tuple[str, bool]:
+        """See `transitions.create_schedule`. Returns ``(schedule_id, created)``."""
+        async with self.pool.connection() as conn:
+            return await transitions.create_schedule(conn, spec)
+
+    async def pause_schedule(self, ref: str) -> str:
+        """See `transitions.pause_schedule` (`ref`: id or name); returns the id."""
+        async with self.pool.connection() as conn:
+            return await transitions.pause_schedule(conn, ref)
+
+    async def resume_schedule(self, ref: str) -> str:
+        """See `transitions.resume_schedule` (`ref`: id or name); returns the id."""
+        async with self.pool.connection() as conn:
+            return await transitions.resume_schedule(conn, ref)
+
+    async def delete_schedule(self, ref: str) -> str:
+        """See `transitions.delete_schedule` (`ref`: id or name); returns the id."""
+        async with self.pool.connection() as conn:
+            return await transitions.delete_schedule(conn, ref)
+
+    async def fire_due_schedule(
+        self, *, max_steps: int, skip: Sequence[str] = ()
+    ) -> transitions.ScheduleFired | None:
+        """See `transitions.fire_due_schedule`: one due schedule fired, or None."""
+        async with self.pool.connection() as conn:
+            return await transitions.fire_due_schedule(conn, max_steps=max_steps, skip=skip)
+
+    async def list_schedules(self, *, limit: int) -> list[dict[str, Any]]:
+        """Every schedule by name (at most `limit`), as the API's camelCase JSON, each with
+        its latest fire (``lastFire``: time, run id, run status, error; None: never fired)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["list_schedules"], {"limit": limit})
+            rows = await cur.fetchall()
+        out = []
+        for r in rows:
+            body = schedule_json(r)
+            body["fires"] = r["fires"]
+            body["lastFire"] = (
+                None
+                if r["last_fire_at"] is None
+                else {
+                    "fireAt": _iso(r["last_fire_at"]),
+                    "runId": str(r["last_run_id"]) if r["last_run_id"] else None,
+                    "runStatus": r["last_run_status"],
+                    "error": r["last_error"],
+                }
+            )
+            out.append(body)
+        return out
+
+    async def get_schedule(self, ref: str, *, fires: int = 20) -> dict[str, Any]:
+        """One schedule (`ref`: id or name) as camelCase JSON with its latest `fires` fires,
+        newest first (``recentFires``: fireAt, runId, runStatus, missed, error, firedAt) and
+        how many it made (``fires``). Raises `NotFound`."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                queries["select_schedule"], {"id": _uuid_or_none(ref), "name": ref}
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"no schedule {ref}")
+            cur = await conn.execute(
+                queries["list_schedule_fires"], {"id": row["id"], "limit": fires}
+            )
+            recent = await cur.fetchall()
+            cur = await conn.execute(queries["count_schedule_fires"], {"id": row["id"]})
+            count = await cur.fetchone()
+        body = schedule_json(row)
+        body["fires"] = count["n"] if count else 0
+        body["recentFires"] = [
+            {
+                "fireAt": _iso(f["fire_at"]),
+                "runId": str(f["run_id"]) if f["run_id"] else None,
+                "runStatus": f["run_status"],
+                "missed": f["missed"],
+                "error": f["error"],
+                "firedAt": _iso(f["fired_at"]),
+            }
+            for f in recent
+        ]
+        return body

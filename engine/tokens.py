@@ -10,7 +10,8 @@ Scopes (`SCOPE_RULES` is the one definition; docs/operations.md shows it as a ta
 unit test checks the two agree):
 
 - ``admin``: everything, and alone ``GET /metrics`` (Prometheus, `engine.metrics`).
-- ``submit``: submit, read, cancel, retry and replay runs; read workers, the queue, the
+- ``submit``: submit, read, cancel, retry and replay runs; create, read, pause, resume and
+  delete schedules; read workers, the queue, the
   maintenance status and the OpenAPI document; the WebSockets and the dashboard. Not
   ``/agent/*``.
 - ``agent``: only ``/agent/*`` (claim, heartbeat, report, ...), all POST.
@@ -109,6 +110,12 @@ SCOPE_RULES: Mapping[Scope, tuple[Rule, ...]] = {
         Rule("POST", "/runs/{runId}/steps/{stepName}/retry"),
         Rule("POST", "/runs/{runId}/replay"),
         Rule("POST", "/runs/retry-dead-letters"),
+        Rule("POST", "/schedules"),
+        Rule("GET", "/schedules"),
+        Rule("GET", "/schedules/{scheduleId}"),
+        Rule("POST", "/schedules/{scheduleId}/pause"),
+        Rule("POST", "/schedules/{scheduleId}/resume"),
+        Rule("DELETE", "/schedules/{scheduleId}"),
         Rule("GET", "/workers"),
         Rule("GET", "/queue"),
         Rule("GET", "/maintenance"),

@@ -55,6 +55,10 @@ raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
 | retry_dead_letter         | dead_letter | ready (+unskip)   | API             |
 | expand_map                | running   | pending (children ready) | worker   |
 | replay_from               | any but running | ready / pending / skipped | API   |
+| fire_due_schedule         | -         | (create_run per fire time) | maintenance leader |
+
+Schedules (migration 0012) have their own small machine, at the end of this module
+(create, pause, resume, delete, and the leader's fire).
 
 A step's trigger rule (``runIf``, `engine.rules`) decides what happens to it when its
 dependencies end: ``complete_steps`` and ``fail_dependents`` count them down in SQL, and a
@@ -66,6 +70,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,8 +80,8 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
-from engine import jsonb
-from engine.dag import RunSpec
+from engine import jsonb, schedules
+from engine.dag import RunSpec, parse_run
 from engine.db import RETRYABLE
 from engine.errors import (
     IdempotencyKeyReused,
@@ -85,6 +90,9 @@ from engine.errors import (
     NotFound,
     OutputRefused,
     PgdagError,
+    ScheduleNameTaken,
+    ScheduleNotFireable,
+    ValidationFailed,
 )
 from engine.gcpause import gc_paused
 from engine.rules import GraphStep, ResetStep, plan_reset
@@ -893,3 +901,213 @@ def output_json(output: Any, *, max_bytes: int = jsonb.MAX_BYTES_DEFAULT) -> str
     not retryably; never RecursionError.
     """
     return jsonb.dumps(output, path="output", max_bytes=max_bytes)
+
+
+# --- schedules (migration 0012, engine.schedules) --------------------------------------------
+#
+#   create_schedule --> active --pause_schedule--> paused --resume_schedule--> active
+#                         |  ^                                 (next fire: the first after now)
+#     fire_due_schedule   +--+ (the leader: runs + fires + next_fire_at, one transaction)
+#   delete_schedule: either state --> gone (its fires with it; its runs stay)
+
+
+@dataclass(frozen=True)
+class ScheduleFired:
+    """What one `fire_due_schedule` did: the schedule (`schedule_id`, `name`), each fire
+    ``(fire_at, run_id or None, created)`` oldest first (`created` False: the run of that
+    idempotency key already existed; None: the template was refused, see `errors`), the fire
+    times the policy left unfired (`missed`) and the schedule's new `next_fire_at`."""
+
+    schedule_id: str
+    name: str
+    fires: list[tuple[datetime, str | None, bool]]
+    missed: int
+    errors: list[str]
+    next_fire_at: datetime
+
+
+def _uuid_or_none(ref: str) -> str | None:
+    try:
+        return str(uuid.UUID(ref))
+    except ValueError:
+        return None
+
+
+async def _lock_schedule(conn: Conn, ref: str) -> DictRow:
+    cur = await conn.execute(queries["lock_schedule"], {"id": _uuid_or_none(ref), "name": ref})
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"no schedule {ref}")
+    return row
+
+
+async def create_schedule(conn: Conn, spec: schedules.ScheduleSpec) -> tuple[str, bool]:
+    """Insert `spec` with its first fire time (the first after the database's now() in its
+    zone). Returns ``(schedule_id, created)``: `created` False when a schedule of that name
+    with the same definition exists (returned instead; nothing written). Raises
+    `ScheduleNameTaken` when the name is taken by a schedule with another definition."""
+    async with conn.transaction():
+        cur = await conn.execute(queries["schedule_now"])
+        now_row = await cur.fetchone()
+        assert now_row is not None
+        first = schedules.next_fire(spec.cron, spec.timezone, now_row["now"])
+        cur = await conn.execute(
+            queries["insert_schedule"],
+            {
+                "name": spec.name,
+                "cron": spec.cron,
+                "timezone": spec.timezone,
+                "template": json.dumps(spec.template),
+                "policy": spec.policy,
+                "catch_up": spec.catch_up,
+                "next_fire_at": first,
+            },
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            return str(row["id"]), True
+        cur = await conn.execute(queries["select_schedule"], {"id": None, "name": spec.name})
+        existing = await cur.fetchone()
+        if existing is None:  # deleted between the two statements
+            raise IllegalTransition(f"schedule {spec.name} changed meanwhile; submit again")
+        same = {
+            "cron": existing["cron"],
+            "timezone": existing["timezone"],
+            "template": existing["template"],
+            "policy": existing["missed_policy"],
+            "catch_up": existing["catch_up_limit"],
+        } == spec.definition()
+        if not same:
+            raise ScheduleNameTaken(
+                f"schedule name {spec.name!r} is taken by schedule {existing['id']} with "
+                "another definition; delete it first or pick another name"
+            )
+        return str(existing["id"]), False
+
+
+async def pause_schedule(conn: Conn, ref: str) -> str:
+    """Active -> paused (by id or name); returns its id. Raises `NotFound`, or
+    `IllegalTransition` when it is paused already."""
+    async with conn.transaction():
+        row = await _lock_schedule(conn, ref)
+        cur = await conn.execute(queries["pause_schedule"], {"id": row["id"]})
+        if await cur.fetchone() is None:
+            raise IllegalTransition(f"schedule {row['name']} is already paused")
+    return str(row["id"])
+
+
+async def resume_schedule(conn: Conn, ref: str) -> str:
+    """Paused -> active (by id or name), its next fire the first fire time after the
+    database's now(): what passed while it was paused is not fired. Returns its id. Raises
+    `NotFound`, or `IllegalTransition` when it is not paused."""
+    async with conn.transaction():
+        row = await _lock_schedule(conn, ref)
+        if not row["paused"]:
+            raise IllegalTransition(f"schedule {row['name']} is not paused")
+        nxt = schedules.next_fire(row["cron"], row["timezone"], row["now"])
+        cur = await conn.execute(queries["resume_schedule"], {"id": row["id"], "next_fire_at": nxt})
+        if await cur.fetchone() is None:
+            raise IllegalTransition(f"schedule {row['name']} is not paused")
+    return str(row["id"])
+
+
+async def delete_schedule(conn: Conn, ref: str) -> str:
+    """Delete a schedule (by id or name) and its fires; the runs it submitted stay. Returns
+    its id. Raises `NotFound`. A fire in progress finishes first (the row lock)."""
+    async with conn.transaction():
+        row = await _lock_schedule(conn, ref)
+        cur = await conn.execute(queries["delete_schedule"], {"id": row["id"]})
+        if await cur.fetchone() is None:
+            raise NotFound(f"no schedule {ref}")
+    return str(row["id"])
+
+
+def _fire_spec(
+    row: DictRow, fire_at: datetime, *, max_steps: int
+) -> tuple[RunSpec | None, str | None]:
+    """The run of one fire, or the reason the template is refused now (``max_steps``
+    lowered since...). Tools are not looked up: they were checked at create time, and the
+    leader may be a process that has not loaded them (their inputs' schemas are checked when
+    this process has the tool)."""
+    body = schedules.fire_body(
+        row["template"], name=row["name"], schedule_id=str(row["id"]), fire_at=fire_at
+    )
+    steps = body.get("steps")
+    tools = frozenset(
+        s["tool"] for s in steps or () if isinstance(s, dict) and isinstance(s.get("tool"), str)
+    )
+    try:
+        return parse_run(body, max_steps=max_steps, remote_tools=tools), None
+    except ValidationFailed as exc:
+        return None, str(exc)
+
+
+async def fire_due_schedule(
+    conn: Conn, *, max_steps: int, skip: Sequence[str] = ()
+) -> ScheduleFired | None:
+    """The maintenance leader's step: lock one due schedule (not paused, next fire time
+    passed on the database clock; SKIP LOCKED; not one of the ids in `skip`), submit a run
+    for each fire time its policy fires (`schedules.due_fires`; idempotency key
+    ``schedule:<id>:<fire time>``), record each fire (unique per schedule and fire time)
+    and move ``next_fire_at`` on, all in one transaction. None when no schedule is due.
+
+    A template refused at fire time records the fire with its error and no run. Raises
+    `IllegalTransition` when a guarded write matches nothing (the transaction is rolled back:
+    nothing fired), `ScheduleNotFireable` naming a schedule whose fire times cannot be
+    computed (a zone tzdata no longer knows), and psycopg's errors."""
+    async with conn.transaction():
+        cur = await conn.execute(queries["lock_due_schedule"], {"skip": list(skip)})
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        sid = str(row["id"])
+        try:
+            due = schedules.due_fires(
+                row["cron"],
+                row["timezone"],
+                next_fire_at=row["next_fire_at"],
+                now=row["now"],
+                catch_up=row["catch_up_limit"],
+            )
+        except ValueError as exc:
+            raise ScheduleNotFireable(sid, str(exc)) from None
+        fires: list[tuple[datetime, str | None, bool]] = []
+        errors: list[str] = []
+        for i, fire_at in enumerate(due.fire_at):
+            spec, error = _fire_spec(row, fire_at, max_steps=max_steps)
+            run_id: str | None = None
+            created = False
+            if spec is not None:
+                try:
+                    run_id, created = await create_run(conn, spec)
+                except IdempotencyKeyReused as exc:  # a client took the key: say so
+                    error = str(exc)
+            if error is not None:
+                errors.append(error)
+            cur = await conn.execute(
+                queries["record_schedule_fire"],
+                {
+                    "id": sid,
+                    "fire_at": fire_at,
+                    "run_id": run_id,
+                    "missed": due.missed if i == 0 else 0,
+                    "error": error,
+                },
+            )
+            if await cur.fetchone() is None:
+                raise IllegalTransition(f"schedule {sid} already fired {fire_at.isoformat()}")
+            fires.append((fire_at, run_id, created))
+        cur = await conn.execute(
+            queries["advance_schedule"],
+            {"id": sid, "next_fire_at": due.next_fire_at, "expected": row["next_fire_at"]},
+        )
+        if await cur.fetchone() is None:
+            raise IllegalTransition(f"schedule {sid} changed while it fired")
+    return ScheduleFired(
+        schedule_id=sid,
+        name=row["name"],
+        fires=fires,
+        missed=due.missed,
+        errors=errors,
+        next_fire_at=due.next_fire_at,
+    )

@@ -7,7 +7,8 @@ they have no database) and runs the tasks, each a small class in a file of its o
 - `Reaper` (reaper.py): requeue expired leases, promote delayed steps;
 - `Pruner` (pruner.py): delete finished runs past the retention;
 - `AuditPartitions` (audit.py): the audit log's daily partitions (`engine.retention`);
-- `Liveness` (liveness.py): log workers whose heartbeat stopped.
+- `Liveness` (liveness.py): log workers whose heartbeat stopped;
+- `Scheduler` (scheduler.py): fire the due schedules (`engine.schedules`).
 
 `default_tasks` builds them from the settings; a new task is one more class with `name`,
 `interval_s` and `run_once`, and one more line there.
@@ -20,6 +21,7 @@ from engine.maintenance.audit import AuditPartitions
 from engine.maintenance.liveness import Liveness
 from engine.maintenance.pruner import Pruner
 from engine.maintenance.reaper import Reaper
+from engine.maintenance.scheduler import Scheduler
 from engine.maintenance.service import LeadershipLost, MaintenanceService, holder_of
 from engine.maintenance.task import Task, TaskRecord
 
@@ -30,6 +32,7 @@ __all__ = [
     "MaintenanceService",
     "Pruner",
     "Reaper",
+    "Scheduler",
     "Task",
     "TaskRecord",
     "default_tasks",
@@ -38,7 +41,13 @@ __all__ = [
 
 
 def default_tasks(settings: Settings) -> list[Task]:
-    """The reaper, the pruner, the audit-log partitions and the liveness check, with their
-    intervals from `settings`. Raises `ConfigError` naming the variable of an interval that
-    is not a finite number > 0."""
-    return [Reaper(settings), Pruner(settings), AuditPartitions(settings), Liveness(settings)]
+    """The reaper, the pruner, the audit-log partitions, the liveness check and the
+    scheduler, with their intervals from `settings`. Raises `ConfigError` naming the
+    variable of an interval that is not a finite number > 0."""
+    return [
+        Reaper(settings),
+        Pruner(settings),
+        AuditPartitions(settings),
+        Liveness(settings),
+        Scheduler(settings),
+    ]
