@@ -1095,7 +1095,9 @@ async def fire_due_schedule(
                 },
             )
             if await cur.fetchone() is None:
-                raise IllegalTransition(f"schedule {sid} already fired {fire_at.isoformat()}")
+                # Fired already (next_fire_at was set back by hand): its run is the one of
+                # that idempotency key, returned above, so nothing new was written for it.
+                continue
             fires.append((fire_at, run_id, created))
         cur = await conn.execute(
             queries["advance_schedule"],

