@@ -10,7 +10,7 @@ fires (twice), a standby takes over, and every fire time has exactly one run.
 
 from __future__ import annotations
 
-import re
+import itertools
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -111,14 +111,13 @@ def test_schedules_fire_skip_catch_up_pause_delete(db_url: str, tmp_path: Path) 
         assert len(skip_fires) == 1, skip_fires
         newest = skip_fires[0]
         assert newest["missed"] >= 5 and newest["error"] is None
-        assert newest["idempotency_key"] == f"schedule:{skip['id']}:" + newest[
-            "fire_at"
-        ].isoformat().replace("+00:00", "+00:00")
+        key = f"schedule:{skip['id']}:{newest['fire_at'].astimezone(UTC).isoformat()}"
+        assert newest["idempotency_key"] == key
         wait_for(lambda: len(_fires(db_url, catch_up["id"])) >= 3, what="catch-up to fire")
         cu = _fires(db_url, catch_up["id"])
         assert len(cu) in (3, 4), cu  # a fourth only when a minute boundary passed meanwhile
         assert [f["missed"] for f in cu[:3]] == [cu[0]["missed"], 0, 0] and cu[0]["missed"] >= 3
-        gaps = {(b["fire_at"] - a["fire_at"]).total_seconds() for a, b in zip(cu, cu[1:])}
+        gaps = {(b["fire_at"] - a["fire_at"]).total_seconds() for a, b in itertools.pairwise(cu)}
         assert gaps == {60.0}, gaps
         assert fired
 
@@ -160,3 +159,116 @@ def test_schedules_fire_skip_catch_up_pause_delete(db_url: str, tmp_path: Path) 
             db_url, "SELECT count(*) AS n FROM runs WHERE id = ANY(%(ids)s)", {"ids": run_ids}
         )
         assert kept[0]["n"] == len(run_ids)
+
+
+# --- kill -9 of the leader while it fires --------------------------------------------------
+
+LEADER_SQL = """
+SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid = (8210605543::bigint >> 32)::oid
+  AND l.objid = (8210605543::bigint & 4294967295)::oid
+"""
+SCHEDULES = 12
+BACK_MINUTES = 39  # so 40 fire times of each schedule are due at once (41 across a minute)
+
+
+def _leader_pid(db_url: str) -> int | None:
+    """The OS pid of the API process holding the maintenance lock (its application_name is
+    ``pgdag-maintenance api <host>:<pid>``), or None."""
+    rows = query(db_url, LEADER_SQL)
+    return int(rows[0]["application_name"].rsplit(":", 1)[1]) if rows else None
+
+
+def _total_fires(db_url: str) -> int:
+    return int(query(db_url, "SELECT count(*) AS n FROM schedule_fires")[0]["n"])
+
+
+def test_kill_9_of_the_leader_while_it_fires_leaves_one_run_per_fire_time(
+    db_url: str, tmp_path: Path
+) -> None:
+    procs: dict[int, Proc] = {}
+    ports = []
+    try:
+        for i in range(3):
+            port = free_port()
+            proc = Proc(
+                ["-m", "engine", "serve", "--port", str(port)],
+                base_env(db_url, **FAST),
+                tmp_path / f"api-{i}.log",
+            )
+            procs[proc.pid] = proc
+            ports.append(port)
+        base = f"http://127.0.0.1:{ports[0]}"
+        wait_for(lambda: all(_healthy(f"http://127.0.0.1:{p}") for p in ports), what="3 APIs")
+        with httpx.Client(base_url=base, headers=JSON) as c:
+            ids = []
+            for i in range(SCHEDULES):
+                r = c.post(
+                    "/schedules",
+                    json={
+                        "name": f"s{i:02d}",
+                        "cron": "* * * * *",
+                        "run": RUN,
+                        "missed": {"catchUp": 50},
+                    },
+                )
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["id"])
+        wait_for(lambda: _leader_pid(db_url) in procs, what="an API to lead")
+        query(
+            db_url,
+            "UPDATE schedules SET next_fire_at = date_trunc('minute', now()) "
+            "- make_interval(mins => %(m)s)",
+            {"m": BACK_MINUTES},
+        )
+        expected = SCHEDULES * (BACK_MINUTES + 1)
+        killed = []
+        for share in (1, expected // 3):  # the first fire, then a third of the way
+            wait_for(lambda s=share: _total_fires(db_url) >= s, interval_s=0.01, what="fires")
+            pid = _leader_pid(db_url)
+            assert pid in procs
+            procs[pid].kill()
+            killed.append((pid, _total_fires(db_url)))
+            wait_for(
+                lambda p=pid: _leader_pid(db_url) not in (None, p),
+                timeout_s=15,
+                what="a standby to take the lead",
+            )
+        assert killed[0][1] < expected and killed[1][1] < expected, killed  # killed mid-way
+        wait_for(
+            lambda: (
+                query(db_url, "SELECT count(*) AS n FROM schedules WHERE next_fire_at <= now()")[0][
+                    "n"
+                ]
+                == 0
+            ),
+            timeout_s=60,
+            what="every due fire time to be fired",
+        )
+        for sid in ids:
+            fires = _fires(db_url, sid)
+            times = [f["fire_at"] for f in fires]
+            assert len(times) >= BACK_MINUTES + 1, (sid, len(times))
+            steps = {(b - a).total_seconds() for a, b in itertools.pairwise(times)}
+            assert steps == {60.0}, (sid, steps)  # every minute once, none left out
+            for f in fires:
+                key = f"schedule:{sid}:{f['fire_at'].astimezone(UTC).isoformat()}"
+                assert f["run_id"] is not None and f["idempotency_key"] == key, f
+        runs = query(
+            db_url,
+            "SELECT idempotency_key, count(*) AS n FROM runs "
+            "WHERE idempotency_key LIKE 'schedule:%%' GROUP BY idempotency_key",
+        )
+        assert all(r["n"] == 1 for r in runs)
+        assert len(runs) == _total_fires(db_url) >= expected
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
