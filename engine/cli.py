@@ -555,6 +555,66 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return cmd_watch(argparse.Namespace(**{**vars(args), "run_id": submitted.id}))
 
 
+def _schedule_line(s: dict[str, Any]) -> str:
+    last = s.get("lastFire") or {}
+    run = last.get("runId") or (f"error: {last['error']}" if last.get("error") else "-")
+    nxt = "paused" if s["paused"] else s["nextFireAt"]
+    return f"{s['name']:<24} {s['cron']:<16} {s['timezone']:<20} {nxt:<32} {run}"
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    """``schedules list|show|add|pause|resume|delete`` through `engine.client.Client`:
+    list prints one line per schedule (name, cron, zone, next fire or paused, last run); add
+    takes the ``POST /schedules`` body from a JSON file (``-``: stdin) and prints the id;
+    the others take a schedule's name or id. 2 when the API refuses (problems printed), 1
+    for an unknown schedule or a pause/resume it is already in."""
+    from engine.client import Client, Conflict, InvalidRequest, NotFound
+
+    with Client(args.url, _token(args), timeout_s=60) as client:
+        try:
+            if args.action == "list":
+                listed = client.schedules()
+                if args.json:
+                    print(json.dumps(listed, indent=1))
+                    return 0
+                print(f"{'NAME':<24} {'CRON':<16} {'ZONE':<20} {'NEXT FIRE (UTC)':<32} LAST RUN")
+                for s in listed:
+                    print(_schedule_line(s))
+                return 0
+            if args.target is None:
+                what = "FILE.json" if args.action == "add" else "NAME or ID"
+                raise PgdagError(f"schedules {args.action} needs {what}")
+            if args.action == "add":
+                try:
+                    raw = sys.stdin.read() if args.target == "-" else Path(args.target).read_text()
+                    body = json.loads(raw)
+                except (OSError, ValueError) as exc:
+                    raise PgdagError(f"cannot read {args.target}: {exc}") from None
+                if not isinstance(body, dict):
+                    raise PgdagError(f"{args.target} must hold a JSON object (POST /schedules)")
+                schedule, created = client.create_schedule(body)
+                if not created:
+                    print(f"schedule {schedule['name']} exists already", file=sys.stderr)
+                print(schedule["id"])
+                return 0
+            action = {
+                "show": client.schedule,
+                "pause": client.pause_schedule,
+                "resume": client.resume_schedule,
+                "delete": client.delete_schedule,
+            }[args.action]
+            print(json.dumps(action(args.target), indent=1))
+            return 0
+        except InvalidRequest as exc:
+            problems = _problems(exc.problems, exc.message)
+            print(f"error: the API refused it ({len(problems)} problem(s)):", file=sys.stderr)
+            print("\n".join(problems), file=sys.stderr)
+            return 2
+        except (NotFound, Conflict) as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -659,6 +719,21 @@ def build_parser(
     submit.add_argument("--watch", action="store_true", help="then follow it live")
     client(submit)
     submit.set_defaults(func=cmd_submit)
+
+    schedules = sub.add_parser(
+        "schedules",
+        help="list, show, add, pause, resume and delete schedules (docs/schedules.md)",
+    )
+    schedules.add_argument("action", choices=["list", "show", "add", "pause", "resume", "delete"])
+    schedules.add_argument(
+        "target",
+        nargs="?",
+        metavar="NAME|ID|FILE.json",
+        help="add: the POST /schedules body (- for stdin); else the schedule's name or id",
+    )
+    schedules.add_argument("--json", action="store_true", help="list as JSON")
+    client(schedules)
+    schedules.set_defaults(func=cmd_schedules)
 
     token = sub.add_parser(
         "token",

@@ -25,7 +25,7 @@ Errors (all `engine.errors.PgdagError`):
     PgdagApiError            an answer in the API's error shape: status, code, message, problems
     ├── Unauthorized         401: missing or wrong bearer token
     ├── Forbidden            403 forbidden: the token's scope does not allow it
-    ├── NotFound             404: no such run or step
+    ├── NotFound             404: no such run, step or schedule
     ├── Conflict             409: the state machine does not allow it (cancel a finished run...)
     ├── InvalidRequest       422: a bad run or request; .problems names each step and field
     │   └── IdempotencyKeyReused   422: the idempotencyKey names a run with another payload
@@ -231,6 +231,11 @@ def _run_path(run_id: str | uuid.UUID, *rest: str) -> str:
     return "/".join(["/runs", quote(str(run_id), safe=""), *(quote(p, safe="") for p in rest)])
 
 
+def _schedule_path(ref: str | uuid.UUID, *rest: str) -> str:
+    """``/schedules/{scheduleId}[/rest]``: `ref` is the schedule's id or its name."""
+    return "/".join(["/schedules", quote(str(ref), safe=""), *rest])
+
+
 def _time(name: str, value: datetime | str | None) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -433,7 +438,7 @@ class Client(_Base):
         body: Any = None,
         params: Mapping[str, Any] | None = None,
     ) -> httpx.Response:
-        post = method == "POST"
+        post = method in ("POST", "DELETE")  # state changes say Content-Type: json
         content = json.dumps(body).encode() if body is not None else b"" if post else None
         try:
             response = self._http.request(
@@ -524,6 +529,43 @@ class Client(_Base):
         `ValueError` for a naive datetime."""
         body = _dead_letter_filters(tool, run_status, since, until, limit, dry_run, reason)
         return self._call("POST", "/runs/retry-dead-letters", body=body)
+
+    # --- schedules (docs/schedules.md) ---------------------------------------------------
+
+    def create_schedule(self, schedule: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """``POST /schedules``: create `schedule` (``{"name", "cron", "timezone", "run",
+        "missed"}``). Returns ``(schedule, created)``; `created` False: a schedule of that
+        name and definition existed. Raises `InvalidRequest` (.problems: ``cron``,
+        ``timezone``, ``run.steps[0].tool``...), `Conflict` for a name another definition
+        has."""
+        response = self._send("POST", "/schedules", body=dict(schedule))
+        body: dict[str, Any] = response.json()
+        return body, response.status_code == 201
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """``GET /schedules``: every schedule by name, each with its ``lastFire``."""
+        listed: list[dict[str, Any]] = self._call("GET", "/schedules")["schedules"]
+        return listed
+
+    def schedule(self, ref: str | uuid.UUID) -> dict[str, Any]:
+        """``GET /schedules/{scheduleId}`` (id or name): the schedule and its
+        ``recentFires``. Raises `NotFound`."""
+        return self._call("GET", _schedule_path(ref))
+
+    def pause_schedule(self, ref: str | uuid.UUID) -> dict[str, Any]:
+        """``POST /schedules/{scheduleId}/pause``: the schedule, paused. Raises `Conflict`
+        when it was, `NotFound`."""
+        return self._call("POST", _schedule_path(ref, "pause"))
+
+    def resume_schedule(self, ref: str | uuid.UUID) -> dict[str, Any]:
+        """``POST /schedules/{scheduleId}/resume``: the schedule, its next fire the first
+        after now. Raises `Conflict` when it was not paused, `NotFound`."""
+        return self._call("POST", _schedule_path(ref, "resume"))
+
+    def delete_schedule(self, ref: str | uuid.UUID) -> dict[str, Any]:
+        """``DELETE /schedules/{scheduleId}``: ``{"id", "deleted": true}`` (its runs stay).
+        Raises `NotFound`."""
+        return self._call("DELETE", _schedule_path(ref))
 
     def wait(self, run_id: str | uuid.UUID, timeout_s: float) -> dict[str, Any]:
         """Block until the run is completed, failed or cancelled (over the WebSocket, see
@@ -671,7 +713,7 @@ class AsyncClient(_Base):
         body: Any = None,
         params: Mapping[str, Any] | None = None,
     ) -> httpx.Response:
-        post = method == "POST"
+        post = method in ("POST", "DELETE")  # state changes say Content-Type: json
         content = json.dumps(body).encode() if body is not None else b"" if post else None
         try:
             response = await self._http.request(
@@ -749,6 +791,35 @@ class AsyncClient(_Base):
         """See `Client.retry_dead_letters`."""
         body = _dead_letter_filters(tool, run_status, since, until, limit, dry_run, reason)
         return await self._call("POST", "/runs/retry-dead-letters", body=body)
+
+    # --- schedules ------------------------------------------------------------------------
+
+    async def create_schedule(self, schedule: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """See `Client.create_schedule`."""
+        response = await self._send("POST", "/schedules", body=dict(schedule))
+        body: dict[str, Any] = response.json()
+        return body, response.status_code == 201
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """See `Client.schedules`."""
+        listed: list[dict[str, Any]] = (await self._call("GET", "/schedules"))["schedules"]
+        return listed
+
+    async def schedule(self, ref: str | uuid.UUID) -> dict[str, Any]:
+        """See `Client.schedule`."""
+        return await self._call("GET", _schedule_path(ref))
+
+    async def pause_schedule(self, ref: str | uuid.UUID) -> dict[str, Any]:
+        """See `Client.pause_schedule`."""
+        return await self._call("POST", _schedule_path(ref, "pause"))
+
+    async def resume_schedule(self, ref: str | uuid.UUID) -> dict[str, Any]:
+        """See `Client.resume_schedule`."""
+        return await self._call("POST", _schedule_path(ref, "resume"))
+
+    async def delete_schedule(self, ref: str | uuid.UUID) -> dict[str, Any]:
+        """See `Client.delete_schedule`."""
+        return await self._call("DELETE", _schedule_path(ref))
 
     async def wait(self, run_id: str | uuid.UUID, timeout_s: float) -> dict[str, Any]:
         """See `Client.wait`."""

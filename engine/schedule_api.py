@@ -87,14 +87,14 @@ async def list_schedules(request: Request) -> Response:
 
 async def get_schedule(request: Request) -> Response:
     """One schedule (by id or name) with its latest fires, newest first; 404 unknown."""
-    ref = request.path_params["schedule_id"]
+    ref = request.path_params["scheduleId"]
     return JSONResponse(await _store(request).get_schedule(ref, fires=RECENT_FIRES))
 
 
 async def pause_schedule(request: Request) -> Response:
     """Pause: the leader fires it no more. 404 unknown, 409 already paused."""
     store = _store(request)
-    schedule_id = await store.pause_schedule(request.path_params["schedule_id"])
+    schedule_id = await store.pause_schedule(request.path_params["scheduleId"])
     return JSONResponse(await store.get_schedule(schedule_id, fires=RECENT_FIRES))
 
 
@@ -102,23 +102,23 @@ async def resume_schedule(request: Request) -> Response:
     """Resume: its next fire is the first fire time after now (the times that passed while
     it was paused are not fired). 404 unknown, 409 not paused."""
     store = _store(request)
-    schedule_id = await store.resume_schedule(request.path_params["schedule_id"])
+    schedule_id = await store.resume_schedule(request.path_params["scheduleId"])
     return JSONResponse(await store.get_schedule(schedule_id, fires=RECENT_FIRES))
 
 
 async def delete_schedule(request: Request) -> Response:
     """Delete a schedule and its fires; the runs it submitted stay. 404 unknown."""
-    schedule_id = await _store(request).delete_schedule(request.path_params["schedule_id"])
+    schedule_id = await _store(request).delete_schedule(request.path_params["scheduleId"])
     return JSONResponse({"id": schedule_id, "deleted": True})
 
 
 routes = [
     Route("/schedules", create_schedule, methods=["POST"]),
     Route("/schedules", list_schedules, methods=["GET"]),
-    Route("/schedules/{schedule_id}", get_schedule, methods=["GET"]),
-    Route("/schedules/{schedule_id}", delete_schedule, methods=["DELETE"]),
-    Route("/schedules/{schedule_id}/pause", pause_schedule, methods=["POST"]),
-    Route("/schedules/{schedule_id}/resume", resume_schedule, methods=["POST"]),
+    Route("/schedules/{scheduleId}", get_schedule, methods=["GET"]),
+    Route("/schedules/{scheduleId}", delete_schedule, methods=["DELETE"]),
+    Route("/schedules/{scheduleId}/pause", pause_schedule, methods=["POST"]),
+    Route("/schedules/{scheduleId}/resume", resume_schedule, methods=["POST"]),
 ]
 
 
@@ -188,7 +188,7 @@ OPERATIONS: list[Operation] = [
     ),
     Operation(
         "GET",
-        "/schedules/{schedule_id}",
+        "/schedules/{scheduleId}",
         "getSchedule",
         "A schedule (by id or name) with its recent fires and their runs",
         {200: _ONE},
@@ -197,7 +197,7 @@ OPERATIONS: list[Operation] = [
     ),
     Operation(
         "POST",
-        "/schedules/{schedule_id}/pause",
+        "/schedules/{scheduleId}/pause",
         "pauseSchedule",
         "Pause a schedule",
         {200: _ONE},
@@ -206,7 +206,7 @@ OPERATIONS: list[Operation] = [
     ),
     Operation(
         "POST",
-        "/schedules/{schedule_id}/resume",
+        "/schedules/{scheduleId}/resume",
         "resumeSchedule",
         "Resume a schedule from its next fire time after now",
         {200: _ONE},
@@ -215,7 +215,7 @@ OPERATIONS: list[Operation] = [
     ),
     Operation(
         "DELETE",
-        "/schedules/{schedule_id}",
+        "/schedules/{scheduleId}",
         "deleteSchedule",
         "Delete a schedule and its fires (its runs stay)",
         {200: Reply(responses.ScheduleDeleted, "deleted")},

@@ -11,12 +11,15 @@ fires (twice), a standby takes over, and every fire time has exactly one run.
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from engine.cli import main
 from tests.support import Proc, api_server, base_env, free_port, query, wait_for
 
 FAST = {
@@ -58,7 +61,9 @@ def _passes(c: httpx.Client, n: int) -> None:
     wait_for(lambda: _scheduler_runs(c) >= start + n, timeout_s=10, what=f"{n} scheduler passes")
 
 
-def test_schedules_fire_skip_catch_up_pause_delete(db_url: str, tmp_path: Path) -> None:
+def test_schedules_fire_skip_catch_up_pause_delete(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with (
         api_server(db_url, tmp_path, **FAST) as base,
         httpx.Client(base_url=base, headers=JSON) as c,
@@ -159,6 +164,30 @@ def test_schedules_fire_skip_catch_up_pause_delete(db_url: str, tmp_path: Path) 
             db_url, "SELECT count(*) AS n FROM runs WHERE id = ANY(%(ids)s)", {"ids": run_ids}
         )
         assert kept[0]["n"] == len(run_ids)
+
+        # --- the CLI (engine.cli through engine.client), on the same API
+        capsys.readouterr()
+        cli = ["--url", base]
+        spec = tmp_path / "hourly.json"
+        spec.write_text(json.dumps({"name": "hourly", "cron": "0 * * * *", "run": RUN}))
+        assert main(["schedules", "add", str(spec), *cli]) == 0
+        hourly_id = capsys.readouterr().out.strip()
+        assert c.get("/schedules/hourly").json()["id"] == hourly_id
+        assert main(["schedules", "list", *cli]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].split()[:3] == ["NAME", "CRON", "ZONE"]
+        assert [ln.split()[0] for ln in lines[1:]] == ["every-minute", "hourly"]
+        assert lines[1].split()[-1] == str(newest["run_id"])  # the last run
+        assert main(["schedules", "pause", "hourly", *cli]) == 0
+        assert json.loads(capsys.readouterr().out)["paused"] is True
+        assert main(["schedules", "pause", "hourly", *cli]) == 1
+        assert "already paused" in capsys.readouterr().err
+        assert main(["schedules", "resume", hourly_id, *cli]) == 0
+        assert main(["schedules", "delete", "hourly", *cli]) == 0
+        assert main(["schedules", "show", "hourly", *cli]) == 1
+        spec.write_text(json.dumps({"name": "hourly", "cron": "0 * * *", "run": RUN}))
+        assert main(["schedules", "add", str(spec), *cli]) == 2
+        assert "cron: must have 5 fields" in capsys.readouterr().err
 
 
 # --- kill -9 of the leader while it fires --------------------------------------------------
