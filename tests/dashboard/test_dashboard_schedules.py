@@ -9,6 +9,7 @@ and the API agrees).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import httpx
 from tests.dashboard.test_dashboard_queue import page, pytestmark  # noqa: F401 (fixture, marks)
 from tests.support import api_server, query, wait_for
 
+SCREENSHOT_ENV = "PGDAG_SCHEDULES_SCREENSHOT"
 JSON = {"content-type": "application/json"}
 RUN = {"goal": "nightly", "steps": [{"name": "wait", "tool": "DELAY", "input": {"ms": 1}}]}
 
@@ -64,6 +66,9 @@ def test_schedules_view_lists_links_the_last_run_and_pauses(
         page.wait_for_selector(weekly)
         assert page.locator(f'{weekly} td[data-field="nextFireAt"]').inner_text() == "paused"
         assert page.locator(f'{weekly} td[data-field="lastRun"]').inner_text() == "never fired"
+
+        if os.environ.get(SCREENSHOT_ENV):  # docs/dashboard-schedules.png is made this way
+            page.locator("#schedules-view").screenshot(path=os.environ[SCREENSHOT_ENV])
 
         page.click(f'{row} button[data-action="pause"]')
         page.wait_for_selector(f'{row}[data-paused="true"] button[data-action="resume"]')
