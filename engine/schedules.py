@@ -27,9 +27,11 @@ newest due time fires: a schedule that was not late fires its one time as usual)
 
 from __future__ import annotations
 
+import heapq
 import re
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -44,15 +46,12 @@ from engine.errors import ValidationFailed
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 CATCH_UP_MAX = 1000  # the largest catch-up limit a schedule may ask for
 # At most this many fire times are walked for one schedule in one pass (an every-minute
-# schedule whose leader was down 70 days): past it, the pass only moves next_fire_at on and
-# counts the times as missed; the next pass goes on from there.
-SCAN_MAX = 100_000
+# schedule whose leader was down a week; about 0.3 s of croniter): past it, the pass only
+# moves next_fire_at on and counts the times as missed; the next pass goes on from there.
+SCAN_MAX = 10_000
 # How far either side of a point in time the naive wall-clock walk starts, so that a DST
 # change (at most a few hours anywhere) cannot hide a fire time.
 _DST_MARGIN = timedelta(hours=3)
-# How far past the first fire time found the walk goes on looking for an earlier UTC time
-# (a spring gap maps later wall-clock times onto earlier UTC ones).
-_LOOKAHEAD = timedelta(hours=3)
 
 Policy = Literal["skip", "catch_up"]
 
@@ -107,6 +106,10 @@ def check_cron(expr: str) -> str | None:
         croniter(expr)
     except (CroniterError, ValueError, KeyError) as exc:
         return f"not a valid cron expression: {exc}"
+    try:
+        next_fire(expr, "UTC", datetime(2000, 1, 1, tzinfo=UTC))
+    except ValueError:
+        return "matches no date (e.g. 30 February): it would never fire"
     return None
 
 
@@ -254,27 +257,45 @@ def _utc_of(naive: datetime, tz: ZoneInfo) -> datetime:
     return naive.replace(tzinfo=tz, fold=0).astimezone(UTC)
 
 
-def next_fire(cron: str, timezone: str, after: datetime) -> datetime:
-    """The first fire time (UTC) strictly later than `after` (aware) of `cron` in
-    `timezone`, by the rules in this module's docstring. Raises `ValueError` for an unknown
-    zone or a bad expression."""
+def fire_times(cron: str, timezone: str, after: datetime) -> Iterator[datetime]:
+    """Every fire time (UTC, increasing, each once) strictly later than `after` (aware) of
+    `cron` in `timezone`, by the rules in this module's docstring.
+
+    One croniter walk over the zone's naive wall-clock times, each read with ``fold=0``.
+    Around a DST change that reading is not monotonic (a wall-clock time in the spring gap
+    maps to a later UTC time than the next hour's), but never by more than `_DST_MARGIN`:
+    a time is yielded once the walk is that far past it, so no earlier one can follow.
+    Raises `ValueError` for an unknown zone, a bad expression, or one that matches no date
+    (``0 0 30 2 *``)."""
     tz = zone(timezone)
     after = after.astimezone(UTC)
-    start = after.astimezone(tz).replace(tzinfo=None) - _DST_MARGIN
-    it = croniter(cron, start)
-    best: datetime | None = None
-    stop: datetime | None = None
+    try:
+        it = croniter(cron, after.astimezone(tz).replace(tzinfo=None) - _DST_MARGIN)
+    except (CroniterError, KeyError) as exc:
+        raise ValueError(f"bad cron expression {cron!r}: {exc}") from None
+    heap: list[datetime] = []
+    queued: set[datetime] = set()
+    last = after
     while True:
-        naive: datetime = it.get_next(datetime)
-        if stop is not None and naive > stop:
-            break
+        try:
+            naive: datetime = it.get_next(datetime)
+        except CroniterError as exc:  # matches no date at all
+            raise ValueError(f"cron expression {cron!r} never fires: {exc}") from None
         at = _utc_of(naive, tz)
-        if at > after and (best is None or at < best):
-            best = at
-            if stop is None:
-                stop = naive + _LOOKAHEAD
-    assert best is not None
-    return best
+        if at > last and at not in queued:
+            heapq.heappush(heap, at)
+            queued.add(at)
+        while heap and heap[0] < at - _DST_MARGIN:
+            last = heapq.heappop(heap)
+            queued.discard(last)
+            yield last
+
+
+def next_fire(cron: str, timezone: str, after: datetime) -> datetime:
+    """The first fire time (UTC) strictly later than `after` (aware) of `cron` in
+    `timezone` (`fire_times`). Raises `ValueError` for an unknown zone, a bad expression or
+    one that never fires."""
+    return next(fire_times(cron, timezone, after))
 
 
 @dataclass(frozen=True)
@@ -297,16 +318,16 @@ def due_fires(
     next pass goes on). Raises `ValueError` for an unknown zone or a bad expression."""
     if next_fire_at > now:
         return DueFires([], 0, next_fire_at)
-    keep: deque[datetime] = deque(maxlen=catch_up)
-    seen = 0
-    at = next_fire_at
-    while at <= now:
+    keep: deque[datetime] = deque([next_fire_at], maxlen=catch_up)
+    seen = 1
+    for at in fire_times(cron, timezone, next_fire_at):
+        if at > now:
+            return DueFires(list(keep), seen - len(keep), at)
         if seen >= SCAN_MAX:
             return DueFires([], seen, at)
         keep.append(at)
         seen += 1
-        at = next_fire(cron, timezone, at)
-    return DueFires(list(keep), seen - len(keep), at)
+    raise AssertionError("fire_times never ends")
 
 
 def fire_key(schedule_id: str, fire_at: datetime) -> str:

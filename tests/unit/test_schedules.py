@@ -4,13 +4,23 @@ missed-fire policy (`due_fires`)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import collections
+import itertools
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from engine.errors import ValidationFailed
-from engine.schedules import due_fires, fire_body, fire_key, next_fire, parse_schedule
+from engine.schedules import (
+    SCAN_MAX,
+    due_fires,
+    fire_body,
+    fire_key,
+    fire_times,
+    next_fire,
+    parse_schedule,
+)
 from engine.tools import load_tool_modules
 
 load_tool_modules(["workers.tools.builtin"])
@@ -53,6 +63,7 @@ def test_a_good_body_parses_with_its_defaults() -> None:
         ({"cron": "61 * * * *"}, "cron"),
         ({"cron": "* * * *"}, "cron"),
         ({"cron": None}, "cron"),
+        ({"cron": "0 0 30 2 *"}, "cron"),  # 30 February: it would never fire
         ({"name": ""}, "name"),
         ({"name": "3f1c0a4e-1b7e-4c5e-9a55-5b2f5b6a0c11"}, "name"),
         ({"missed": "later"}, "missed"),
@@ -165,3 +176,37 @@ def test_fire_body_keys_and_goal() -> None:
     assert body["goal"] == "schedule n at 2026-05-01T10:00:00+00:00"
     assert "idempotencyKey" not in RUN  # the template is not changed
     assert fire_body({**RUN, "goal": "g"}, name="n", schedule_id="a", fire_at=at)["goal"] == "g"
+
+
+def test_a_year_of_fire_times_increases_through_both_dst_changes() -> None:
+    # Offsets are whole hours, so each UTC hour is a wall-clock hour: it fires unless its
+    # wall-clock time is the autumn repeat (fold=1). The spring gap's wall-clock time read
+    # with fold=0 lands on the UTC time the next wall-clock hour has: once.
+    year = list(
+        itertools.takewhile(
+            lambda t: t < _utc(2027, 1, 1),
+            fire_times("0 * * * *", "Europe/Paris", _utc(2025, 12, 31, 23, 59)),
+        )
+    )
+    assert all(a < b for a, b in itertools.pairwise(year))
+    per_day = collections.Counter(t.date() for t in year)
+    assert per_day[date(2026, 10, 25)] == 23  # 01:00 UTC is 02:00 CET, a repeat
+    assert per_day[date(2026, 3, 29)] == 24
+    assert set(per_day.values()) == {24, 23}
+    assert len(year) == 365 * 24 - 1
+
+
+def test_due_fires_walks_a_bounded_number_of_times_per_pass() -> None:
+    start = _utc(2026, 1, 1)
+    now = start + timedelta(minutes=SCAN_MAX + 500)
+    first = due_fires("* * * * *", "UTC", next_fire_at=start, now=now, catch_up=5)
+    assert first.fire_at == [] and first.missed == SCAN_MAX
+    assert first.next_fire_at == start + timedelta(minutes=SCAN_MAX)
+    second = due_fires("* * * * *", "UTC", next_fire_at=first.next_fire_at, now=now, catch_up=5)
+    assert second.fire_at == [start + timedelta(minutes=SCAN_MAX + m) for m in range(496, 501)]
+    assert second.missed == 496
+
+
+def test_an_unknown_zone_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown time zone"):
+        next_fire("* * * * *", "Nowhere/Land", _utc(2026, 1, 1))
