@@ -33,19 +33,21 @@ class Scheduler:
             "PGDAG_SCHEDULER_INTERVAL_S", settings.scheduler_interval_s
         )
         self.max_steps = settings.max_steps_per_run
+        self.unfireable: set[str] = set()  # ids logged as not fireable, not seen fine since
 
     async def run_once(self, store: Store) -> int:
         """Fire the due schedules, oldest due first, up to `MAX_SCHEDULES_PER_RUN`; returns the
-        fires recorded. A schedule whose fire fails (say a zone tzdata no longer knows) is
-        logged and left for the next pass; the others still fire. Raises psycopg's errors
-        when Postgres fails (the service records them and tries again)."""
+        fires recorded. A schedule whose fire times cannot be computed (a zone tzdata no
+        longer knows) is logged once and left for the next passes; the others still fire.
+        Raises psycopg's errors when Postgres fails (the service records them and tries
+        again)."""
         failed: list[str] = []
         total = 0
         for _ in range(MAX_SCHEDULES_PER_RUN):
             try:
                 fired = await store.fire_due_schedule(max_steps=self.max_steps, skip=failed)
             except ScheduleNotFireable as exc:
-                if exc.schedule_id not in failed:  # logged once per pass
+                if exc.schedule_id not in self.unfireable:  # logged once, not every pass
                     logger.error("scheduler: a due schedule cannot be fired: %s", exc)
                 failed.append(exc.schedule_id)
                 continue
@@ -72,4 +74,5 @@ class Scheduler:
                 )
             for error in fired.errors:
                 logger.error("scheduler: schedule %s: template refused: %s", fired.name, error)
+        self.unfireable = set(failed)
         return total

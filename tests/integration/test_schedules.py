@@ -136,6 +136,45 @@ def test_schedules_fire_skip_catch_up_pause_delete(
         assert [s["name"] for s in listed] == ["catch-up", "every-minute"]
         assert listed[1]["lastFire"]["runId"] == str(newest["run_id"])
 
+        # --- failures at fire time: each recorded or logged, none stops the others
+        made = {
+            n: c.post("/schedules", json={"name": n, "cron": "* * * * *", "run": RUN}).json()
+            for n in ("refused", "key-taken", "zone-gone")
+        }
+        # a template refused now (a dependency on a step it no longer has): a fire, no run
+        query(
+            db_url,
+            """UPDATE schedules SET template = jsonb_set(template, '{steps,0,dependsOn}',
+                                                        '["gone"]') WHERE name = 'refused'""",
+        )
+        # a run already holding the fire's idempotency key with another payload
+        due_at = query(db_url, "SELECT date_trunc('minute', now()) AS t")[0]["t"]
+        key = f"schedule:{made['key-taken']['id']}:{due_at.astimezone(UTC).isoformat()}"
+        assert c.post("/runs", json={**RUN, "idempotencyKey": key}).status_code == 201
+        # a zone tzdata no longer knows: logged, skipped, the others still fire
+        query(db_url, "UPDATE schedules SET timezone = 'Gone/Zone' WHERE name = 'zone-gone'")
+        query(
+            db_url,
+            "UPDATE schedules SET next_fire_at = %(t)s WHERE name IN "
+            "('refused', 'key-taken', 'zone-gone')",
+            {"t": due_at},
+        )
+        for name in ("refused", "key-taken"):
+            fire = wait_for(lambda n=name: _fires(db_url, made[n]["id"]), what=f"{name} fire")
+            assert fire[0]["run_id"] is None, fire
+        refused = c.get("/schedules/refused").json()["recentFires"][0]
+        assert "unknown dependency 'gone'" in refused["error"], refused
+        taken_fire = c.get("/schedules/key-taken").json()["recentFires"][0]
+        assert "already used by run" in taken_fire["error"], taken_fire
+        _passes(c, 2)
+        assert _fires(db_url, made["zone-gone"]["id"]) == []
+        scheduler = next(
+            t for t in c.get("/maintenance").json()["tasks"] if t["name"] == "scheduler"
+        )
+        assert scheduler["lastRun"]["error"] is None  # handled, not a failed pass
+        for name in made:
+            assert c.delete(f"/schedules/{name}").status_code == 200
+
         # --- pause: due, but not fired; 409 twice; resume goes on from now (no catch-up)
         r = c.post(f"/schedules/{catch_up['id']}/pause")
         assert (
