@@ -1048,8 +1048,9 @@ async def fire_due_schedule(
     """The maintenance leader's step: lock one due schedule (not paused, next fire time
     passed on the database clock; SKIP LOCKED; not one of the ids in `skip`), submit a run
     for each fire time its policy fires (`schedules.due_fires`; idempotency key
-    ``schedule:<id>:<fire time>``), record each fire (unique per schedule and fire time)
-    and move ``next_fire_at`` on, all in one transaction. None when no schedule is due.
+    ``schedule:<id>:<fire time>``), record each fire (unique per schedule and fire time;
+    each run created gets a ``schedule_fired`` audit row naming the schedule and the fire
+    time) and move ``next_fire_at`` on, all in one transaction. None when no schedule is due.
 
     A template refused at fire time records the fire with its error and no run. Raises
     `IllegalTransition` when a guarded write matches nothing (the transaction is rolled back:
@@ -1092,6 +1093,8 @@ async def fire_due_schedule(
                     "run_id": run_id,
                     "missed": due.missed if i == 0 else 0,
                     "error": error,
+                    "created": created,
+                    "name": row["name"],
                 },
             )
             if await cur.fetchone() is None:

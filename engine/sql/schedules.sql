@@ -73,11 +73,23 @@ FOR UPDATE SKIP LOCKED
 -- name: record_schedule_fire
 -- One fire: unique per (schedule, fire time). A second insert of the same fire (only when
 -- next_fire_at was set back by hand: the row lock and next_fire_at advance together) inserts
--- nothing, and the run of that fire's idempotency key is the first one.
-INSERT INTO schedule_fires (schedule_id, fire_at, run_id, missed, error)
-VALUES (%(id)s, %(fire_at)s, %(run_id)s, %(missed)s, %(error)s)
-ON CONFLICT (schedule_id, fire_at) DO NOTHING
-RETURNING fire_at
+-- nothing, and the run of that fire's idempotency key is the first one. A run created by
+-- this fire (%(created)s) gets a schedule_fired row in its audit log (run level, no status
+-- change: its provenance), after its run_created.
+WITH fire AS (
+    INSERT INTO schedule_fires (schedule_id, fire_at, run_id, missed, error)
+    VALUES (%(id)s, %(fire_at)s, %(run_id)s, %(missed)s, %(error)s)
+    ON CONFLICT (schedule_id, fire_at) DO NOTHING
+    RETURNING schedule_id, fire_at, run_id, missed
+), audit AS (
+    INSERT INTO audit_log (run_id, event, detail)
+    SELECT f.run_id, 'schedule_fired',
+           jsonb_build_object('scheduleId', f.schedule_id, 'schedule', %(name)s::text,
+                              'fireAt', f.fire_at, 'missed', f.missed)
+    FROM fire f
+    WHERE f.run_id IS NOT NULL AND %(created)s
+)
+SELECT fire_at FROM fire
 
 -- name: advance_schedule
 -- After a pass: the first fire time not fired yet. Guarded by the next_fire_at the pass read

@@ -28,14 +28,17 @@ FAST = {
     "PGDAG_TOOLS": "tests.testtools",
 }
 JSON = {"content-type": "application/json"}  # every state change says so (engine.guards)
+# Schedules are made with a cron that will not fire during a test, and made every-minute and
+# due by SQL at once (`_set_back`): a minute boundary passing mid-test cannot add a fire.
+YEARLY = "0 0 1 1 *"
 RUN = {"steps": [{"name": "wait", "tool": "DELAY", "input": {"ms": 1}}]}
 
 
 def _set_back(db_url: str, schedule_id: str, minutes: int) -> None:
-    """Make `minutes` + 1 fire times of an every-minute schedule due at once."""
+    """Make the schedule every-minute, with `minutes` + 1 fire times due at once."""
     query(
         db_url,
-        "UPDATE schedules SET next_fire_at = date_trunc('minute', now()) "
+        "UPDATE schedules SET cron = '* * * * *', next_fire_at = date_trunc('minute', now()) "
         "- make_interval(mins => %(m)s) WHERE id = %(id)s",
         {"id": schedule_id, "m": minutes},
     )
@@ -90,7 +93,7 @@ def test_schedules_fire_skip_catch_up_pause_delete(
         assert query(db_url, "SELECT count(*) AS n FROM schedules")[0]["n"] == 0
 
         # --- create; the same again is the same schedule; another definition is refused
-        body = {"name": "every-minute", "cron": "* * * * *", "timezone": "Europe/Paris", "run": RUN}
+        body = {"name": "every-minute", "cron": YEARLY, "timezone": "Europe/Paris", "run": RUN}
         r = c.post("/schedules", json=body)
         assert r.status_code == 201, r.text
         skip = r.json()
@@ -102,7 +105,7 @@ def test_schedules_fire_skip_catch_up_pause_delete(
         assert taken.status_code == 409 and taken.json()["error"] == "schedule_name_taken"
         r = c.post(
             "/schedules",
-            json={"name": "catch-up", "cron": "* * * * *", "run": RUN, "missed": {"catchUp": 3}},
+            json={"name": "catch-up", "cron": YEARLY, "run": RUN, "missed": {"catchUp": 3}},
         )
         assert r.status_code == 201, r.text
         catch_up = r.json()
@@ -130,6 +133,11 @@ def test_schedules_fire_skip_catch_up_pause_delete(
         one = c.get(f"/schedules/{skip['id']}").json()
         assert one["fires"] == 1 and one["recentFires"][0]["runId"] == str(newest["run_id"])
         assert one["recentFires"][0]["runStatus"] == "pending"
+        events = c.get(f"/runs/{newest['run_id']}/events").json()["events"]
+        assert [e["event"] for e in events] == ["run_created", "schedule_fired"]
+        assert events[1]["detail"]["scheduleId"] == skip["id"]
+        assert events[1]["detail"]["schedule"] == "every-minute"
+        assert events[1]["detail"]["missed"] == newest["missed"]
         assert c.get("/schedules/every-minute").json()["id"] == skip["id"]  # by name too
         assert c.get("/schedules/no-such").status_code == 404
         listed = c.get("/schedules").json()["schedules"]
@@ -138,7 +146,7 @@ def test_schedules_fire_skip_catch_up_pause_delete(
 
         # --- failures at fire time: each recorded or logged, none stops the others
         made = {
-            n: c.post("/schedules", json={"name": n, "cron": "* * * * *", "run": RUN}).json()
+            n: c.post("/schedules", json={"name": n, "cron": YEARLY, "run": RUN}).json()
             for n in ("refused", "key-taken", "zone-gone")
         }
         # a template refused now (a dependency on a step it no longer has): a fire, no run
@@ -276,7 +284,7 @@ def test_kill_9_of_the_leader_while_it_fires_leaves_one_run_per_fire_time(
                     "/schedules",
                     json={
                         "name": f"s{i:02d}",
-                        "cron": "* * * * *",
+                        "cron": YEARLY,
                         "run": RUN,
                         "missed": {"catchUp": 50},
                     },
@@ -286,7 +294,7 @@ def test_kill_9_of_the_leader_while_it_fires_leaves_one_run_per_fire_time(
         wait_for(lambda: _leader_pid(db_url) in procs, what="an API to lead")
         query(
             db_url,
-            "UPDATE schedules SET next_fire_at = date_trunc('minute', now()) "
+            "UPDATE schedules SET cron = '* * * * *', next_fire_at = date_trunc('minute', now()) "
             "- make_interval(mins => %(m)s)",
             {"m": BACK_MINUTES},
         )
@@ -298,6 +306,13 @@ def test_kill_9_of_the_leader_while_it_fires_leaves_one_run_per_fire_time(
             assert pid in procs
             procs[pid].kill()
             killed.append((pid, _total_fires(db_url)))
+            # a schedule's due times fire together or not at all (one transaction)
+            counts = query(
+                db_url,
+                "SELECT s.id, count(f.*) AS n FROM schedules s "
+                "LEFT JOIN schedule_fires f ON f.schedule_id = s.id GROUP BY s.id",
+            )
+            assert all(r["n"] == 0 or r["n"] >= BACK_MINUTES + 1 for r in counts), counts
             wait_for(
                 lambda p=pid: _leader_pid(db_url) not in (None, p),
                 timeout_s=15,
