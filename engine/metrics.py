@@ -40,7 +40,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
     start_http_server,
@@ -128,7 +127,8 @@ class TallyCounter:
 
 
 class TallyHistogram:
-    """A histogram family by one label (``tool``) kept in plain lists; see `TallyCounter`.
+    """A histogram family by one label (``tool``; None: no label, observe with label ``""``)
+    kept in plain lists; see `TallyCounter`.
 
     An observation is one ``bisect`` and two additions. Buckets are `buckets` (upper
     bounds in seconds, ascending; ``+Inf`` is implied), each inclusive (``le``) as in the
@@ -137,7 +137,7 @@ class TallyHistogram:
     """
 
     def __init__(
-        self, name: str, documentation: str, labelname: str, buckets: Sequence[float]
+        self, name: str, documentation: str, labelname: str | None, buckets: Sequence[float]
     ) -> None:
         self.name = name
         self.documentation = documentation
@@ -163,7 +163,8 @@ class TallyHistogram:
 
     def family(self) -> HistogramMetricFamily:
         """The family as a scrape shows it (cumulative buckets)."""
-        fam = HistogramMetricFamily(self.name, self.documentation, labels=[self.labelname])
+        labelnames = [self.labelname] if self.labelname is not None else []
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=labelnames)
         for label, (counts, total) in list(self.series.items()):
             counts = list(counts)
             buckets: list[tuple[str, float]] = []
@@ -172,7 +173,7 @@ class TallyHistogram:
                 running += n
                 buckets.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
             buckets.append(("+Inf", running + counts[-1]))
-            fam.add_metric([label], buckets, sum_value=total[0])
+            fam.add_metric([label] if labelnames else [], buckets, sum_value=total[0])
         return fam
 
 
@@ -192,9 +193,8 @@ class TallyCollector(Collector):
             if isinstance(tally, TallyCounter):
                 yield CounterMetricFamily(tally.name, tally.documentation, labels=tally.labelnames)
             else:
-                yield HistogramMetricFamily(
-                    tally.name, tally.documentation, labels=[tally.labelname]
-                )
+                labels = [tally.labelname] if tally.labelname is not None else []
+                yield HistogramMetricFamily(tally.name, tally.documentation, labels=labels)
 
 
 ATTEMPTS = TallyCounter(
@@ -299,13 +299,14 @@ def observe_maintenance_run(
 
 # --- live events (engine.live, engine.ws) --------------------------------------------------
 
-LISTEN_LAG = Histogram(
+LISTEN_LAG = TallyHistogram(  # observed for every audit row the API reads: a tally
     "pgdag_live_listen_lag_seconds",
     "Seconds from an audit event's created_at (its transaction's start) to this process's "
     "LISTEN read of it, on the database clock.",
-    buckets=LAG_BUCKETS_S,
-    registry=REGISTRY,
+    None,
+    LAG_BUCKETS_S,
 )
+REGISTRY.register(TallyCollector([LISTEN_LAG]))
 WEBSOCKET_CLIENTS = Gauge(
     "pgdag_websocket_clients",
     "WebSocket clients (/ws and /ws/runs/{runId}) connected to this process.",

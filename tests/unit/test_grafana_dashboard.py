@@ -46,7 +46,8 @@ def exported() -> dict[str, set[str]]:
         if isinstance(obj, metrics.TallyCounter):
             name, kind, labels = obj.name, "counter", set(obj.labelnames)
         elif isinstance(obj, metrics.TallyHistogram):
-            name, kind, labels = obj.name, "histogram", {obj.labelname}
+            name, kind = obj.name, "histogram"
+            labels = {obj.labelname} if obj.labelname is not None else set()
         elif isinstance(obj, MetricWrapperBase):
             name, kind, labels = obj._name, obj._type, set(obj._labelnames)
         else:

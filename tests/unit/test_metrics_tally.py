@@ -35,6 +35,19 @@ def test_a_tally_histogram_scrapes_like_a_prometheus_histogram() -> None:
     assert tally.count("A") + tally.count("B") == len(values)
 
 
+def test_a_tally_histogram_without_a_label_scrapes_like_a_prometheus_histogram() -> None:
+    bounds = metrics.LAG_BUCKETS_S
+    tally = metrics.TallyHistogram("lag_seconds", "doc", None, bounds)
+    reference_registry = CollectorRegistry()
+    reference = Histogram("lag_seconds", "doc", buckets=bounds, registry=reference_registry)
+    for v in (*bounds, 0.0, 0.0004, 99.0):
+        tally.observe("", v)
+        reference.observe(v)
+    ours = _scrape(metrics.TallyCollector([tally]))
+    theirs = sorted(generate_latest(reference_registry).decode().splitlines())
+    assert ours == theirs
+
+
 def test_a_tally_counter_scrapes_like_a_prometheus_counter() -> None:
     tally = metrics.TallyCounter("t_attempts", "doc", ["tool", "outcome"])
     reference_registry = CollectorRegistry()
