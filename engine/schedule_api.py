@@ -25,6 +25,7 @@ from engine.errors import UnstorableJson, ValidationFailed
 from engine.openapi import Operation, Reply
 from engine.schedules import CATCH_UP_MAX, NAME_PATTERN, parse_schedule
 from engine.store import Store
+from engine.tools import registered_tools
 
 LIST_LIMIT = 1000  # schedules listed at most
 RECENT_FIRES = 20  # fires shown with one schedule
@@ -38,8 +39,6 @@ def _store(request: Request) -> Store:
 async def _remote_tools(store: Store, body: Any) -> frozenset[str]:
     """The live workers' and agents' tools, read only when the template names a tool this
     process has not loaded (as ``POST /runs`` does)."""
-    from engine.tools import registered_tools
-
     run = body.get("run") if isinstance(body, dict) else None
     steps = run.get("steps") if isinstance(run, dict) else None
     if not isinstance(steps, list):

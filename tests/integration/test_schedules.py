@@ -10,6 +10,7 @@ fires (twice), a standby takes over, and every fire time has exactly one run.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from datetime import UTC
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from engine.cli import main
+from engine.client import AsyncClient, Conflict, NotFound
 from tests.support import Proc, api_server, base_env, free_port, query, wait_for
 
 FAST = {
@@ -235,6 +237,24 @@ def test_schedules_fire_skip_catch_up_pause_delete(
         spec.write_text(json.dumps({"name": "hourly", "cron": "0 * * *", "run": RUN}))
         assert main(["schedules", "add", str(spec), *cli]) == 2
         assert "cron: must have 5 fields" in capsys.readouterr().err
+
+        # --- the asyncio client: the same calls
+        async def with_async_client() -> None:
+            async with AsyncClient(base) as ac:
+                spec = {"name": "a", "cron": YEARLY, "run": RUN}
+                made, created = await ac.create_schedule(spec)
+                assert created
+                assert await ac.create_schedule(spec) == (made, False)
+                assert "a" in [s["name"] for s in await ac.schedules()]
+                assert (await ac.pause_schedule("a"))["paused"] is True
+                with pytest.raises(Conflict):
+                    await ac.pause_schedule(made["id"])
+                assert (await ac.resume_schedule("a"))["nextFireAt"] is not None
+                assert (await ac.delete_schedule("a"))["deleted"] is True
+                with pytest.raises(NotFound):
+                    await ac.schedule("a")
+
+        asyncio.run(with_async_client())
 
 
 # --- kill -9 of the leader while it fires --------------------------------------------------
