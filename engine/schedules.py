@@ -134,7 +134,8 @@ def _template_problems(problems: list[Problem], body: Any) -> list[Problem]:
             where = f"run.steps[{at}]" if at is not None else "run.steps"
             renamed.append({**p, "field": f"{where}.{field}" if field != "step" else where})
         else:
-            renamed.append({**p, "field": f"run.{field}" if field else "run"})
+            whole = field in ("", "body")  # the template itself is not an object
+            renamed.append({**p, "field": "run" if whole else f"run.{field}"})
     return renamed
 
 

@@ -101,6 +101,9 @@ def test_template_problems_are_named_under_run() -> None:
     }
     assert [p["field"] for p in _problems(bad_input)] == ["run.steps[0].input.ms"]
     assert [p["field"] for p in _problems([1])] == ["body"]
+    assert [p["field"] for p in _problems({"name": "n", "cron": "* * * * *", "run": None})] == [
+        "run"
+    ]
 
 
 def test_fire_times_in_a_zone_are_stored_in_utc() -> None:
