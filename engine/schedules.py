@@ -82,6 +82,16 @@ class ScheduleSpec:
         }
 
 
+def id_of(ref: str) -> str | None:
+    """A schedule reference of a path (``/schedules/{scheduleId}``: an id or a name) as a
+    canonical UUID, or None when it is not one (then it is a name: names never read as a
+    UUID, `parse_schedule` refuses them)."""
+    try:
+        return str(uuid.UUID(ref))
+    except ValueError:
+        return None
+
+
 def _problem(field: str, problem: str) -> Problem:
     return {"step": None, "field": field, "problem": problem}
 

@@ -8,7 +8,6 @@ are safe to repeat are retried through connection loss (`engine.db.retrying`).
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +17,7 @@ import psycopg
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
-from engine import retention, transitions
+from engine import retention, schedules, transitions
 from engine.dag import RunSpec
 from engine.db import retrying
 from engine.errors import NotFound, PgdagError
@@ -69,14 +68,6 @@ def event_json(row: DictRow) -> dict[str, Any]:
         "detail": row["detail"],
         "at": _iso(row["created_at"]),
     }
-
-
-def _uuid_or_none(ref: str) -> str | None:
-    """`ref` as a canonical UUID, or None when it is not one (then it is a name)."""
-    try:
-        return str(uuid.UUID(ref))
-    except ValueError:
-        return None
 
 
 def schedule_json(row: DictRow) -> dict[str, Any]:
@@ -753,7 +744,7 @@ class Store:
         how many it made (``fires``). Raises `NotFound`."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                queries["select_schedule"], {"id": _uuid_or_none(ref), "name": ref}
+                queries["select_schedule"], {"id": schedules.id_of(ref), "name": ref}
             )
             row = await cur.fetchone()
             if row is None:

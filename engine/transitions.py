@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -926,15 +925,8 @@ class ScheduleFired:
     next_fire_at: datetime
 
 
-def _uuid_or_none(ref: str) -> str | None:
-    try:
-        return str(uuid.UUID(ref))
-    except ValueError:
-        return None
-
-
 async def _lock_schedule(conn: Conn, ref: str) -> DictRow:
-    cur = await conn.execute(queries["lock_schedule"], {"id": _uuid_or_none(ref), "name": ref})
+    cur = await conn.execute(queries["lock_schedule"], {"id": schedules.id_of(ref), "name": ref})
     row = await cur.fetchone()
     if row is None:
         raise NotFound(f"no schedule {ref}")
