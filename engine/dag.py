@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
@@ -360,8 +360,17 @@ def _find_cycle(steps: list[StepSpec]) -> list[str] | None:
     return cycle
 
 
-def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = frozenset()) -> RunSpec:
+def parse_run(
+    body: Any,
+    *,
+    max_steps: int,
+    remote_tools: Collection[str] = frozenset(),
+    known: Mapping[str, ExistingStep] | None = None,
+) -> RunSpec:
     """Validate a decoded ``POST /runs`` body and return the `RunSpec`.
+
+    `known` are steps the run has already (`parse_added_steps`): ``dependsOn`` and
+    ``$ref`` may name them too, and they count as ancestors through their own dependsOn.
 
     `remote_tools` are tools this process has not loaded but a live worker or agent has
     (`Store.live_worker_tools`): a step of one is accepted, and its input is not checked
@@ -395,12 +404,24 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
 
     problems: list[Problem] = []
     names: set[str] = set()
+    known = known or {}
     for step in spec.steps:
         if step.name in names:
             problems.append({"step": step.name, "field": "name", "problem": "duplicate step name"})
+        elif step.name in known:
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "name",
+                    "problem": "a step of this run already has this name",
+                }
+            )
         names.add(step.name)
     key_limits: dict[str, tuple[int, str]] = {}
     refs_by_step: dict[str, StepRefs] = {}
+    names_new = names
+    if known:
+        names = names | set(known)
     for step in spec.steps:
         for dep in step.depends_on:
             if dep == step.name:
@@ -463,7 +484,13 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
     # The graph checks need every name unique and every dependency known; the other
     # problems (a tool, an input) do not stop them, so a refusal names everything at once.
     if not any(p["field"] in ("name", "dependsOn") for p in problems):
-        cycle = _find_cycle(spec.steps)
+        graph = spec.steps
+        if known:  # known steps never depend on new ones: a cycle lies among the new
+            graph = [
+                s.model_copy(update={"depends_on": [d for d in s.depends_on if d in names_new]})
+                for s in spec.steps
+            ]
+        cycle = _find_cycle(graph)
         if cycle is not None:
             problems.append(
                 {
@@ -472,6 +499,14 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
                     "problem": "dependency cycle: " + " -> ".join(cycle),
                 }
             )
+        elif known:
+            stubs = [
+                StepSpec.model_construct(
+                    name=k.name, depends_on=[d for d in k.depends_on if d in known]
+                )
+                for k in known.values()
+            ]
+            problems.extend(_ancestor_problems([*stubs, *spec.steps], refs_by_step))
         else:
             problems.extend(_ancestor_problems(spec.steps, refs_by_step))
     if problems:
@@ -662,3 +697,113 @@ def _ancestor_problems(steps: list[StepSpec], parsed: dict[str, StepRefs]) -> li
                     )
                 )
     return problems
+
+
+# --- steps a run adds to itself (issue 15 part 5) ----------------------------------------
+
+# The statuses of an existing step an added step may depend on: one that succeeded (its
+# output is there to reference; it counts as done at once). The step adding them may be
+# named too (its own success, in the same transaction, counts it down). A step still
+# pending, ready or running is refused: its success may be in flight under a snapshot taken
+# before the new edges exist (complete_steps reads step_edges once, at its start), and it
+# would never count the new step down; a dead letter, skipped or cancelled step has nothing
+# to hand on.
+ADDABLE_DEP_STATUSES = frozenset({"succeeded"})
+
+
+@dataclass(frozen=True)
+class ExistingStep:
+    """A step of the run as `parse_added_steps` sees it: its name, status and dependsOn."""
+
+    name: str
+    status: str
+    depends_on: list[str]
+
+
+def parse_added_steps(
+    raw_steps: Any,
+    *,
+    adder: str,
+    existing: Collection[ExistingStep],
+    max_steps: int,
+    remote_tools: Collection[str] = frozenset(),
+) -> RunSpec:
+    """Validate the steps that the running step `adder` adds to its run, as ``POST /runs``
+    validates a run's steps (`parse_run`: fields, names, tools, tool inputs, references,
+    trigger rules, concurrency keys), against the steps the run already has (`existing`,
+    the adder among them): a new name must not be taken; ``dependsOn`` may name new steps,
+    the adder, and existing steps that succeeded (`ADDABLE_DEP_STATUSES`); a ``$ref`` may
+    name only an ancestor through those; the run may hold at most `max_steps` steps in all.
+
+    Returns a `RunSpec` whose `RunSpec.rows` are the new steps for ``insert_added_steps``.
+    Raises `ValidationFailed` with every problem found; fields are named as in a 422 body,
+    under ``addSteps.<i>`` when the step has no usable name.
+    """
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise ValidationFailed(
+            [{"step": None, "field": "addSteps", "problem": "must be a non-empty list of steps"}],
+            subject="added steps",
+        )
+    total = len(existing) + len(raw_steps)
+    if total > max_steps:
+        raise ValidationFailed(
+            [
+                {
+                    "step": None,
+                    "field": "addSteps",
+                    "problem": f"too many steps: the run would hold {total} > the limit of "
+                    f"{max_steps} (PGDAG_MAX_STEPS)",
+                }
+            ],
+            subject="added steps",
+        )
+    by_name = {s.name: s for s in existing}
+    try:
+        spec = parse_run(
+            {"steps": raw_steps},
+            max_steps=max(max_steps, len(raw_steps)),
+            remote_tools=remote_tools,
+            known=by_name,
+        )
+    except ValidationFailed as exc:
+        raise ValidationFailed(_added_fields(exc.problems), subject="added steps") from None
+    problems: list[Problem] = []
+    for step in spec.steps:
+        for dep in step.depends_on:
+            old = by_name.get(dep)
+            if old is None or dep == adder or old.status in ADDABLE_DEP_STATUSES:
+                continue
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "dependsOn",
+                    "problem": f"step {dep!r} is {old.status}: an added step may depend on "
+                    f"the step adding it ({adder!r}), on steps that succeeded, and on "
+                    "other added steps",
+                }
+            )
+        if step.run_if == "any_failed" and all(
+            d in by_name and d != adder for d in step.depends_on
+        ):
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "runIf",
+                    "problem": "any_failed: every dependency has succeeded already, so the "
+                    "step could only be skipped",
+                }
+            )
+    if problems:
+        raise ValidationFailed(problems, subject="added steps")
+    return spec
+
+
+def _added_fields(problems: list[Problem]) -> list[Problem]:
+    """`parse_run`'s problems about ``steps`` said about ``addSteps``."""
+    out: list[Problem] = []
+    for p in problems:
+        field = p.get("field") or ""
+        if field == "steps" or field.startswith("steps."):
+            field = "addSteps" + field[len("steps") :]
+        out.append({**p, "field": field})
+    return out

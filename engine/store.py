@@ -289,6 +289,42 @@ class Store:
             op, what=f"recording {len(results)} successes", deadline_s=self.lease_ttl_s
         )
 
+    async def complete_adding_steps(
+        self,
+        step_id: int,
+        token: int,
+        output_json: str,
+        steps: Any,
+        *,
+        worker_id: str,
+        max_steps: int,
+    ) -> transitions.AddedSteps:
+        """Record a success that adds `steps` (a decoded JSON list of step objects) to its
+        run, all or nothing (see `transitions.complete_adding_steps`); a step may use a tool
+        loaded here or one a live worker or agent has. Retried through connection loss until
+        the lease would have expired. Raises `LeaseLost`, or `StepsRefused` when the steps
+        were refused (the attempt was failed, not retryably)."""
+        remote = await self.live_worker_tools()
+
+        async def op() -> transitions.AddedSteps:
+            async with self.pool.connection() as conn:
+                return await transitions.complete_adding_steps(
+                    conn,
+                    step_id,
+                    token,
+                    output_json,
+                    steps,
+                    worker_id=worker_id,
+                    max_steps=max_steps,
+                    tools=remote,
+                )
+
+        return await retrying(
+            op,
+            what=f"recording success of step {step_id} with added steps",
+            deadline_s=self.lease_ttl_s,
+        )
+
     async def fail(
         self,
         step: ClaimedStep,

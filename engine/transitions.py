@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -76,7 +76,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
 from engine import jsonb
-from engine.dag import RunSpec
+from engine.dag import ExistingStep, RunSpec, parse_added_steps
 from engine.db import RETRYABLE
 from engine.errors import (
     IdempotencyKeyReused,
@@ -85,6 +85,8 @@ from engine.errors import (
     NotFound,
     OutputRefused,
     PgdagError,
+    StepsRefused,
+    ValidationFailed,
 )
 from engine.gcpause import gc_paused
 from engine.rules import GraphStep, ResetStep, plan_reset
@@ -367,6 +369,141 @@ async def complete_step(
     if state is not None and state["status"] == "succeeded" and state["lease_token"] == token:
         return
     raise LeaseLost(_lease_lost_message(step_id, token, state))
+
+
+@dataclass(frozen=True)
+class AddedSteps:
+    """What `complete_adding_steps` did: the names of the steps added, in order."""
+
+    names: list[str]
+
+
+async def complete_adding_steps(
+    conn: Conn,
+    step_id: int,
+    token: int,
+    output_json: str,
+    steps: Any,
+    *,
+    worker_id: str,
+    max_steps: int,
+    tools: Collection[str],
+) -> AddedSteps:
+    """Record the success of attempt (`step_id`, `token`) together with the steps its tool
+    added to the run (`steps`: a decoded JSON list of step objects, as ``POST /runs`` takes
+    them), in one transaction: the attempt is locked under the same guard as
+    `complete_steps` (token, owner, running, lease live), then the run; the new steps are
+    validated against the run's steps (`engine.dag.parse_added_steps`; `max_steps` is
+    ``PGDAG_MAX_STEPS``, `tools` the tool names a step may use besides the ones loaded here:
+    the live workers' and agents'), inserted with their edges and counted on the run
+    (``insert_added_steps``, audited ``steps_added``), and the success is recorded by
+    `complete_steps` (which makes ready the new steps that waited only for it). All of it or
+    none of it is written.
+
+    Raises `LeaseLost` when the attempt is no longer ours (nothing written). When the new
+    steps are refused (deterministic: the same tool would add them again), nothing of them
+    is written, the attempt is failed, not retryably (a dead letter), with an error naming
+    every problem as a 422 body would, and `StepsRefused` is raised. Safe to call again
+    after an ambiguous commit: finding the step ``succeeded`` under `token` (and its
+    ``steps_added`` row) returns what was added; finding it a dead letter under `token`
+    raises `StepsRefused` again.
+    """
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(
+                queries["lock_adding_step"],
+                {"id": step_id, "token": token, "worker_id": worker_id},
+            )
+            adder = await cur.fetchone()
+            if adder is None:
+                raise _AttemptNotHeld
+            run_id = str(adder["run_id"])
+            await _lock_run(conn, run_id)
+            cur = await conn.execute(queries["select_run_step_names"], {"run_id": run_id})
+            existing = [
+                ExistingStep(name=r["name"], status=r["status"], depends_on=list(r["depends_on"]))
+                for r in await cur.fetchall()
+            ]
+            spec = parse_added_steps(
+                steps,
+                adder=adder["name"],
+                existing=existing,
+                max_steps=max_steps,
+                remote_tools=tools,
+            )
+            await conn.execute(
+                queries["insert_added_steps"],
+                {
+                    "run_id": run_id,
+                    "steps": spec.steps_json(),
+                    "priority": adder["priority"],
+                    "done": [e.name for e in existing if e.status == "succeeded"],
+                    "adder_id": step_id,
+                    "adder_name": adder["name"],
+                    "attempt": adder["attempt"],
+                    "token": token,
+                    "worker_id": worker_id,
+                },
+            )
+            rows = await _complete_statement(conn, [(step_id, token, output_json)], worker_id)
+            if not any(r["id"] == step_id and not r["skipped"] for r in rows):
+                raise _AttemptNotHeld  # the lock above makes this unreachable; never half
+            skipped = [(r["id"], str(r["run_id"])) for r in rows if r["skipped"]]
+            if skipped:
+                await _settle_dependents(conn, skipped, are_dead=False, already_counted=True)
+    except ValidationFailed as exc:
+        error = added_steps_error(exc.problems)
+        logger.warning("step %s attempt with token %s: %s", step_id, token, error)
+        await _fail_refused(conn, step_id, token, error, worker_id=worker_id)
+        raise StepsRefused(f"step {step_id}: {error}", problems=exc.problems) from None
+    except _AttemptNotHeld:
+        state = await _lease_state(conn, step_id)
+        if state is not None and state["lease_token"] == token:
+            if state["status"] == "succeeded":  # an ambiguous commit that landed
+                return AddedSteps(names=await _added_names(conn, step_id, token))
+            if state["status"] == "dead_letter":
+                raise StepsRefused(f"step {step_id}: its added steps were refused") from None
+        raise LeaseLost(_lease_lost_message(step_id, token, state)) from None
+    return AddedSteps(names=[s.name for s in spec.steps])
+
+
+class _AttemptNotHeld(Exception):
+    """Inside `complete_adding_steps`: the guard matched nothing (rolls the transaction back)."""
+
+
+def added_steps_error(problems: list[dict[str, str | None]]) -> str:
+    """The error of an attempt whose added steps were refused: the problems as a 422 body
+    says them, ``added steps refused: {"error": "invalid_request", "problems": [...]}``."""
+    body = {"error": "invalid_request", "problems": problems}
+    return "added steps refused: " + json.dumps(body, ensure_ascii=False)
+
+
+async def _fail_refused(
+    conn: Conn, step_id: int, token: int, error: str, *, worker_id: str
+) -> None:
+    """Fail the attempt whose added steps were refused, not retryably; a lease lost
+    meanwhile (or the same failure recorded before an ambiguous commit) is left as is."""
+    try:
+        await fail_attempt(
+            conn,
+            step_id,
+            token,
+            error=error,
+            retryable=False,
+            worker_id=worker_id,
+            backoff_base_ms=0,
+            backoff_cap_ms=0,
+        )
+    except LeaseLost as lost:
+        state = await _lease_state(conn, step_id)
+        if state is None or state["status"] != "dead_letter" or state["lease_token"] != token:
+            raise lost from None
+
+
+async def _added_names(conn: Conn, step_id: int, token: int) -> list[str]:
+    cur = await conn.execute(queries["select_steps_added"], {"id": step_id, "token": token})
+    row = await cur.fetchone()
+    return list(row["steps"]) if row is not None and row["steps"] is not None else []
 
 
 # What a completion statement raises when Postgres (or psycopg, before sending) refuses one

@@ -286,6 +286,114 @@ SELECT id, run_id, lease_token, false AS skipped FROM done
 UNION ALL
 SELECT id, run_id, NULL, true FROM promoted WHERE old_status = 'pending' AND status = 'skipped'
 
+-- name: lock_adding_step
+-- The first statement of a success that adds steps (engine.transitions.complete_adding_steps):
+-- the attempt (%(id)s, %(token)s) must still be ours, under the same guard as complete_steps
+-- (current token, running, lease live on the database clock, claimed by %(worker_id)s). Its
+-- row is locked (steps first, then the run: the order complete_steps takes them in), so no
+-- reaper or cancel can end it before this transaction commits. No row: the lease is lost.
+SELECT s.id, s.run_id, s.name, s.attempt, r.priority
+FROM steps s JOIN runs r ON r.id = s.run_id
+WHERE s.id = %(id)s
+  AND s.lease_token = %(token)s
+  AND s.status = 'running'
+  AND s.lease_expires_at > now()
+  AND s.lease_owner = %(worker_id)s::text
+FOR UPDATE OF s
+
+-- name: select_run_step_names
+-- Every step of a run: name, status and dependsOn, for validating steps added to it (read
+-- under the run's lock, which every status write of the run's steps also ends up taking).
+SELECT name, status, depends_on FROM steps WHERE run_id = %(run_id)s
+
+-- name: insert_added_steps
+-- Steps that the running step %(adder_id)s adds to its run (issue 15 part 5), inserted as
+-- insert_steps inserts a run's steps (the same columns from the same StepSpec.to_row JSON),
+-- in the transaction that then records the adder's success with complete_steps. A new step's
+-- dependencies left (deps_remaining) are those not in %(done)s (the names of the run's steps
+-- that succeeded); the adder itself is not done yet: complete_steps counts its dependents
+-- down, and decides them by their trigger rule, right after this. A step with none left is
+-- ready at once (audited step_ready, reason "added": the NOTIFY on pgdag_ready wakes the
+-- claimers), or parked for its delayMs (pending, no dependency left, promote_due_steps). Edges
+-- go to new and existing steps alike. The run counts the new steps (steps_total,
+-- steps_unfinished) before the adder's success counts itself down, so the run cannot
+-- complete with it. One steps_added row on the adder says what was added.
+WITH spec AS (
+    SELECT s.name, s.tool, s.input, coalesce(s."dependsOn", '{}') AS depends_on,
+           s."maxAttempts" AS max_attempts, s."timeoutMs" AS timeout_ms, s.idempotent,
+           coalesce(s."runIf", 'all_succeeded') AS run_if, s.refs, s."refSteps" AS ref_steps, s.map,
+           s."mapPath" AS map_path, s."concurrencyKey" AS concurrency_key,
+           s."maxConcurrency" AS max_concurrency,
+           coalesce(s."maySkipChildren", false) AS may_skip_children, s."delayMs" AS delay_ms,
+           (SELECT count(*) FROM unnest(coalesce(s."dependsOn", '{}')) AS d(name)
+            WHERE d.name <> ALL(%(done)s::text[]))::integer AS remaining
+    FROM jsonb_to_recordset(%(steps)s::jsonb) AS s(
+        name text, tool text, input jsonb, "dependsOn" text[], "maxAttempts" integer,
+        "timeoutMs" integer, idempotent boolean, "runIf" text, refs jsonb, "refSteps" text[],
+        map text, "mapPath" jsonb, "concurrencyKey" text, "maxConcurrency" integer,
+        "maySkipChildren" boolean, "delayMs" integer)
+), inserted AS (
+    INSERT INTO steps (run_id, name, tool, input, depends_on, deps_remaining, status,
+                       max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map,
+                       map_path, concurrency_key, max_concurrency, priority, available_at,
+                       may_skip_children, delay_ms)
+    SELECT %(run_id)s, name, tool, input, depends_on, remaining,
+           CASE WHEN remaining = 0 AND coalesce(delay_ms, 0) = 0 THEN 'ready'
+                ELSE 'pending' END,
+           max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map, map_path,
+           concurrency_key, max_concurrency, %(priority)s,
+           CASE WHEN remaining = 0 AND delay_ms > 0
+                THEN now() + make_interval(secs => delay_ms / 1000.0)
+                ELSE now() END,
+           may_skip_children, delay_ms
+    FROM spec
+    RETURNING id, name, depends_on, status, deps_remaining, delay_ms, available_at
+), slots AS (
+    INSERT INTO concurrency_slots (key, max_running)
+    SELECT DISTINCT concurrency_key, max_concurrency FROM spec WHERE concurrency_key IS NOT NULL
+    ON CONFLICT (key) DO UPDATE SET max_running = EXCLUDED.max_running
+), edges AS (
+    INSERT INTO step_edges (parent_id, child_id)
+    SELECT p.id, c.id
+    FROM inserted c
+    CROSS JOIN LATERAL unnest(c.depends_on) AS d(name)
+    JOIN (SELECT id, name FROM inserted
+          UNION ALL
+          SELECT id, name FROM steps WHERE run_id = %(run_id)s) p ON p.name = d.name
+    RETURNING 1
+), counted AS (
+    UPDATE runs r
+    SET steps_total = r.steps_total + (SELECT count(*) FROM inserted),
+        steps_unfinished = r.steps_unfinished + (SELECT count(*) FROM inserted),
+        updated_at = now()
+    WHERE r.id = %(run_id)s
+    RETURNING r.id
+)
+INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
+                       attempt, lease_token, worker_id, detail)
+SELECT %(run_id)s, %(adder_id)s, %(adder_name)s, 'steps_added', 'running', 'running',
+       %(attempt)s, %(token)s, %(worker_id)s,
+       jsonb_build_object('steps', (SELECT jsonb_agg(name ORDER BY id) FROM inserted),
+                          'edges', (SELECT count(*) FROM edges),
+                          'ready', (SELECT count(*) FROM inserted WHERE status = 'ready'),
+                          'delayed', (SELECT count(*) FROM inserted
+                                      WHERE status = 'pending' AND deps_remaining = 0),
+                          'counted', (SELECT count(*) FROM counted))
+UNION ALL
+SELECT %(run_id)s, id, name, 'step_ready', NULL, 'ready', NULL, NULL, NULL,
+       jsonb_build_object('reason', 'added', 'by', %(adder_name)s::text)
+FROM inserted WHERE status = 'ready'
+
+-- name: select_steps_added
+-- The names added by attempt (%(id)s, %(token)s), from its steps_added audit row: the answer
+-- to a success with added steps repeated after an ambiguous commit.
+SELECT a.detail -> 'steps' AS steps
+FROM audit_log a
+WHERE a.run_id = (SELECT s.run_id FROM steps s WHERE s.id = %(id)s)
+  AND a.step_id = %(id)s AND a.lease_token = %(token)s AND a.event = 'steps_added'
+ORDER BY a.id DESC
+LIMIT 1
+
 -- name: step_lease_state
 -- What became of an attempt whose write matched nothing (lease lost, or an ambiguous commit
 -- that did in fact land).
