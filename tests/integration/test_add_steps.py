@@ -25,7 +25,15 @@ from engine.store import Store
 from engine.tools import load_tool_modules
 from engine.transitions import ClaimedStep
 from tests.plantools import plan_step
-from tests.support import api_server, events, query, steps_by_name, wait_for, wait_run_finished, workers
+from tests.support import (
+    api_server,
+    events,
+    query,
+    steps_by_name,
+    wait_for,
+    wait_run_finished,
+    workers,
+)
 from tests.testtools import echo, emit
 from workers.database import DatabaseBackend
 from workers.worker import Worker
@@ -49,7 +57,9 @@ async def drive(store: Store, worker: Worker, run_id: str, *, rounds: int = 50) 
     """Claim and run every ready step through the worker's own attempt code until the run
     has finished (no sleep: each round waits for the attempts it started)."""
     for _ in range(rounds):
-        status = query(store_url(store), "SELECT status FROM runs WHERE id = %(id)s", {"id": run_id})
+        status = query(
+            store_url(store), "SELECT status FROM runs WHERE id = %(id)s", {"id": run_id}
+        )
         if status[0]["status"] in ("completed", "failed", "cancelled"):
             return
         claimed = await store.claim("w", 50)
@@ -97,8 +107,11 @@ def test_added_steps_run_and_their_outputs_flow_by_ref_and_bad_ones_fail_the_ste
             fan = [
                 echo(
                     f"fan.{i}",
-                    {"seed": {"$ref": "steps.seed.output"}, "i": i,
-                     "n": {"$ref": "steps.plan.output.value"}},
+                    {
+                        "seed": {"$ref": "steps.seed.output"},
+                        "i": i,
+                        "n": {"$ref": "steps.plan.output.value"},
+                    },
                     "plan",
                     "seed",
                 )
@@ -169,8 +182,11 @@ def test_added_steps_run_and_their_outputs_flow_by_ref_and_bad_ones_fail_the_ste
 
     good, bad, refs, big = asyncio.run(go())
 
-    assert query(db_url, "SELECT status, steps_total, steps_unfinished FROM runs WHERE id = %(id)s",
-                 {"id": good})[0] == {"status": "completed", "steps_total": 8, "steps_unfinished": 0}
+    assert query(
+        db_url,
+        "SELECT status, steps_total, steps_unfinished FROM runs WHERE id = %(id)s",
+        {"id": good},
+    )[0] == {"status": "completed", "steps_total": 8, "steps_unfinished": 0}
     steps = steps_by_name(db_url, good)
     assert {n: s["status"] for n, s in steps.items()} == dict.fromkeys(
         ["seed", "plan", "after", "fan.0", "fan.1", "fan.2", "join", "free"], "succeeded"
@@ -187,7 +203,10 @@ def test_added_steps_run_and_their_outputs_flow_by_ref_and_bad_ones_fail_the_ste
     plan_done = next(e for e in evs if e["event"] == "step_succeeded" and e["step_name"] == "plan")
     assert added[0]["id"] < plan_done["id"]
     assert {e["step_name"] for e in named(evs, "step_ready") if e["id"] > plan_done["id"]} >= {
-        "fan.0", "fan.1", "fan.2", "after"
+        "fan.0",
+        "fan.1",
+        "fan.2",
+        "after",
     }
     assert_checker_clean(db_url, good)
 
@@ -200,7 +219,7 @@ def test_added_steps_run_and_their_outputs_flow_by_ref_and_bad_ones_fail_the_ste
     assert steps["after"]["status"] == "skipped"
     error = steps["plan"]["error"]
     assert error.startswith("added steps refused: ")
-    problems = json.loads(error[len("added steps refused: "):])["problems"]
+    problems = json.loads(error[len("added steps refused: ") :])["problems"]
     by = {(p["step"], p["field"]) for p in problems}
     assert ("x", "dependsOn") in by  # unknown dependency
     assert ("y", "tool") in by
@@ -211,10 +230,218 @@ def test_added_steps_run_and_their_outputs_flow_by_ref_and_bad_ones_fail_the_ste
 
     steps = steps_by_name(db_url, refs)
     assert set(steps) == {"plan", "after"} and steps["plan"]["status"] == "dead_letter"
-    problems = json.loads(steps["plan"]["error"][len("added steps refused: "):])["problems"]
+    problems = json.loads(steps["plan"]["error"][len("added steps refused: ") :])["problems"]
     assert [(p["step"], p["field"]) for p in problems] == [("z", "input.v")]
     assert "is not an ancestor of 'z'" in problems[0]["problem"]
 
     steps = steps_by_name(db_url, big)
     assert set(steps) == {"plan"} and steps["plan"]["status"] == "dead_letter"
     assert "too many steps: the run would hold 21 > the limit of 20" in steps["plan"]["error"]
+
+
+def test_a_zombie_or_another_worker_cannot_add_steps(db_url: str) -> None:
+    """Steps added under a stale token, by a worker that does not hold the lease, or under
+    an expired lease are refused (LeaseLost) and nothing is written; the holder's are added
+    once."""
+
+    async def go() -> str:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        store = Store(pool, lease_ttl_s=30)
+        short = Store(pool, lease_ttl_s=0.3)
+        try:
+            run_id, _ = await store.create_run(
+                parse_run({"steps": [plan_step("plan", [])]}, max_steps=100)
+            )
+            new = [emit("child", 1, "plan")]
+            old: ClaimedStep = (await store.claim("w", 1))[0]
+            await store.release([(old.id, old.lease_token)], worker_id="w")
+            cur: ClaimedStep = (await short.claim("w2", 1))[0]
+            assert cur.lease_token != old.lease_token
+            for token, who in [(old.lease_token, "w"), (cur.lease_token, "w")]:
+                with pytest.raises(LeaseLost):
+                    await store.complete_adding_steps(
+                        cur.id, token, "{}", new, worker_id=who, max_steps=100
+                    )
+            wait_for(
+                lambda: query(
+                    db_url,
+                    "SELECT lease_expires_at < now() AS gone FROM steps WHERE id = %(id)s",
+                    {"id": cur.id},
+                )[0]["gone"],
+                timeout_s=10,
+                what="the short lease to expire",
+            )
+            with pytest.raises(LeaseLost, match="expired"):
+                await store.complete_adding_steps(
+                    cur.id, cur.lease_token, "{}", new, worker_id="w2", max_steps=100
+                )
+            assert set(steps_by_name(db_url, run_id)) == {"plan"}
+            assert not named(events(db_url, run_id), "steps_added")
+            await store.reap()
+            live: ClaimedStep = (await store.claim("w3", 1))[0]
+            added = await store.complete_adding_steps(
+                live.id, live.lease_token, "{}", new, worker_id="w3", max_steps=100
+            )
+            assert added.names == ["child"]
+            # the same call again (an ambiguous commit retried) finds it recorded: no change
+            again = await store.complete_adding_steps(
+                live.id, live.lease_token, "{}", new, worker_id="w3", max_steps=100
+            )
+            assert again.names == ["child"]
+            return run_id
+        finally:
+            await pool.close()
+
+    run_id = asyncio.run(go())
+    steps = steps_by_name(db_url, run_id)
+    assert steps["child"]["status"] == "ready" and steps["plan"]["status"] == "succeeded"
+    added = named(events(db_url, run_id), "steps_added")
+    assert len(added) == 1 and added[0]["worker_id"] == "w3"
+    run = query(
+        db_url, "SELECT steps_total, steps_unfinished FROM runs WHERE id = %(id)s", {"id": run_id}
+    )[0]
+    assert run == {"steps_total": 2, "steps_unfinished": 1}
+
+
+def test_a_worker_killed_inside_its_adding_transaction_leaves_none_and_the_retry_adds_all(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The test holds the run's row lock, so the worker's adding transaction stops inside,
+    after locking its step (lock_adding_step) and before inserting; the worker is SIGKILLed
+    there. Nothing of it may remain; the reaper's retry on another worker adds the steps,
+    once, and the run completes."""
+    gate = tmp_path / "gate"
+    plan = plan_step(
+        "plan",
+        [emit("a", 1, "plan"), echo("b", {"a": {"$ref": "steps.a.output"}}, "a")],
+        gate=str(gate),
+    )
+    run_id = submit_run(db_url, {"steps": [plan]})
+    with workers(db_url, tmp_path, 1, id_prefix="doomed", **TOOLS) as (doomed,):
+        wait_for(
+            lambda: steps_by_name(db_url, run_id)["plan"]["status"] == "running",
+            what="plan claimed",
+        )
+        with psycopg.connect(db_url) as holder:
+            holder.execute("SELECT 1 FROM runs WHERE id = %s FOR UPDATE", (run_id,))
+            gate.touch()
+            blocked = wait_for(
+                lambda: query(
+                    db_url,
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%FROM runs WHERE id%%FOR UPDATE%%' AND pid <> %(me)s",
+                    {"me": holder.info.backend_pid},
+                ),
+                what="the worker's adding transaction waiting on the run lock",
+            )[0]["pid"]
+            # inside its transaction: it holds the plan step's row lock already
+            locks = query(
+                db_url,
+                "SELECT count(*) AS n FROM pg_locks WHERE pid = %(pid)s "
+                "AND relation = 'steps'::regclass AND mode = 'RowShareLock'",
+                {"pid": blocked},
+            )
+            assert locks[0]["n"] >= 1
+            doomed.kill()
+            holder.rollback()
+        wait_for(
+            lambda: (
+                not query(
+                    db_url, "SELECT 1 FROM pg_stat_activity WHERE pid = %(pid)s", {"pid": blocked}
+                )
+            ),
+            what="the killed worker's backend to end",
+        )
+        assert set(steps_by_name(db_url, run_id)) == {"plan"}
+        assert not named(events(db_url, run_id), "steps_added")
+    with workers(db_url, tmp_path, 1, id_prefix="heir", **TOOLS):
+        assert wait_run_finished(db_url, run_id, timeout_s=30) == "completed"
+    steps = steps_by_name(db_url, run_id)
+    assert set(steps) == {"plan", "a", "b"}
+    assert steps["plan"]["attempt"] == 2
+    assert steps["b"]["output"]["got"] == {"a": 1}
+    added = named(events(db_url, run_id), "steps_added")
+    assert len(added) == 1 and added[0]["lease_token"] == steps["plan"]["lease_token"]
+    assert added[0]["worker_id"] == "heir0"
+    run = query(db_url, "SELECT steps_total FROM runs WHERE id = %(id)s", {"id": run_id})[0]
+    assert run["steps_total"] == 3
+    assert_checker_clean(db_url, run_id)
+
+
+def submit_run(db_url: str, body: dict[str, Any]) -> str:
+    async def go() -> str:
+        pool = await open_pool(db_url, min_size=1, max_size=1)
+        try:
+            run_id, _ = await Store(pool, lease_ttl_s=30).create_run(parse_run(body, max_steps=100))
+            return run_id
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+def test_an_agent_adds_steps_with_its_report(db_url: str, tmp_path: Path) -> None:
+    """POST /agent/report with addSteps: recorded with the names added (a re-send is a
+    duplicate), the added step's $ref reads the plan's output when the agent claims it;
+    refused addSteps answer steps_refused with the problems and dead-letter the step."""
+    with (
+        api_server(db_url, tmp_path, **TOOLS) as base,
+        httpx.Client(base_url=base, timeout=30) as c,
+    ):
+        agent = {"agentId": "planner"}
+        r = c.post(
+            "/agent/register", json={**agent, "tools": ["AGENT_PLAN", "AGENT_DO"], "concurrency": 2}
+        )
+        assert r.status_code == 200, r.text
+        r = c.post(
+            "/runs",
+            json={
+                "steps": [
+                    {"name": "plan", "tool": "AGENT_PLAN"},
+                    {"name": "bad", "tool": "AGENT_PLAN"},
+                ]
+            },
+        )
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        claimed = c.post("/agent/claim", json={**agent, "tools": ["AGENT_PLAN"], "max": 2}).json()
+        by = {s["name"]: s for s in claimed["steps"]}
+        plan, bad = by["plan"], by["bad"]
+        outcome = {
+            "stepId": plan["stepId"],
+            "leaseToken": plan["leaseToken"],
+            "status": "succeeded",
+            "output": {"topic": "pgdag"},
+            "addSteps": [
+                {
+                    "name": "do",
+                    "tool": "AGENT_DO",
+                    "dependsOn": ["plan"],
+                    "input": {"about": {"$ref": "steps.plan.output.topic"}},
+                }
+            ],
+        }
+        refused = {
+            "stepId": bad["stepId"],
+            "leaseToken": bad["leaseToken"],
+            "status": "succeeded",
+            "output": None,
+            "addSteps": [{"name": "other", "tool": "AGENT_DO", "dependsOn": ["ghost"]}],
+        }
+        r = c.post("/agent/report", json={**agent, "outcomes": [outcome, refused]})
+        assert r.status_code == 200, r.text
+        first, second = r.json()["results"]
+        assert first["result"] == "recorded" and first["added"] == ["do"]
+        assert second["result"] == "refused" and second["code"] == "steps_refused"
+        assert second["problems"] == [
+            {"step": "other", "field": "dependsOn", "problem": "unknown dependency 'ghost'"}
+        ]
+        again = c.post("/agent/report", json={**agent, "outcomes": [outcome]}).json()
+        assert again["results"][0]["result"] == "recorded" and again["results"][0]["duplicate"]
+        do = c.post("/agent/claim", json={**agent, "tools": ["AGENT_DO"], "max": 1}).json()
+        assert [(s["name"], s["input"]) for s in do["steps"]] == [("do", {"about": "pgdag"})]
+        run = c.get(f"/runs/{run_id}").json()
+    steps = {s["name"]: s for s in run["steps"]}
+    assert steps["bad"]["status"] == "dead_letter"
+    assert steps["bad"]["error"].startswith("added steps refused: ")
+    assert [e["detail"]["steps"] for e in named(events(db_url, run_id), "steps_added")] == [["do"]]
