@@ -288,6 +288,24 @@ def test_a_zombie_or_another_worker_cannot_add_steps(db_url: str) -> None:
                 live.id, live.lease_token, "{}", new, worker_id="w3", max_steps=100
             )
             assert again.names == ["child"]
+            # refused steps: the attempt is a dead letter; the same call again says so too
+            other, _ = await store.create_run(
+                parse_run({"steps": [plan_step("plan", [])]}, max_steps=100)
+            )
+            held: ClaimedStep = (await store.claim("w4", 1, tools=["TEST_PLAN"]))[0]
+            for _ in range(2):
+                with pytest.raises(StepsRefused) as refused:
+                    await store.complete_adding_steps(
+                        held.id,
+                        held.lease_token,
+                        "{}",
+                        [emit("x", 1, "nope")],
+                        worker_id="w4",
+                        max_steps=100,
+                    )
+            assert steps_by_name(db_url, other)["plan"]["status"] == "dead_letter"
+            assert set(steps_by_name(db_url, other)) == {"plan"}
+            assert refused.value.problems == []  # the repeat knows only the step's state
             return run_id
         finally:
             await pool.close()
