@@ -65,6 +65,14 @@ Violation kinds:
     times (the database clock).
     (The decisions happen in the statements that end each dependency, so no consistent
     snapshot shows this legitimately.)
+``added_steps``
+    Steps a run added to itself (issue 15 part 5) broke all-or-none or fencing: a
+    steps_added event (on the step that added them, with its lease_token) that is not
+    followed, as that step's next event, by its step_succeeded under the same token (the
+    two are written by one transaction); a step it names that does not exist (some were
+    lost); a step named by two steps_added events; or a step of the run that is neither one
+    of the steps submitted with it (the first ``steps`` of ``run_created``'s detail, by id),
+    a map child, nor named by a steps_added (it came from nowhere).
 
 Ordering by audit_log id is the real order for one step (all its events are written under
 its row lock). Across steps it is sound for dependencies: a dependent can be claimed only
@@ -108,6 +116,7 @@ STEP_EVENT_STATUS: Final[Mapping[str, str]] = {
     "step_map_expanded": "pending",
     "step_replayed": "pending",
     "step_delayed": "pending",
+    "steps_added": "running",
 }
 RUN_EVENT_STATUS: Final[Mapping[str, str]] = {
     "run_created": "pending",
@@ -161,6 +170,7 @@ KINDS: Final = (
     "non_idempotent_rerun",
     "stuck_pending",
     "delay_not_met",
+    "added_steps",
 )
 
 # Read-only diagnostics, not engine queries: kept here rather than in engine/sql, which
@@ -257,6 +267,7 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     for run in runs:
         run_id = str(run["id"])
         _check_run(run_id, str(run["status"]), steps_by_run[run_id], h.run_events[run_id], out)
+    _check_added(h, steps_by_run, out)
 
     counts = Counter(str(e["event"]) for e in events)
     report.attempts = counts["step_claimed"]
@@ -767,6 +778,72 @@ def _check_run(
         add(f"run is {status}, but every step is terminal: {_names(steps)}")
     if evs and (left := _to_status(evs[-1])) != status:
         add(f"runs table says {status}, but its last run event {_ev(evs[-1])} left it {left}")
+
+
+def _check_added(h: _History, steps_by_run: Mapping[str, list[Row]], out: list[Violation]) -> None:
+    """The ``added_steps`` invariants (see the module docstring)."""
+    named_by: dict[StepKey, int] = {}
+    for key, evs in sorted(h.step_events.items()):
+        for i, e in enumerate(evs):
+            if e["event"] != "steps_added":
+                continue
+            run_id = key[0]
+            nxt = evs[i + 1] if i + 1 < len(evs) else None
+            if (
+                nxt is None
+                or nxt["event"] != "step_succeeded"
+                or nxt.get("lease_token") != e.get("lease_token")
+            ):
+                out.append(
+                    Violation(
+                        "added_steps",
+                        run_id,
+                        key[1],
+                        f"{_ev(e)} is not followed by the "
+                        f"step's success under that token (next: {_ev(nxt) if nxt else 'none'})",
+                    )
+                )
+            detail = e.get("detail") or {}
+            for name in detail.get("steps") or []:
+                added = (run_id, str(name))
+                if added not in h.step_rows:
+                    out.append(
+                        Violation(
+                            "added_steps",
+                            run_id,
+                            str(name),
+                            f"named by {_ev(e)} of {key[1]!r}, but the run has no such step",
+                        )
+                    )
+                if added in named_by:
+                    out.append(
+                        Violation(
+                            "added_steps",
+                            run_id,
+                            str(name),
+                            f"added twice: by event #{named_by[added]} and {_ev(e)}",
+                        )
+                    )
+                named_by[added] = int(e["id"])
+    for run_id, evs in h.run_events.items():
+        created = next((e for e in evs if e["event"] == "run_created"), None)
+        submitted = ((created or {}).get("detail") or {}).get("steps")
+        rows = [r for r in steps_by_run.get(run_id, []) if r.get("id") is not None]
+        if not isinstance(submitted, int) or not rows:
+            continue  # a hand-made history without them: nothing to compare
+        rows.sort(key=lambda r: int(r["id"]))
+        for r in rows[submitted:]:
+            key = (run_id, str(r["name"]))
+            if r.get("map_parent_id") is None and key not in named_by:
+                out.append(
+                    Violation(
+                        "added_steps",
+                        run_id,
+                        key[1],
+                        "the step was neither submitted with the run nor added by a "
+                        "steps_added event",
+                    )
+                )
 
 
 # --- helpers ---------------------------------------------------------------------------------

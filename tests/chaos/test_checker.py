@@ -585,6 +585,17 @@ def delayed_woken_too_early() -> History:
     return h
 
 
+def added_without_success() -> History:
+    """A steps_added whose transaction did not also record the adder's success (its lease
+    expired instead): some of it was written, not all."""
+    h = History()
+    h.new_run({"plan": [], "a": []})
+    t = h.claim("plan")
+    h.ev("plan", "steps_added", t, to="running", steps=["a"])
+    h.ev("plan", "step_lease_expired", t)
+    return h
+
+
 CASES = {
     "claimed while claimed": Case("overlapping_leases", claimed_twice),
     "ended with another token": Case("overlapping_leases", ended_with_another_token),
@@ -642,6 +653,7 @@ CASES = {
         "delay_not_met", delayed_claimed_without_sleeping
     ),
     "delayed step woken before its time": Case("delay_not_met", delayed_woken_too_early),
+    "steps added without the adder's success": Case("added_steps", added_without_success),
 }
 
 
