@@ -194,7 +194,8 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
     """A DAG of at least `n_steps` steps: a seed step fans out to branches of
     fetch (HTTP) -> work (flaky) -> wait (DELAY) -> notify (HTTP), which join in two groups,
     each recorded to the ledger, then a final step; beside them, a step that sleeps 200 ms
-    parked (``delayMs``) after the seed, which the final step waits for too."""
+    parked (``delayMs``) after the seed, which the final step waits for too, and a planning
+    step that adds four steps to the run when it succeeds (CHAOS_PLAN)."""
     rng = random.Random(seed)
     branches = max(2, (n_steps - 6 + 3) // 4)
     attempts = {"maxAttempts": 15}
@@ -262,6 +263,18 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
             "input": {"ms": 10},
             "dependsOn": ["seed"],
             "delayMs": 200,
+            **attempts,
+        }
+    )
+    # A planning step (issue 15 part 5): its success adds a fan of flaky steps and their
+    # join to the run, in one transaction under its token; kills land on it too, and the
+    # checker's added_steps judges that the steps came all or none, once.
+    steps.append(
+        {
+            "name": "plan",
+            "tool": "CHAOS_PLAN",
+            "input": {"width": 3, "failureRate": failure_rate, "ms": 300, "seed": seed},
+            "dependsOn": ["seed"],
             **attempts,
         }
     )
