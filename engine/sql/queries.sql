@@ -362,6 +362,7 @@ WITH spec AS (
           SELECT id, name FROM steps WHERE run_id = %(run_id)s) p ON p.name = d.name
     RETURNING 1
 ), counted AS (
+    -- (a data-modifying CTE runs whether or not it is referenced)
     UPDATE runs r
     SET steps_total = r.steps_total + (SELECT count(*) FROM inserted),
         steps_unfinished = r.steps_unfinished + (SELECT count(*) FROM inserted),
@@ -377,8 +378,7 @@ SELECT %(run_id)s, %(adder_id)s, %(adder_name)s, 'steps_added', 'running', 'runn
                           'edges', (SELECT count(*) FROM edges),
                           'ready', (SELECT count(*) FROM inserted WHERE status = 'ready'),
                           'delayed', (SELECT count(*) FROM inserted
-                                      WHERE status = 'pending' AND deps_remaining = 0),
-                          'counted', (SELECT count(*) FROM counted))
+                                      WHERE status = 'pending' AND deps_remaining = 0))
 UNION ALL
 SELECT %(run_id)s, id, name, 'step_ready', NULL, 'ready', NULL, NULL, NULL,
        jsonb_build_object('reason', 'added', 'by', %(adder_name)s::text)

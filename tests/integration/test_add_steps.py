@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from pydantic import BaseModel, ConfigDict
 
 from chaos.checker import check_database
 from engine.config import Settings
@@ -22,11 +23,13 @@ from engine.dag import parse_run
 from engine.db import open_pool
 from engine.errors import LeaseLost, StepsRefused
 from engine.store import Store
-from engine.tools import load_tool_modules
+from engine.tools import ToolContext, load_tool_modules, tool
 from engine.transitions import ClaimedStep
 from tests.plantools import plan_step
 from tests.support import (
+    Proc,
     api_server,
+    base_env,
     events,
     query,
     steps_by_name,
@@ -41,6 +44,17 @@ from workers.worker import Worker
 load_tool_modules(["workers.tools.builtin", "tests.testtools", "tests.plantools"])
 
 TOOLS = {"PGDAG_TOOLS": "tests.testtools,tests.plantools"}
+
+
+class NoInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@tool("TEST_PLAN_NAN", NoInput)
+async def plan_nan(inp: NoInput, ctx: ToolContext) -> dict[str, object]:
+    """Add a step whose input is not JSON (NaN): in-process only."""
+    ctx.add_steps([{"name": "x", "tool": "TEST_EMIT", "input": {"value": float("nan")}}])
+    return {}
 
 
 def assert_checker_clean(db_url: str, run_id: str) -> None:
@@ -175,6 +189,13 @@ def test_added_steps_run_and_their_outputs_flow_by_ref_and_bad_ones_fail_the_ste
                 parse_run({"steps": [plan_step("plan", many)]}, max_steps=100)
             )
             await drive(store, worker, big[0])
+            nan, _ = await store.create_run(
+                parse_run({"steps": [{"name": "plan", "tool": "TEST_PLAN_NAN"}]}, max_steps=100)
+            )
+            await drive(store, worker, nan)
+            nan_plan = steps_by_name(db_url, nan)["plan"]
+            assert nan_plan["status"] == "dead_letter" and nan_plan["attempt"] == 1
+            assert nan_plan["error"].startswith("addSteps"), nan_plan["error"]
             return good[0], bad[0], refs[0], big[0]
         finally:
             writer.cancel()
@@ -459,6 +480,50 @@ def test_an_agent_adds_steps_with_its_report(db_url: str, tmp_path: Path) -> Non
         do = c.post("/agent/claim", json={**agent, "tools": ["AGENT_DO"], "max": 1}).json()
         assert [(s["name"], s["input"]) for s in do["steps"]] == [("do", {"about": "pgdag"})]
         run = c.get(f"/runs/{run_id}").json()
+        # the agent worker (python -m workers --server) sends ctx.add_steps as addSteps
+        env = base_env(db_url, **TOOLS)
+        del env["DATABASE_URL"]
+        agent_worker = Proc(
+            [
+                "-m",
+                "workers",
+                "--server",
+                base,
+                "--worker-id",
+                "aw",
+                "--agent-log",
+                str(tmp_path / "aw.sqlite3"),
+            ],
+            env,
+            tmp_path / "agent-aw.log",
+        )
+        try:
+            planned = c.post(
+                "/runs",
+                json={
+                    "steps": [
+                        emit("seed", {"n": 3}),
+                        plan_step(
+                            "plan",
+                            [echo("use", {"n": {"$ref": "steps.seed.output.n"}}, "plan", "seed")],
+                            "seed",
+                        ),
+                        plan_step("bad", [emit("late", 1, "ghost")], "seed"),
+                    ]
+                },
+            )
+            assert planned.status_code == 201, planned.text
+            agent_run = planned.json()["id"]
+            assert wait_run_finished(db_url, agent_run, timeout_s=30) == "failed"
+        finally:
+            agent_worker.stop()
+    by_name = steps_by_name(db_url, agent_run)
+    assert by_name["use"]["status"] == "succeeded" and by_name["use"]["output"]["got"] == {"n": 3}
+    assert by_name["bad"]["status"] == "dead_letter" and "late" not in by_name
+    assert '"field": "dependsOn"' in by_name["bad"]["error"]
+    added_by = named(events(db_url, agent_run), "steps_added")
+    assert [(e["step_name"], e["worker_id"]) for e in added_by] == [("plan", "aw")]
+
     steps = {s["name"]: s for s in run["steps"]}
     assert steps["bad"]["status"] == "dead_letter"
     assert steps["bad"]["error"].startswith("added steps refused: ")
