@@ -406,9 +406,13 @@
       }
     }
     if (e.stepName) {
-      if (e.event === "step_map_expanded" || e.event === "step_replayed") {
-        // Steps were added (a map's children) or may be gone (a replayed map's): the
-        // snapshot has the new shape.
+      if (
+        e.event === "step_map_expanded" ||
+        e.event === "step_replayed" ||
+        e.event === "steps_added"
+      ) {
+        // Steps were added (a map's children, a planning step's new steps) or may be gone
+        // (a replayed map's): the snapshot has the new shape.
         reloadSoon(cur);
       }
       const s = cur.steps.get(e.stepName);
