@@ -47,6 +47,7 @@ raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
 | create_run                | -         | pending / ready     | API             |
 | claim_steps               | ready     | running             | worker          |
 | complete_steps            | running   | succeeded (+promote)| worker          |
+| complete_adding_steps     | running   | succeeded (+new steps, promote) | worker |
 | fail_attempt              | running   | ready / dead_letter | worker          |
 | release_steps             | running   | ready / dead_letter | worker shutdown |
 | reap_expired_leases       | running   | ready / dead_letter | reaper          |

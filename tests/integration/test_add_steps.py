@@ -189,6 +189,17 @@ def test_added_steps_run_and_their_outputs_flow_by_ref_and_bad_ones_fail_the_ste
                 parse_run({"steps": [plan_step("plan", many)]}, max_steps=100)
             )
             await drive(store, worker, big[0])
+            # (documented limit) a replay of the planning step plans the same names again
+            replayed, _ = await store.create_run(
+                parse_run({"steps": [plan_step("plan", [emit("once", 1, "plan")])]}, max_steps=100)
+            )
+            await drive(store, worker, replayed)
+            await store.replay(replayed, "plan", reason="test")
+            await drive(store, worker, replayed)
+            again = steps_by_name(db_url, replayed)
+            assert again["plan"]["status"] == "dead_letter", again["plan"]
+            assert "a step of this run already has this name" in again["plan"]["error"]
+            assert again["once"]["status"] == "skipped"
             nan, _ = await store.create_run(
                 parse_run({"steps": [{"name": "plan", "tool": "TEST_PLAN_NAN"}]}, max_steps=100)
             )
