@@ -736,8 +736,9 @@ def parse_added_steps(
     name only an ancestor through those; the run may hold at most `max_steps` steps in all.
 
     Returns a `RunSpec` whose `RunSpec.rows` are the new steps for ``insert_added_steps``.
-    Raises `ValidationFailed` with every problem found; fields are named as in a 422 body,
-    under ``addSteps.<i>`` when the step has no usable name.
+    Raises `ValidationFailed` with every problem found, each naming the step (``#<i>`` when
+    it has no usable name) and the field inside it, as a 422 body does; a problem of the
+    list itself (not a list, empty, the step limit) names the field ``addSteps``.
     """
     if not isinstance(raw_steps, list) or not raw_steps:
         raise ValidationFailed(
