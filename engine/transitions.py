@@ -401,7 +401,9 @@ async def complete_adding_steps(
     `complete_steps` (which makes ready the new steps that waited only for it). All of it or
     none of it is written.
 
-    Raises `LeaseLost` when the attempt is no longer ours (nothing written). When the new
+    Raises `LeaseLost` when the attempt is no longer ours (nothing written), and
+    `OutputRefused` when Postgres refuses a row (the attempt was then failed, not
+    retryably, with the database's error, and nothing of the steps written). When the new
     steps are refused (deterministic: the same tool would add them again), nothing of them
     is written, the attempt is failed, not retryably (a dead letter), with an error naming
     every problem as a 422 body would, and `StepsRefused` is raised. Safe to call again
@@ -452,6 +454,10 @@ async def complete_adding_steps(
             skipped = [(r["id"], str(r["run_id"])) for r in rows if r["skipped"]]
             if skipped:
                 await _settle_dependents(conn, skipped, are_dead=False, already_counted=True)
+    except RETRYABLE:
+        raise  # the caller retries the whole transaction
+    except REFUSED_WRITE as exc:  # Postgres refused a row: the attempt fails, as complete_step
+        raise await _refuse_success(conn, step_id, token, exc, worker_id=worker_id) from None
     except ValidationFailed as exc:
         error = added_steps_error(exc.problems)
         logger.warning("step %s attempt with token %s: %s", step_id, token, error)

@@ -21,7 +21,7 @@ from chaos.checker import check_database
 from engine.config import Settings
 from engine.dag import parse_run
 from engine.db import open_pool
-from engine.errors import LeaseLost, StepsRefused
+from engine.errors import LeaseLost, OutputRefused, StepsRefused
 from engine.store import Store
 from engine.tools import ToolContext, load_tool_modules, tool
 from engine.transitions import ClaimedStep
@@ -338,6 +338,32 @@ def test_a_zombie_or_another_worker_cannot_add_steps(db_url: str) -> None:
             assert steps_by_name(db_url, other)["plan"]["status"] == "dead_letter"
             assert set(steps_by_name(db_url, other)) == {"plan"}
             assert refused.value.problems == []  # the repeat knows only the step's state
+            # a row Postgres refuses (here a trigger of this test's database): failed for good
+            query(
+                db_url,
+                "CREATE FUNCTION refuse_step() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.name = 'refused-by-pg' THEN RAISE EXCEPTION 'no such step here'; "
+                "END IF; RETURN NEW; END $$; CREATE TRIGGER refuse_step BEFORE INSERT ON steps "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_step()",
+            )
+            third, _ = await store.create_run(
+                parse_run({"steps": [plan_step("plan", [])]}, max_steps=100)
+            )
+            held = (await store.claim("w5", 1, tools=["TEST_PLAN"]))[0]
+            with pytest.raises(OutputRefused, match="no such step here") as pg_refused:
+                await store.complete_adding_steps(
+                    held.id,
+                    held.lease_token,
+                    "{}",
+                    [emit("ok", 1, "plan"), emit("refused-by-pg", 1, "plan")],
+                    worker_id="w5",
+                    max_steps=100,
+                )
+            assert not isinstance(pg_refused.value, StepsRefused)
+            third_steps = steps_by_name(db_url, third)
+            assert set(third_steps) == {"plan"}
+            assert third_steps["plan"]["status"] == "dead_letter"
+            assert "output refused by Postgres: no such step here" in third_steps["plan"]["error"]
             return run_id
         finally:
             await pool.close()
