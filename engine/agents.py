@@ -726,6 +726,8 @@ async def _complete_adding(
         )
     except StepsRefused as exc:
         return {**_refused(success, "steps_refused", str(exc)), "problems": exc.problems}
+    except OutputRefused as exc:  # Postgres refused a row: the attempt was failed for good
+        return _refused(success, "output_refused", str(exc))
     except LeaseLost as lost:
         return _refused(success, "lease_lost", str(lost))
     return _recorded(success, added=added.names)
