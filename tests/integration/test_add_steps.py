@@ -520,6 +520,37 @@ def test_an_agent_adds_steps_with_its_report(db_url: str, tmp_path: Path) -> Non
         do = c.post("/agent/claim", json={**agent, "tools": ["AGENT_DO"], "max": 1}).json()
         assert [(s["name"], s["input"]) for s in do["steps"]] == [("do", {"about": "pgdag"})]
         run = c.get(f"/runs/{run_id}").json()
+        # a row Postgres refuses (a trigger of this test's database): output_refused
+        query(
+            db_url,
+            "CREATE FUNCTION refuse_step() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.name = 'refused-by-pg' THEN RAISE EXCEPTION 'no such step here'; "
+            "END IF; RETURN NEW; END $$; CREATE TRIGGER refuse_step BEFORE INSERT ON steps "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_step()",
+        )
+        r = c.post("/runs", json={"steps": [{"name": "pgplan", "tool": "AGENT_PLAN"}]})
+        assert r.status_code == 201, r.text
+        pg_run = r.json()["id"]
+        pg = c.post("/agent/claim", json={**agent, "tools": ["AGENT_PLAN"], "max": 1}).json()
+        (claimed_pg,) = pg["steps"]
+        answer = c.post(
+            "/agent/report",
+            json={
+                **agent,
+                "outcomes": [
+                    {
+                        "stepId": claimed_pg["stepId"],
+                        "leaseToken": claimed_pg["leaseToken"],
+                        "status": "succeeded",
+                        "addSteps": [{"name": "refused-by-pg", "tool": "AGENT_DO"}],
+                    }
+                ],
+            },
+        ).json()["results"][0]
+        assert (answer["result"], answer["code"]) == ("refused", "output_refused"), answer
+        assert "no such step here" in answer["message"]
+        assert set(steps_by_name(db_url, pg_run)) == {"pgplan"}
+        assert steps_by_name(db_url, pg_run)["pgplan"]["status"] == "dead_letter"
         # the agent worker (python -m workers --server) sends ctx.add_steps as addSteps
         env = base_env(db_url, **TOOLS)
         del env["DATABASE_URL"]
