@@ -67,3 +67,45 @@ def test_names_taken_the_limit_and_a_useless_any_failed() -> None:
     assert problems([])[0][:2] == (None, "addSteps")
     assert problems([{"name": "bad name!", "tool": "DELAY"}])[0][1] == "name"
     assert problems([{"tool": "DELAY"}])[0][:2] == ("#0", "name")
+
+
+def test_the_planner_of_the_docs_adds_steps_that_validate() -> None:
+    """docs/examples/planner.py (docs/planning.md) collects steps parse_added_steps accepts."""
+    import asyncio
+    import importlib.util
+    from pathlib import Path
+
+    from engine.tools import ToolContext, get_tool
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "planner.py"
+    spec = importlib.util.spec_from_file_location("docs_planner", path)
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    tool = get_tool("PLAN_TOPICS")
+    ctx = ToolContext(run_id="r", step_name="plan", attempt=1, idempotency_key="r:plan")
+    output = asyncio.run(tool.fn(tool.parse_input({"topics": ["a", "b"]}), ctx))
+    assert output == {"topics": ["a", "b"], "planned": 3}
+    added = parse_added_steps(
+        ctx.added_steps, adder="plan", existing=[ExistingStep("plan", "running", [])], max_steps=10
+    )
+    assert [s.name for s in added.steps] == ["research.0", "research.1", "summary"]
+    refused = ToolContext(run_id="r", step_name="plan", attempt=1, idempotency_key="r:plan")
+    asyncio.run(tool.fn(tool.parse_input({"topics": ["a"], "after": ["nope"]}), refused))
+    with pytest.raises(ValidationFailed, match="unknown dependency 'nope'"):
+        parse_added_steps(
+            refused.added_steps,
+            adder="plan",
+            existing=[ExistingStep("plan", "running", [])],
+            max_steps=10,
+        )
+
+
+def test_add_steps_collects_calls_and_refuses_a_step_that_is_not_a_mapping() -> None:
+    from engine.tools import ToolContext
+
+    ctx = ToolContext(run_id="r", step_name="plan", attempt=1, idempotency_key="r:plan")
+    ctx.add_steps([delay("a")])
+    ctx.add_steps([delay("b", "a")])
+    with pytest.raises(TypeError, match="must be a mapping, not str"):
+        ctx.add_steps([delay("c"), "d"])  # type: ignore[list-item]
+    assert [s["name"] for s in ctx.added_steps] == ["a", "b"]  # nothing of the refused call
