@@ -1,0 +1,294 @@
+"""Child runs (steps of kind run, issue 15 part 4) on a real Postgres.
+
+The in-process tests drive the engine's own operations (the maintenance leader's
+`ChildRuns` pass, and a worker's claim / complete / fail through `Store`) step by step, so
+each transition is seen in order; the end-to-end test runs the API (which leads maintenance)
+and a worker process; the crash test SIGKILLs the leader while its transaction has inserted
+the child but not yet marked the step. Every wait is on a condition with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from chaos.checker import check_database
+from engine.config import Settings
+from engine.dag import parse_run
+from engine.db import open_pool
+from engine.maintenance import ChildRuns
+from engine.store import Store
+from engine.tools import load_tool_modules
+from engine.transitions import CHILD_RUN_OWNER, output_json
+from tests.support import (
+    Proc,
+    api_server,
+    base_env,
+    events,
+    free_port,
+    query,
+    steps_by_name,
+    wait_for,
+    wait_run_finished,
+    workers,
+)
+from tests.testtools import echo, emit
+
+load_tool_modules(["workers.tools.builtin", "tests.testtools"])
+
+TOOLS = {"PGDAG_TOOLS": "tests.testtools"}
+SETTINGS = Settings(backoff_base_ms=1, backoff_cap_ms=2)
+
+
+def child_template(*steps: dict[str, Any]) -> dict[str, Any]:
+    return {"goal": "child", "steps": list(steps)}
+
+
+def assert_checker_clean(db_url: str, *run_ids: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        report = check_database(conn, list(run_ids))
+    assert report.ok, report.violations
+
+
+@asynccontextmanager
+async def store_on(db_url: str) -> AsyncIterator[Store]:
+    pool = await open_pool(db_url, min_size=1, max_size=2)
+    try:
+        yield Store(pool, lease_ttl_s=30)
+    finally:
+        await pool.close()
+
+
+async def work(store: Store, tools: list[str]) -> int:
+    """What a worker does, once: claim the ready steps of `tools`, run each through its
+    tool and record the outcome; returns how many it ran."""
+    from engine.tools import ToolContext, get_tool
+
+    claimed = await store.claim("w-test", 10, tools=tools)
+    for step in claimed:
+        tool = get_tool(step.tool)
+        ctx = ToolContext(
+            run_id=step.run_id,
+            step_name=step.name,
+            attempt=step.attempt,
+            idempotency_key=step.idempotency_key,
+        )
+        try:
+            out = await tool.fn(tool.parse_input(step.input), ctx)
+        except Exception as exc:
+            await store.fail(
+                step,
+                error=str(exc),
+                retryable=bool(getattr(exc, "retryable", True)),
+                worker_id="w-test",
+                backoff_base_ms=1,
+                backoff_cap_ms=2,
+            )
+        else:
+            await store.complete(step, output_json(out), worker_id="w-test")
+    return len(claimed)
+
+
+def children_of(db_url: str, run_id: str) -> list[dict[str, Any]]:
+    return query(
+        db_url,
+        "SELECT * FROM runs WHERE parent_run_id = %(id)s ORDER BY created_at, id",
+        {"id": run_id},
+    )
+
+
+def test_failed_child_fails_the_attempt_and_a_retry_starts_a_fresh_child(db_url: str) -> None:
+    """A child that fails fails its parent step's attempt (retryable): the next attempt
+    starts a new child; when attempts are spent the step is a dead letter and its run
+    fails. A second pass with nothing due does nothing (no second child per attempt)."""
+    body = {
+        "goal": "parent",
+        "steps": [
+            {
+                "name": "sub",
+                "run": child_template(
+                    {
+                        "name": "boom",
+                        "tool": "TEST_FAIL_TIMES",
+                        "input": {"failTimes": 9, "retryable": False},
+                    }
+                ),
+                "maxAttempts": 2,
+            }
+        ],
+    }
+    spec = parse_run(body, max_steps=100)
+
+    async def go() -> str:
+        async with store_on(db_url) as store:
+            run_id, _ = await store.create_run(spec)
+            task = ChildRuns(SETTINGS)
+            for attempt in (1, 2):
+                await wait_async(lambda: task.run_once(store), what=f"child {attempt} started")
+                assert await task.run_once(store) == 0  # nothing more to do: no second child
+                kids = children_of(db_url, run_id)
+                assert len(kids) == attempt
+                assert await work(store, ["TEST_FAIL_TIMES"]) == 1  # the child's step fails
+                assert await task.run_once(store) == 1  # the parent's attempt fails
+            return run_id
+
+    run_id = asyncio.run(go())
+    sub = steps_by_name(db_url, run_id)["sub"]
+    assert sub["status"] == "dead_letter" and sub["attempt"] == 2
+    kids = children_of(db_url, run_id)
+    assert [k["status"] for k in kids] == ["failed", "failed"]
+    assert sub["child_run_id"] == kids[1]["id"]
+    assert sub["error"].startswith(f"child run {kids[1]['id']} failed: boom: planned failure")
+    assert (
+        query(db_url, "SELECT status FROM runs WHERE id = %(id)s", {"id": run_id})[0]["status"]
+        == "failed"
+    )
+    evs = events(db_url, run_id)
+    claims = [e for e in evs if e["event"] == "step_claimed"]
+    assert [c["worker_id"] for c in claims] == [CHILD_RUN_OWNER] * 2
+    assert [c["detail"]["childRunId"] for c in claims] == [str(k["id"]) for k in kids]
+    kinds = [e["event"] for e in evs if e["step_name"] == "sub"]
+    assert kinds == [
+        "step_claimed",
+        "step_retry_scheduled",
+        "step_claimed",
+        "step_dead_lettered",
+    ]
+    assert_checker_clean(db_url, run_id, *(str(k["id"]) for k in kids))
+
+
+async def wait_async(fn: Any, *, what: str, timeout_s: float = 10) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        got = await fn()
+        if got:
+            return got
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_child_run_end_to_end_outputs_links_cancel_and_refusals(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Through the API with a worker process: a step of kind run whose input holds a $ref
+    starts a child whose step reads it through $param; the parent step succeeds with the
+    child's outputs, which a downstream step reads through $ref; GET /runs/{id} links the
+    two both ways. Cancelling a parent cancels its running child, audited. A bad template is
+    refused with 422 naming the field under run., and nothing is written."""
+    parent = {
+        "goal": "research",
+        "steps": [
+            emit("plan", {"topic": "tides", "n": 3}),
+            {
+                "name": "sub",
+                "dependsOn": ["plan"],
+                "input": {"topic": {"$ref": "steps.plan.output.topic"}},
+                "run": child_template(
+                    echo("fetch", {"about": {"$param": "topic"}}),
+                    echo("summarize", {"text": {"$ref": "steps.fetch.output.got.about"}}, "fetch"),
+                ),
+            },
+            echo(
+                "use", {"summary": {"$ref": "steps.sub.output.outputs.summarize.got.text"}}, "sub"
+            ),
+        ],
+    }
+    with (
+        api_server(db_url, tmp_path, **TOOLS) as base,
+        workers(db_url, tmp_path, 1, **TOOLS),
+        httpx.Client(base_url=base, timeout=10) as http,
+    ):
+        # A bad template: 422 naming the fields, nothing written.
+        bad = {
+            "steps": [
+                {
+                    "name": "sub",
+                    "input": {"topic": "x"},
+                    "run": {
+                        "steps": [
+                            {"name": "a", "tool": "NO_SUCH_TOOL"},
+                            {
+                                "name": "b",
+                                "tool": "TEST_EMIT",
+                                "input": {"value": {"$param": "nope"}},
+                            },
+                            {"name": "c", "run": {"steps": [emit("d", 1)]}},
+                        ]
+                    },
+                }
+            ]
+        }
+        before = query(db_url, "SELECT count(*) AS n FROM runs")[0]["n"]
+        r = http.post("/runs", json=bad)
+        assert r.status_code == 422, r.text
+        problems = {(p["step"], p["field"]) for p in r.json()["problems"]}
+        assert problems == {
+            ("sub", "run.steps.a.tool"),
+            ("sub", "run.steps.b.input.value"),
+            ("sub", "run.steps.c.run"),
+        }, r.text
+        assert query(db_url, "SELECT count(*) AS n FROM runs")[0]["n"] == before
+
+        r = http.post("/runs", json=parent)
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        assert wait_run_finished(db_url, run_id, timeout_s=30) == "completed"
+        run = http.get(f"/runs/{run_id}").json()
+        steps = {s["name"]: s for s in run["steps"]}
+        child_id = steps["sub"]["childRunId"]
+        assert child_id is not None and steps["sub"]["tool"] == "$run"
+        assert steps["sub"]["output"]["runId"] == child_id
+        assert steps["sub"]["output"]["outputs"]["fetch"]["got"] == {"about": "tides"}
+        assert steps["use"]["output"]["got"] == {"summary": "tides"}
+        assert run["parentRunId"] is None and run["parentStepName"] is None
+        child = http.get(f"/runs/{child_id}").json()
+        assert child["status"] == "completed"
+        assert (child["parentRunId"], child["parentStepName"]) == (run_id, "sub")
+        assert child["goal"] == "child"
+
+        # Cancel a parent whose child is running: the child is cancelled with it.
+        blocking = {
+            "steps": [
+                {
+                    "name": "sub",
+                    "run": child_template(
+                        {
+                            "name": "wait",
+                            "tool": "DELAY",
+                            "input": {"ms": 60_000},
+                        }
+                    ),
+                }
+            ]
+        }
+        r = http.post("/runs", json=blocking)
+        assert r.status_code == 201, r.text
+        run2 = r.json()["id"]
+        waiting = wait_for(
+            lambda: (
+                (s := http.get(f"/runs/{run2}").json()["steps"][0])["status"] == "running" and s
+            ),
+            what="the child started",
+        )
+        assert waiting["waitingFor"]["reason"] == "childRun"
+        child2 = waiting["waitingFor"]["runId"]
+        assert waiting["leaseOwner"] == CHILD_RUN_OWNER
+        r = http.post(f"/runs/{run2}/cancel", json={})
+        assert r.status_code == 200, r.text
+    assert (
+        query(db_url, "SELECT status FROM runs WHERE id = %(id)s", {"id": child2})[0]["status"]
+        == "cancelled"
+    )
+    cancelled = [e for e in events(db_url, child2) if e["event"] == "run_cancelled"]
+    assert len(cancelled) == 1
+    assert cancelled[0]["detail"]["reason"].startswith(f"parent run {run2} cancelled")
+    assert steps_by_name(db_url, run2)["sub"]["status"] == "cancelled"
+    assert_checker_clean(db_url, run_id, child_id, run2, child2)
