@@ -560,8 +560,21 @@ def _child_run_problems(
                 "problem": "a child run cannot start child runs (nesting depth is 1)",
             }
         ]
-    if step.map is not None:
-        return [{"step": step.name, "field": "map", "problem": "a run step cannot be a map step"}]
+    # What a worker enforces, or the claim's slots, means nothing to the maintenance leader
+    # that starts a child: refused rather than ignored.
+    unsupported = {
+        "map": step.map,
+        "timeoutMs": step.timeout_ms,
+        "concurrencyKey": step.concurrency_key,
+        "maxConcurrency": step.max_concurrency,
+    }
+    refused: list[Problem] = [
+        {"step": step.name, "field": field, "problem": "a run step cannot have one"}
+        for field, value in unsupported.items()
+        if value is not None
+    ]
+    if refused:
+        return refused
     try:
         parse_run(
             step.run, max_steps=max_steps, remote_tools=remote_tools, child_params=set(step.input)

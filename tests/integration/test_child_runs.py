@@ -9,7 +9,6 @@ the child but not yet marked the step. Every wait is on a condition with a deadl
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -164,6 +163,67 @@ def test_failed_child_fails_the_attempt_and_a_retry_starts_a_fresh_child(db_url:
     assert_checker_clean(db_url, run_id, *(str(k["id"]) for k in kids))
 
 
+def test_a_child_refused_at_creation_dead_letters_the_step(db_url: str) -> None:
+    """The input a $ref resolved is of the wrong type for the child's tool: no child is
+    created, and the step's attempt fails (not retryable) with the problems named."""
+    body = {
+        "steps": [
+            emit("plan", {"ms": "soon"}),
+            {
+                "name": "sub",
+                "dependsOn": ["plan"],
+                "input": {"ms": {"$ref": "steps.plan.output.ms"}},
+                "run": child_template(
+                    {"name": "wait", "tool": "DELAY", "input": {"ms": {"$param": "ms"}}}
+                ),
+                "maxAttempts": 3,
+            },
+        ]
+    }
+    spec = parse_run(body, max_steps=100)
+
+    async def go() -> str:
+        async with store_on(db_url) as store:
+            run_id, _ = await store.create_run(spec)
+            assert await work(store, ["TEST_EMIT"]) == 1
+            assert await ChildRuns(SETTINGS).run_once(store) == 1
+            return run_id
+
+    run_id = asyncio.run(go())
+    sub = steps_by_name(db_url, run_id)["sub"]
+    assert sub["status"] == "dead_letter" and sub["child_run_id"] is None
+    assert sub["error"].startswith("child run refused: step wait: input.ms:"), sub["error"]
+    assert children_of(db_url, run_id) == []
+    assert_checker_clean(db_url, run_id)
+
+
+def test_cancelling_the_child_dead_letters_the_parent_step(db_url: str) -> None:
+    """A person cancels the child: the parent step's attempt fails, not retried (a dead
+    letter, for a person to retry), and its run fails."""
+    body = {"steps": [{"name": "sub", "run": child_template(emit("x", 1)), "maxAttempts": 5}]}
+    spec = parse_run(body, max_steps=100)
+
+    async def go() -> tuple[str, str]:
+        async with store_on(db_url) as store:
+            run_id, _ = await store.create_run(spec)
+            task = ChildRuns(SETTINGS)
+            assert await task.run_once(store) == 1
+            child = str(children_of(db_url, run_id)[0]["id"])
+            await store.cancel_run(child, reason="not needed")
+            assert await task.run_once(store) == 1
+            return run_id, child
+
+    run_id, child = asyncio.run(go())
+    sub = steps_by_name(db_url, run_id)["sub"]
+    assert (sub["status"], sub["attempt"]) == ("dead_letter", 1)
+    assert sub["error"] == f"child run {child} was cancelled"
+    assert (
+        query(db_url, "SELECT status FROM runs WHERE id = %(id)s", {"id": run_id})[0]["status"]
+        == "failed"
+    )
+    assert_checker_clean(db_url, run_id, child)
+
+
 async def wait_async(fn: Any, *, what: str, timeout_s: float = 10) -> Any:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -292,3 +352,105 @@ def test_child_run_end_to_end_outputs_links_cancel_and_refusals(
     assert cancelled[0]["detail"]["reason"].startswith(f"parent run {run2} cancelled")
     assert steps_by_name(db_url, run2)["sub"]["status"] == "cancelled"
     assert_checker_clean(db_url, run_id, child_id, run2, child2)
+
+
+def start_api(db_url: str, tmp_path: Path, name: str) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc(
+        ["-m", "engine", "serve", "--port", str(port)],
+        base_env(db_url, PGDAG_MAINTENANCE_STANDBY_S="0.2", **TOOLS),
+        tmp_path / f"{name}.log",
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError("API exited:\n" + proc.output())
+        try:
+            return httpx.get(f"{base}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(healthy, timeout_s=30, what="API health")
+    return proc, base
+
+
+def test_leader_killed_between_creating_the_child_and_marking_the_step(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The leader (the API process) is SIGKILLed while its transaction has inserted the
+    child run but not yet claimed the step (held there by a lock on the parent run row,
+    which linking the child needs): nothing of it remains; the next leader starts exactly
+    one child, and the parent completes with its output."""
+    body = {"steps": [{"name": "sub", "run": child_template(emit("only", {"x": 1}))}]}
+    spec = parse_run(body, max_steps=100)
+
+    async def create() -> str:
+        async with store_on(db_url) as store:
+            run_id, _ = await store.create_run(spec)
+            return run_id
+
+    run_id = asyncio.run(create())
+    with psycopg.connect(db_url) as blocker:
+        blocker.execute("SELECT 1 FROM runs WHERE id = %(id)s FOR UPDATE", {"id": run_id})
+        leader, _ = start_api(db_url, tmp_path, "api-1")
+        try:
+            stuck = wait_for(
+                lambda: query(
+                    db_url,
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%%parent_run_id%%' AND pid <> pg_backend_pid()",
+                ),
+                what="the leader's link of the child, waiting on the parent run's lock",
+            )
+            # Inserted, not committed: a child run row exists only inside that transaction.
+            leader.signal(signal.SIGKILL)
+            leader.popen.wait(timeout=10)
+        finally:
+            leader.kill()
+            leader.stop()  # (closes its log)
+        blocker.rollback()
+    wait_for(
+        lambda: (
+            not query(
+                db_url,
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %(pid)s",
+                {"pid": stuck[0]["pid"]},
+            )
+        ),
+        what="the dead leader's backend to end",
+    )
+    assert children_of(db_url, run_id) == []
+    assert (
+        query(
+            db_url,
+            "SELECT count(*) AS n FROM runs WHERE idempotency_key LIKE %(k)s",
+            {"k": f"pgdag-child:{run_id}:%"},
+        )[0]["n"]
+        == 0
+    )
+    sub = steps_by_name(db_url, run_id)["sub"]
+    assert (sub["status"], sub["attempt"], sub["child_run_id"]) == ("ready", 0, None)
+
+    proc, _ = start_api(db_url, tmp_path, "api-2")
+    try:
+        wait_for(
+            lambda: steps_by_name(db_url, run_id)["sub"]["status"] == "running",
+            what="the new leader started the child",
+        )
+
+        async def run_child() -> None:
+            async with store_on(db_url) as store:
+                await wait_async(lambda: work(store, ["TEST_EMIT"]), what="the child's step")
+
+        asyncio.run(run_child())
+        assert wait_run_finished(db_url, run_id, timeout_s=20) == "completed"
+    finally:
+        proc.kill()  # nothing left to finish gracefully
+        proc.stop()
+    kids = children_of(db_url, run_id)
+    assert len(kids) == 1 and kids[0]["status"] == "completed"
+    sub = steps_by_name(db_url, run_id)["sub"]
+    assert sub["attempt"] == 1 and sub["child_run_id"] == kids[0]["id"]
+    assert sub["output"] == {"runId": str(kids[0]["id"]), "outputs": {"only": {"x": 1}}}
+    assert_checker_clean(db_url, run_id, str(kids[0]["id"]))
