@@ -616,6 +616,7 @@ def _param_places(
                 _ref_problem(step, field, 'must be {"$param": "<a key of the run step\'s input>"}')
             )
         elif name not in params:
+            places.append(tuple(at))  # (its schema check would only repeat the problem)
             known = ", ".join(sorted(params)) or "none"
             problems.append(
                 _ref_problem(
