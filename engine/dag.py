@@ -67,6 +67,9 @@ REF_FIELDS = ("output", "status", "error")
 # maintenance leader takes such a step (engine/maintenance/child_runs.py).
 CHILD_RUN_TOOL = "$run"
 RESERVED_TOOL_PREFIX = "$"
+# A child run's idempotency key starts with this (engine.transitions.start_child_runs); a
+# client's key may not, so no submitted run can take a child's key.
+CHILD_RUN_KEY_PREFIX = "pgdag-child:"
 
 # Every point in time the API accepts lies in [TIMESTAMP_MIN, TIMESTAMP_MAX] once converted to
 # UTC. Python's datetime holds years 1..9999 and Postgres' timestamptz 4713 BC..294276 AD, but
@@ -520,6 +523,18 @@ def parse_run(
             )
         else:
             problems.extend(_ancestor_problems(spec.steps, refs_by_step))
+    if (
+        child_params is None
+        and spec.idempotency_key is not None
+        and spec.idempotency_key.startswith(CHILD_RUN_KEY_PREFIX)
+    ):
+        problems.append(
+            {
+                "step": None,
+                "field": "idempotencyKey",
+                "problem": f"keys starting with {CHILD_RUN_KEY_PREFIX!r} are pgdag's (child runs)",
+            }
+        )
     if child_params is not None and spec.idempotency_key is not None:
         problems.append(
             {

@@ -90,7 +90,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
 from engine import jsonb
-from engine.dag import RunSpec, child_run_spec
+from engine.dag import CHILD_RUN_KEY_PREFIX, RunSpec, child_run_spec
 from engine.db import RETRYABLE
 from engine.errors import (
     IdempotencyKeyReused,
@@ -691,7 +691,7 @@ async def start_child_runs(
             child_id: str | None = None
             if error is None:
                 params = resolved.get("input")
-                key = f"pgdag-child:{row['run_id']}:{row['name']}:{attempt}:{token}"
+                key = f"{CHILD_RUN_KEY_PREFIX}{row['run_id']}:{row['name']}:{attempt}:{token}"
                 try:
                     spec = child_run_spec(
                         row["child_template"],

@@ -79,6 +79,11 @@ def test_bad_run_steps_are_refused_naming_the_field(
     assert problems({"steps": [step]}) >= expected
 
 
+def test_a_client_key_cannot_take_a_child_runs_prefix() -> None:
+    body = {"idempotencyKey": "pgdag-child:x", "steps": [run_step()]}
+    assert problems(body) == {(None, "idempotencyKey")}
+
+
 def test_params_are_substituted_and_the_child_validated_again() -> None:
     assert substitute_params({"a": [{"$param": "x"}, {"$param": 1}]}, {"x": {"y": 2}}) == {
         "a": [{"y": 2}, {"$param": 1}]
