@@ -72,8 +72,9 @@ Violation kinds:
     name one child; every child run in the history whose parent step is in it too is named
     by exactly one claim of that step (a second child for one attempt is reported, as is a
     child nobody claimed); an attempt with a child ends (step_succeeded, step_retry_scheduled,
-    step_dead_lettered) only after its child's run ended, with step_succeeded exactly when
-    the child completed; a cancelled parent run leaves no child pending or running.
+    step_dead_lettered) only after its child's run ended, and step_succeeded only when the
+    child completed (a completed child may still fail the step: outputs too large to store);
+    a cancelled parent run leaves no child pending or running.
 
 Ordering by audit_log id is the real order for one step (all its events are written under
 its row lock). Across steps it is sound for dependencies: a dependent can be claimed only
@@ -384,7 +385,7 @@ def _check_child_runs(runs: list[Row], h: _History, out: list[Violation]) -> Non
             ]
             if not done or int(done[-1]["id"]) > int(end["id"]):
                 add(f"{_ev(end)} ended the attempt of child run {child} before the child ended")
-            elif (end["event"] == "step_succeeded") != (done[-1]["event"] == "run_completed"):
+            elif end["event"] == "step_succeeded" and done[-1]["event"] != "run_completed":
                 add(f"{_ev(end)} after child run {child} ended with {_ev(done[-1])}")
     for child, claims in named.items():
         if len(claims) > 1:

@@ -197,6 +197,50 @@ def test_a_child_refused_at_creation_dead_letters_the_step(db_url: str) -> None:
     assert_checker_clean(db_url, run_id)
 
 
+def test_an_unresolvable_ref_or_an_unstorable_output_dead_letters_the_step(db_url: str) -> None:
+    """The run step's $ref names a key its dependency's output lacks: no child, the step's
+    attempt fails (not retryable) with the resolution error. A child whose outputs exceed
+    PGDAG_MAX_OUTPUT_BYTES: the step fails (not retryable) saying so."""
+    missing = parse_run(
+        {
+            "steps": [
+                emit("plan", {"other": 1}),
+                {
+                    "name": "sub",
+                    "dependsOn": ["plan"],
+                    "input": {"ms": {"$ref": "steps.plan.output.ms"}},
+                    "run": child_template(emit("x", 1)),
+                },
+            ]
+        },
+        max_steps=100,
+    )
+    big = parse_run(
+        {"steps": [{"name": "sub", "run": child_template(emit("x", "y" * 500))}]}, max_steps=100
+    )
+    task = ChildRuns(Settings(backoff_base_ms=1, backoff_cap_ms=2, max_output_bytes=200))
+
+    async def go() -> tuple[str, str]:
+        async with store_on(db_url) as store:
+            run1, _ = await store.create_run(missing)
+            run2, _ = await store.create_run(big)
+            assert await work(store, ["TEST_EMIT"]) == 1  # plan
+            assert await task.run_once(store) == 2  # run1's sub refused, run2's child started
+            assert await work(store, ["TEST_EMIT"]) == 1  # run2's child step
+            assert await task.run_once(store) == 1  # run2's sub fails on its output
+            return run1, run2
+
+    run1, run2 = asyncio.run(go())
+    sub1 = steps_by_name(db_url, run1)["sub"]
+    assert sub1["status"] == "dead_letter" and sub1["child_run_id"] is None
+    assert "input.ms: $ref steps.plan.output.ms cannot be resolved" in sub1["error"], sub1["error"]
+    sub2 = steps_by_name(db_url, run2)["sub"]
+    child = children_of(db_url, run2)[0]
+    assert sub2["status"] == "dead_letter" and child["status"] == "completed"
+    assert sub2["error"].startswith(f"child run {child['id']} completed, but its outputs cannot")
+    assert_checker_clean(db_url, run1, run2)
+
+
 def test_cancelling_the_child_dead_letters_the_parent_step(db_url: str) -> None:
     """A person cancels the child: the parent step's attempt fails, not retried (a dead
     letter, for a person to retry), and its run fails."""
