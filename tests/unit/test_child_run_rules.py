@@ -96,6 +96,25 @@ def test_params_are_substituted_and_the_child_validated_again() -> None:
     assert exc.value.problems[0]["field"] == "input.ms"
 
 
+def test_the_builder_builds_a_run_step() -> None:
+    from engine.builder import Run, param
+
+    child = Run("child")
+    child.step("wait", "DELAY", ms=param("ms"))
+    run = Run("parent")
+    plan = run.step("plan", "DELAY", ms=1)
+    sub = run.child_run("sub", child, ms=plan.output["tookMs"])
+    run.step("after", "DELAY", ms=sub.output["outputs"]["wait"]["tookMs"])
+    body = run.to_dict()
+    assert body["steps"][1] == {
+        "name": "sub",
+        "input": {"ms": {"$ref": "steps.plan.output.tookMs"}},
+        "dependsOn": ["plan"],
+        "run": TEMPLATE,
+    }
+    assert parse_run(body, max_steps=10).rows()[1]["tool"] == CHILD_RUN_TOOL
+
+
 def test_tools_cannot_take_a_reserved_name() -> None:
     with pytest.raises(ConfigError):
         tool("$run", dict)  # type: ignore[arg-type]
