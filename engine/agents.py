@@ -70,7 +70,8 @@ AgentId = Annotated[
         description="the agent's id, unique among workers: letters, digits and ._:@-",
     ),
 ]
-ToolName = Annotated[str, Field(min_length=1, max_length=200)]
+# "$" starts pgdag's own tools ("$run": a run step, taken by the maintenance leader only).
+ToolName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^$]")]
 StepId = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 LeaseToken = Annotated[int, Field(ge=1, le=BIGINT_MAX, description="the attempt's fencing token")]
 

@@ -106,6 +106,9 @@ def tool(
     Raises `ConfigError` if another function already holds `name`.
     """
 
+    if name.startswith("$"):  # "$run" is a run step's (engine.dag.CHILD_RUN_TOOL)
+        raise ConfigError(f"tool {name!r}: names starting with '$' are pgdag's")
+
     def decorate(
         fn: Callable[[ModelT, ToolContext], Awaitable[JSON]],
     ) -> Callable[..., Awaitable[JSON]]:

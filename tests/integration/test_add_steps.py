@@ -576,7 +576,15 @@ def test_an_agent_adds_steps_with_its_report(db_url: str, tmp_path: Path) -> Non
                         emit("seed", {"n": 3}),
                         plan_step(
                             "plan",
-                            [echo("use", {"n": {"$ref": "steps.seed.output.n"}}, "plan", "seed")],
+                            [
+                                echo("use", {"n": {"$ref": "steps.seed.output.n"}}, "plan", "seed"),
+                                # a step of kind run: the maintenance leader starts its child
+                                {
+                                    "name": "sub",
+                                    "run": {"steps": [emit("c", 5)]},
+                                    "dependsOn": ["plan"],
+                                },
+                            ],
                             "seed",
                         ),
                         plan_step("bad", [emit("late", 1, "ghost")], "seed"),
@@ -591,6 +599,8 @@ def test_an_agent_adds_steps_with_its_report(db_url: str, tmp_path: Path) -> Non
     by_name = steps_by_name(db_url, agent_run)
     assert by_name["use"]["status"] == "succeeded" and by_name["use"]["output"]["got"] == {"n": 3}
     assert by_name["bad"]["status"] == "dead_letter" and "late" not in by_name
+    assert by_name["sub"]["status"] == "succeeded", by_name["sub"]
+    assert by_name["sub"]["output"]["outputs"] == {"c": 5}
     assert '"field": "dependsOn"' in by_name["bad"]["error"]
     added_by = named(events(db_url, agent_run), "steps_added")
     assert [(e["step_name"], e["worker_id"]) for e in added_by] == [("plan", "aw")]

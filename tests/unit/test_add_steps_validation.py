@@ -109,3 +109,14 @@ def test_add_steps_collects_calls_and_refuses_a_step_that_is_not_a_mapping() -> 
     with pytest.raises(TypeError, match="must be a mapping, not str"):
         ctx.add_steps([delay("c"), "d"])  # type: ignore[list-item]
     assert [s["name"] for s in ctx.added_steps] == ["a", "b"]  # nothing of the refused call
+
+
+def test_a_child_run_cannot_add_a_step_of_kind_run() -> None:
+    child = {"name": "sub", "run": {"steps": [delay("x")]}, "dependsOn": ["plan"]}
+    spec = parse_added_steps([child], adder="plan", existing=EXISTING, max_steps=100)
+    assert spec.rows()[0]["run"] == {"steps": [delay("x")]}  # depth 1: accepted
+    with pytest.raises(ValidationFailed) as exc:
+        parse_added_steps(
+            [child], adder="plan", existing=EXISTING, max_steps=100, in_child_run=True
+        )
+    assert [(p["step"], p["field"]) for p in exc.value.problems] == [("sub", "run")]
