@@ -39,6 +39,7 @@ from engine.errors import (
     LeaseLost,
     OutputRefused,
     PgdagError,
+    StepsRefused,
     ToolError,
     UnknownTool,
     UnstorableJson,
@@ -447,7 +448,8 @@ class Worker:
                 self.stats.failed += 1
                 self._count(attempt, "refused", dead_letter=True)
                 attempt.outcome, attempt.error = "refused", str(exc)
-                logger.warning("attempt output refused, dead letter: %s", exc)
+                what = "added steps" if isinstance(exc, StepsRefused) else "output"
+                logger.warning("attempt %s refused, dead letter: %s", what, exc)
         except asyncio.CancelledError:
             if not attempt.lease_lost:
                 raise  # shutdown: the lease is released by _drain
