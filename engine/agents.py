@@ -37,7 +37,13 @@ from starlette.routing import Route
 from engine import logs, metrics
 from engine.bodies import json_body
 from engine.config import Settings
-from engine.errors import LeaseLost, OutputRefused, UnstorableJson, ValidationFailed
+from engine.errors import (
+    LeaseLost,
+    OutputRefused,
+    StepsRefused,
+    UnstorableJson,
+    ValidationFailed,
+)
 from engine.openapi import Operation, Reply
 from engine.ready import ReadySignal
 from engine.store import StepState, Store
@@ -51,6 +57,7 @@ MAX_CLAIM = 100
 MAX_LEASES = 1000
 MAX_OUTCOMES = 500
 MAX_ERROR_CHARS = 65_536
+MAX_ADDED_STEPS = 10_000  # per success; the run's PGDAG_MAX_STEPS caps them too
 INT32_MAX = 2**31 - 1
 BIGINT_MAX = 2**63 - 1
 
@@ -63,7 +70,8 @@ AgentId = Annotated[
         description="the agent's id, unique among workers: letters, digits and ._:@-",
     ),
 ]
-ToolName = Annotated[str, Field(min_length=1, max_length=200)]
+# "$" starts pgdag's own tools ("$run": a run step, taken by the maintenance leader only).
+ToolName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^$]")]
 StepId = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 LeaseToken = Annotated[int, Field(ge=1, le=BIGINT_MAX, description="the attempt's fencing token")]
 
@@ -121,6 +129,15 @@ class Succeeded(_Body):
     lease_token: LeaseToken = Field(alias="leaseToken")
     status: Literal["succeeded"]
     output: Any = None
+    add_steps: list[Any] | None = Field(
+        default=None,
+        alias="addSteps",
+        min_length=1,
+        max_length=MAX_ADDED_STEPS,
+        description="steps to add to the run with this success (step objects as POST /runs "
+        "takes them; docs/planning.md): all are inserted with it, or none and the attempt "
+        "fails for good (steps_refused)",
+    )
 
 
 class Failed(_Body):
@@ -228,17 +245,20 @@ class Heartbeat(_Answer):
 class OutcomeResult(_Answer):
     """What became of one outcome: ``recorded`` (``duplicate`` when this outcome was
     recorded before, under the same token), or ``refused`` with a ``code``: ``lease_lost`` (the
-    token is stale) or ``output_refused`` (the output cannot be stored: the attempt failed
-    for good)."""
+    token is stale), ``output_refused`` (the output cannot be stored: the attempt failed
+    for good) or ``steps_refused`` (its ``addSteps`` were refused, listed in ``problems``: the
+    attempt failed for good)."""
 
     step_id: int = Field(alias="stepId")
     lease_token: int = Field(alias="leaseToken")
     result: Literal["recorded", "refused"]
-    code: Literal["lease_lost", "output_refused"] | None = None
+    code: Literal["lease_lost", "output_refused", "steps_refused"] | None = None
     message: str | None = None
     duplicate: bool | None = None
     retry_at: str | None = Field(default=None, alias="retryAt")
     dead_letter: bool | None = Field(default=None, alias="deadLetter")
+    problems: list[dict[str, str | None]] | None = None
+    added: list[str] | None = Field(default=None, description="the names of the steps added")
 
 
 class Reported(_Answer):
@@ -500,11 +520,14 @@ async def heartbeat(request: Request) -> Response:
 def _without_outputs(body: Any) -> Any:
     """The report body whose text is checked up front: outputs are checked one by one (an
     unstorable one refuses its outcome, not the batch), errors are stored with visible
-    escapes (`engine.jsonb.storable_text`)."""
+    escapes (`engine.jsonb.storable_text`), added steps are validated as a run's steps are
+    (`engine.dag.parse_added_steps`: a problem refuses that outcome)."""
     if not isinstance(body, dict) or not isinstance(body.get("outcomes"), list):
         return body
     outcomes = [
-        {k: v for k, v in o.items() if k not in ("output", "error")} if isinstance(o, dict) else o
+        {k: v for k, v in o.items() if k not in ("output", "error", "addSteps")}
+        if isinstance(o, dict)
+        else o
         for o in body["outcomes"]
     ]
     return {**body, "outcomes": outcomes}
@@ -568,7 +591,7 @@ def _count_report(
             code = result["code"]
             if code == "lease_lost":
                 metrics.count_result(tool, "lease_lost")
-            elif code == "output_refused":  # the attempt was failed for good instead
+            elif code in ("output_refused", "steps_refused"):  # failed for good instead
                 metrics.count_result(tool, "refused", dead_letter=True)
             else:  # not_owner: the fenced write refused it
                 metrics.count_result(tool, "refused", fenced=True)
@@ -633,6 +656,9 @@ async def report(request: Request) -> Response:
             else:
                 results[i] = _refused(success, "output_refused", str(exc))
             continue
+        if success.add_steps is not None:  # its own transaction, not the batch
+            results[i] = await _complete_adding(store, settings, agent_id, success, text)
+            continue
         batch.append((i, success, text))
     if batch:
         written = await store.complete_many(
@@ -684,6 +710,28 @@ async def report(request: Request) -> Response:
     if refused:
         logger.info("agent %s: %d of %d outcome(s) refused", agent_id, refused, len(results))
     return JSONResponse({"results": results})
+
+
+async def _complete_adding(
+    store: Store, settings: Settings, agent_id: str, success: Succeeded, text: str
+) -> dict[str, Any]:
+    """Record a success that adds steps (`Store.complete_adding_steps`): its result."""
+    try:
+        added = await store.complete_adding_steps(
+            success.step_id,
+            success.lease_token,
+            text,
+            success.add_steps,
+            worker_id=agent_id,
+            max_steps=settings.max_steps_per_run,
+        )
+    except StepsRefused as exc:
+        return {**_refused(success, "steps_refused", str(exc)), "problems": exc.problems}
+    except OutputRefused as exc:  # Postgres refused a row: the attempt was failed for good
+        return _refused(success, "output_refused", str(exc))
+    except LeaseLost as lost:
+        return _refused(success, "lease_lost", str(lost))
+    return _recorded(success, added=added.names)
 
 
 async def release(request: Request) -> Response:

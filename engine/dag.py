@@ -17,6 +17,13 @@ counts from the end). Roots:
 - ``item[.<path>]`` and ``index``: inside a map step's input, the child's element and its
   position.
 
+A step of kind ``run`` has ``"run": {template}`` instead of a ``tool``: the template is a run
+body (goal, steps...) validated here like a submitted run, its problems named under
+``run.``; its steps' inputs may hold ``{"$param": "<key>"}`` placeholders, each naming a key
+of the run step's own ``input`` (whose ``$ref``s are resolved like any step's), substituted
+when the child run is created (`child_run_spec`). A template cannot hold a run step itself:
+nesting depth is 1.
+
 A key that contains a dot cannot be reached (the path syntax has no escape).
 """
 
@@ -25,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
@@ -55,6 +62,14 @@ MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_LIMIT = 1_000_000
 MAX_CONCURRENCY_LIMIT = 100_000
 REF_FIELDS = ("output", "status", "error")
+# The tool of a step of kind run (``"run": {template}``): "$" starts no tool a worker or an
+# agent can load (engine.tools.tool and the agents' tool names refuse it), so only the
+# maintenance leader takes such a step (engine/maintenance/child_runs.py).
+CHILD_RUN_TOOL = "$run"
+RESERVED_TOOL_PREFIX = "$"
+# A child run's idempotency key starts with this (engine.transitions.start_child_runs); a
+# client's key may not, so no submitted run can take a child's key.
+CHILD_RUN_KEY_PREFIX = "pgdag-child:"
 
 # Every point in time the API accepts lies in [TIMESTAMP_MIN, TIMESTAMP_MAX] once converted to
 # UTC. Python's datetime holds years 1..9999 and Postgres' timestamptz 4713 BC..294276 AD, but
@@ -189,7 +204,9 @@ class StepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(pattern=STEP_NAME_PATTERN)
-    tool: str = Field(min_length=1, max_length=128)
+    # A tool, or (a step of kind run) a child-run template in `run`: exactly one of the two.
+    tool: str | None = Field(default=None, min_length=1, max_length=128)
+    run: dict[str, Any] | None = None
     input: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list, alias="dependsOn", max_length=1000)
     max_attempts: int = Field(
@@ -216,7 +233,7 @@ class StepSpec(BaseModel):
         `parse_run` parsed them (`RunSpec.rows` passes them)."""
         row: dict[str, Any] = {
             "name": self.name,
-            "tool": self.tool,
+            "tool": CHILD_RUN_TOOL if self.run is not None else self.tool,
             "input": self.input,
             "dependsOn": self.depends_on,
             "maxAttempts": self.max_attempts,
@@ -248,6 +265,8 @@ class StepSpec(BaseModel):
             row["maxConcurrency"] = self.max_concurrency
         if self.delay_ms:  # 0 sleeps no time: stored as no delay
             row["delayMs"] = self.delay_ms
+        if self.run is not None:
+            row["run"] = self.run
         return row
 
 
@@ -296,6 +315,8 @@ class RunSpec(BaseModel):
             # before delayMs existed (migration 0009) keeps its fingerprint.
             if not step.get("delayMs"):
                 step.pop("delayMs", None)
+            if step.get("run") is None:  # likewise for the child-run template (0011)
+                step.pop("run", None)
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -360,12 +381,27 @@ def _find_cycle(steps: list[StepSpec]) -> list[str] | None:
     return cycle
 
 
-def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = frozenset()) -> RunSpec:
+def parse_run(
+    body: Any,
+    *,
+    max_steps: int,
+    remote_tools: Collection[str] = frozenset(),
+    known: Mapping[str, ExistingStep] | None = None,
+    child_params: Collection[str] | None = None,
+) -> RunSpec:
     """Validate a decoded ``POST /runs`` body and return the `RunSpec`.
+
+    `known` are steps the run has already (`parse_added_steps`): ``dependsOn`` and
+    ``$ref`` may name them too, and they count as ancestors through their own dependsOn.
 
     `remote_tools` are tools this process has not loaded but a live worker or agent has
     (`Store.live_worker_tools`): a step of one is accepted, and its input is not checked
     here (no schema to check it with; its worker checks it when it runs the step).
+
+    `child_params` (not None) says `body` is a child-run template (a run step's ``run``):
+    its steps' inputs may hold ``{"$param": name}`` with a name in `child_params` (a place
+    the tool's schema is not checked at: its value comes when the child is created), it may
+    not hold run steps (nesting depth 1) nor an ``idempotencyKey`` (pgdag sets the child's).
 
     Raises `ValidationFailed` listing every problem found (``step``, ``field``, ``problem``).
     """
@@ -395,12 +431,24 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
 
     problems: list[Problem] = []
     names: set[str] = set()
+    known = known or {}
     for step in spec.steps:
         if step.name in names:
             problems.append({"step": step.name, "field": "name", "problem": "duplicate step name"})
+        elif step.name in known:
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "name",
+                    "problem": "a step of this run already has this name",
+                }
+            )
         names.add(step.name)
     key_limits: dict[str, tuple[int, str]] = {}
     refs_by_step: dict[str, StepRefs] = {}
+    names_new = names
+    if known:
+        names = names | set(known)
     for step in spec.steps:
         for dep in step.depends_on:
             if dep == step.name:
@@ -428,6 +476,23 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
         parsed = _collect_step_refs(step, names, step_problems)
         refs_by_step[step.name] = parsed
         problems.extend(step_problems)
+        if step.run is not None or step.tool is None:
+            problems.extend(
+                _child_run_problems(step, max_steps, remote_tools, nested=child_params is not None)
+            )
+            continue
+        param_places: list[tuple[str, ...]] = []
+        if child_params is not None:
+            param_places = _param_places(step, child_params, problems)
+        if step.tool.startswith(RESERVED_TOOL_PREFIX):
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "tool",
+                    "problem": f"tool names starting with {RESERVED_TOOL_PREFIX!r} are pgdag's",
+                }
+            )
+            continue
         try:
             tool = get_tool(step.tool)
         except UnknownTool as exc:
@@ -442,7 +507,7 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
             continue
         if step_problems:
             continue
-        ref_places = [tuple(r["at"]) for r in parsed.refs]
+        ref_places = [tuple(r["at"]) for r in parsed.refs] + param_places
         try:
             tool.parse_input(step.input)
         except ValidationError as exc:
@@ -451,7 +516,7 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
                 if err["type"] != "extra_forbidden" and any(
                     loc[: len(at)] == at for at in ref_places
                 ):
-                    continue  # a reference: its value is checked when the step is claimed
+                    continue  # a reference (or a $param): its value is checked later
                 sub = _field_path(tuple(err["loc"]))
                 problems.append(
                     {
@@ -463,7 +528,13 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
     # The graph checks need every name unique and every dependency known; the other
     # problems (a tool, an input) do not stop them, so a refusal names everything at once.
     if not any(p["field"] in ("name", "dependsOn") for p in problems):
-        cycle = _find_cycle(spec.steps)
+        graph = spec.steps
+        if known:  # known steps never depend on new ones: a cycle lies among the new
+            graph = [
+                s.model_copy(update={"depends_on": [d for d in s.depends_on if d in names_new]})
+                for s in spec.steps
+            ]
+        cycle = _find_cycle(graph)
         if cycle is not None:
             problems.append(
                 {
@@ -472,11 +543,180 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
                     "problem": "dependency cycle: " + " -> ".join(cycle),
                 }
             )
+        elif known:
+            stubs = [
+                StepSpec.model_construct(
+                    name=k.name, depends_on=[d for d in k.depends_on if d in known]
+                )
+                for k in known.values()
+            ]
+            problems.extend(_ancestor_problems([*stubs, *spec.steps], refs_by_step))
         else:
             problems.extend(_ancestor_problems(spec.steps, refs_by_step))
+    if (
+        child_params is None
+        and spec.idempotency_key is not None
+        and spec.idempotency_key.startswith(CHILD_RUN_KEY_PREFIX)
+    ):
+        problems.append(
+            {
+                "step": None,
+                "field": "idempotencyKey",
+                "problem": f"keys starting with {CHILD_RUN_KEY_PREFIX!r} are pgdag's (child runs)",
+            }
+        )
+    if child_params is not None and spec.idempotency_key is not None:
+        problems.append(
+            {
+                "step": None,
+                "field": "idempotencyKey",
+                "problem": "a child run's idempotency key is pgdag's "
+                "(pgdag-child:<parentRunId>:<stepName>:<attempt>)",
+            }
+        )
     if problems:
         raise ValidationFailed(problems)
     spec._parsed = refs_by_step
+    return spec
+
+
+def _child_run_problems(
+    step: StepSpec, max_steps: int, remote_tools: Collection[str], *, nested: bool
+) -> list[Problem]:
+    """What is wrong with a step of kind run (`step.run` set, or neither tool nor run): its
+    template's problems are named under ``run.`` (``run.steps.<name>.<field>``)."""
+    if step.tool is None and step.run is None:
+        return [
+            {
+                "step": step.name,
+                "field": "tool",
+                "problem": 'a step needs a tool, or a "run" (a child-run template)',
+            }
+        ]
+    if step.tool is not None:
+        return [
+            {"step": step.name, "field": "run", "problem": 'a step has a tool or a "run", not both'}
+        ]
+    if nested:
+        return [
+            {
+                "step": step.name,
+                "field": "run",
+                "problem": "a child run cannot start child runs (nesting depth is 1)",
+            }
+        ]
+    # What a worker enforces, or the claim's slots, means nothing to the maintenance leader
+    # that starts a child: refused rather than ignored.
+    unsupported = {
+        "map": step.map,
+        "timeoutMs": step.timeout_ms,
+        "concurrencyKey": step.concurrency_key,
+        "maxConcurrency": step.max_concurrency,
+    }
+    refused: list[Problem] = [
+        {"step": step.name, "field": field, "problem": "a run step cannot have one"}
+        for field, value in unsupported.items()
+        if value is not None
+    ]
+    if refused:
+        return refused
+    try:
+        parse_run(
+            step.run, max_steps=max_steps, remote_tools=remote_tools, child_params=set(step.input)
+        )
+    except ValidationFailed as exc:
+        out: list[Problem] = []
+        for p in exc.problems:
+            inner = f"steps.{p['step']}.{p['field']}" if p.get("step") else str(p["field"])
+            out.append({"step": step.name, "field": f"run.{inner}", "problem": str(p["problem"])})
+        return out
+    return []
+
+
+def _find_params(value: Any, at: list[str], found: list[tuple[list[str], dict[str, Any]]]) -> None:
+    """Every ``{"$param": ...}`` object inside `value`, with the path of keys/indices to it."""
+    if isinstance(value, dict):
+        if "$param" in value:
+            found.append((at, value))
+            return
+        for key, item in value.items():
+            _find_params(item, [*at, str(key)], found)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _find_params(item, [*at, str(index)], found)
+
+
+def _param_places(
+    step: StepSpec, params: Collection[str], problems: list[Problem]
+) -> list[tuple[str, ...]]:
+    """The places of a template step's ``$param`` placeholders; bad ones go to `problems`."""
+    found: list[tuple[list[str], dict[str, Any]]] = []
+    _find_params(step.input, [], found)
+    places: list[tuple[str, ...]] = []
+    for at, obj in found:
+        field = ".".join(["input", *at])
+        name = obj.get("$param")
+        if len(obj) != 1 or not isinstance(name, str):
+            problems.append(
+                _ref_problem(step, field, 'must be {"$param": "<a key of the run step\'s input>"}')
+            )
+        elif name not in params:
+            places.append(tuple(at))  # (its schema check would only repeat the problem)
+            known = ", ".join(sorted(params)) or "none"
+            problems.append(
+                _ref_problem(
+                    step,
+                    field,
+                    f"$param {name!r} is no key of the run step's input (keys: {known})",
+                )
+            )
+        else:
+            places.append(tuple(at))
+    return places
+
+
+def substitute_params(value: Any, params: dict[str, Any]) -> Any:
+    """`value` with every ``{"$param": name}`` replaced by ``params[name]`` (a copy; a name
+    missing from `params` becomes null)."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get("$param"), str):
+            return params.get(value["$param"])
+        return {k: substitute_params(v, params) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_params(v, params) for v in value]
+    return value
+
+
+def child_run_spec(
+    template: dict[str, Any],
+    params: dict[str, Any],
+    *,
+    idempotency_key: str,
+    goal: str,
+    max_steps: int,
+    remote_tools: Collection[str] = frozenset(),
+) -> RunSpec:
+    """The child run a run step starts: `template` (its ``run``) with each step's ``$param``
+    placeholders replaced by `params` (the step's resolved input), validated like a submitted
+    run, with `idempotency_key` (``pgdag-child:<parentRunId>:<stepName>:<attempt>``) and
+    `goal` when the template has none.
+
+    Raises `ValidationFailed` when the substituted template is refused (a value of the wrong
+    type for its tool, say): the run step fails with those problems as its error."""
+    body = dict(template)
+    steps = body.get("steps")
+    if isinstance(steps, list):
+        body["steps"] = [
+            {**s, "input": substitute_params(s["input"], params)}
+            if isinstance(s, dict) and "input" in s
+            else s
+            for s in steps
+        ]
+    body.setdefault("goal", goal[:2000])
+    spec = parse_run(
+        body, max_steps=max_steps, remote_tools=remote_tools, child_params=params.keys()
+    )
+    spec.idempotency_key = idempotency_key
     return spec
 
 
@@ -662,3 +902,126 @@ def _ancestor_problems(steps: list[StepSpec], parsed: dict[str, StepRefs]) -> li
                     )
                 )
     return problems
+
+
+# --- steps a run adds to itself (issue 15 part 5) ----------------------------------------
+
+# The statuses of an existing step an added step may depend on: one that succeeded (its
+# output is there to reference; it counts as done at once). The step adding them may be
+# named too (its own success, in the same transaction, counts it down). A step still
+# pending, ready or running is refused: its success may be in flight under a snapshot taken
+# before the new edges exist (complete_steps reads step_edges once, at its start), and it
+# would never count the new step down; a dead letter, skipped or cancelled step has nothing
+# to hand on.
+ADDABLE_DEP_STATUSES = frozenset({"succeeded"})
+
+
+@dataclass(frozen=True)
+class ExistingStep:
+    """A step of the run as `parse_added_steps` sees it: its name, status and dependsOn."""
+
+    name: str
+    status: str
+    depends_on: list[str]
+
+
+def parse_added_steps(
+    raw_steps: Any,
+    *,
+    adder: str,
+    existing: Collection[ExistingStep],
+    max_steps: int,
+    remote_tools: Collection[str] = frozenset(),
+    in_child_run: bool = False,
+) -> RunSpec:
+    """Validate the steps that the running step `adder` adds to its run, as ``POST /runs``
+    validates a run's steps (`parse_run`: fields, names, tools, tool inputs, references,
+    trigger rules, concurrency keys), against the steps the run already has (`existing`,
+    the adder among them): a new name must not be taken; ``dependsOn`` may name new steps,
+    the adder, and existing steps that succeeded (`ADDABLE_DEP_STATUSES`); a ``$ref`` may
+    name only an ancestor through those; the run may hold at most `max_steps` steps in all;
+    a run that is itself a child run (`in_child_run`) may not add steps of kind run (nesting
+    depth is 1, as in a child-run template).
+
+    Returns a `RunSpec` whose `RunSpec.rows` are the new steps for ``insert_added_steps``.
+    Raises `ValidationFailed` with every problem found, each naming the step (``#<i>`` when
+    it has no usable name) and the field inside it, as a 422 body does; a problem of the
+    list itself (not a list, empty, the step limit) names the field ``addSteps``.
+    """
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise ValidationFailed(
+            [{"step": None, "field": "addSteps", "problem": "must be a non-empty list of steps"}],
+            subject="added steps",
+        )
+    total = len(existing) + len(raw_steps)
+    if total > max_steps:
+        raise ValidationFailed(
+            [
+                {
+                    "step": None,
+                    "field": "addSteps",
+                    "problem": f"too many steps: the run would hold {total} > the limit of "
+                    f"{max_steps} (PGDAG_MAX_STEPS)",
+                }
+            ],
+            subject="added steps",
+        )
+    by_name = {s.name: s for s in existing}
+    try:
+        spec = parse_run(
+            {"steps": raw_steps},
+            max_steps=max(max_steps, len(raw_steps)),
+            remote_tools=remote_tools,
+            known=by_name,
+        )
+    except ValidationFailed as exc:
+        raise ValidationFailed(_added_fields(exc.problems), subject="added steps") from None
+    problems: list[Problem] = []
+    for step in spec.steps:
+        if in_child_run and step.run is not None:
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "run",
+                    "problem": "this run is a child run, and nesting depth is 1: a step it "
+                    "adds cannot be of kind run",
+                }
+            )
+        for dep in step.depends_on:
+            old = by_name.get(dep)
+            if old is None or dep == adder or old.status in ADDABLE_DEP_STATUSES:
+                continue
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "dependsOn",
+                    "problem": f"step {dep!r} is {old.status}: an added step may depend on "
+                    f"the step adding it ({adder!r}), on steps that succeeded, and on "
+                    "other added steps",
+                }
+            )
+        if step.run_if == "any_failed" and all(
+            d in by_name and d != adder for d in step.depends_on
+        ):
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "runIf",
+                    "problem": "any_failed: every dependency has succeeded already, so the "
+                    "step could only be skipped",
+                }
+            )
+    if problems:
+        raise ValidationFailed(problems, subject="added steps")
+    return spec
+
+
+def _added_fields(problems: list[Problem]) -> list[Problem]:
+    """`parse_run`'s problems about ``steps`` said about ``addSteps``."""
+    out: list[Problem] = []
+    for p in problems:
+        field = p.get("field") or ""
+        if field == "steps" or field.startswith("steps."):
+            field = "addSteps" + field[len("steps") :]
+        out.append({**p, "field": field})
+    return out

@@ -128,6 +128,20 @@ class OutputRefused(PgdagError):
     retryably, with the database's error (the step is now a dead letter)."""
 
 
+class StepsRefused(OutputRefused):
+    """The steps a tool added to its run were refused (``ctx.add_steps``, an agent's
+    ``addSteps``): nothing of them was written, and the attempt was failed, not retryably
+    (the step is now a dead letter), with the problems as its error. `problems` are
+    ``{"step", "field", "problem"}`` as in a 422 body (empty when only the step's state
+    says they were refused: a repeat after an ambiguous commit)."""
+
+    def __init__(
+        self, message: str | None = None, *, problems: list[dict[str, str | None]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
 class TokenNameTaken(PgdagError):
     """A live API token already has that name (revoke it first, or pick another name)."""
 

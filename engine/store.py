@@ -133,6 +133,9 @@ async def _read_run_json(conn: Conn, run_id: str, *, with_steps: bool, lease_ttl
     if row is None:
         raise NotFound(f"no run {run_id}")
     run = run_json(row)
+    # A child run (a step of kind run started it): its parent run and step (migration 0011).
+    run["parentRunId"] = str(row["parent_run_id"]) if row["parent_run_id"] else None
+    run["parentStepName"] = row["parent_step_name"]
     cur = await conn.execute(queries["select_run_status_counts"], {"run_id": run_id})
     run["stepCounts"] = {r["status"]: r["n"] for r in await cur.fetchall()}
     head = json.dumps(run, separators=(",", ":"))
@@ -308,6 +311,42 @@ class Store:
             op, what=f"recording {len(results)} successes", deadline_s=self.lease_ttl_s
         )
 
+    async def complete_adding_steps(
+        self,
+        step_id: int,
+        token: int,
+        output_json: str,
+        steps: Any,
+        *,
+        worker_id: str,
+        max_steps: int,
+    ) -> transitions.AddedSteps:
+        """Record a success that adds `steps` (a decoded JSON list of step objects) to its
+        run, all or nothing (see `transitions.complete_adding_steps`); a step may use a tool
+        loaded here or one a live worker or agent has. Retried through connection loss until
+        the lease would have expired. Raises `LeaseLost`, or `StepsRefused` when the steps
+        were refused (the attempt was failed, not retryably)."""
+        remote = await self.live_worker_tools()
+
+        async def op() -> transitions.AddedSteps:
+            async with self.pool.connection() as conn:
+                return await transitions.complete_adding_steps(
+                    conn,
+                    step_id,
+                    token,
+                    output_json,
+                    steps,
+                    worker_id=worker_id,
+                    max_steps=max_steps,
+                    tools=remote,
+                )
+
+        return await retrying(
+            op,
+            what=f"recording success of step {step_id} with added steps",
+            deadline_s=self.lease_ttl_s,
+        )
+
     async def fail(
         self,
         step: ClaimedStep,
@@ -425,6 +464,35 @@ class Store:
                 return await transitions.cancel_run(conn, run_id, reason=reason)
 
         return await retrying(op, what=f"cancelling run {run_id}", deadline_s=10)
+
+    async def start_child_runs(
+        self, *, limit: int, max_steps: int, backoff_base_ms: int, backoff_cap_ms: int
+    ) -> int:
+        """Start the child runs of due steps of kind run (see
+        `transitions.start_child_runs`); returns the steps started or failed."""
+        async with self.pool.connection() as conn:
+            return await transitions.start_child_runs(
+                conn,
+                limit=limit,
+                max_steps=max_steps,
+                remote_tools=self.live_worker_tools,
+                backoff_base_ms=backoff_base_ms,
+                backoff_cap_ms=backoff_cap_ms,
+            )
+
+    async def finish_child_runs(
+        self, *, limit: int, backoff_base_ms: int, backoff_cap_ms: int, max_output_bytes: int
+    ) -> int:
+        """End the steps of kind run whose child run ended (see
+        `transitions.finish_child_runs`); returns the steps ended."""
+        async with self.pool.connection() as conn:
+            return await transitions.finish_child_runs(
+                conn,
+                limit=limit,
+                backoff_base_ms=backoff_base_ms,
+                backoff_cap_ms=backoff_cap_ms,
+                max_output_bytes=max_output_bytes,
+            )
 
     async def retry_step(
         self, run_id: str, step_name: str, *, reason: str = "manual retry"

@@ -46,6 +46,10 @@ class ToolContext:
     one), empty when tracing is off (`engine.tracing`). Send it with outgoing requests
     (``headers={**ctx.trace_context}``) so the services a tool calls join the run's trace,
     as HTTP_GET_JSON does.
+
+    `add_steps` lets a planning tool add steps to its run (issue 15 part 5): they are
+    inserted with the step's success, all or nothing, under its fencing token; see
+    docs/planning.md.
     """
 
     run_id: str
@@ -55,6 +59,24 @@ class ToolContext:
     timeout_ms: int | None = None
     http_allow_private: bool = False
     trace_context: Mapping[str, str] = field(default_factory=dict)
+    # The steps `add_steps` collected (a list: the context is frozen, its contents are not).
+    added_steps: list[dict[str, JSON]] = field(default_factory=list)
+
+    def add_steps(self, steps: Iterable[Mapping[str, JSON]]) -> None:
+        """Add `steps` (step objects exactly as ``POST /runs`` takes them: ``name``,
+        ``tool``, ``input``, ``dependsOn``...) to this step's run when it succeeds. They may
+        depend on this step (`step_name`), on steps of the run that succeeded, and on each
+        other; a ``$ref`` may name only an ancestor. They are validated when the success is
+        recorded, in its transaction: a problem fails this step, not retryably, with an
+        error naming the field as a 422 body would, and nothing is added. Calls add up;
+        a step that fails (or raises) adds nothing. Raises `TypeError` when a step is not
+        a mapping (the rest is checked at recording)."""
+        batch = []
+        for step in steps:
+            if not isinstance(step, Mapping):
+                raise TypeError(f"a step to add must be a mapping, not {type(step).__name__}")
+            batch.append(dict(step))
+        self.added_steps.extend(batch)
 
 
 ToolFn = Callable[[Any, ToolContext], Awaitable[JSON]]
@@ -83,6 +105,9 @@ def tool(
 
     Raises `ConfigError` if another function already holds `name`.
     """
+
+    if name.startswith("$"):  # "$run" is a run step's (engine.dag.CHILD_RUN_TOOL)
+        raise ConfigError(f"tool {name!r}: names starting with '$' are pgdag's")
 
     def decorate(
         fn: Callable[[ModelT, ToolContext], Awaitable[JSON]],

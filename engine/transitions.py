@@ -33,6 +33,18 @@ A manual retry of a dead letter runs it at once (its sleep came before its first
 a replay sleeps again. A map step sleeps once, before it expands (its children and its join
 do not); a failed attempt's backoff is unchanged.
 
+A step of kind run (``"run": {template}``, tool ``$run``: no worker or agent can load it)
+becomes ready like any step; then the maintenance leader (`start_child_runs`), in one
+transaction, inserts its child run (idempotency key ``pgdag-child:<runId>:<step>:<attempt>:
+<fencing token>``, ``runs.parent_run_id``/``parent_step_id``) and claims the step (ready ->
+running, audited ``step_claimed`` with ``childRunId``; lease owner ``pgdag:child-runs``, a
+lease that does not expire while the child runs). When the child ends, `finish_child_runs`
+ends the attempt under its fencing token through the same transitions a worker uses:
+``complete_steps`` (output ``{"runId", "outputs": {step: output}}``) for a completed child,
+``fail_attempt`` for a failed one (retried per maxAttempts: a fresh child) or a cancelled
+one (not retried: dead letter). Cancelling a run cancels its unfinished child runs in the
+same transaction (`cancel_run`). A template cannot hold a run step (nesting depth 1).
+
 Run states: pending --first claim--> running --> completed | failed | cancelled;
 failed --manual retry of a dead letter--> running.
 
@@ -47,11 +59,14 @@ raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
 | create_run                | -         | pending / ready     | API             |
 | claim_steps               | ready     | running             | worker          |
 | complete_steps            | running   | succeeded (+promote)| worker          |
+| complete_adding_steps     | running   | succeeded (+new steps, promote) | worker |
 | fail_attempt              | running   | ready / dead_letter | worker          |
 | release_steps             | running   | ready / dead_letter | worker shutdown |
 | reap_expired_leases       | running   | ready / dead_letter | reaper          |
 | promote_due_steps         | pending   | ready (parked, due) | reaper          |
-| cancel_run                | unfinished| cancelled           | API             |
+| cancel_run                | unfinished| cancelled (+children)| API            |
+| start_child_runs          | ready     | running (child run) | maintenance     |
+| finish_child_runs         | running   | succeeded / ready / dead_letter | maintenance |
 | retry_dead_letter         | dead_letter | ready (+unskip)   | API             |
 | expand_map                | running   | pending (children ready) | worker   |
 | replay_from               | any but running | ready / pending / skipped | API   |
@@ -70,7 +85,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -80,7 +95,14 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
 from engine import jsonb, schedules
-from engine.dag import RunSpec, parse_run
+from engine.dag import (
+    CHILD_RUN_KEY_PREFIX,
+    ExistingStep,
+    RunSpec,
+    child_run_spec,
+    parse_added_steps,
+    parse_run,
+)
 from engine.db import RETRYABLE
 from engine.errors import (
     IdempotencyKeyReused,
@@ -91,6 +113,7 @@ from engine.errors import (
     PgdagError,
     ScheduleNameTaken,
     ScheduleNotFireable,
+    StepsRefused,
     ValidationFailed,
 )
 from engine.gcpause import gc_paused
@@ -376,6 +399,148 @@ async def complete_step(
     raise LeaseLost(_lease_lost_message(step_id, token, state))
 
 
+@dataclass(frozen=True)
+class AddedSteps:
+    """What `complete_adding_steps` did: the names of the steps added, in order."""
+
+    names: list[str]
+
+
+async def complete_adding_steps(
+    conn: Conn,
+    step_id: int,
+    token: int,
+    output_json: str,
+    steps: Any,
+    *,
+    worker_id: str,
+    max_steps: int,
+    tools: Collection[str],
+) -> AddedSteps:
+    """Record the success of attempt (`step_id`, `token`) together with the steps its tool
+    added to the run (`steps`: a decoded JSON list of step objects, as ``POST /runs`` takes
+    them), in one transaction: the attempt is locked under the same guard as
+    `complete_steps` (token, owner, running, lease live), then the run; the new steps are
+    validated against the run's steps (`engine.dag.parse_added_steps`; `max_steps` is
+    ``PGDAG_MAX_STEPS``, `tools` the tool names a step may use besides the ones loaded here:
+    the live workers' and agents'), inserted with their edges and counted on the run
+    (``insert_added_steps``, audited ``steps_added``), and the success is recorded by
+    `complete_steps` (which makes ready the new steps that waited only for it). All of it or
+    none of it is written.
+
+    Raises `LeaseLost` when the attempt is no longer ours (nothing written), and
+    `OutputRefused` when Postgres refuses a row (the attempt was then failed, not
+    retryably, with the database's error, and nothing of the steps written). When the new
+    steps are refused (deterministic: the same tool would add them again), nothing of them
+    is written, the attempt is failed, not retryably (a dead letter), with an error naming
+    every problem as a 422 body would, and `StepsRefused` is raised. Safe to call again
+    after an ambiguous commit: finding the step ``succeeded`` under `token` (and its
+    ``steps_added`` row) returns what was added; finding it a dead letter under `token`
+    raises `StepsRefused` again.
+    """
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(
+                queries["lock_adding_step"],
+                {"id": step_id, "token": token, "worker_id": worker_id},
+            )
+            adder = await cur.fetchone()
+            if adder is None:
+                raise _AttemptNotHeld
+            run_id = str(adder["run_id"])
+            await _lock_run(conn, run_id)
+            cur = await conn.execute(queries["select_run_step_names"], {"run_id": run_id})
+            existing = [
+                ExistingStep(name=r["name"], status=r["status"], depends_on=list(r["depends_on"]))
+                for r in await cur.fetchall()
+            ]
+            spec = parse_added_steps(
+                steps,
+                adder=adder["name"],
+                existing=existing,
+                max_steps=max_steps,
+                remote_tools=tools,
+                in_child_run=bool(adder["in_child_run"]),
+            )
+            await conn.execute(
+                queries["insert_added_steps"],
+                {
+                    "run_id": run_id,
+                    "steps": spec.steps_json(),
+                    "priority": adder["priority"],
+                    "done": [e.name for e in existing if e.status == "succeeded"],
+                    "adder_id": step_id,
+                    "adder_name": adder["name"],
+                    "attempt": adder["attempt"],
+                    "token": token,
+                    "worker_id": worker_id,
+                },
+            )
+            rows = await _complete_statement(conn, [(step_id, token, output_json)], worker_id)
+            if not any(r["id"] == step_id and not r["skipped"] for r in rows):
+                raise _AttemptNotHeld  # the lock above makes this unreachable; never half
+            skipped = [(r["id"], str(r["run_id"])) for r in rows if r["skipped"]]
+            if skipped:
+                await _settle_dependents(conn, skipped, are_dead=False, already_counted=True)
+    except RETRYABLE:
+        raise  # the caller retries the whole transaction
+    except REFUSED_WRITE as exc:  # Postgres refused a row: the attempt fails, as complete_step
+        raise await _refuse_success(conn, step_id, token, exc, worker_id=worker_id) from None
+    except ValidationFailed as exc:
+        error = added_steps_error(exc.problems)
+        logger.warning("step %s attempt with token %s: %s", step_id, token, error)
+        await _fail_refused(conn, step_id, token, error, worker_id=worker_id)
+        raise StepsRefused(f"step {step_id}: {error}", problems=exc.problems) from None
+    except _AttemptNotHeld:
+        state = await _lease_state(conn, step_id)
+        if state is not None and state["lease_token"] == token:
+            if state["status"] == "succeeded":  # an ambiguous commit that landed
+                return AddedSteps(names=await _added_names(conn, step_id, token))
+            if state["status"] == "dead_letter":
+                raise StepsRefused(f"step {step_id}: its added steps were refused") from None
+        raise LeaseLost(_lease_lost_message(step_id, token, state)) from None
+    return AddedSteps(names=[s.name for s in spec.steps])
+
+
+class _AttemptNotHeld(Exception):
+    """Inside `complete_adding_steps`: the guard matched nothing (rolls the transaction back)."""
+
+
+def added_steps_error(problems: list[dict[str, str | None]]) -> str:
+    """The error of an attempt whose added steps were refused: the problems as a 422 body
+    says them, ``added steps refused: {"error": "invalid_request", "problems": [...]}``."""
+    body = {"error": "invalid_request", "problems": problems}
+    return "added steps refused: " + json.dumps(body, ensure_ascii=False)
+
+
+async def _fail_refused(
+    conn: Conn, step_id: int, token: int, error: str, *, worker_id: str
+) -> None:
+    """Fail the attempt whose added steps were refused, not retryably; a lease lost
+    meanwhile (or the same failure recorded before an ambiguous commit) is left as is."""
+    try:
+        await fail_attempt(
+            conn,
+            step_id,
+            token,
+            error=error,
+            retryable=False,
+            worker_id=worker_id,
+            backoff_base_ms=0,
+            backoff_cap_ms=0,
+        )
+    except LeaseLost as lost:
+        state = await _lease_state(conn, step_id)
+        if state is None or state["status"] != "dead_letter" or state["lease_token"] != token:
+            raise lost from None
+
+
+async def _added_names(conn: Conn, step_id: int, token: int) -> list[str]:
+    cur = await conn.execute(queries["select_steps_added"], {"id": step_id, "token": token})
+    row = await cur.fetchone()
+    return list(row["steps"]) if row is not None and row["steps"] is not None else []
+
+
 # What a completion statement raises when Postgres (or psycopg, before sending) refuses one
 # of its rows: any database error that is not a connection loss or a lost race (`RETRYABLE`,
 # retried by the caller as a whole), and the UnicodeEncodeError of text psycopg cannot encode.
@@ -625,7 +790,182 @@ async def cancel_run(conn: Conn, run_id: str, *, reason: str) -> int:
         cur = await conn.execute(queries["cancel_run_steps"], {"run_id": run_id, "reason": reason})
         counted = await cur.fetchone()
         await conn.execute(queries["cancel_run"], {"run_id": run_id, "reason": reason})
+        # Its unfinished child runs (steps of kind run), in the same transaction, audited
+        # with a reason naming the parent; one level: a child cannot have children.
+        cur = await conn.execute(queries["select_unfinished_child_runs"], {"run_id": run_id})
+        for child in await cur.fetchall():
+            why = f"parent run {run_id} cancelled: {reason}"
+            await conn.execute(queries["cancel_run_steps"], {"run_id": child["id"], "reason": why})
+            await conn.execute(queries["cancel_run"], {"run_id": child["id"], "reason": why})
     return int(counted["n"]) if counted else 0
+
+
+# The lease owner of a step of kind run while its child runs: the maintenance leader, not a
+# worker (no worker registers it: a worker id is never this).
+CHILD_RUN_OWNER = "pgdag:child-runs"
+
+
+async def start_child_runs(
+    conn: Conn,
+    *,
+    limit: int,
+    max_steps: int,
+    remote_tools: Callable[[], Awaitable[frozenset[str]]],
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+) -> int:
+    """Start the child runs of up to `limit` due steps of kind run (ready, tool ``$run``),
+    each in one transaction: its child run inserted (the template with its ``$param``s
+    replaced by the step's resolved input, `engine.dag.child_run_spec`; idempotency key
+    ``pgdag-child:<runId>:<step>:<attempt>:<token>``) and linked to it, and the step claimed
+    (ready -> running) with that fencing token by `CHILD_RUN_OWNER`, audited. A crash before
+    the commit leaves neither; a step another pass holds is skipped (SKIP LOCKED).
+
+    A step whose references cannot be resolved, or whose substituted template is refused
+    (`max_steps`, `remote_tools`: as for ``POST /runs``), is claimed and its attempt failed
+    (not retryable: dead letter) with the reason, in the same transaction; `remote_tools`
+    is awaited (once, only when a step is due) for the tools of live workers and agents.
+    Returns the steps started (or so failed)."""
+    cur = await conn.execute(queries["select_due_child_steps"], {"limit": limit, "id": None})
+    due = [r["id"] for r in await cur.fetchall()]
+    if not due:
+        return 0
+    live_tools = await remote_tools()
+    n = 0
+    for step_id in due:
+        async with conn.transaction():
+            cur = await conn.execute(queries["select_due_child_steps"], {"limit": 1, "id": step_id})
+            row = await cur.fetchone()
+            if row is None:  # taken or changed since the first look
+                continue
+            cur = await conn.execute(queries["next_lease_token"])
+            token_row = await cur.fetchone()
+            assert token_row is not None
+            token = int(token_row["token"])
+            resolved: dict[str, Any] = row["resolved_input"] or {}
+            attempt = int(row["attempt"]) + 1
+            error: str | None = resolved.get("error")
+            child_id: str | None = None
+            if error is None:
+                params = resolved.get("input")
+                key = f"{CHILD_RUN_KEY_PREFIX}{row['run_id']}:{row['name']}:{attempt}:{token}"
+                try:
+                    spec = child_run_spec(
+                        row["child_template"],
+                        params if isinstance(params, dict) else {},
+                        idempotency_key=key,
+                        goal=f"{row['goal']} / {row['name']}".strip(" /"),
+                        max_steps=max_steps,
+                        remote_tools=live_tools,
+                    )
+                except ValidationFailed as exc:
+                    error = "child run refused: " + "; ".join(
+                        f"{'step ' + str(p['step']) + ': ' if p.get('step') else ''}"
+                        f"{p['field']}: {p['problem']}"
+                        for p in exc.problems
+                    )
+                else:
+                    child_id, _ = await create_run(conn, spec)
+                    await conn.execute(
+                        queries["link_child_run"],
+                        {
+                            "child_run_id": child_id,
+                            "parent_run_id": row["run_id"],
+                            "parent_step_id": step_id,
+                        },
+                    )
+            cur = await conn.execute(
+                queries["start_child_run_step"],
+                {
+                    "id": step_id,
+                    "attempt": row["attempt"],
+                    "token": token,
+                    "owner": CHILD_RUN_OWNER,
+                    "child_run_id": child_id,
+                    "resolved_input": json.dumps(resolved),
+                },
+            )
+            if await cur.fetchone() is None:  # locked above: cannot happen; roll it all back
+                raise IllegalTransition(f"step {step_id} is no longer ready")
+            if error is not None:
+                await fail_attempt(
+                    conn,
+                    step_id,
+                    token,
+                    error=error,
+                    retryable=False,
+                    worker_id=CHILD_RUN_OWNER,
+                    backoff_base_ms=backoff_base_ms,
+                    backoff_cap_ms=backoff_cap_ms,
+                )
+            else:
+                logger.info(
+                    "child run %s started for step %s of run %s (attempt %d)",
+                    child_id,
+                    row["name"],
+                    row["run_id"],
+                    attempt,
+                )
+        n += 1
+    return n
+
+
+async def finish_child_runs(
+    conn: Conn, *, limit: int, backoff_base_ms: int, backoff_cap_ms: int, max_output_bytes: int
+) -> int:
+    """End the attempts of up to `limit` steps of kind run whose child run has ended, each
+    under its fencing token, as a worker would (`complete_steps`, `fail_attempt`: the same
+    guards, audit rows and dependents' decisions):
+
+    - child ``completed``: the step succeeds with ``{"runId": <child>, "outputs": {<child
+      step>: <its output>}}`` (every succeeded step of the child but map children; a
+      ``$ref`` downstream reads ``steps.<step>.output.outputs.<child step>...``);
+    - child ``failed``: the attempt fails, retryable (a new attempt starts a fresh child),
+      with the child's first dead letter as the error;
+    - child ``cancelled``: the attempt fails, not retryable (dead letter: a person stopped
+      it; retry the step by hand to run a fresh child).
+
+    An output past `max_output_bytes` fails the attempt instead (not retryable). A step
+    that is no longer running under that token (cancelled meanwhile) is left alone.
+    Returns the steps ended."""
+    cur = await conn.execute(queries["select_finished_child_steps"], {"limit": limit})
+    n = 0
+    for r in await cur.fetchall():
+        step_id, token, child = r["id"], r["lease_token"], str(r["child_run_id"])
+        error: str | None = None
+        retryable = False
+        if r["child_status"] == "completed":
+            try:
+                text = output_json(
+                    {"runId": child, "outputs": r["child_outputs"]}, max_bytes=max_output_bytes
+                )
+            except ValueError as exc:
+                error = f"child run {child} completed, but its outputs cannot be stored: {exc}"
+            else:
+                done = await complete_steps(
+                    conn, [(step_id, token, text)], worker_id=CHILD_RUN_OWNER, may_skip=True
+                )
+                n += len(done)
+                continue
+        elif r["child_status"] == "failed":
+            error, retryable = f"child run {child} failed: {r['child_error']}", True
+        else:
+            error = f"child run {child} was cancelled"
+        try:
+            await fail_attempt(
+                conn,
+                step_id,
+                token,
+                error=error,
+                retryable=retryable,
+                worker_id=CHILD_RUN_OWNER,
+                backoff_base_ms=backoff_base_ms,
+                backoff_cap_ms=backoff_cap_ms,
+            )
+        except LeaseLost:
+            continue
+        n += 1
+    return n
 
 
 async def retry_dead_letter(conn: Conn, run_id: str, step_name: str, *, reason: str) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from engine.errors import ConfigError, LeaseLost, OutputRefused, PgdagError
+from engine.errors import ConfigError, LeaseLost, OutputRefused, PgdagError, StepsRefused
 from engine.jsonb import storable_text
 from engine.supervisor import SUPERVISOR_ENV
 from engine.transitions import ClaimedStep, FailOutcome, MapExpansion
@@ -357,6 +357,17 @@ class AgentBackend:
             problems[step.id] = _problem(answer)
         return problems
 
+    async def complete_adding_steps(
+        self, step: ClaimedStep, output_json: str, steps: list[dict[str, Any]]
+    ) -> None:
+        """Log, then report one success with ``addSteps``; raises `LeaseLost` or
+        `StepsRefused` (the API failed the attempt for good)."""
+        body = success_body(step.id, step.lease_token, output_json, add_steps=steps)
+        answers = await self._log_and_report([self._row(step, "succeeded", body)])
+        problem = _problem(answers[(step.id, step.lease_token)])
+        if problem is not None:
+            raise problem
+
     async def fail(self, step: ClaimedStep, *, error: str, retryable: bool) -> FailOutcome:
         """Log, then report a failed attempt; raises `LeaseLost`. The error text is made
         storable (NUL and lone surrogates escaped, as the database worker stores them) and
@@ -637,4 +648,6 @@ def _problem(answer: dict[str, Any]) -> PgdagError | None:
         return LeaseLost(message)
     if code == "output_refused":
         return OutputRefused(message)
+    if code == "steps_refused":
+        return StepsRefused(message, problems=answer.get("problems") or [])
     return ProtocolError(message)

@@ -96,12 +96,19 @@ class LoggedOutcome:
         return (self.step_id, self.lease_token)
 
 
-def success_body(step_id: int, lease_token: int, output_json: str) -> str:
+def success_body(
+    step_id: int, lease_token: int, output_json: str, *, add_steps: list[Any] | None = None
+) -> str:
     """The report outcome of a success, `output_json` being the output's JSON text
-    (embedded as is: a large output is not decoded and encoded again)."""
+    (embedded as is: a large output is not decoded and encoded again), with ``addSteps``
+    when the tool added steps (`add_steps`, JSON-encodable; raises `TypeError` or
+    `ValueError` when they are not)."""
+    added = ""
+    if add_steps is not None:
+        added = ',"addSteps":' + json.dumps(add_steps, separators=(",", ":"), allow_nan=False)
     return (
         f'{{"stepId":{int(step_id)},"leaseToken":{int(lease_token)},'
-        f'"status":"succeeded","output":{output_json}}}'
+        f'"status":"succeeded","output":{output_json}{added}}}'
     )
 
 

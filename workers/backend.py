@@ -74,6 +74,14 @@ class Backend(Protocol):
         per step id: None (recorded), `LeaseLost` or `OutputRefused`."""
         ...
 
+    async def complete_adding_steps(
+        self, step: ClaimedStep, output_json: str, steps: list[dict[str, Any]]
+    ) -> None:
+        """Record one success together with the steps its tool added to the run
+        (`engine.tools.ToolContext.add_steps`), all or nothing; raises `LeaseLost`, or
+        `StepsRefused` (an `OutputRefused`: the attempt was failed for good)."""
+        ...
+
     async def fail(self, step: ClaimedStep, *, error: str, retryable: bool) -> FailOutcome:
         """Record a failed attempt (retry later or dead letter); raises `LeaseLost`."""
         ...

@@ -113,6 +113,20 @@ class DatabaseBackend:
             may_skip=any(step.may_skip_children for step, _ in results),
         )
 
+    async def complete_adding_steps(
+        self, step: ClaimedStep, output_json: str, steps: list[dict[str, Any]]
+    ) -> None:
+        """`Store.complete_adding_steps` with the settings' step limit; raises `LeaseLost`
+        or `StepsRefused`."""
+        await self.store.complete_adding_steps(
+            step.id,
+            step.lease_token,
+            output_json,
+            steps,
+            worker_id=self.worker_id,
+            max_steps=self.settings.max_steps_per_run,
+        )
+
     async def fail(self, step: ClaimedStep, *, error: str, retryable: bool) -> FailOutcome:
         """`Store.fail` with the settings' backoff; raises `LeaseLost`."""
         return await self.store.fail(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -28,15 +29,17 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
-from engine import logs, metrics, tracing
+from engine import jsonb, logs, metrics, tracing
 from engine.config import Settings
 from engine.errors import (
     LeaseLost,
     OutputRefused,
     PgdagError,
+    StepsRefused,
     ToolError,
     UnknownTool,
     UnstorableJson,
@@ -407,9 +410,10 @@ class Worker:
             if step.map_expand:
                 await self._expand_map(attempt)
                 return
+            added: list[dict[str, Any]] = []  # what the tool passed to ctx.add_steps
             try:
                 # A map step's join has no tool to run: complete_steps builds its output.
-                output = None if step.map_join else await self._execute(step, attempt.span)
+                output = None if step.map_join else await self._execute(step, attempt.span, added)
             except ToolError as exc:
                 await self._fail(attempt, str(exc), retryable=exc.retryable)
                 return
@@ -417,11 +421,17 @@ class Worker:
                 _crash("after_tool", step)
             try:
                 text = output_json(output, max_bytes=self.settings.max_output_bytes)
+                if added:  # as POST /runs would take them (its body cap): plain JSON only
+                    added = json.loads(
+                        jsonb.dumps(added, path="addSteps", max_bytes=self.settings.max_body_bytes)
+                    )
             except UnstorableJson as exc:  # jsonb would refuse it: this attempt fails for good
                 await self._fail(attempt, str(exc), retryable=False)
                 return
             try:
-                if step.idempotent:
+                if added:  # its own transaction with the new steps: see complete_adding_steps
+                    await self.backend.complete_adding_steps(step, text, added)
+                elif step.idempotent:
                     await self._successes.record(step, text)
                 else:  # at once and alone: see SuccessBatcher
                     await self.backend.complete(step, text)
@@ -438,7 +448,8 @@ class Worker:
                 self.stats.failed += 1
                 self._count(attempt, "refused", dead_letter=True)
                 attempt.outcome, attempt.error = "refused", str(exc)
-                logger.warning("attempt output refused, dead letter: %s", exc)
+                what = "added steps" if isinstance(exc, StepsRefused) else "output"
+                logger.warning("attempt %s refused, dead letter: %s", what, exc)
         except asyncio.CancelledError:
             if not attempt.lease_lost:
                 raise  # shutdown: the lease is released by _drain
@@ -478,9 +489,12 @@ class Worker:
             return None
         return self._crash_rng.choice(CRASH_POINTS)
 
-    async def _execute(self, step: ClaimedStep, span: tracing.SpanHandle) -> object:
+    async def _execute(
+        self, step: ClaimedStep, span: tracing.SpanHandle, added: list[dict[str, Any]]
+    ) -> object:
         """Run the step's tool (its context carries `span`'s trace context); every failure
-        becomes a `ToolError`."""
+        becomes a `ToolError`. The steps the tool added (`ToolContext.add_steps`) are put in
+        `added` when it returns."""
         try:
             tool = get_tool(step.tool)
         except UnknownTool as exc:
@@ -503,15 +517,18 @@ class Worker:
         )
         try:
             if step.timeout_ms is None:
-                return await tool.fn(inp, ctx)
-            async with asyncio.timeout(step.timeout_ms / 1000):
-                return await tool.fn(inp, ctx)
+                output = await tool.fn(inp, ctx)
+            else:
+                async with asyncio.timeout(step.timeout_ms / 1000):
+                    output = await tool.fn(inp, ctx)
         except TimeoutError:
             raise ToolError(f"timed out after {step.timeout_ms} ms (timeoutMs)") from None
         except (ToolError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+        added.extend(ctx.added_steps)
+        return output
 
     def _count(
         self, attempt: _Attempt, outcome: str, *, retried: bool = False, dead_letter: bool = False

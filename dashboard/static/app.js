@@ -406,9 +406,13 @@
       }
     }
     if (e.stepName) {
-      if (e.event === "step_map_expanded" || e.event === "step_replayed") {
-        // Steps were added (a map's children) or may be gone (a replayed map's): the
-        // snapshot has the new shape.
+      if (
+        e.event === "step_map_expanded" ||
+        e.event === "step_replayed" ||
+        e.event === "steps_added"
+      ) {
+        // Steps were added (a map's children, a planning step's new steps) or may be gone
+        // (a replayed map's): the snapshot has the new shape.
         reloadSoon(cur);
       }
       const s = cur.steps.get(e.stepName);
@@ -473,6 +477,13 @@
       times.push(`${run.status} after ${fmtDuration(Date.parse(run.finishedAt) - Date.parse(run.startedAt))}`);
     }
     $("run-times").textContent = `${run.stepsTotal.toLocaleString()} steps · ${times.join(" · ")}`;
+    // A child run (a step of kind run started it): a link to that step of its parent run.
+    const parent = $("run-parent");
+    parent.hidden = !run.parentRunId;
+    if (run.parentRunId) {
+      parent.href = `#/runs/${run.parentRunId}/steps/${encodeURIComponent(run.parentStepName || "")}`;
+      parent.textContent = `child run of ${run.parentRunId.slice(0, 8)}… step ${run.parentStepName || "?"}`;
+    }
     $("run-counts").innerHTML = STATUSES.map(
       (s) =>
         `<span class="chip${cur.counts[s] ? "" : " zero"}" data-status="${s}" data-count="${cur.counts[s] || 0}">` +
@@ -555,7 +566,7 @@
     const s = cur.steps.get(name);
     if (got && s) {
       // Status and attempt stay as the live stream has them; the rest comes from the GET.
-      for (const k of ["input", "resolvedInput", "output", "error", "waitingFor", "availableAt", "leaseOwner", "leaseExpiresAt", "startedAt", "finishedAt", "createdAt", "timeoutMs", "idempotent", "maxAttempts"]) {
+      for (const k of ["input", "resolvedInput", "output", "error", "waitingFor", "availableAt", "leaseOwner", "leaseExpiresAt", "startedAt", "finishedAt", "createdAt", "timeoutMs", "idempotent", "maxAttempts", "childRunId"]) {
         s[k] = got[k];
       }
       if (got.status === s.status) s.stale = false;
@@ -607,6 +618,8 @@
         return `the run's start time, ${fmtTime(w.until)}`;
       case "delay":
         return `a sleep of ${w.delayMs} ms (no worker held), until ${fmtTime(w.until)}`;
+      case "childRun":
+        return w.runId ? `its child run ${w.runId} (no worker held)` : "the maintenance leader to start its child run";
       case "backoff":
         return `backoff after attempt ${w.attempt}, until ${fmtTime(w.until)}`;
       case "concurrencyKey":
@@ -663,6 +676,13 @@
     facts.push(["idempotent", s.idempotent ? "yes" : "no (never re-run automatically)"]);
     facts.push(["idempotency key", s.idempotencyKey]);
     $("step-facts").innerHTML = facts.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join("");
+    if (s.childRunId) {
+      // A step of kind run: a link to the child run of its latest attempt.
+      $("step-facts").insertAdjacentHTML(
+        "beforeend",
+        `<dt>child run</dt><dd><a id="child-run-link" href="#/runs/${esc(s.childRunId)}">${esc(s.childRunId)}</a></dd>`,
+      );
+    }
     $("step-input").textContent = s.resolvedInput == null ? json(s.input) : `${json(s.resolvedInput)}\n\n(as submitted: ${json(s.input)})`;
     $("step-output").textContent = s.stale && s.status === "succeeded" && s.output == null ? "loading…" : json(s.output);
     $("step-error-block").hidden = !s.error;

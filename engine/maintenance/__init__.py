@@ -8,6 +8,7 @@ they have no database) and runs the tasks, each a small class in a file of its o
 - `Pruner` (pruner.py): delete finished runs past the retention;
 - `AuditPartitions` (audit.py): the audit log's daily partitions (`engine.retention`);
 - `Liveness` (liveness.py): log workers whose heartbeat stopped;
+- `ChildRuns` (child_runs.py): start and end the child runs of steps of kind run;
 - `Scheduler` (scheduler.py): fire the due schedules (`engine.schedules`).
 
 `default_tasks` builds them from the settings; a new task is one more class with `name`,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from engine.config import Settings
 from engine.maintenance.audit import AuditPartitions
+from engine.maintenance.child_runs import ChildRuns
 from engine.maintenance.liveness import Liveness
 from engine.maintenance.pruner import Pruner
 from engine.maintenance.reaper import Reaper
@@ -27,6 +29,7 @@ from engine.maintenance.task import Task, TaskRecord
 
 __all__ = [
     "AuditPartitions",
+    "ChildRuns",
     "LeadershipLost",
     "Liveness",
     "MaintenanceService",
@@ -41,13 +44,14 @@ __all__ = [
 
 
 def default_tasks(settings: Settings) -> list[Task]:
-    """The reaper, the pruner, the audit-log partitions, the liveness check and the
-    scheduler, with their intervals from `settings`. Raises `ConfigError` naming the
+    """The reaper, the pruner, the audit-log partitions, the liveness check, the child runs
+    and the scheduler, with their intervals from `settings`. Raises `ConfigError` naming the
     variable of an interval that is not a finite number > 0."""
     return [
         Reaper(settings),
         Pruner(settings),
         AuditPartitions(settings),
         Liveness(settings),
+        ChildRuns(settings),
         Scheduler(settings),
     ]

@@ -585,6 +585,65 @@ def delayed_woken_too_early() -> History:
     return h
 
 
+def added_without_success() -> History:
+    """A steps_added whose transaction did not also record the adder's success (its lease
+    expired instead): some of it was written, not all."""
+    h = History()
+    h.new_run({"plan": [], "a": []})
+    t = h.claim("plan")
+    h.ev("plan", "steps_added", t, to="running", steps=["a"])
+    h.ev("plan", "step_lease_expired", t)
+    return h
+
+
+R2 = "22222222-2222-2222-2222-222222222222"
+R3 = "33333333-3333-3333-3333-333333333333"
+
+
+def child_run(*, finish: bool = True) -> History:
+    """R1's step sub (kind run) claimed by the maintenance leader naming child run R2, whose
+    one step x is claimed; with `finish`, x succeeds, R2 completes and then sub succeeds."""
+    h = History()
+    h.new_run({"sub": []})
+    h.steps[(R1, "sub")]["tool"] = "$run"
+    h.new_run({"x": []}, run=R2)
+    h.runs[R2].update(parent_run_id=R1, parent_step_id=h.steps[(R1, "sub")]["id"])
+    h.run_event("run_started")
+    h._token += 1
+    h.ev("sub", "step_claimed", h._token, childRunId=R2)
+    x = h.claim("x", run=R2)
+    if finish:
+        h.ev("x", "step_succeeded", x, run=R2)
+        h.run_event("run_completed", run=R2)
+        h.ev("sub", "step_succeeded", x - 1)
+        h.run_event("run_completed")
+    return h
+
+
+def child_run_step_succeeded_before_its_child_ended() -> History:
+    h = child_run(finish=False)
+    h.ev("sub", "step_succeeded", h._token - 1)
+    h.run_event("run_completed")
+    h.ev("x", "step_succeeded", h._token, run=R2)
+    h.run_event("run_completed", run=R2)
+    return h
+
+
+def second_child_for_one_attempt() -> History:
+    """A child run R3 of sub that no claim names (a second child for the one attempt)."""
+    h = child_run()
+    h.new_run({"y": []}, run=R3)
+    h.runs[R3].update(parent_run_id=R1, parent_step_id=h.steps[(R1, "sub")]["id"])
+    return h
+
+
+def cancelled_parent_with_a_running_child() -> History:
+    h = child_run(finish=False)
+    h.ev("sub", "step_cancelled", h._token - 1, reason="cancelled by request")
+    h.run_event("run_cancelled")
+    return h
+
+
 CASES = {
     "claimed while claimed": Case("overlapping_leases", claimed_twice),
     "ended with another token": Case("overlapping_leases", ended_with_another_token),
@@ -642,7 +701,20 @@ CASES = {
         "delay_not_met", delayed_claimed_without_sleeping
     ),
     "delayed step woken before its time": Case("delay_not_met", delayed_woken_too_early),
+    "steps added without the adder's success": Case("added_steps", added_without_success),
+    "run step succeeded before its child ended": Case(
+        "child_run_mismatch", child_run_step_succeeded_before_its_child_ended
+    ),
+    "a second child for one attempt": Case("child_run_mismatch", second_child_for_one_attempt),
+    "parent cancelled, child still running": Case(
+        "child_run_mismatch", cancelled_parent_with_a_running_child
+    ),
 }
+
+
+def test_a_clean_child_run_history_passes() -> None:
+    report = child_run().check()
+    assert report.ok, explain(report)
 
 
 def test_every_kind_has_a_bad_history() -> None:
