@@ -44,13 +44,18 @@ from pydantic import (
 
 from engine.config import MAX_ATTEMPTS_DEFAULT
 from engine.errors import UnknownTool, ValidationFailed
-from engine.tools import get_tool
+from engine.tools import WAIT_TOOL, get_tool
 
 STEP_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 # The longest sleep a step may ask for (``delayMs``): 30 days, in milliseconds. A longer wait
 # is a schedule's job (issue 15, part 3), not a parked step's.
 MAX_DELAY_MS = 30 * 24 * 3600 * 1000
+# The longest a wait step may wait for its signal (``wait.timeoutS``): 30 days, in seconds,
+# the bound of delayMs (a wait step parks as a sleep of its timeout).
+MAX_WAIT_TIMEOUT_S = MAX_DELAY_MS // 1000
+# A signal's name: a URL path segment (POST /runs/{runId}/signals/{signal}), as a step name.
+SIGNAL_NAME_PATTERN = STEP_NAME_PATTERN
 MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_LIMIT = 1_000_000
 MAX_CONCURRENCY_LIMIT = 100_000
@@ -183,13 +188,43 @@ class StepRefs:
     map_path: list[str] | None = None
 
 
+class WaitSpec(BaseModel):
+    """A wait step's wait (``"wait": {"signal", "timeoutS", "approval"}``): the step succeeds
+    with the payload of the signal `signal` sent to its run (``POST
+    /runs/{runId}/signals/{signal}``), and its attempt fails when `timeout_s` seconds pass
+    first (counted from when its dependencies are done; a root: from its run's start). An
+    `approval` is shown with Approve / Reject buttons; a signal whose payload says
+    ``"approved": false`` dead-letters it at once (a person decided)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    signal: str = Field(pattern=SIGNAL_NAME_PATTERN)
+    timeout_s: int = Field(ge=1, le=MAX_WAIT_TIMEOUT_S, alias="timeoutS", strict=True)
+    approval: bool = Field(default=False, strict=True)
+
+
+# Fields a wait step may not have: it runs no tool, so it has no input, map, timeout,
+# concurrency key or delay (its wait is its delay).
+_NOT_WITH_WAIT: tuple[tuple[str, str], ...] = (
+    ("tool", "tool"),
+    ("input", "input"),
+    ("map", "map"),
+    ("timeout_ms", "timeoutMs"),
+    ("concurrency_key", "concurrencyKey"),
+    ("max_concurrency", "maxConcurrency"),
+    ("delay_ms", "delayMs"),
+)
+
+
 class StepSpec(BaseModel):
-    """One step of a submitted run (camelCase on the wire)."""
+    """One step of a submitted run (camelCase on the wire): a tool call (`tool`, `input`),
+    or a wait for a signal (`wait`, no tool)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(pattern=STEP_NAME_PATTERN)
-    tool: str = Field(min_length=1, max_length=128)
+    tool: str | None = Field(default=None, min_length=1, max_length=128)
+    wait: WaitSpec | None = None
     input: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list, alias="dependsOn", max_length=1000)
     max_attempts: int = Field(
@@ -216,7 +251,7 @@ class StepSpec(BaseModel):
         `parse_run` parsed them (`RunSpec.rows` passes them)."""
         row: dict[str, Any] = {
             "name": self.name,
-            "tool": self.tool,
+            "tool": self.tool if self.wait is None else WAIT_TOOL,
             "input": self.input,
             "dependsOn": self.depends_on,
             "maxAttempts": self.max_attempts,
@@ -248,6 +283,10 @@ class StepSpec(BaseModel):
             row["maxConcurrency"] = self.max_concurrency
         if self.delay_ms:  # 0 sleeps no time: stored as no delay
             row["delayMs"] = self.delay_ms
+        if self.wait is not None:  # parks as a sleep of its timeout (migration 0010)
+            row["delayMs"] = self.wait.timeout_s * 1000
+            row["waitSignal"] = self.wait.signal
+            row["waitApproval"] = self.wait.approval
         return row
 
 
@@ -296,6 +335,8 @@ class RunSpec(BaseModel):
             # before delayMs existed (migration 0009) keeps its fingerprint.
             if not step.get("delayMs"):
                 step.pop("delayMs", None)
+            if step.get("wait") is None:  # likewise for runs fingerprinted before waits
+                step.pop("wait", None)
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -401,6 +442,7 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
         names.add(step.name)
     key_limits: dict[str, tuple[int, str]] = {}
     refs_by_step: dict[str, StepRefs] = {}
+    signals: dict[str, str] = {}  # signal name -> the wait step that waits for it
     for step in spec.steps:
         for dep in step.depends_on:
             if dep == step.name:
@@ -424,10 +466,22 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
                 {"step": step.name, "field": "dependsOn", "problem": "lists a dependency twice"}
             )
         problems.extend(_concurrency_problems(step, key_limits))
+        if step.wait is not None:
+            problems.extend(_wait_problems(step, signals))
+            continue
         step_problems: list[Problem] = []
         parsed = _collect_step_refs(step, names, step_problems)
         refs_by_step[step.name] = parsed
         problems.extend(step_problems)
+        if step.tool is None:
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "tool",
+                    "problem": "Field required (a step names a tool, or is a wait: give wait)",
+                }
+            )
+            continue
         try:
             tool = get_tool(step.tool)
         except UnknownTool as exc:
@@ -478,6 +532,33 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
         raise ValidationFailed(problems)
     spec._parsed = refs_by_step
     return spec
+
+
+def _wait_problems(step: StepSpec, signals: dict[str, str]) -> list[Problem]:
+    """A wait step has no tool, input, map, timeoutMs, concurrency key or delayMs, and no two
+    wait steps of a run wait for one signal (a signal completes one step). `signals` maps the
+    signals seen so far to their step; this step's is added."""
+    assert step.wait is not None
+    problems: list[Problem] = [
+        {
+            "step": step.name,
+            "field": alias,
+            "problem": "a wait step runs no tool: it takes no " + alias,
+        }
+        for attr, alias in _NOT_WITH_WAIT
+        if attr in step.model_fields_set
+    ]
+    other = signals.setdefault(step.wait.signal, step.name)
+    if other != step.name:
+        problems.append(
+            {
+                "step": step.name,
+                "field": "wait.signal",
+                "problem": f"step {other!r} already waits for signal {step.wait.signal!r}; "
+                "one signal completes one step",
+            }
+        )
+    return problems
 
 
 def _concurrency_problems(step: StepSpec, key_limits: dict[str, tuple[int, str]]) -> list[Problem]:

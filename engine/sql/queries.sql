@@ -28,7 +28,9 @@ SELECT id, idempotency_fingerprint FROM runs WHERE idempotency_key = %(idempoten
 -- engine.dag.StepSpec.to_row() objects. Roots are ready at once, or wait as pending (no
 -- dependencies left) until %(start_at)s when the run has a start time in the future, plus
 -- their delayMs (migration 0009) when they have one: promote_due_steps makes them ready then
--- (no audit row per parked root: run_created counts them in "delayed"). Each concurrency key's limit is upserted (one key has
+-- (no audit row per parked root: run_created counts them in "delayed"). A wait step
+-- (waitSignal, migration 0010) carries its timeout as its delayMs: a wait root parks until its
+-- deadline like any delayed root. Each concurrency key's limit is upserted (one key has
 -- one limit per run: engine.dag checks it; across runs the latest submitted wins).
 WITH spec AS (
     SELECT s.name, s.tool, s.input, coalesce(s."dependsOn", '{}') AS depends_on,
@@ -36,12 +38,13 @@ WITH spec AS (
            coalesce(s."runIf", 'all_succeeded') AS run_if, s.refs, s."refSteps" AS ref_steps, s.map,
            s."mapPath" AS map_path, s."concurrencyKey" AS concurrency_key,
            s."maxConcurrency" AS max_concurrency,
-           coalesce(s."maySkipChildren", false) AS may_skip_children, s."delayMs" AS delay_ms
+           coalesce(s."maySkipChildren", false) AS may_skip_children, s."delayMs" AS delay_ms,
+           s."waitSignal" AS wait_signal, s."waitApproval" AS wait_approval
     FROM jsonb_to_recordset(%(steps)s::jsonb) AS s(
         name text, tool text, input jsonb, "dependsOn" text[], "maxAttempts" integer,
         "timeoutMs" integer, idempotent boolean, "runIf" text, refs jsonb, "refSteps" text[],
         map text, "mapPath" jsonb, "concurrencyKey" text, "maxConcurrency" integer,
-        "maySkipChildren" boolean, "delayMs" integer)
+        "maySkipChildren" boolean, "delayMs" integer, "waitSignal" text, "waitApproval" boolean)
 ), timing AS (
     SELECT coalesce(%(start_at)s::timestamptz > now(), false) AS delayed,
            greatest(coalesce(%(start_at)s::timestamptz, now()), now()) AS available_at
@@ -49,7 +52,7 @@ WITH spec AS (
     INSERT INTO steps (run_id, name, tool, input, depends_on, deps_remaining, status,
                        max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map,
                        map_path, concurrency_key, max_concurrency, priority, available_at,
-                       may_skip_children, delay_ms)
+                       may_skip_children, delay_ms, wait_signal, wait_approval)
     SELECT %(run_id)s, name, tool, input, depends_on, cardinality(depends_on),
            CASE WHEN cardinality(depends_on) = 0 AND NOT t.delayed
                      AND coalesce(delay_ms, 0) = 0 THEN 'ready'
@@ -59,7 +62,7 @@ WITH spec AS (
            CASE WHEN cardinality(depends_on) = 0 AND delay_ms > 0
                 THEN t.available_at + make_interval(secs => delay_ms / 1000.0)
                 ELSE t.available_at END,
-           may_skip_children, delay_ms
+           may_skip_children, delay_ms, wait_signal, wait_approval
     FROM spec CROSS JOIN timing t
     RETURNING id, name, depends_on, status
 ), slots AS (
@@ -424,10 +427,12 @@ SELECT id, run_id, tool, status FROM upd
 -- (PGDAG_REAPER_INTERVAL) after its time, plus a claim. Run by the reaper
 -- pass (one process at a time), not by the claim: the claim is planned afresh on every call
 -- (its LIMIT makes Postgres keep custom plans), and this CTE added a quarter to its planning
--- time (measured 1.33 -> 1.07 ms). steps_scheduled_idx.
+-- time (measured 1.33 -> 1.07 ms). steps_scheduled_idx. A wait step (migration 0010) is
+-- never made ready: time_out_wait_steps, run just before in the same pass, fails it.
 WITH due AS (
     SELECT id FROM steps
     WHERE status = 'pending' AND deps_remaining = 0 AND available_at <= now()
+      AND wait_signal IS NULL  -- a due wait step timed out: time_out_wait_steps fails it
     ORDER BY available_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -663,7 +668,7 @@ SELECT id FROM upd
 -- commits: a claim skips them and a completion waits, so nothing the plan was made from can
 -- change under it (a replay once reset a step a worker had claimed meanwhile).
 SELECT id, name, status, run_if, map_path IS NOT NULL AS is_map, map_width, map_parent_id,
-       lease_owner, attempt, delay_ms
+       lease_owner, attempt, delay_ms, wait_signal IS NOT NULL AS waits
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY id
 FOR UPDATE
@@ -920,7 +925,9 @@ FROM runs WHERE id = %(run_id)s
 -- for (waitingFor), first reason that holds:
 --   running        -> {"reason": "running", "worker", "leaseExpiresAt"}
 --   pending        -> "dependencies" (the unfinished ones, named), "mapChildren" (a map
---                     step's children left), "delay" (a step with a delayMs, parked until
+--                     step's children left), "signal" (a wait step whose dependencies are
+--                     done: the signal it waits for, its deadline, whether it is an
+--                     approval), "delay" (a step with a delayMs, parked until
 --                     when: its dependencies are done, or it is a root), or "startAt" (a
 --                     delayed root without a delayMs, until when)
 --   ready          -> "backoff" (until availableAt), "concurrencyKey" (the key is full),
@@ -945,7 +952,11 @@ SELECT coalesce(json_agg(json_build_object(
            'priority', s.priority, 'concurrencyKey', s.concurrency_key,
            'maxConcurrency', s.max_concurrency, 'map', s.map, 'mapWidth', s.map_width,
            'mapIndex', s.map_index,
-           'mapOf', m.name, 'delayMs', s.delay_ms,
+           'mapOf', m.name,
+           'delayMs', CASE WHEN s.wait_signal IS NULL THEN s.delay_ms END,
+           'wait', CASE WHEN s.wait_signal IS NOT NULL THEN json_build_object(
+               'signal', s.wait_signal, 'timeoutS', s.delay_ms / 1000,
+               'approval', coalesce(s.wait_approval, false)) END,
            'resolvedInput', s.resolved_input -> 'input',
            'availableAt', s.available_at, 'leaseOwner', s.lease_owner,
            'leaseExpiresAt', s.lease_expires_at, 'output', s.output, 'error', s.error,
@@ -960,6 +971,9 @@ SELECT coalesce(json_agg(json_build_object(
                WHEN s.status = 'pending' AND s.deps_remaining > 0 THEN json_build_object(
                    'reason', 'dependencies',
                    'steps', coalesce(wd.names, to_json(s.depends_on)))
+               WHEN s.status = 'pending' AND s.wait_signal IS NOT NULL THEN json_build_object(
+                   'reason', 'signal', 'signal', s.wait_signal, 'deadline', s.available_at,
+                   'approval', coalesce(s.wait_approval, false))
                WHEN s.status = 'pending' AND s.delay_ms > 0 THEN json_build_object(
                    'reason', 'delay', 'until', s.available_at, 'delayMs', s.delay_ms)
                WHEN s.status = 'pending' THEN json_build_object(
@@ -1129,3 +1143,150 @@ SELECT coalesce(state, 'unknown') AS state, count(*)::float8 AS n,
 FROM pg_stat_activity
 WHERE backend_type = 'client backend'
 GROUP BY coalesce(state, 'unknown')
+
+-- name: select_signal
+-- A signal already received by a run under the id %(signal_id)s (an idempotent repeat), with
+-- the name of the step that consumed it, if any.
+SELECT g.id, g.name, g.signal_id, g.payload, g.received_at, g.consumed_at, c.name AS consumed_by
+FROM signals g LEFT JOIN steps c ON c.id = g.consumed_by
+WHERE g.run_id = %(run_id)s AND g.signal_id = %(signal_id)s
+
+-- name: select_wait_step
+-- The wait step of run %(run_id)s that waits for signal %(signal)s (engine.dag lets one step
+-- of a run wait for a signal), and its run's status; no row when the run is unknown; a row
+-- with a NULL step when no step of the run waits for it.
+SELECT r.status AS run_status, s.id, s.name, s.status
+FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.wait_signal = %(signal)s
+WHERE r.id = %(run_id)s
+
+-- name: insert_signal
+-- Record a signal received by run %(run_id)s, once per (run, signal id): nothing (no row)
+-- when the id is already taken (then select_signal gives the original). Audited
+-- signal_received on the run (no step, no status change).
+WITH ins AS (
+    INSERT INTO signals (run_id, name, signal_id, payload)
+    VALUES (%(run_id)s, %(signal)s, %(signal_id)s, %(payload)s::jsonb)
+    ON CONFLICT (run_id, signal_id) DO NOTHING
+    RETURNING id, run_id, name, signal_id, payload, received_at
+), audit AS (
+    INSERT INTO audit_log (run_id, event, detail)
+    SELECT run_id, 'signal_received', jsonb_build_object('signal', name, 'signalId', signal_id)
+    FROM ins
+)
+SELECT id, name, signal_id, payload, received_at FROM ins
+
+-- name: take_wait_step
+-- A signal reaches its wait step: pending (parked: its dependencies done, its run started)
+-- -> running for an instant, with a fresh fencing token and a lease owned by %(owner)s
+-- ("signal:<signal id>"), so that the same transaction ends the attempt through the worker
+-- path, guarded by that token: complete_steps (the payload is its output; its dependents are
+-- decided there as for any success) or fail_attempt (an approval rejected). Guarded on
+-- status = 'pending' under the row's lock: time_out_wait_steps locks the same row (SKIP
+-- LOCKED) and guards on the same status, so a signal racing the timeout either finds the
+-- step still waiting or nothing (its attempt timed out first). The run starts if this is its
+-- first attempt (a run whose only root is a wait step). Audited step_signalled (pending ->
+-- running, detail: the signal and its id). Locks the step, then the run, like the timeout.
+WITH target AS (
+    SELECT s.id FROM steps s JOIN runs r ON r.id = s.run_id
+    WHERE s.run_id = %(run_id)s AND s.wait_signal = %(signal)s
+      AND s.status = 'pending' AND s.deps_remaining = 0
+      AND (r.start_at IS NULL OR r.start_at <= now())
+    FOR UPDATE OF s
+), taken AS (
+    UPDATE steps s
+    SET status = 'running',
+        attempt = s.attempt + 1,
+        lease_token = nextval('lease_token_seq'),
+        lease_owner = %(owner)s,
+        lease_expires_at = now() + interval '1 minute',
+        started_at = now(),
+        updated_at = now()
+    FROM target
+    WHERE s.id = target.id AND s.status = 'pending'
+    RETURNING s.id, s.run_id, s.name, s.attempt, s.max_attempts, s.lease_token,
+              coalesce(s.wait_approval, false) AS approval, s.may_skip_children
+), started_runs AS (
+    UPDATE runs r
+    SET status = 'running', started_at = now(), updated_at = now()
+    WHERE r.id IN (SELECT run_id FROM taken) AND r.status = 'pending'
+    RETURNING r.id
+), audit AS (
+    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
+                           attempt, lease_token, worker_id, detail)
+    SELECT id, NULL::bigint, NULL::text, 'run_started', 'pending', 'running', NULL::integer,
+           NULL::bigint, %(owner)s, NULL::jsonb
+    FROM started_runs
+    UNION ALL
+    SELECT run_id, id, name, 'step_signalled', 'pending', 'running', attempt, lease_token,
+           %(owner)s, jsonb_build_object('signal', %(signal)s::text,
+                                         'signalId', %(signal_id)s::text)
+    FROM taken
+)
+SELECT id, run_id, name, attempt, max_attempts, lease_token, approval, may_skip_children
+FROM taken
+
+-- name: consume_signal
+-- Signal %(id)s was taken by step %(step_id)s (take_wait_step, same transaction).
+UPDATE signals SET consumed_by = %(step_id)s, consumed_at = now()
+WHERE id = %(id)s AND consumed_at IS NULL
+RETURNING consumed_at
+
+-- name: signals_to_deliver
+-- Signals that came before their wait step was reached, whose step now waits (parked: its
+-- dependencies done): the oldest unconsumed one per (run, signal), up to %(limit)s. The
+-- maintenance leader's pass delivers them (take_wait_step), before it times out due wait
+-- steps, so a step that parks finds its early signal within one PGDAG_REAPER_INTERVAL.
+-- signals_unconsumed_idx; each probe of steps is on steps' (run_id, ...) index.
+SELECT DISTINCT ON (g.run_id, g.name) g.id, g.run_id, g.name, g.signal_id, g.payload
+FROM signals g
+JOIN steps s ON s.run_id = g.run_id AND s.wait_signal = g.name
+JOIN runs r ON r.id = g.run_id
+WHERE g.consumed_at IS NULL AND s.status = 'pending' AND s.deps_remaining = 0
+  AND (r.start_at IS NULL OR r.start_at <= now())
+ORDER BY g.run_id, g.name, g.id
+LIMIT %(limit)s
+
+-- name: time_out_wait_steps
+-- Wait steps whose deadline passed without their signal: the attempt fails (attempts + 1).
+-- With attempts left it waits again (pending, a new deadline: now() + its timeout, audited
+-- step_wait_timed_out pending -> pending); else pending -> dead_letter (audited
+-- step_dead_lettered), and the caller skips its dependents by their trigger rules and
+-- settles the run in the same transaction. Rows a signal holds are skipped (SKIP LOCKED:
+-- the signal's take_wait_step wins them; the next pass finds them no longer pending).
+-- Run by the maintenance leader's pass, before promote_due_steps (which leaves wait steps
+-- alone). steps_scheduled_idx.
+WITH due AS (
+    SELECT id FROM steps
+    WHERE status = 'pending' AND deps_remaining = 0 AND available_at <= now()
+      AND wait_signal IS NOT NULL
+    ORDER BY available_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE steps s
+    SET attempt = s.attempt + 1,
+        status = CASE WHEN s.attempt + 1 < s.max_attempts THEN 'pending' ELSE 'dead_letter' END,
+        available_at = CASE WHEN s.attempt + 1 < s.max_attempts
+                            THEN now() + make_interval(secs => s.delay_ms / 1000.0)
+                            ELSE now() END,
+        error = 'no signal ' || s.wait_signal || ' within ' || (s.delay_ms / 1000) || ' s'
+                || ' (attempt ' || (s.attempt + 1) || ' of ' || s.max_attempts || ')',
+        finished_at = CASE WHEN s.attempt + 1 < s.max_attempts THEN NULL ELSE now() END,
+        updated_at = now()
+    FROM due
+    WHERE s.id = due.id AND s.status = 'pending'
+    RETURNING s.id, s.run_id, s.name, s.status, s.attempt, s.max_attempts, s.available_at,
+              s.error, s.wait_signal
+), audit AS (
+    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
+                           attempt, detail)
+    SELECT run_id, id, name,
+           CASE WHEN status = 'pending' THEN 'step_wait_timed_out' ELSE 'step_dead_lettered' END,
+           'pending', status, attempt,
+           jsonb_build_object('reason', 'timeout', 'signal', wait_signal, 'error', error,
+                              'maxAttempts', max_attempts)
+           || CASE WHEN status = 'pending' THEN jsonb_build_object('until', available_at)
+                   ELSE '{}'::jsonb END
+    FROM upd
+)
+SELECT id, run_id, status FROM upd
