@@ -250,9 +250,9 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     ``run_id``, ``name``, ``status`` and may carry ``id``, ``idempotent`` (default true),
     ``depends_on`` (default none), ``run_if`` (default ``all_succeeded``), ``is_map``
     (default false), ``map_width``, ``map_parent_id`` / ``map_index`` (a map child: the
-    id of its map step), ``delay_ms`` and ``wait_signal`` (default none); `events` are audit_log rows and
-    need ``id``, ``run_id`` and ``event``, with ``step_name`` (or a ``step_id`` found in
-    `steps`) for step events. A missing ``to_status`` is taken from the event name. Ids may
+    id of its map step), ``delay_ms`` and ``wait_signal`` (default none); `events` are
+    audit_log rows and need ``id``, ``run_id`` and ``event``, with ``step_name`` (or a
+    ``step_id`` found in `steps`) for step events. A missing ``to_status`` is taken from the event name. Ids may
     be UUIDs or strings.
     """
     h = _History(steps, events)

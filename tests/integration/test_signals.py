@@ -22,7 +22,7 @@ from engine.errors import IllegalTransition, NotFound
 from engine.store import Store
 from engine.tools import load_tool_modules
 from engine.transitions import ClaimedStep, send_signal
-from tests.support import events, query, steps_by_name
+from tests.support import events, query, steps_by_name, wait_for
 from tests.testtools import echo, emit
 
 load_tool_modules(["workers.tools.builtin", "tests.testtools"])
@@ -126,7 +126,7 @@ def test_a_signal_completes_the_waiting_step_and_its_dependents_go_on(db_url: st
             assert datetime.fromisoformat(approve["availableAt"]) == deadline
 
             # a signal no step waits for, and an unknown run: refused, nothing recorded
-            with pytest.raises(IllegalTransition, match="no step of run .* waits for signal"):
+            with pytest.raises(IllegalTransition, match=r"no step of run .* waits for signal"):
                 await signal(store, run_id, "other", {}, "x1")
             with pytest.raises(NotFound):
                 await signal(store, MISSING_RUN, "approval", {}, "x2")
@@ -316,8 +316,7 @@ def test_a_signal_racing_the_timeout_exactly_one_wins(db_url: str) -> None:
                 )
                 return bool(rows[0]["due"])
 
-            while not all_due():  # the deadline is the database's: wait for it to pass
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(wait_for, all_due, timeout_s=10, what="deadlines passed")
 
             async def one_signal(i: int) -> str:
                 await asyncio.sleep(0.002 * i)  # spread the signals over the pass
