@@ -252,8 +252,8 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     (default false), ``map_width``, ``map_parent_id`` / ``map_index`` (a map child: the
     id of its map step), ``delay_ms`` and ``wait_signal`` (default none); `events` are
     audit_log rows and need ``id``, ``run_id`` and ``event``, with ``step_name`` (or a
-    ``step_id`` found in `steps`) for step events. A missing ``to_status`` is taken from the event name. Ids may
-    be UUIDs or strings.
+    ``step_id`` found in `steps`) for step events. A missing ``to_status`` is taken from the
+    event name. Ids may be UUIDs or strings.
     """
     h = _History(steps, events)
     report = Report(runs=len(runs), steps=len(steps))
