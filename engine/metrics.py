@@ -13,7 +13,9 @@ Two kinds live here:
   `ATTEMPT_DURATION`, and the live-event ones). Each process counts what *it* did: the API
   its reaper passes, the agent reports it records and the cancellations it makes; a
   database worker (``python -m workers --metrics-port``) its own attempts. Summing a
-  counter over every process's ``/metrics`` gives the cluster's total.
+  counter over every process's ``/metrics`` gives the cluster's total. The ones counted per
+  attempt are tallies (`TallyCounter`, `TallyHistogram`): plain ints that `TallyCollector`
+  exports at scrape time, 0.8 µs an attempt instead of prometheus_client's 3.3 µs.
 - **Gauges of state** (`QueueCollector`): read from Postgres when ``/metrics`` is scraped,
   by three statements of ``engine/sql/queries.sql`` (``metrics_queue``,
   ``metrics_pg_tables``, ``metrics_pg_activity``) that read partial indexes and statistics
@@ -27,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import psycopg
 from prometheus_client import (
@@ -38,13 +40,13 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
@@ -88,57 +90,163 @@ with ours and which a library should not fill.)"""
 
 # --- work done: counters and histograms ---------------------------------------------------
 
-ATTEMPTS = Counter(
+
+class TallyCounter:
+    """A counter family counted in plain ints, for the per-attempt hot path.
+
+    prometheus_client's `Counter` takes a lock and checks its state on every ``inc`` (about
+    0.8 µs); a worker counts several series per attempt, so the per-attempt families keep
+    their numbers here (one dict update, about 0.1 µs) and `TallyCollector` turns them into
+    ordinary counter families when ``/metrics`` is scraped. Only one thread updates a tally
+    (the process's event loop); a scrape from prometheus_client's server thread reads it as
+    it is (a value may be one update behind, never torn). `name` has no ``_total`` (the
+    exposition adds it); `labelnames` name the label values each `inc` gets, in order.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, *labels: str, amount: float = 1) -> None:
+        """Add `amount` (>= 0) to the series of `labels` (one value per label name)."""
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+    def value(self, *labels: str) -> float:
+        """The series' count so far (0 for one never counted)."""
+        return self.values.get(labels, 0)
+
+    def family(self) -> CounterMetricFamily:
+        """The family as a scrape shows it."""
+        fam = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in list(self.values.items()):
+            fam.add_metric(list(labels), value)
+        return fam
+
+
+class TallyHistogram:
+    """A histogram family by one label (``tool``; None: no label, observe with label ``""``)
+    kept in plain lists; see `TallyCounter`.
+
+    An observation is one ``bisect`` and two additions. Buckets are `buckets` (upper
+    bounds in seconds, ascending; ``+Inf`` is implied), each inclusive (``le``) as in the
+    Prometheus exposition format; ``_count`` is the sum of the bucket counts, so a scrape
+    never shows a count that its buckets disagree with.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelname: str | None, buckets: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelname = labelname
+        self.bounds = tuple(buckets)
+        # label value -> [counts per bucket (the last one: above every bound), sum]
+        self.series: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observe(self, label: str, value: float) -> None:
+        """Count `value` (seconds; negative ones count as 0) in the series of `label`."""
+        series = self.series.get(label)
+        if series is None:
+            series = self.series[label] = ([0] * (len(self.bounds) + 1), [0.0])
+        if value < 0:
+            value = 0.0
+        series[0][bisect_left(self.bounds, value)] += 1
+        series[1][0] += value
+
+    def count(self, label: str) -> int:
+        """How many values the series of `label` has counted."""
+        series = self.series.get(label)
+        return sum(series[0]) if series is not None else 0
+
+    def family(self) -> HistogramMetricFamily:
+        """The family as a scrape shows it (cumulative buckets)."""
+        labelnames = [self.labelname] if self.labelname is not None else []
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=labelnames)
+        for label, (counts, total) in list(self.series.items()):
+            counts = list(counts)
+            buckets: list[tuple[str, float]] = []
+            running = 0
+            for bound, n in zip(self.bounds, counts, strict=False):
+                running += n
+                buckets.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+            buckets.append(("+Inf", running + counts[-1]))
+            fam.add_metric([label] if labelnames else [], buckets, sum_value=total[0])
+        return fam
+
+
+class TallyCollector(Collector):
+    """Exports `TallyCounter` and `TallyHistogram` families at scrape time."""
+
+    def __init__(self, tallies: Sequence[TallyCounter | TallyHistogram]) -> None:
+        self.tallies = tuple(tallies)
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        for tally in self.tallies:
+            yield tally.family()
+
+    def describe(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        # Names only (no samples), so that registering checks them against the others.
+        for tally in self.tallies:
+            if isinstance(tally, TallyCounter):
+                yield CounterMetricFamily(tally.name, tally.documentation, labels=tally.labelnames)
+            else:
+                labels = [tally.labelname] if tally.labelname is not None else []
+                yield HistogramMetricFamily(tally.name, tally.documentation, labels=labels)
+
+
+ATTEMPTS = TallyCounter(
     "pgdag_attempts",
     "Attempts whose result this process handled, by tool and outcome: succeeded or failed "
     "(recorded), lease_lost (refused: the fencing token was stale), refused (the output "
     "could not be stored; the attempt was failed instead).",
     ["tool", "outcome"],
-    registry=REGISTRY,
 )
-RETRIES = Counter(
+RETRIES = TallyCounter(
     "pgdag_retries",
     "Failed attempts that sent their step back to ready for another attempt after a backoff.",
     ["tool"],
-    registry=REGISTRY,
 )
-DEAD_LETTERS = Counter(
+DEAD_LETTERS = TallyCounter(
     "pgdag_dead_letters",
     "Steps this process moved to dead_letter (attempts spent, an error not retryable, or "
     'the lease of an "idempotent": false step expired).',
     ["tool"],
-    registry=REGISTRY,
 )
 LEASE_EXPIRIES = Counter(
     "pgdag_lease_expiries",
     "Running steps whose lease expired and that this process's reaper requeued or dead-lettered.",
     registry=REGISTRY,
 )
-FENCING_REFUSALS = Counter(
+FENCING_REFUSALS = TallyCounter(
     "pgdag_fencing_refusals",
     "Results or heartbeats refused because their fencing token was not the step's current "
     "one (a zombie attempt).",
     ["tool"],
-    registry=REGISTRY,
 )
 CANCELLATIONS = Counter(
     "pgdag_cancellations",
     "Runs this process cancelled.",
     registry=REGISTRY,
 )
-READY_TO_START = Histogram(
+READY_TO_START = TallyHistogram(
     "pgdag_ready_to_start_seconds",
     "Seconds from a step's ready time (availableAt) to its claim, on the database clock.",
-    ["tool"],
-    buckets=LATENCY_BUCKETS_S,
-    registry=REGISTRY,
+    "tool",
+    LATENCY_BUCKETS_S,
 )
-ATTEMPT_DURATION = Histogram(
+ATTEMPT_DURATION = TallyHistogram(
     "pgdag_attempt_duration_seconds",
     "Seconds from an attempt's claim to its result being recorded (or refused).",
-    ["tool"],
-    buckets=DURATION_BUCKETS_S,
-    registry=REGISTRY,
+    "tool",
+    DURATION_BUCKETS_S,
+)
+REGISTRY.register(
+    TallyCollector(
+        [ATTEMPTS, RETRIES, DEAD_LETTERS, FENCING_REFUSALS, READY_TO_START, ATTEMPT_DURATION]
+    )
 )
 
 # --- maintenance (engine.maintenance) -------------------------------------------------------
@@ -191,13 +299,14 @@ def observe_maintenance_run(
 
 # --- live events (engine.live, engine.ws) --------------------------------------------------
 
-LISTEN_LAG = Histogram(
+LISTEN_LAG = TallyHistogram(  # observed for every audit row the API reads: a tally
     "pgdag_live_listen_lag_seconds",
     "Seconds from an audit event's created_at (its transaction's start) to this process's "
     "LISTEN read of it, on the database clock.",
-    buckets=LAG_BUCKETS_S,
-    registry=REGISTRY,
+    None,
+    LAG_BUCKETS_S,
 )
+REGISTRY.register(TallyCollector([LISTEN_LAG]))
 WEBSOCKET_CLIENTS = Gauge(
     "pgdag_websocket_clients",
     "WebSocket clients (/ws and /ws/runs/{runId}) connected to this process.",
@@ -212,34 +321,11 @@ WEBSOCKET_RESYNCS = Counter(
 )
 
 
-def observe_seconds(histogram: Histogram, tool: str, seconds: float | None) -> None:
-    """Observe `seconds` (clamped at 0: clocks of two statements may be a hair apart) in the
-    ``tool`` child of `histogram`; nothing when `seconds` is None (not known)."""
-    if seconds is not None:
-        histogram.labels(tool=tool).observe(max(0.0, seconds))
-
-
-# Labelled children by (metric, label values): `labels()` costs ~1.5 µs a call (it checks
-# and joins its arguments under a lock), a dict hit 0.05 µs; tools and outcomes are few.
-_CHILDREN: dict[tuple[Counter | Histogram, str, str], Any] = {}
-
-
-def _child(metric: Counter | Histogram, tool: str, outcome: str = "") -> Any:
-    """`metric`'s child for `tool` (and `outcome`, for `ATTEMPTS`), made once."""
-    key = (metric, tool, outcome)
-    child = _CHILDREN.get(key)
-    if child is None:
-        child = _CHILDREN[key] = (
-            metric.labels(tool=tool, outcome=outcome) if outcome else metric.labels(tool=tool)
-        )
-    return child
-
-
 def count_claim(tool: str, ready_wait_s: float | None) -> None:
     """A claimed attempt of `tool`: its ready-to-start latency (`ready_wait_s` seconds on
     the database clock, `ClaimedStep.ready_wait_s`; None when not known) in `READY_TO_START`."""
     if ready_wait_s is not None:
-        _child(READY_TO_START, tool).observe(max(0.0, ready_wait_s))
+        READY_TO_START.observe(tool, ready_wait_s)
 
 
 def count_result(
@@ -258,15 +344,15 @@ def count_result(
     `retried` counts a retry (`RETRIES`), `dead_letter` a dead letter (`DEAD_LETTERS`)."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
-    _child(ATTEMPTS, tool, outcome).inc()
+    ATTEMPTS.inc(tool, outcome)
     if duration_s is not None:
-        _child(ATTEMPT_DURATION, tool).observe(max(0.0, duration_s))
+        ATTEMPT_DURATION.observe(tool, duration_s)
     if outcome == "lease_lost" or fenced:
-        _child(FENCING_REFUSALS, tool).inc()
+        FENCING_REFUSALS.inc(tool)
     if retried:
-        _child(RETRIES, tool).inc()
+        RETRIES.inc(tool)
     if dead_letter:
-        _child(DEAD_LETTERS, tool).inc()
+        DEAD_LETTERS.inc(tool)
 
 
 def count_reaped(expired: Iterable[tuple[str, str]]) -> None:
@@ -276,7 +362,7 @@ def count_reaped(expired: Iterable[tuple[str, str]]) -> None:
     for tool, status in expired:
         LEASE_EXPIRIES.inc()
         if status == "dead_letter":
-            DEAD_LETTERS.labels(tool=tool).inc()
+            DEAD_LETTERS.inc(tool)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -91,6 +91,11 @@ class SpanHandle:
             self._span.set_status(Status(StatusCode.ERROR, message[:1000]))
 
 
+NO_SPAN = SpanHandle()
+"""A handle without a span or a context to pass on: it does nothing, so one serves every
+holder that has none yet."""
+
+
 def flush(timeout_s: float = 5.0) -> bool:
     """Export the spans the tracer provider still holds, waiting up to `timeout_s` seconds;
     False when it did not finish in time. A process that stops by a signal (uvicorn

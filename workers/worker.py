@@ -84,7 +84,7 @@ class _Attempt:
     # What it came to (`engine.tracing.OUTCOMES`; None while running) and why, if it failed.
     outcome: str | None = None
     error: str | None = None
-    span: tracing.SpanHandle = field(default_factory=tracing.SpanHandle)
+    span: tracing.SpanHandle = tracing.NO_SPAN  # the attempt's own once it starts
 
 
 class SuccessBatcher:

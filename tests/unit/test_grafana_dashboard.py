@@ -43,9 +43,15 @@ def exported() -> dict[str, set[str]]:
     a tool, a table and a connection state, so that every family has a sample)."""
     names: dict[str, set[str]] = {}
     for obj in vars(metrics).values():
-        if not isinstance(obj, MetricWrapperBase):
+        if isinstance(obj, metrics.TallyCounter):
+            name, kind, labels = obj.name, "counter", set(obj.labelnames)
+        elif isinstance(obj, metrics.TallyHistogram):
+            name, kind = obj.name, "histogram"
+            labels = {obj.labelname} if obj.labelname is not None else set()
+        elif isinstance(obj, MetricWrapperBase):
+            name, kind, labels = obj._name, obj._type, set(obj._labelnames)
+        else:
             continue
-        name, kind, labels = obj._name, obj._type, set(obj._labelnames)
         if kind == "counter":
             names[name + "_total"] = labels
         elif kind == "histogram":

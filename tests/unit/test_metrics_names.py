@@ -71,11 +71,11 @@ def _exported() -> dict[str, tuple[str, set[str]]]:
     """{exposed sample-family name: (type, label names)} of everything /metrics can show,
     with every labelled child made once so that its samples appear."""
     for outcome in metrics.OUTCOMES:
-        metrics.ATTEMPTS.labels(tool="X", outcome=outcome)
+        metrics.ATTEMPTS.inc("X", outcome, amount=0)
     for family in (metrics.RETRIES, metrics.DEAD_LETTERS, metrics.FENCING_REFUSALS):
-        family.labels(tool="X")
-    metrics.READY_TO_START.labels(tool="X")
-    metrics.ATTEMPT_DURATION.labels(tool="X")
+        family.inc("X", amount=0)
+    metrics.READY_TO_START.observe("X", 0.0)
+    metrics.ATTEMPT_DURATION.observe("X", 0.0)
     metrics.WEBSOCKET_RESYNCS.labels(reason="slow_client")
     collector = metrics.QueueCollector(None, lease_ttl_s=30, tools=["DELAY"])  # type: ignore[arg-type]
     collector.snapshot = _snapshot()
