@@ -33,6 +33,22 @@ A manual retry of a dead letter runs it at once (its sleep came before its first
 a replay sleeps again. A map step sleeps once, before it expands (its children and its join
 do not); a failed attempt's backoff is unchanged.
 
+A wait step (``"wait": {"signal", "timeoutS", "approval"}``, migration 0010) parks the same
+way, its timeout as its delay (the same statements park it: ``available_at`` is its
+deadline), and is never ``ready``: its tool is the reserved ``pgdag:wait``. A signal
+(``send_signal``: ``POST /runs/{runId}/signals/{signal}``) recorded once per signal id in
+``signals`` takes it pending -> running for an instant under a fresh fencing token
+(``take_wait_step``, audited ``step_signalled``, lease owner ``signal:<id>``) and ends that
+attempt in the same transaction through the worker path: ``complete_steps`` with the payload
+as output (dependents decided, run settled), or for a rejected approval ``fail_attempt``
+without retry (``dead_letter``). A signal that comes before its step waits is kept, and the
+maintenance leader's pass delivers it once the step parks (``signals_to_deliver``). At the
+deadline the same pass fails the attempt instead of promoting it (``time_out_wait_steps``):
+it waits again with a new deadline (audited ``step_wait_timed_out``, pending -> pending)
+while attempts remain, else ``dead_letter`` (dependents by their trigger rules). Signal and
+timeout both lock the row and guard on ``pending``: exactly one of them wins. A manual retry
+or a replay makes a wait step wait again.
+
 Run states: pending --first claim--> running --> completed | failed | cancelled;
 failed --manual retry of a dead letter--> running.
 
@@ -51,6 +67,8 @@ raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
 | release_steps             | running   | ready / dead_letter | worker shutdown |
 | reap_expired_leases       | running   | ready / dead_letter | reaper          |
 | promote_due_steps         | pending   | ready (parked, due) | reaper          |
+| time_out_wait_steps       | pending   | pending / dead_letter (wait due) | reaper |
+| take_wait_step            | pending   | running (a signal; then complete / fail) | API, reaper |
 | cancel_run                | unfinished| cancelled           | API             |
 | retry_dead_letter         | dead_letter | ready (+unskip)   | API             |
 | expand_map                | running   | pending (children ready) | worker   |
