@@ -589,7 +589,10 @@ class Reaped:
 async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None:
     """The reaper's pass: requeue (or dead-letter) running steps whose lease expired, and
     make ready up to `limit` parked steps whose time has come (a run's startAt, a step's
-    delayMs: `promote_due_steps`), oldest wake time first.
+    delayMs: `promote_due_steps`), oldest wake time first. Wait steps are never made ready:
+    first the signals kept for wait steps that now wait are delivered (each in its own
+    transaction), then the wait steps past their deadline are timed out
+    (`time_out_wait_steps`: wait again, or dead_letter with their dependents settled).
 
     Only the maintenance leader calls it (`engine.maintenance`); a transaction-scoped
     advisory lock keeps two passes apart while the lead changes hands, and the transaction
@@ -597,6 +600,11 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None
     holding the lock). Returns None when another pass holds the lock, else what was done
     (`Reaped`).
     """
+    # Kept signals first (a signal that came before its step's deadline beats the timeout),
+    # each in a transaction of its own that locks like a worker's success (the step, its
+    # dependents, the run): not inside the pass's transaction, whose earlier statements hold
+    # run rows a worker's completion may be waiting behind.
+    signalled = await _deliver_early_signals(conn, limit=limit)
     async with conn.transaction():
         cur = await conn.execute(queries["reaper_try_lock"])
         lock = await cur.fetchone()
@@ -607,7 +615,6 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None
         dead = [(r["id"], str(r["run_id"])) for r in rows if r["status"] == "dead_letter"]
         if dead:
             await _after_dead_letters(conn, dead)
-        signalled = await _deliver_early_signals(conn, limit=limit)
         cur = await conn.execute(queries["time_out_wait_steps"], {"limit": limit})
         timed_out = await cur.fetchall()
         dead = [(r["id"], str(r["run_id"])) for r in timed_out if r["status"] == "dead_letter"]
@@ -772,14 +779,16 @@ async def _deliver(conn: Conn, run_id: str, signal: DictRow) -> tuple[str, str] 
 
 
 async def _deliver_early_signals(conn: Conn, *, limit: int) -> int:
-    """Inside the reaper's transaction: deliver up to `limit` signals that came before their
-    wait step was reached and whose step now waits (`signals_to_deliver`). Returns how many
-    steps took one."""
+    """The maintenance leader's pass: deliver up to `limit` signals that came before their
+    wait step was reached and whose step now waits (`signals_to_deliver`), each in its own
+    transaction (a step that a signal or the timeout took meanwhile is left alone). Returns
+    how many steps took one."""
     cur = await conn.execute(queries["signals_to_deliver"], {"limit": limit})
     delivered = 0
     for signal in await cur.fetchall():
-        if await _deliver(conn, str(signal["run_id"]), signal) is not None:
-            delivered += 1
+        async with conn.transaction():
+            if await _deliver(conn, str(signal["run_id"]), signal) is not None:
+                delivered += 1
     return delivered
 
 
