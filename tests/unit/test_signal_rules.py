@@ -9,8 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from engine.agents import RegisterRequest
+from engine.builder import Run
 from engine.dag import MAX_WAIT_TIMEOUT_S, parse_run
-from engine.errors import ConfigError
+from engine.errors import ConfigError, ValidationFailed
 from engine.rules import GraphStep, plan_reset
 from engine.tools import WAIT_TOOL, load_tool_modules, tool
 
@@ -83,3 +84,20 @@ def test_a_retried_or_replayed_wait_step_waits_again_never_ready() -> None:
     assert [(r.id, r.status, r.remaining) for r in retried] == [(2, "pending", 0)]
     replayed, _ = plan_reset(steps, [(1, 2)], [1], follow=None, force_ready=False, delayed=False)
     assert [(r.id, r.status, r.remaining) for r in replayed] == [(1, "ready", 0), (2, "pending", 1)]
+
+
+def test_the_builder_makes_wait_steps_the_api_takes() -> None:
+    run = Run("approve, then ship")
+    draft = run.step("draft", "DELAY", ms=1)
+    ok = run.wait("ok", "approval", timeout_s=3600, approval=True, depends_on=[draft])
+    run.step("ship", "DELAY", ms=ok.output["holdMs"])
+    body = run.to_dict()
+    assert body["steps"][1] == {
+        "name": "ok",
+        "wait": {"signal": "approval", "timeoutS": 3600, "approval": True},
+        "dependsOn": ["draft"],
+    }
+    assert body["steps"][2]["dependsOn"] == ["ok"]
+    parse_run(body, max_steps=10)  # the API takes it
+    with pytest.raises(ValidationFailed, match=r"wait\.timeoutS"):
+        run.wait("late", "later", timeout_s=0)
