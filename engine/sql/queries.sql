@@ -190,7 +190,9 @@ RETURNING s.id, s.lease_expires_at
 -- nothing is left, and audit all of it. A dependent decided ready that has a delayMs
 -- (delay_ms > 0, migration 0009) is parked instead: it stays pending with no dependency left
 -- and available_at = now() + its delay, audited step_delayed (pending -> pending, detail
--- reason "delay", delayMs, until); promote_due_steps makes it ready then. A map step's join
+-- reason "delay", delayMs, until; a wait step, migration 0010: reason "signal", signal,
+-- until = its deadline); promote_due_steps makes it ready then (a wait step: never, see
+-- time_out_wait_steps). A map step's join
 -- (map_width set) is never delayed: its delay was slept once, before it expanded. A map step's own success is its join: its output is
 -- its children's outputs in order, built here. Children are locked in id order so that two
 -- completions sharing children cannot deadlock. Returns the steps recorded, then the
@@ -250,7 +252,7 @@ WITH done AS (
     FROM locked_children lc
     WHERE c.id = lc.id AND c.status IN ('pending', 'skipped')
     RETURNING c.id, c.run_id, c.name, c.status, lc.old_status, lc.parked, c.delay_ms,
-              c.available_at
+              c.available_at, c.wait_signal
 ), run_counts AS (
     SELECT run_id, count(*)::integer AS n
     FROM (SELECT run_id FROM done
@@ -279,7 +281,10 @@ WITH done AS (
     FROM promoted WHERE old_status = 'pending' AND status IN ('ready', 'skipped')
     UNION ALL
     SELECT run_id, id, name, 'step_delayed', 'pending', 'pending', NULL, NULL, NULL,
-           jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+           CASE WHEN wait_signal IS NULL
+                THEN jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+                ELSE jsonb_build_object('reason', 'signal', 'signal', wait_signal,
+                                        'until', available_at) END
     FROM promoted WHERE parked
     UNION ALL
     SELECT id, NULL, NULL, 'run_' || status, 'running', status, NULL, NULL, NULL, NULL
@@ -593,14 +598,17 @@ WITH child_counts AS (
     FROM locked l
     WHERE s.id = l.id AND s.status IN ('pending', 'skipped')
     RETURNING s.id, s.run_id, s.name, s.status, l.old_status, l.parked, s.delay_ms,
-              s.available_at
+              s.available_at, s.wait_signal
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status, detail)
     SELECT run_id, id, name, 'step_' || status, old_status, status, NULL::jsonb
     FROM upd WHERE status <> old_status
     UNION ALL
     SELECT run_id, id, name, 'step_delayed', 'pending', 'pending',
-           jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+           CASE WHEN wait_signal IS NULL
+                THEN jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+                ELSE jsonb_build_object('reason', 'signal', 'signal', wait_signal,
+                                        'until', available_at) END
     FROM upd WHERE parked
 )
 SELECT id, run_id, status FROM upd WHERE status <> old_status

@@ -111,6 +111,8 @@ def test_a_signal_completes_the_waiting_step_and_its_dependents_go_on(db_url: st
             assert row["tool"] == "pgdag:wait"
             parked = named(events(db_url, run_id), "step_delayed", "approve")
             assert len(parked) == 1
+            assert parked[0]["detail"]["reason"] == "signal"
+            assert parked[0]["detail"]["signal"] == "approval"
             deadline = datetime.fromisoformat(parked[0]["detail"]["until"])
             assert deadline - row["updated_at"] == timedelta(hours=1)
             body = json.loads(await store.get_run_json(run_id))
