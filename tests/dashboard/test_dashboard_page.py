@@ -502,24 +502,27 @@ def test_approval_buttons_approve_and_reject_waiting_steps(page: Any, live: str)
     Approve / Reject buttons; Approve completes it (its payload is the output) and its
     dependent runs; Reject dead-letters it with the reason and skips its dependent."""
 
-    def approval(name: str) -> dict[str, Any]:
-        return {"name": name, "wait": {"signal": f"ok-{name}", "timeoutS": 3600, "approval": True}}
+    def approval(name: str, *deps: str) -> dict[str, Any]:
+        wait = {"signal": f"ok-{name}", "timeoutS": 3600, "approval": True}
+        return {"name": name, "wait": wait, "dependsOn": list(deps)}
 
     run = submit(
         live,
         {
             "goal": "approvals from the dashboard",
             "steps": [
-                *(approval("ship"), delay("shipped", "ship")),
+                *(delay("prepare", ms=800), approval("ship", "prepare"), delay("shipped", "ship")),
                 *(approval("risky"), delay("done-risky", "risky")),
             ],
         },
     )
-    deadline = {s["name"]: s for s in run["steps"]}["ship"]["waitingFor"]["deadline"]
     open_page(page, f"{live}/#/runs/{run['id']}")
+    # selected while it waits for "prepare": the buttons come when it starts waiting (live)
     node(page, "ship").click()
     page.wait_for_selector('#detail:not([hidden]) #step-name:text-is("ship")')
     page.wait_for_selector('#step-facts dd:has-text("an approval ok-ship (deadline")')
+    ship = {s["name"]: s for s in httpx.get(f"{live}/runs/{run['id']}").json()["steps"]}["ship"]
+    deadline = ship["waitingFor"]["deadline"]
     shown = page.locator('#step-facts dd:has-text("an approval ok-ship")').inner_text()
     local = page.evaluate(
         "(iso) => new Date(iso).toLocaleTimeString([], { hour12: false })", deadline
