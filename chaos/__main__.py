@@ -195,8 +195,9 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
     """A DAG of at least `n_steps` steps: a seed step fans out to branches of
     fetch (HTTP) -> work (flaky) -> wait (DELAY) -> notify (HTTP), which join in two groups,
     each recorded to the ledger, then a final step; beside them, a step that sleeps 200 ms
-    parked (``delayMs``) after the seed, and a wait step (``wait``) the driver signals, which
-    the final step waits for too."""
+    parked (``delayMs``) after the seed, then a child run (a step of kind run) of a flaky
+    step and a nap, and a wait step (``wait``) the driver signals, which the final step waits
+    for too."""
     rng = random.Random(seed)
     branches = max(2, (n_steps - 6 + 3) // 4)
     attempts = {"maxAttempts": 15}
@@ -267,6 +268,36 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
             **attempts,
         }
     )
+    # A child run (a step of kind run): started by the maintenance leader once the sleep is
+    # done, from a template whose flaky step runs on the same (killed) workers and whose nap
+    # reads the parent step's input through $param, itself a $ref; the step ends with the
+    # child. The checker's child_run_mismatch judges the pair.
+    steps.append(
+        {
+            "name": "delegate",
+            "dependsOn": ["sleep"],
+            "input": {"ms": {"$ref": "steps.sleep.output.tookMs"}},
+            "run": {
+                "goal": f"chaos child (seed {seed})",
+                "steps": [
+                    {
+                        "name": "flaky",
+                        "tool": "CHAOS_FLAKY",
+                        "input": {"failureRate": failure_rate, "ms": 300, "seed": seed},
+                        **attempts,
+                    },
+                    {
+                        "name": "nap",
+                        "tool": "DELAY",
+                        "input": {"ms": {"$param": "ms"}},
+                        "dependsOn": ["flaky"],
+                        **attempts,
+                    },
+                ],
+            },
+            **attempts,
+        }
+    )
     # A wait step (issue 15, part 1): no worker runs it; the driver sends its signal right
     # after submitting (twice, with one Idempotency-Key: recorded once), before the seed is
     # done, so the signal is kept and the maintenance leader delivers it when the step parks
@@ -285,7 +316,7 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
             "name": "final",
             "tool": "DELAY",
             "input": {"ms": 100},
-            "dependsOn": ["record-a", "record-b", "sleep", "approve"],
+            "dependsOn": ["record-a", "record-b", "delegate", "approve"],
             **attempts,
         }
     )

@@ -74,6 +74,16 @@ Violation kinds:
     opens an attempt like a claim (its fencing token must end it: see
     ``overlapping_leases``) and is judged like one by ``dependency_not_met`` (an
     ``all_succeeded`` wait step; the others were judged when they parked).
+``child_run_mismatch``
+    A step of kind run (tool ``$run``, ``"run": {template}``) and its child runs disagree.
+    Each claim of such a step (by the maintenance leader) names its child in its detail
+    (``childRunId``), unless it ends at once refused (step_dead_lettered); no two claims
+    name one child; every child run in the history whose parent step is in it too is named
+    by exactly one claim of that step (a second child for one attempt is reported, as is a
+    child nobody claimed); an attempt with a child ends (step_succeeded, step_retry_scheduled,
+    step_dead_lettered) only after its child's run ended, and step_succeeded only when the
+    child completed (a completed child may still fail the step: outputs too large to store);
+    a cancelled parent run leaves no child pending or running.
 
 Ordering by audit_log id is the real order for one step (all its events are written under
 its row lock). Across steps it is sound for dependencies: a dependent can be claimed only
@@ -173,18 +183,22 @@ KINDS: Final = (
     "stuck_pending",
     "delay_not_met",
     "wait_broken",
+    "child_run_mismatch",
 )
+CHILD_RUN_TOOL: Final = "$run"  # engine.dag.CHILD_RUN_TOOL
+CHILD_ENDS: Final = frozenset({"step_succeeded", "step_retry_scheduled", "step_dead_lettered"})
 
 # Read-only diagnostics, not engine queries: kept here rather than in engine/sql, which
 # holds what the engine runs. NULL ids means every run.
 _SELECT_RUNS: Final[LiteralString] = """
-SELECT id, status, start_at FROM runs
+SELECT id, status, start_at, parent_run_id, parent_step_id FROM runs
 WHERE %(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[])
+   OR parent_run_id = ANY(%(ids)s::uuid[])
 ORDER BY seq
 """
 _SELECT_STEPS: Final[LiteralString] = """
 SELECT id, run_id, name, status, idempotent, depends_on, run_if,
-       map_path IS NOT NULL AS is_map, map_width, map_parent_id, map_index, delay_ms,
+       map_path IS NOT NULL AS is_map, map_width, map_parent_id, map_index, delay_ms, tool,
        wait_signal
 FROM steps
 WHERE %(ids)s::uuid[] IS NULL OR run_id = ANY(%(ids)s::uuid[])
@@ -250,10 +264,11 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     ``run_id``, ``name``, ``status`` and may carry ``id``, ``idempotent`` (default true),
     ``depends_on`` (default none), ``run_if`` (default ``all_succeeded``), ``is_map``
     (default false), ``map_width``, ``map_parent_id`` / ``map_index`` (a map child: the
-    id of its map step), ``delay_ms`` and ``wait_signal`` (default none); `events` are
-    audit_log rows and need ``id``, ``run_id`` and ``event``, with ``step_name`` (or a
-    ``step_id`` found in `steps`) for step events. A missing ``to_status`` is taken from the
-    event name. Ids may be UUIDs or strings.
+    id of its map step), ``delay_ms``, ``wait_signal`` (default none) and ``tool``
+    (``$run``: a step of kind run, whose children are the `runs` with its ``parent_step_id``
+    and ``parent_run_id``); `events` are audit_log rows and need ``id``, ``run_id`` and
+    ``event``, with ``step_name`` (or a ``step_id`` found in `steps`) for step events. A
+    missing ``to_status`` is taken from the event name. Ids may be UUIDs or strings.
     """
     h = _History(steps, events)
     report = Report(runs=len(runs), steps=len(steps))
@@ -270,6 +285,7 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     for run in runs:
         run_id = str(run["id"])
         _check_run(run_id, str(run["status"]), steps_by_run[run_id], h.run_events[run_id], out)
+    _check_child_runs(runs, h, out)
 
     counts = Counter(str(e["event"]) for e in events)
     report.attempts = counts["step_claimed"]
@@ -288,8 +304,8 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
 
 
 def check_database(conn: psycopg.Connection[Any], run_ids: list[str] | None = None) -> Report:
-    """Load the runs `run_ids` (None: every run) with their steps and audit log from `conn`
-    and check them with `check_rows`.
+    """Load the runs `run_ids` (None: every run) and their child runs, with their steps and
+    audit log, from `conn` and check them with `check_rows`.
 
     The three reads share one snapshot (REPEATABLE READ, READ ONLY) when `conn` is idle, so
     a live engine cannot make them disagree; inside a caller's transaction they run in that
@@ -303,6 +319,8 @@ def check_database(conn: psycopg.Connection[Any], run_ids: list[str] | None = No
         if idle:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         runs = cur.execute(_SELECT_RUNS, {"ids": ids}).fetchall()
+        if ids is not None:  # with the child runs of the runs named (steps of kind run)
+            ids = [str(r["id"]) for r in runs]
         steps = cur.execute(_SELECT_STEPS, {"ids": ids}).fetchall()
         events = cur.execute(_SELECT_EVENTS, {"ids": ids}).fetchall()
     return check_rows(runs, steps, events)
@@ -333,6 +351,90 @@ def ledger_duplicates(
         else:
             before[key] += 1
     return duplicates, sum(n - 1 for n in before.values())
+
+
+# --- child runs ----------------------------------------------------------------------------
+
+
+def _check_child_runs(runs: list[Row], h: _History, out: list[Violation]) -> None:
+    """``child_run_mismatch``: steps of kind run against their child runs (see the module
+    docstring)."""
+    by_id = {str(r["id"]): r for r in runs}
+    step_key_by_id = {
+        int(s["id"]): key for key, s in h.step_rows.items() if s.get("id") is not None
+    }
+    named: dict[str, list[tuple[StepKey, Row]]] = defaultdict(list)  # child id -> claims
+    for key, row in h.step_rows.items():
+        if row.get("tool") != CHILD_RUN_TOOL:
+            continue
+        run_id, name = key
+
+        def add(detail: str, run_id: str = run_id, name: str = name) -> None:
+            out.append(Violation("child_run_mismatch", run_id, name, detail))
+
+        evs = h.step_events.get(key, [])
+        for i, e in enumerate(evs):
+            if e["event"] != "step_claimed":
+                continue
+            detail = e.get("detail")
+            child = detail.get("childRunId") if isinstance(detail, Mapping) else None
+            end = next(
+                (x for x in evs[i + 1 :] if x.get("lease_token") == e.get("lease_token")), None
+            )
+            if child is None:
+                if end is None or end["event"] != "step_dead_lettered":
+                    add(f"{_ev(e)} names no child run and was not refused at once")
+                continue
+            child = str(child)
+            named[child].append((key, e))
+            crow = by_id.get(child)
+            if crow is None or end is None or end["event"] not in CHILD_ENDS:
+                continue  # child not in the history, or the attempt not ended by its outcome
+            done = [
+                x
+                for x in h.run_events.get(child, [])
+                if x["event"] in ("run_completed", "run_failed", "run_cancelled")
+            ]
+            if not done or int(done[-1]["id"]) > int(end["id"]):
+                add(f"{_ev(end)} ended the attempt of child run {child} before the child ended")
+            elif end["event"] == "step_succeeded" and done[-1]["event"] != "run_completed":
+                add(f"{_ev(end)} after child run {child} ended with {_ev(done[-1])}")
+    for child, claims in named.items():
+        if len(claims) > 1:
+            run_id, name = claims[0][0]
+            ids = ", ".join(_ev(e) for _, e in claims)
+            out.append(
+                Violation("child_run_mismatch", run_id, name, f"child run {child} named by {ids}")
+            )
+    for r in runs:
+        parent_step = r.get("parent_step_id")
+        if parent_step is None:
+            continue
+        pkey = step_key_by_id.get(int(parent_step))
+        child = str(r["id"])
+        if pkey is not None and child not in named:
+            out.append(
+                Violation(
+                    "child_run_mismatch",
+                    pkey[0],
+                    pkey[1],
+                    f"child run {child} was named by no claim",
+                )
+            )
+        parent = by_id.get(str(r.get("parent_run_id")))
+        if (
+            parent is not None
+            and parent["status"] == "cancelled"
+            and r["status"] in ("pending", "running")
+        ):
+            out.append(
+                Violation(
+                    "child_run_mismatch",
+                    str(parent["id"]),
+                    None if pkey is None else pkey[1],
+                    f"run cancelled, its child run {child} still {r['status']}",
+                )
+            )
 
 
 # --- the history, indexed ----------------------------------------------------------------

@@ -29,7 +29,7 @@ import logging
 import random
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -41,7 +41,6 @@ from engine.errors import LeaseLost, OutputRefused, UnstorableJson, ValidationFa
 from engine.openapi import Operation, Reply
 from engine.ready import ReadySignal
 from engine.store import StepState, Store
-from engine.tools import RESERVED_TOOL_PREFIX
 from engine.transitions import ClaimedStep, output_json
 
 logger = logging.getLogger(__name__)
@@ -64,17 +63,8 @@ AgentId = Annotated[
         description="the agent's id, unique among workers: letters, digits and ._:@-",
     ),
 ]
-
-
-def _not_reserved(name: str) -> str:
-    """An agent's tool name may not be one of pgdag's own (``pgdag:wait``: a wait step is
-    never handed to anyone)."""
-    if name.startswith(RESERVED_TOOL_PREFIX):
-        raise ValueError(f"tool names starting with {RESERVED_TOOL_PREFIX!r} are reserved")
-    return name
-
-
-ToolName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_not_reserved)]
+# "$" starts pgdag's own tools ("$run": a run step, taken by the maintenance leader only).
+ToolName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^$]")]
 StepId = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 LeaseToken = Annotated[int, Field(ge=1, le=BIGINT_MAX, description="the attempt's fencing token")]
 

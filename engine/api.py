@@ -146,6 +146,15 @@ async def _remote_tools(store: Store, body: Any) -> frozenset[str]:
         return frozenset()
     local = registered_tools()
     named = {s.get("tool") for s in steps if isinstance(s, dict) and isinstance(s.get("tool"), str)}
+    for s in steps:  # and the tools of child-run templates (steps of kind run)
+        template = s.get("run") if isinstance(s, dict) else None
+        inner = template.get("steps") if isinstance(template, dict) else None
+        if isinstance(inner, list):
+            named |= {
+                c.get("tool")
+                for c in inner
+                if isinstance(c, dict) and isinstance(c.get("tool"), str)
+            }
     if named <= local.keys():  # (a tool that is not a string is parse_run's to refuse)
         return frozenset()
     return await store.live_worker_tools()

@@ -13,6 +13,9 @@ The builder only builds data (STYLE.md, after Hatchet v1): a `Step` is a typed h
 a `Ref` that compiles to ``{"$ref": "steps.feed.output.body.pages"}``; `item` and `index`
 are the map child's element and position (``{"$ref": "item.url"}``, ``{"$ref": "index"}``).
 
+A step of kind run (`Run.child_run`) takes another `Run` as its child-run template; the
+template's inputs read the run step's resolved input through `param` (``{"$param": key}``).
+
 A reference may name only an ancestor of the step (`engine.dag`), so a step that refers to
 one that is not yet an ancestor through ``depends_on`` gets it added to its ``dependsOn``
 (after the ones given, in the order the references appear). A step already an ancestor is
@@ -91,6 +94,32 @@ index = Ref("index", leaf=True)
 """A map child's position in its map step's list (``{"$ref": "index"}``)."""
 
 
+class Param:
+    """A child-run template's placeholder for a key of its run step's input:
+    ``{"$param": key}``, replaced by that key's value (its references resolved) when the
+    child run is created. Build one with `param`."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def to_json(self) -> dict[str, str]:
+        """``{"$param": key}``."""
+        return {"$param": self.key}
+
+    def __repr__(self) -> str:
+        return f"param({self.key!r})"
+
+
+def param(key: str) -> Param:
+    """In a child-run template (the `Run` given to `Run.child_run`): the value of `key` of
+    the run step's input. Raises `ValueError` for an empty key."""
+    if not key:
+        raise ValueError("a $param names a key of the run step's input: not empty")
+    return Param(key)
+
+
 class Step:
     """A step added to a `Run` by `Run.step`: its `name`, and references to what it will
     have produced (`output`, `status`, `error`) for later steps' inputs. Pass it in another
@@ -118,7 +147,7 @@ class Step:
         return Ref(f"steps.{self.name}.error", self, leaf=True)
 
     def __repr__(self) -> str:
-        return f"Step({self.name!r}, {self.spec['tool']!r})"
+        return f"Step({self.name!r}, {self.spec.get('tool', '$run')!r})"
 
 
 def _problem(step: str, field: str, problem: str) -> ValidationFailed:
@@ -131,6 +160,8 @@ def _compile(value: Any, at: str, step: str, refs: list[tuple[Ref, str]]) -> Any
     JSON cannot hold."""
     if isinstance(value, Ref):
         refs.append((value, at))
+        return value.to_json()
+    if isinstance(value, Param):
         return value.to_json()
     if isinstance(value, _PLAIN):
         if isinstance(value, float) and not math.isfinite(value):
@@ -364,6 +395,41 @@ class Run:
         self.steps[name] = step
         return step
 
+    def child_run(
+        self,
+        name: str,
+        template: Run,
+        *,
+        input: Mapping[str, Any] | None = None,
+        depends_on: Iterable[Step | str] = (),
+        run_if: str | None = None,
+        max_attempts: int | None = None,
+        idempotent: bool | None = None,
+        **fields: Any,
+    ) -> Step:
+        """Add a step of kind run: it starts a child run from `template` (another `Run`,
+        whose inputs may use `param`) and succeeds with ``{"runId", "outputs": {<child
+        step>: <output>}}`` when the child completes (docs/child-runs.md). Its input is
+        `input` and/or the keyword arguments, references allowed, as for `step`.
+
+        Raises `ValidationFailed` as `step` does; the template itself is checked by the API
+        (`engine.dag.parse_run`, problems under ``run.``)."""
+        if not isinstance(template, Run):
+            raise TypeError(f"step {name!r}: a child run's template is a Run, not {template!r}")
+        step = self.step(
+            name,
+            "$run",
+            input=input,
+            depends_on=depends_on,
+            run_if=run_if,
+            max_attempts=max_attempts,
+            idempotent=idempotent,
+            **fields,
+        )
+        del step.spec["tool"]
+        step.spec["run"] = template.to_dict()
+        return step
+
     def _own_step(self, dep: Step | str, name: str, field: str) -> str:
         """The name of `dep`, a step of this run added before `name`."""
         if isinstance(dep, Step):
@@ -395,4 +461,4 @@ class Run:
         return f"Run({self._head.get('goal', '')!r}, {len(self.steps)} steps)"
 
 
-__all__ = ["Ref", "Run", "Step", "index", "item"]
+__all__ = ["Param", "Ref", "Run", "Step", "index", "item", "param"]

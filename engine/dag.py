@@ -17,6 +17,13 @@ counts from the end). Roots:
 - ``item[.<path>]`` and ``index``: inside a map step's input, the child's element and its
   position.
 
+A step of kind ``run`` has ``"run": {template}`` instead of a ``tool``: the template is a run
+body (goal, steps...) validated here like a submitted run, its problems named under
+``run.``; its steps' inputs may hold ``{"$param": "<key>"}`` placeholders, each naming a key
+of the run step's own ``input`` (whose ``$ref``s are resolved like any step's), substituted
+when the child run is created (`child_run_spec`). A template cannot hold a run step itself:
+nesting depth is 1.
+
 A key that contains a dot cannot be reached (the path syntax has no escape).
 """
 
@@ -44,7 +51,7 @@ from pydantic import (
 
 from engine.config import MAX_ATTEMPTS_DEFAULT
 from engine.errors import UnknownTool, ValidationFailed
-from engine.tools import WAIT_TOOL, get_tool
+from engine.tools import get_tool
 
 STEP_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
@@ -60,6 +67,17 @@ MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_LIMIT = 1_000_000
 MAX_CONCURRENCY_LIMIT = 100_000
 REF_FIELDS = ("output", "status", "error")
+# The tool of a step of kind run (``"run": {template}``): "$" starts no tool a worker or an
+# agent can load (engine.tools.tool and the agents' tool names refuse it), so only the
+# maintenance leader takes such a step (engine/maintenance/child_runs.py).
+CHILD_RUN_TOOL = "$run"
+# The tool of a wait step (``"wait": {...}``, migration 0010): likewise no worker or agent
+# can load it, and it is never ready (the maintenance leader times it out instead).
+WAIT_TOOL = "$wait"
+RESERVED_TOOL_PREFIX = "$"
+# A child run's idempotency key starts with this (engine.transitions.start_child_runs); a
+# client's key may not, so no submitted run can take a child's key.
+CHILD_RUN_KEY_PREFIX = "pgdag-child:"
 
 # Every point in time the API accepts lies in [TIMESTAMP_MIN, TIMESTAMP_MAX] once converted to
 # UTC. Python's datetime holds years 1..9999 and Postgres' timestamptz 4713 BC..294276 AD, but
@@ -207,6 +225,7 @@ class WaitSpec(BaseModel):
 # concurrency key or delay (its wait is its delay).
 _NOT_WITH_WAIT: tuple[tuple[str, str], ...] = (
     ("tool", "tool"),
+    ("run", "run"),
     ("input", "input"),
     ("map", "map"),
     ("timeout_ms", "timeoutMs"),
@@ -223,7 +242,10 @@ class StepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(pattern=STEP_NAME_PATTERN)
+    # A tool; or (a step of kind run) a child-run template in `run`; or (a wait step) the
+    # signal it waits for in `wait`: exactly one of the three.
     tool: str | None = Field(default=None, min_length=1, max_length=128)
+    run: dict[str, Any] | None = None
     wait: WaitSpec | None = None
     input: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list, alias="dependsOn", max_length=1000)
@@ -251,7 +273,11 @@ class StepSpec(BaseModel):
         `parse_run` parsed them (`RunSpec.rows` passes them)."""
         row: dict[str, Any] = {
             "name": self.name,
-            "tool": self.tool if self.wait is None else WAIT_TOOL,
+            "tool": CHILD_RUN_TOOL
+            if self.run is not None
+            else WAIT_TOOL
+            if self.wait is not None
+            else self.tool,
             "input": self.input,
             "dependsOn": self.depends_on,
             "maxAttempts": self.max_attempts,
@@ -283,6 +309,8 @@ class StepSpec(BaseModel):
             row["maxConcurrency"] = self.max_concurrency
         if self.delay_ms:  # 0 sleeps no time: stored as no delay
             row["delayMs"] = self.delay_ms
+        if self.run is not None:
+            row["run"] = self.run
         if self.wait is not None:  # parks as a sleep of its timeout (migration 0010)
             row["delayMs"] = self.wait.timeout_s * 1000
             row["waitSignal"] = self.wait.signal
@@ -335,7 +363,9 @@ class RunSpec(BaseModel):
             # before delayMs existed (migration 0009) keeps its fingerprint.
             if not step.get("delayMs"):
                 step.pop("delayMs", None)
-            if step.get("wait") is None:  # likewise for runs fingerprinted before waits
+            if step.get("run") is None:  # likewise for the child-run template (0011)
+                step.pop("run", None)
+            if step.get("wait") is None:  # likewise for wait steps (0010)
                 step.pop("wait", None)
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -401,12 +431,23 @@ def _find_cycle(steps: list[StepSpec]) -> list[str] | None:
     return cycle
 
 
-def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = frozenset()) -> RunSpec:
+def parse_run(
+    body: Any,
+    *,
+    max_steps: int,
+    remote_tools: Collection[str] = frozenset(),
+    child_params: Collection[str] | None = None,
+) -> RunSpec:
     """Validate a decoded ``POST /runs`` body and return the `RunSpec`.
 
     `remote_tools` are tools this process has not loaded but a live worker or agent has
     (`Store.live_worker_tools`): a step of one is accepted, and its input is not checked
     here (no schema to check it with; its worker checks it when it runs the step).
+
+    `child_params` (not None) says `body` is a child-run template (a run step's ``run``):
+    its steps' inputs may hold ``{"$param": name}`` with a name in `child_params` (a place
+    the tool's schema is not checked at: its value comes when the child is created), it may
+    not hold run steps (nesting depth 1) nor an ``idempotencyKey`` (pgdag sets the child's).
 
     Raises `ValidationFailed` listing every problem found (``step``, ``field``, ``problem``).
     """
@@ -473,12 +514,20 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
         parsed = _collect_step_refs(step, names, step_problems)
         refs_by_step[step.name] = parsed
         problems.extend(step_problems)
-        if step.tool is None:
+        if step.run is not None or step.tool is None:
+            problems.extend(
+                _child_run_problems(step, max_steps, remote_tools, nested=child_params is not None)
+            )
+            continue
+        param_places: list[tuple[str, ...]] = []
+        if child_params is not None:
+            param_places = _param_places(step, child_params, problems)
+        if step.tool.startswith(RESERVED_TOOL_PREFIX):
             problems.append(
                 {
                     "step": step.name,
                     "field": "tool",
-                    "problem": "Field required (a step names a tool, or is a wait: give wait)",
+                    "problem": f"tool names starting with {RESERVED_TOOL_PREFIX!r} are pgdag's",
                 }
             )
             continue
@@ -496,7 +545,7 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
             continue
         if step_problems:
             continue
-        ref_places = [tuple(r["at"]) for r in parsed.refs]
+        ref_places = [tuple(r["at"]) for r in parsed.refs] + param_places
         try:
             tool.parse_input(step.input)
         except ValidationError as exc:
@@ -505,7 +554,7 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
                 if err["type"] != "extra_forbidden" and any(
                     loc[: len(at)] == at for at in ref_places
                 ):
-                    continue  # a reference: its value is checked when the step is claimed
+                    continue  # a reference (or a $param): its value is checked later
                 sub = _field_path(tuple(err["loc"]))
                 problems.append(
                     {
@@ -528,6 +577,27 @@ def parse_run(body: Any, *, max_steps: int, remote_tools: Collection[str] = froz
             )
         else:
             problems.extend(_ancestor_problems(spec.steps, refs_by_step))
+    if (
+        child_params is None
+        and spec.idempotency_key is not None
+        and spec.idempotency_key.startswith(CHILD_RUN_KEY_PREFIX)
+    ):
+        problems.append(
+            {
+                "step": None,
+                "field": "idempotencyKey",
+                "problem": f"keys starting with {CHILD_RUN_KEY_PREFIX!r} are pgdag's (child runs)",
+            }
+        )
+    if child_params is not None and spec.idempotency_key is not None:
+        problems.append(
+            {
+                "step": None,
+                "field": "idempotencyKey",
+                "problem": "a child run's idempotency key is pgdag's "
+                "(pgdag-child:<parentRunId>:<stepName>:<attempt>)",
+            }
+        )
     if problems:
         raise ValidationFailed(problems)
     spec._parsed = refs_by_step
@@ -559,6 +629,146 @@ def _wait_problems(step: StepSpec, signals: dict[str, str]) -> list[Problem]:
             }
         )
     return problems
+
+
+def _child_run_problems(
+    step: StepSpec, max_steps: int, remote_tools: Collection[str], *, nested: bool
+) -> list[Problem]:
+    """What is wrong with a step of kind run (`step.run` set, or neither tool nor run): its
+    template's problems are named under ``run.`` (``run.steps.<name>.<field>``)."""
+    if step.tool is None and step.run is None:
+        return [
+            {
+                "step": step.name,
+                "field": "tool",
+                "problem": 'a step needs a tool, a "run" (a child-run template) or a "wait"',
+            }
+        ]
+    if step.tool is not None:
+        return [
+            {"step": step.name, "field": "run", "problem": 'a step has a tool or a "run", not both'}
+        ]
+    if nested:
+        return [
+            {
+                "step": step.name,
+                "field": "run",
+                "problem": "a child run cannot start child runs (nesting depth is 1)",
+            }
+        ]
+    # What a worker enforces, or the claim's slots, means nothing to the maintenance leader
+    # that starts a child: refused rather than ignored.
+    unsupported = {
+        "map": step.map,
+        "timeoutMs": step.timeout_ms,
+        "concurrencyKey": step.concurrency_key,
+        "maxConcurrency": step.max_concurrency,
+    }
+    refused: list[Problem] = [
+        {"step": step.name, "field": field, "problem": "a run step cannot have one"}
+        for field, value in unsupported.items()
+        if value is not None
+    ]
+    if refused:
+        return refused
+    try:
+        parse_run(
+            step.run, max_steps=max_steps, remote_tools=remote_tools, child_params=set(step.input)
+        )
+    except ValidationFailed as exc:
+        out: list[Problem] = []
+        for p in exc.problems:
+            inner = f"steps.{p['step']}.{p['field']}" if p.get("step") else str(p["field"])
+            out.append({"step": step.name, "field": f"run.{inner}", "problem": str(p["problem"])})
+        return out
+    return []
+
+
+def _find_params(value: Any, at: list[str], found: list[tuple[list[str], dict[str, Any]]]) -> None:
+    """Every ``{"$param": ...}`` object inside `value`, with the path of keys/indices to it."""
+    if isinstance(value, dict):
+        if "$param" in value:
+            found.append((at, value))
+            return
+        for key, item in value.items():
+            _find_params(item, [*at, str(key)], found)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _find_params(item, [*at, str(index)], found)
+
+
+def _param_places(
+    step: StepSpec, params: Collection[str], problems: list[Problem]
+) -> list[tuple[str, ...]]:
+    """The places of a template step's ``$param`` placeholders; bad ones go to `problems`."""
+    found: list[tuple[list[str], dict[str, Any]]] = []
+    _find_params(step.input, [], found)
+    places: list[tuple[str, ...]] = []
+    for at, obj in found:
+        field = ".".join(["input", *at])
+        name = obj.get("$param")
+        if len(obj) != 1 or not isinstance(name, str):
+            problems.append(
+                _ref_problem(step, field, 'must be {"$param": "<a key of the run step\'s input>"}')
+            )
+        elif name not in params:
+            places.append(tuple(at))  # (its schema check would only repeat the problem)
+            known = ", ".join(sorted(params)) or "none"
+            problems.append(
+                _ref_problem(
+                    step,
+                    field,
+                    f"$param {name!r} is no key of the run step's input (keys: {known})",
+                )
+            )
+        else:
+            places.append(tuple(at))
+    return places
+
+
+def substitute_params(value: Any, params: dict[str, Any]) -> Any:
+    """`value` with every ``{"$param": name}`` replaced by ``params[name]`` (a copy; a name
+    missing from `params` becomes null)."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get("$param"), str):
+            return params.get(value["$param"])
+        return {k: substitute_params(v, params) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_params(v, params) for v in value]
+    return value
+
+
+def child_run_spec(
+    template: dict[str, Any],
+    params: dict[str, Any],
+    *,
+    idempotency_key: str,
+    goal: str,
+    max_steps: int,
+    remote_tools: Collection[str] = frozenset(),
+) -> RunSpec:
+    """The child run a run step starts: `template` (its ``run``) with each step's ``$param``
+    placeholders replaced by `params` (the step's resolved input), validated like a submitted
+    run, with `idempotency_key` (``pgdag-child:<parentRunId>:<stepName>:<attempt>``) and
+    `goal` when the template has none.
+
+    Raises `ValidationFailed` when the substituted template is refused (a value of the wrong
+    type for its tool, say): the run step fails with those problems as its error."""
+    body = dict(template)
+    steps = body.get("steps")
+    if isinstance(steps, list):
+        body["steps"] = [
+            {**s, "input": substitute_params(s["input"], params)}
+            if isinstance(s, dict) and "input" in s
+            else s
+            for s in steps
+        ]
+    body.setdefault("goal", goal[:2000])
+    spec = parse_run(
+        body, max_steps=max_steps, remote_tools=remote_tools, child_params=params.keys()
+    )
+    spec.idempotency_key = idempotency_key
+    return spec
 
 
 def _concurrency_problems(step: StepSpec, key_limits: dict[str, tuple[int, str]]) -> list[Problem]:

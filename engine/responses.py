@@ -112,6 +112,14 @@ class WaitingRunning(Wire):
     lease_expires_at: datetime
 
 
+class WaitingChildRun(Wire):
+    """A step of kind run: its child run `run_id` is running (the step ends when it does), or
+    null: the step is ready and the maintenance leader starts its child next."""
+
+    reason: Literal["childRun"]
+    run_id: UUID | None
+
+
 class WaitingMapChildren(Wire):
     """A map step waiting for its children (`remaining` of `width` unfinished)."""
 
@@ -215,6 +223,7 @@ class WaitingQueued(Wire):
 
 WaitingFor = Annotated[
     WaitingRunning
+    | WaitingChildRun
     | WaitingMapChildren
     | WaitingDependencies
     | WaitingStartAt
@@ -252,6 +261,12 @@ class Step(Wire):
     delay_ms: int | None = Field(
         description="milliseconds the step sleeps, parked, once its dependencies are done"
     )
+    run: dict[str, JsonValue] | None = Field(
+        description="a step of kind run: its child-run template (tool is then $run)"
+    )
+    child_run_id: UUID | None = Field(
+        description="a step of kind run: the child run of its latest attempt"
+    )
     wait: StepWait | None = Field(description="a wait step's signal and timeout")
     resolved_input: dict[str, JsonValue] | None = Field(
         description="the input with its references resolved, as the last attempt ran it"
@@ -270,6 +285,11 @@ class Step(Wire):
 
 class Run(RunSummary):
     """A run with every step: ``GET /runs/{runId}`` and every route that changes a run."""
+
+    parent_run_id: UUID | None = Field(
+        description="a child run: the run whose step of kind run started it"
+    )
+    parent_step_name: str | None = Field(description="a child run: that step's name")
 
     step_counts: dict[StepStatus, int] = Field(description="how many steps are in each status")
     steps: list[Step]

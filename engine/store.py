@@ -114,6 +114,9 @@ async def _read_run_json(conn: Conn, run_id: str, *, with_steps: bool, lease_ttl
     if row is None:
         raise NotFound(f"no run {run_id}")
     run = run_json(row)
+    # A child run (a step of kind run started it): its parent run and step (migration 0011).
+    run["parentRunId"] = str(row["parent_run_id"]) if row["parent_run_id"] else None
+    run["parentStepName"] = row["parent_step_name"]
     cur = await conn.execute(queries["select_run_status_counts"], {"run_id": run_id})
     run["stepCounts"] = {r["status"]: r["n"] for r in await cur.fetchall()}
     head = json.dumps(run, separators=(",", ":"))
@@ -406,6 +409,35 @@ class Store:
                 return await transitions.cancel_run(conn, run_id, reason=reason)
 
         return await retrying(op, what=f"cancelling run {run_id}", deadline_s=10)
+
+    async def start_child_runs(
+        self, *, limit: int, max_steps: int, backoff_base_ms: int, backoff_cap_ms: int
+    ) -> int:
+        """Start the child runs of due steps of kind run (see
+        `transitions.start_child_runs`); returns the steps started or failed."""
+        async with self.pool.connection() as conn:
+            return await transitions.start_child_runs(
+                conn,
+                limit=limit,
+                max_steps=max_steps,
+                remote_tools=self.live_worker_tools,
+                backoff_base_ms=backoff_base_ms,
+                backoff_cap_ms=backoff_cap_ms,
+            )
+
+    async def finish_child_runs(
+        self, *, limit: int, backoff_base_ms: int, backoff_cap_ms: int, max_output_bytes: int
+    ) -> int:
+        """End the steps of kind run whose child run ended (see
+        `transitions.finish_child_runs`); returns the steps ended."""
+        async with self.pool.connection() as conn:
+            return await transitions.finish_child_runs(
+                conn,
+                limit=limit,
+                backoff_base_ms=backoff_base_ms,
+                backoff_cap_ms=backoff_cap_ms,
+                max_output_bytes=max_output_bytes,
+            )
 
     async def retry_step(
         self, run_id: str, step_name: str, *, reason: str = "manual retry"

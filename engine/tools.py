@@ -75,24 +75,17 @@ class Tool:
 
 _REGISTRY: dict[str, Tool] = {}
 
-# Tool names starting with this are pgdag's own and no tool, worker or agent may take them.
-RESERVED_TOOL_PREFIX = "pgdag:"
-# The tool name stored for a wait step (engine.dag.WaitSpec, migration 0010): no worker loads
-# it and no agent may claim it, so claim_steps can never hand a wait step out (it is never
-# ready anyway: the maintenance leader times it out instead).
-WAIT_TOOL = RESERVED_TOOL_PREFIX + "wait"
-
 
 def tool(
     name: str, input_model: type[ModelT]
 ) -> Callable[[Callable[[ModelT, ToolContext], Awaitable[JSON]]], Callable[..., Awaitable[JSON]]]:
     """Register the decorated async function as tool `name` with input schema `input_model`.
 
-    Raises `ConfigError` if another function already holds `name`, or when `name` starts with
-    ``pgdag:`` (`RESERVED_TOOL_PREFIX`, pgdag's own step kinds).
+    Raises `ConfigError` if another function already holds `name`.
     """
-    if name.startswith(RESERVED_TOOL_PREFIX):
-        raise ConfigError(f"tool name {name!r} is reserved: {RESERVED_TOOL_PREFIX!r} is pgdag's")
+
+    if name.startswith("$"):  # "$run" is a run step's (engine.dag.CHILD_RUN_TOOL)
+        raise ConfigError(f"tool {name!r}: names starting with '$' are pgdag's")
 
     def decorate(
         fn: Callable[[ModelT, ToolContext], Awaitable[JSON]],

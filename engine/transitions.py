@@ -35,7 +35,7 @@ do not); a failed attempt's backoff is unchanged.
 
 A wait step (``"wait": {"signal", "timeoutS", "approval"}``, migration 0010) parks the same
 way, its timeout as its delay (the same statements park it: ``available_at`` is its
-deadline), and is never ``ready``: its tool is the reserved ``pgdag:wait``. A signal
+deadline), and is never ``ready``: its tool is the reserved ``$wait``. A signal
 (``send_signal``: ``POST /runs/{runId}/signals/{signal}``) recorded once per signal id in
 ``signals`` takes it pending -> running for an instant under a fresh fencing token
 (``take_wait_step``, audited ``step_signalled``, lease owner ``signal:<id>``) and ends that
@@ -48,6 +48,18 @@ it waits again with a new deadline (audited ``step_wait_timed_out``, pending -> 
 while attempts remain, else ``dead_letter`` (dependents by their trigger rules). Signal and
 timeout both lock the row and guard on ``pending``: exactly one of them wins. A manual retry
 or a replay makes a wait step wait again.
+
+A step of kind run (``"run": {template}``, tool ``$run``: no worker or agent can load it)
+becomes ready like any step; then the maintenance leader (`start_child_runs`), in one
+transaction, inserts its child run (idempotency key ``pgdag-child:<runId>:<step>:<attempt>:
+<fencing token>``, ``runs.parent_run_id``/``parent_step_id``) and claims the step (ready ->
+running, audited ``step_claimed`` with ``childRunId``; lease owner ``pgdag:child-runs``, a
+lease that does not expire while the child runs). When the child ends, `finish_child_runs`
+ends the attempt under its fencing token through the same transitions a worker uses:
+``complete_steps`` (output ``{"runId", "outputs": {step: output}}``) for a completed child,
+``fail_attempt`` for a failed one (retried per maxAttempts: a fresh child) or a cancelled
+one (not retried: dead letter). Cancelling a run cancels its unfinished child runs in the
+same transaction (`cancel_run`). A template cannot hold a run step (nesting depth 1).
 
 Run states: pending --first claim--> running --> completed | failed | cancelled;
 failed --manual retry of a dead letter--> running.
@@ -69,7 +81,9 @@ raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
 | promote_due_steps         | pending   | ready (parked, due) | reaper          |
 | time_out_wait_steps       | pending   | pending / dead_letter (wait due) | reaper |
 | take_wait_step            | pending   | running (a signal; then complete / fail) | API, reaper |
-| cancel_run                | unfinished| cancelled           | API             |
+| cancel_run                | unfinished| cancelled (+children)| API            |
+| start_child_runs          | ready     | running (child run) | maintenance     |
+| finish_child_runs         | running   | succeeded / ready / dead_letter | maintenance |
 | retry_dead_letter         | dead_letter | ready (+unskip)   | API             |
 | expand_map                | running   | pending (children ready) | worker   |
 | replay_from               | any but running | ready / pending / skipped | API   |
@@ -84,7 +98,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -94,7 +108,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
 from engine import jsonb
-from engine.dag import RunSpec
+from engine.dag import CHILD_RUN_KEY_PREFIX, RunSpec, child_run_spec
 from engine.db import RETRYABLE
 from engine.errors import (
     IdempotencyKeyReused,
@@ -103,6 +117,7 @@ from engine.errors import (
     NotFound,
     OutputRefused,
     PgdagError,
+    ValidationFailed,
 )
 from engine.gcpause import gc_paused
 from engine.rules import GraphStep, ResetStep, plan_reset
@@ -817,7 +832,182 @@ async def cancel_run(conn: Conn, run_id: str, *, reason: str) -> int:
         cur = await conn.execute(queries["cancel_run_steps"], {"run_id": run_id, "reason": reason})
         counted = await cur.fetchone()
         await conn.execute(queries["cancel_run"], {"run_id": run_id, "reason": reason})
+        # Its unfinished child runs (steps of kind run), in the same transaction, audited
+        # with a reason naming the parent; one level: a child cannot have children.
+        cur = await conn.execute(queries["select_unfinished_child_runs"], {"run_id": run_id})
+        for child in await cur.fetchall():
+            why = f"parent run {run_id} cancelled: {reason}"
+            await conn.execute(queries["cancel_run_steps"], {"run_id": child["id"], "reason": why})
+            await conn.execute(queries["cancel_run"], {"run_id": child["id"], "reason": why})
     return int(counted["n"]) if counted else 0
+
+
+# The lease owner of a step of kind run while its child runs: the maintenance leader, not a
+# worker (no worker registers it: a worker id is never this).
+CHILD_RUN_OWNER = "pgdag:child-runs"
+
+
+async def start_child_runs(
+    conn: Conn,
+    *,
+    limit: int,
+    max_steps: int,
+    remote_tools: Callable[[], Awaitable[frozenset[str]]],
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+) -> int:
+    """Start the child runs of up to `limit` due steps of kind run (ready, tool ``$run``),
+    each in one transaction: its child run inserted (the template with its ``$param``s
+    replaced by the step's resolved input, `engine.dag.child_run_spec`; idempotency key
+    ``pgdag-child:<runId>:<step>:<attempt>:<token>``) and linked to it, and the step claimed
+    (ready -> running) with that fencing token by `CHILD_RUN_OWNER`, audited. A crash before
+    the commit leaves neither; a step another pass holds is skipped (SKIP LOCKED).
+
+    A step whose references cannot be resolved, or whose substituted template is refused
+    (`max_steps`, `remote_tools`: as for ``POST /runs``), is claimed and its attempt failed
+    (not retryable: dead letter) with the reason, in the same transaction; `remote_tools`
+    is awaited (once, only when a step is due) for the tools of live workers and agents.
+    Returns the steps started (or so failed)."""
+    cur = await conn.execute(queries["select_due_child_steps"], {"limit": limit, "id": None})
+    due = [r["id"] for r in await cur.fetchall()]
+    if not due:
+        return 0
+    live_tools = await remote_tools()
+    n = 0
+    for step_id in due:
+        async with conn.transaction():
+            cur = await conn.execute(queries["select_due_child_steps"], {"limit": 1, "id": step_id})
+            row = await cur.fetchone()
+            if row is None:  # taken or changed since the first look
+                continue
+            cur = await conn.execute(queries["next_lease_token"])
+            token_row = await cur.fetchone()
+            assert token_row is not None
+            token = int(token_row["token"])
+            resolved: dict[str, Any] = row["resolved_input"] or {}
+            attempt = int(row["attempt"]) + 1
+            error: str | None = resolved.get("error")
+            child_id: str | None = None
+            if error is None:
+                params = resolved.get("input")
+                key = f"{CHILD_RUN_KEY_PREFIX}{row['run_id']}:{row['name']}:{attempt}:{token}"
+                try:
+                    spec = child_run_spec(
+                        row["child_template"],
+                        params if isinstance(params, dict) else {},
+                        idempotency_key=key,
+                        goal=f"{row['goal']} / {row['name']}".strip(" /"),
+                        max_steps=max_steps,
+                        remote_tools=live_tools,
+                    )
+                except ValidationFailed as exc:
+                    error = "child run refused: " + "; ".join(
+                        f"{'step ' + str(p['step']) + ': ' if p.get('step') else ''}"
+                        f"{p['field']}: {p['problem']}"
+                        for p in exc.problems
+                    )
+                else:
+                    child_id, _ = await create_run(conn, spec)
+                    await conn.execute(
+                        queries["link_child_run"],
+                        {
+                            "child_run_id": child_id,
+                            "parent_run_id": row["run_id"],
+                            "parent_step_id": step_id,
+                        },
+                    )
+            cur = await conn.execute(
+                queries["start_child_run_step"],
+                {
+                    "id": step_id,
+                    "attempt": row["attempt"],
+                    "token": token,
+                    "owner": CHILD_RUN_OWNER,
+                    "child_run_id": child_id,
+                    "resolved_input": json.dumps(resolved),
+                },
+            )
+            if await cur.fetchone() is None:  # locked above: cannot happen; roll it all back
+                raise IllegalTransition(f"step {step_id} is no longer ready")
+            if error is not None:
+                await fail_attempt(
+                    conn,
+                    step_id,
+                    token,
+                    error=error,
+                    retryable=False,
+                    worker_id=CHILD_RUN_OWNER,
+                    backoff_base_ms=backoff_base_ms,
+                    backoff_cap_ms=backoff_cap_ms,
+                )
+            else:
+                logger.info(
+                    "child run %s started for step %s of run %s (attempt %d)",
+                    child_id,
+                    row["name"],
+                    row["run_id"],
+                    attempt,
+                )
+        n += 1
+    return n
+
+
+async def finish_child_runs(
+    conn: Conn, *, limit: int, backoff_base_ms: int, backoff_cap_ms: int, max_output_bytes: int
+) -> int:
+    """End the attempts of up to `limit` steps of kind run whose child run has ended, each
+    under its fencing token, as a worker would (`complete_steps`, `fail_attempt`: the same
+    guards, audit rows and dependents' decisions):
+
+    - child ``completed``: the step succeeds with ``{"runId": <child>, "outputs": {<child
+      step>: <its output>}}`` (every succeeded step of the child but map children; a
+      ``$ref`` downstream reads ``steps.<step>.output.outputs.<child step>...``);
+    - child ``failed``: the attempt fails, retryable (a new attempt starts a fresh child),
+      with the child's first dead letter as the error;
+    - child ``cancelled``: the attempt fails, not retryable (dead letter: a person stopped
+      it; retry the step by hand to run a fresh child).
+
+    An output past `max_output_bytes` fails the attempt instead (not retryable). A step
+    that is no longer running under that token (cancelled meanwhile) is left alone.
+    Returns the steps ended."""
+    cur = await conn.execute(queries["select_finished_child_steps"], {"limit": limit})
+    n = 0
+    for r in await cur.fetchall():
+        step_id, token, child = r["id"], r["lease_token"], str(r["child_run_id"])
+        error: str | None = None
+        retryable = False
+        if r["child_status"] == "completed":
+            try:
+                text = output_json(
+                    {"runId": child, "outputs": r["child_outputs"]}, max_bytes=max_output_bytes
+                )
+            except ValueError as exc:
+                error = f"child run {child} completed, but its outputs cannot be stored: {exc}"
+            else:
+                done = await complete_steps(
+                    conn, [(step_id, token, text)], worker_id=CHILD_RUN_OWNER, may_skip=True
+                )
+                n += len(done)
+                continue
+        elif r["child_status"] == "failed":
+            error, retryable = f"child run {child} failed: {r['child_error']}", True
+        else:
+            error = f"child run {child} was cancelled"
+        try:
+            await fail_attempt(
+                conn,
+                step_id,
+                token,
+                error=error,
+                retryable=retryable,
+                worker_id=CHILD_RUN_OWNER,
+                backoff_base_ms=backoff_base_ms,
+                backoff_cap_ms=backoff_cap_ms,
+            )
+        except LeaseLost:
+            continue
+        n += 1
+    return n
 
 
 async def retry_dead_letter(conn: Conn, run_id: str, step_name: str, *, reason: str) -> None:

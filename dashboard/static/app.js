@@ -473,6 +473,13 @@
       times.push(`${run.status} after ${fmtDuration(Date.parse(run.finishedAt) - Date.parse(run.startedAt))}`);
     }
     $("run-times").textContent = `${run.stepsTotal.toLocaleString()} steps · ${times.join(" · ")}`;
+    // A child run (a step of kind run started it): a link to that step of its parent run.
+    const parent = $("run-parent");
+    parent.hidden = !run.parentRunId;
+    if (run.parentRunId) {
+      parent.href = `#/runs/${run.parentRunId}/steps/${encodeURIComponent(run.parentStepName || "")}`;
+      parent.textContent = `child run of ${run.parentRunId.slice(0, 8)}… step ${run.parentStepName || "?"}`;
+    }
     $("run-counts").innerHTML = STATUSES.map(
       (s) =>
         `<span class="chip${cur.counts[s] ? "" : " zero"}" data-status="${s}" data-count="${cur.counts[s] || 0}">` +
@@ -555,7 +562,7 @@
     const s = cur.steps.get(name);
     if (got && s) {
       // Status and attempt stay as the live stream has them; the rest comes from the GET.
-      for (const k of ["input", "resolvedInput", "output", "error", "waitingFor", "availableAt", "leaseOwner", "leaseExpiresAt", "startedAt", "finishedAt", "createdAt", "timeoutMs", "idempotent", "maxAttempts"]) {
+      for (const k of ["input", "resolvedInput", "output", "error", "waitingFor", "availableAt", "leaseOwner", "leaseExpiresAt", "startedAt", "finishedAt", "createdAt", "timeoutMs", "idempotent", "maxAttempts", "childRunId"]) {
         s[k] = got[k];
       }
       if (got.status === s.status) s.stale = false;
@@ -609,6 +616,8 @@
         return `${w.approval ? "an approval" : "the signal"} ${w.signal} (deadline ${fmtTime(w.deadline)})`;
       case "delay":
         return `a sleep of ${w.delayMs} ms (no worker held), until ${fmtTime(w.until)}`;
+      case "childRun":
+        return w.runId ? `its child run ${w.runId} (no worker held)` : "the maintenance leader to start its child run";
       case "backoff":
         return `backoff after attempt ${w.attempt}, until ${fmtTime(w.until)}`;
       case "concurrencyKey":
@@ -671,6 +680,13 @@
     facts.push(["idempotent", s.idempotent ? "yes" : "no (never re-run automatically)"]);
     facts.push(["idempotency key", s.idempotencyKey]);
     $("step-facts").innerHTML = facts.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join("");
+    if (s.childRunId) {
+      // A step of kind run: a link to the child run of its latest attempt.
+      $("step-facts").insertAdjacentHTML(
+        "beforeend",
+        `<dt>child run</dt><dd><a id="child-run-link" href="#/runs/${esc(s.childRunId)}">${esc(s.childRunId)}</a></dd>`,
+      );
+    }
     $("step-input").textContent = s.resolvedInput == null ? json(s.input) : `${json(s.resolvedInput)}\n\n(as submitted: ${json(s.input)})`;
     $("step-output").textContent = s.stale && s.status === "succeeded" && s.output == null ? "loading…" : json(s.output);
     $("step-error-block").hidden = !s.error;

@@ -30,7 +30,8 @@ SELECT id, idempotency_fingerprint FROM runs WHERE idempotency_key = %(idempoten
 -- their delayMs (migration 0009) when they have one: promote_due_steps makes them ready then
 -- (no audit row per parked root: run_created counts them in "delayed"). A wait step
 -- (waitSignal, migration 0010) carries its timeout as its delayMs: a wait root parks until its
--- deadline like any delayed root. Each concurrency key's limit is upserted (one key has
+-- deadline like any delayed root. A step of kind run keeps its child-run template in
+-- child_template (migration 0011). Each concurrency key's limit is upserted (one key has
 -- one limit per run: engine.dag checks it; across runs the latest submitted wins).
 WITH spec AS (
     SELECT s.name, s.tool, s.input, coalesce(s."dependsOn", '{}') AS depends_on,
@@ -39,12 +40,14 @@ WITH spec AS (
            s."mapPath" AS map_path, s."concurrencyKey" AS concurrency_key,
            s."maxConcurrency" AS max_concurrency,
            coalesce(s."maySkipChildren", false) AS may_skip_children, s."delayMs" AS delay_ms,
-           s."waitSignal" AS wait_signal, s."waitApproval" AS wait_approval
+           s."waitSignal" AS wait_signal, s."waitApproval" AS wait_approval,
+           s.run AS child_template
     FROM jsonb_to_recordset(%(steps)s::jsonb) AS s(
         name text, tool text, input jsonb, "dependsOn" text[], "maxAttempts" integer,
         "timeoutMs" integer, idempotent boolean, "runIf" text, refs jsonb, "refSteps" text[],
         map text, "mapPath" jsonb, "concurrencyKey" text, "maxConcurrency" integer,
-        "maySkipChildren" boolean, "delayMs" integer, "waitSignal" text, "waitApproval" boolean)
+        "maySkipChildren" boolean, "delayMs" integer, "waitSignal" text, "waitApproval" boolean,
+        run jsonb)
 ), timing AS (
     SELECT coalesce(%(start_at)s::timestamptz > now(), false) AS delayed,
            greatest(coalesce(%(start_at)s::timestamptz, now()), now()) AS available_at
@@ -52,7 +55,7 @@ WITH spec AS (
     INSERT INTO steps (run_id, name, tool, input, depends_on, deps_remaining, status,
                        max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map,
                        map_path, concurrency_key, max_concurrency, priority, available_at,
-                       may_skip_children, delay_ms, wait_signal, wait_approval)
+                       may_skip_children, delay_ms, wait_signal, wait_approval, child_template)
     SELECT %(run_id)s, name, tool, input, depends_on, cardinality(depends_on),
            CASE WHEN cardinality(depends_on) = 0 AND NOT t.delayed
                      AND coalesce(delay_ms, 0) = 0 THEN 'ready'
@@ -62,7 +65,7 @@ WITH spec AS (
            CASE WHEN cardinality(depends_on) = 0 AND delay_ms > 0
                 THEN t.available_at + make_interval(secs => delay_ms / 1000.0)
                 ELSE t.available_at END,
-           may_skip_children, delay_ms, wait_signal, wait_approval
+           may_skip_children, delay_ms, wait_signal, wait_approval, child_template
     FROM spec CROSS JOIN timing t
     RETURNING id, name, depends_on, status
 ), slots AS (
@@ -669,6 +672,14 @@ WITH upd AS (
 )
 SELECT id FROM upd
 
+-- name: select_unfinished_child_runs
+-- The unfinished child runs of a run being cancelled (runs_parent_idx, migration 0011),
+-- locked in id order like lock_run: cancel_run cancels them in its own transaction.
+SELECT id FROM runs
+WHERE parent_run_id = %(run_id)s AND status IN ('pending', 'running')
+ORDER BY id
+FOR UPDATE
+
 -- name: select_run_graph
 -- A run's steps, for engine.transitions' reset (manual retry and replay), which evaluates
 -- the trigger rules of the steps it resets in Python (engine.rules) under the run's lock.
@@ -860,6 +871,95 @@ WITH target AS (
 )
 SELECT w.id, w.n AS width, w.problem FROM width w
 
+-- name: select_due_child_steps
+-- Ready steps of kind run (tool '$run', engine.dag.CHILD_RUN_TOOL: no worker or agent can
+-- load it) whose time has come, for the maintenance leader (engine/maintenance/child_runs.py),
+-- highest priority first, then oldest, through steps_ready_idx (its leading column is the
+-- tool). Locked, SKIP LOCKED, until the transaction that starts each one's child commits.
+-- resolved_input is the step's input with its references resolved, as claim_steps resolves
+-- them: {"input": ...} or {"error": ...}.
+SELECT s.id, s.run_id, s.name, s.attempt, s.child_template, r.goal,
+       CASE WHEN s.refs IS NULL THEN jsonb_build_object('input', s.input)
+            ELSE pgdag_resolve_input(s.input, s.refs, pgdag_ref_context(s.run_id, s.ref_steps))
+       END AS resolved_input
+FROM steps s
+JOIN runs r ON r.id = s.run_id
+WHERE s.tool = '$run' AND s.status = 'ready' AND s.available_at <= now()
+  AND s.child_template IS NOT NULL AND (%(id)s::bigint IS NULL OR s.id = %(id)s::bigint)
+ORDER BY s.priority DESC, s.available_at, s.id
+LIMIT %(limit)s
+FOR UPDATE OF s SKIP LOCKED
+
+-- name: next_lease_token
+-- A fencing token taken before its claim: a run step's child run is keyed by it
+-- (engine.transitions.start_child_runs), then start_child_run_step claims with it.
+SELECT nextval('lease_token_seq') AS token
+
+-- name: start_child_run_step
+-- ready -> running for a step of kind run whose child run %(child_run_id)s was just inserted
+-- in the same transaction (engine.transitions.start_child_runs; NULL: none could be, and the
+-- attempt fails next, in the same transaction): a new attempt, fencing token %(token)s
+-- (next_lease_token), the lease held by %(owner)s (the maintenance leader's name for it) until the child
+-- ends, so it never expires (100 years: a finite time, which JSON and Python can read) and
+-- the reaper never takes it; the child's id kept in child_run_id. Its run starts if it had
+-- not. Audited step_claimed (detail: childRunId, the resolved input) and run_started.
+WITH claimed AS (
+    UPDATE steps s
+    SET status = 'running', attempt = s.attempt + 1,
+        lease_token = %(token)s,
+        lease_owner = %(owner)s,
+        lease_expires_at = now() + interval '100 years',
+        started_at = now(), updated_at = now(),
+        child_run_id = %(child_run_id)s,
+        resolved_input = CASE WHEN s.refs IS NULL THEN NULL ELSE %(resolved_input)s::jsonb END
+    WHERE s.id = %(id)s AND s.status = 'ready' AND s.attempt = %(attempt)s
+    RETURNING s.id, s.run_id, s.name, s.attempt, s.lease_token
+), started_runs AS (
+    UPDATE runs r
+    SET status = 'running', started_at = now(), updated_at = now()
+    WHERE r.id IN (SELECT run_id FROM claimed) AND r.status = 'pending'
+    RETURNING r.id
+), audit AS (
+    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
+                           attempt, lease_token, worker_id, detail)
+    SELECT id, NULL::bigint, NULL::text, 'run_started', 'pending', 'running', NULL::integer,
+           NULL::bigint, %(owner)s, NULL::jsonb
+    FROM started_runs
+    UNION ALL
+    SELECT run_id, id, name, 'step_claimed', 'ready', 'running', attempt, lease_token,
+           %(owner)s, jsonb_build_object('childRunId', %(child_run_id)s::uuid)
+                      || %(resolved_input)s::jsonb
+    FROM claimed
+)
+SELECT id, run_id, attempt, lease_token FROM claimed
+
+-- name: link_child_run
+-- A child run just inserted (create_run, same transaction) learns its parent run and step.
+UPDATE runs SET parent_run_id = %(parent_run_id)s, parent_step_id = %(parent_step_id)s
+WHERE id = %(child_run_id)s
+RETURNING id
+
+-- name: select_finished_child_steps
+-- Steps of kind run still running whose child run has ended (steps_child_wait_idx, migration
+-- 0011): the maintenance leader succeeds or fails each with its child's outcome. With the
+-- child's outputs (each succeeded step's output by name; map children left out: their map
+-- step's output holds them) and its first dead letter's error.
+SELECT s.id, s.run_id, s.name, s.lease_token, s.attempt, c.id AS child_run_id,
+       c.status AS child_status,
+       (SELECT coalesce(jsonb_object_agg(cs.name, cs.output), '{}'::jsonb)
+        FROM steps cs
+        WHERE cs.run_id = c.id AND cs.status = 'succeeded' AND cs.map_parent_id IS NULL)
+           AS child_outputs,
+       (SELECT cs.name || ': ' || coalesce(cs.error, cs.status)
+        FROM steps cs WHERE cs.run_id = c.id AND cs.status = 'dead_letter'
+        ORDER BY cs.finished_at, cs.id LIMIT 1) AS child_error
+FROM steps s
+JOIN runs c ON c.id = s.child_run_id
+WHERE s.child_run_id IS NOT NULL AND s.status = 'running'
+  AND c.status IN ('completed', 'failed', 'cancelled')
+ORDER BY s.id
+LIMIT %(limit)s
+
 -- name: register_worker
 INSERT INTO workers (id, hostname, pid, concurrency, tools, kind, restarts, last_exit_code,
                      status, started_at, last_heartbeat_at, stopped_at)
@@ -922,16 +1022,21 @@ UPDATE workers SET status = 'stopped', stopped_at = now(), last_heartbeat_at = n
 WHERE id = %(id)s
 
 -- name: select_run
-SELECT id, seq, goal, status, idempotency_key, steps_total, steps_unfinished, steps_dead,
-       priority, start_at, created_at, started_at, finished_at, updated_at
-FROM runs WHERE id = %(run_id)s
+-- With, on a child run, its parent run and the name of the step that started it (0011).
+SELECT r.id, r.seq, r.goal, r.status, r.idempotency_key, r.steps_total, r.steps_unfinished,
+       r.steps_dead, r.priority, r.start_at, r.created_at, r.started_at, r.finished_at,
+       r.updated_at, r.parent_run_id,
+       (SELECT p.name FROM steps p WHERE r.parent_step_id IS NOT NULL AND p.id = r.parent_step_id)
+           AS parent_step_name
+FROM runs r WHERE r.id = %(run_id)s
 
 -- name: select_run_steps_json
 -- Every step of the run as the API's JSON array, built here: for a 10,000-step run this is
 -- 3 to 5 times faster than decoding the rows and encoding them again in Python (measured).
 -- The one definition of a step's JSON shape. Each unfinished step says what it is waiting
 -- for (waitingFor), first reason that holds:
---   running        -> {"reason": "running", "worker", "leaseExpiresAt"}
+--   running        -> {"reason": "running", "worker", "leaseExpiresAt"}, or for a step of
+--                     kind run, {"reason": "childRun", "runId"} (its child, running)
 --   pending        -> "dependencies" (the unfinished ones, named), "mapChildren" (a map
 --                     step's children left), "signal" (a wait step whose dependencies are
 --                     done: the signal it waits for, its deadline, whether it is an
@@ -939,7 +1044,9 @@ FROM runs WHERE id = %(run_id)s
 --                     when: its dependencies are done, or it is a root), or "startAt" (a
 --                     delayed root without a delayMs, until when)
 --   ready          -> "backoff" (until availableAt), "concurrencyKey" (the key is full),
---                     "noLiveWorker" (no live worker has the tool), else "queued"
+--                     "childRun" (a step of kind run: runId null, the maintenance leader
+--                     starts its child next), "noLiveWorker" (no live worker has the
+--                     tool), else "queued"
 -- Live worker: not stopped, heartbeat within %(lease_ttl_s)s.
 -- The per-step lookups are LATERAL index probes, guarded so that only the steps that need
 -- one make it: right after a run is inserted its tables have no statistics yet, and a
@@ -965,11 +1072,14 @@ SELECT coalesce(json_agg(json_build_object(
            'wait', CASE WHEN s.wait_signal IS NOT NULL THEN json_build_object(
                'signal', s.wait_signal, 'timeoutS', s.delay_ms / 1000,
                'approval', coalesce(s.wait_approval, false)) END,
+           'run', s.child_template, 'childRunId', s.child_run_id,
            'resolvedInput', s.resolved_input -> 'input',
            'availableAt', s.available_at, 'leaseOwner', s.lease_owner,
            'leaseExpiresAt', s.lease_expires_at, 'output', s.output, 'error', s.error,
            'waitingFor', CASE
                WHEN s.status IN ('succeeded', 'dead_letter', 'skipped', 'cancelled') THEN NULL
+               WHEN s.status = 'running' AND s.child_run_id IS NOT NULL THEN json_build_object(
+                   'reason', 'childRun', 'runId', s.child_run_id)
                WHEN s.status = 'running' THEN json_build_object(
                    'reason', 'running', 'worker', s.lease_owner,
                    'leaseExpiresAt', s.lease_expires_at)
@@ -991,6 +1101,8 @@ SELECT coalesce(json_agg(json_build_object(
                WHEN cs.running >= cs.max_running THEN json_build_object(
                    'reason', 'concurrencyKey', 'key', cs.key, 'running', cs.running,
                    'maxConcurrency', cs.max_running)
+               WHEN s.child_template IS NOT NULL THEN json_build_object(
+                   'reason', 'childRun', 'runId', NULL)
                WHEN NOT s.tool = ANY(lt.tools) THEN json_build_object(
                    'reason', 'noLiveWorker', 'tool', s.tool)
                ELSE json_build_object('reason', 'queued') END,

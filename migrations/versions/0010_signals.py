@@ -1,8 +1,8 @@
 """Signals and wait steps (issue 15, part 1).
 
 A step of kind ``wait`` (``{"name", "wait": {"signal", "timeoutS", "approval"}}``) is never
-claimed by a worker: its ``tool`` is the reserved ``pgdag:wait`` (engine.tools refuses to
-register a ``pgdag:`` name, the agent API refuses to claim one), and it never becomes
+claimed by a worker: its ``tool`` is the reserved ``$wait`` (engine.tools refuses to
+register a ``$`` name, the agent API refuses to claim one), and it never becomes
 ``ready``. It parks like a ``delayMs`` step (migration 0009): ``delay_ms`` holds its timeout,
 so every statement that parks a step (insert_steps, complete_steps, fail_dependents,
 reset_steps) parks it with ``available_at`` = its deadline, unchanged. ``wait_signal`` names

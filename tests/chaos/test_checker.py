@@ -615,6 +615,54 @@ def wait_timed_out_too_early() -> History:
     return h
 
 
+R2 = "22222222-2222-2222-2222-222222222222"
+R3 = "33333333-3333-3333-3333-333333333333"
+
+
+def child_run(*, finish: bool = True) -> History:
+    """R1's step sub (kind run) claimed by the maintenance leader naming child run R2, whose
+    one step x is claimed; with `finish`, x succeeds, R2 completes and then sub succeeds."""
+    h = History()
+    h.new_run({"sub": []})
+    h.steps[(R1, "sub")]["tool"] = "$run"
+    h.new_run({"x": []}, run=R2)
+    h.runs[R2].update(parent_run_id=R1, parent_step_id=h.steps[(R1, "sub")]["id"])
+    h.run_event("run_started")
+    h._token += 1
+    h.ev("sub", "step_claimed", h._token, childRunId=R2)
+    x = h.claim("x", run=R2)
+    if finish:
+        h.ev("x", "step_succeeded", x, run=R2)
+        h.run_event("run_completed", run=R2)
+        h.ev("sub", "step_succeeded", x - 1)
+        h.run_event("run_completed")
+    return h
+
+
+def child_run_step_succeeded_before_its_child_ended() -> History:
+    h = child_run(finish=False)
+    h.ev("sub", "step_succeeded", h._token - 1)
+    h.run_event("run_completed")
+    h.ev("x", "step_succeeded", h._token, run=R2)
+    h.run_event("run_completed", run=R2)
+    return h
+
+
+def second_child_for_one_attempt() -> History:
+    """A child run R3 of sub that no claim names (a second child for the one attempt)."""
+    h = child_run()
+    h.new_run({"y": []}, run=R3)
+    h.runs[R3].update(parent_run_id=R1, parent_step_id=h.steps[(R1, "sub")]["id"])
+    return h
+
+
+def cancelled_parent_with_a_running_child() -> History:
+    h = child_run(finish=False)
+    h.ev("sub", "step_cancelled", h._token - 1, reason="cancelled by request")
+    h.run_event("run_cancelled")
+    return h
+
+
 CASES = {
     "claimed while claimed": Case("overlapping_leases", claimed_twice),
     "ended with another token": Case("overlapping_leases", ended_with_another_token),
@@ -674,7 +722,19 @@ CASES = {
     "delayed step woken before its time": Case("delay_not_met", delayed_woken_too_early),
     "wait step claimed by a worker": Case("wait_broken", wait_step_claimed_by_a_worker),
     "wait step timed out before its deadline": Case("wait_broken", wait_timed_out_too_early),
+    "run step succeeded before its child ended": Case(
+        "child_run_mismatch", child_run_step_succeeded_before_its_child_ended
+    ),
+    "a second child for one attempt": Case("child_run_mismatch", second_child_for_one_attempt),
+    "parent cancelled, child still running": Case(
+        "child_run_mismatch", cancelled_parent_with_a_running_child
+    ),
 }
+
+
+def test_a_clean_child_run_history_passes() -> None:
+    report = child_run().check()
+    assert report.ok, explain(report)
 
 
 def test_every_kind_has_a_bad_history() -> None:

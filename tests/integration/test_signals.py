@@ -108,7 +108,7 @@ def test_a_signal_completes_the_waiting_step_and_its_dependents_go_on(db_url: st
                 0,
                 None,
             )
-            assert row["tool"] == "pgdag:wait"
+            assert row["tool"] == "$wait"
             parked = named(events(db_url, run_id), "step_delayed", "approve")
             assert len(parked) == 1
             assert parked[0]["detail"]["reason"] == "signal"

@@ -10,10 +10,10 @@ from pydantic import ValidationError
 
 from engine.agents import RegisterRequest
 from engine.builder import Run
-from engine.dag import MAX_WAIT_TIMEOUT_S, parse_run
+from engine.dag import MAX_WAIT_TIMEOUT_S, WAIT_TOOL, parse_run
 from engine.errors import ConfigError, ValidationFailed
 from engine.rules import GraphStep, plan_reset
-from engine.tools import WAIT_TOOL, load_tool_modules, tool
+from engine.tools import load_tool_modules, tool
 
 load_tool_modules(["workers.tools.builtin"])
 
@@ -37,7 +37,7 @@ def test_a_wait_step_is_stored_with_the_reserved_tool_and_its_timeout_as_its_del
         max_steps=10,
     )
     rows = {r["name"]: r for r in spec.rows()}
-    assert rows["ok"]["tool"] == WAIT_TOOL == "pgdag:wait"
+    assert rows["ok"]["tool"] == WAIT_TOOL == "$wait"
     assert rows["ok"]["delayMs"] == MAX_WAIT_TIMEOUT_S * 1000
     assert (rows["ok"]["waitSignal"], rows["ok"]["waitApproval"]) == ("approval", True)
     assert "waitSignal" not in rows["a"] and "delayMs" not in rows["a"]
@@ -50,10 +50,10 @@ def test_a_wait_step_is_stored_with_the_reserved_tool_and_its_timeout_as_its_del
 
 
 def test_no_tool_and_no_agent_may_take_a_reserved_name() -> None:
-    with pytest.raises(ConfigError, match="reserved"):
+    with pytest.raises(ConfigError, match="are pgdag's"):
         tool(WAIT_TOOL, RegisterRequest)
     body: dict[str, Any] = {"agentId": "a1", "tools": ["OK", WAIT_TOOL], "concurrency": 1}
-    with pytest.raises(ValidationError, match="reserved"):
+    with pytest.raises(ValidationError, match=r"tools\.1"):
         RegisterRequest.model_validate(body)
 
 
