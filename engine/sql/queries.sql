@@ -652,7 +652,10 @@ WITH upd AS (
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
                            attempt, lease_token, detail)
-    SELECT run_id, id, name, 'step_cancelled', from_status, 'cancelled', attempt, lease_token,
+    -- the token only of an attempt this ends: a ready step waiting out a retry keeps its
+    -- last attempt's token, which that attempt's end already carried
+    SELECT run_id, id, name, 'step_cancelled', from_status, 'cancelled', attempt,
+           CASE WHEN from_status = 'running' THEN lease_token END,
            jsonb_build_object('reason', %(reason)s::text)
     FROM upd
 )

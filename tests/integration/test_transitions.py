@@ -221,3 +221,38 @@ def test_pruner_deletes_only_runs_finished_past_retention(db_url: str) -> None:
             await pool.close()
 
     run(go())
+
+
+def test_cancel_names_a_lease_token_only_for_the_attempt_it_ends(db_url: str) -> None:
+    """A step waiting out a retry (ready, its last attempt ended by step_failed) is cancelled
+    with no token: the token belongs to the attempt that already ended. A running step's
+    cancel carries its open attempt's token."""
+
+    async def go() -> str:
+        pool = await open_pool(db_url, min_size=1, max_size=2)
+        store = Store(pool, lease_ttl_s=30)
+        try:
+            run_id = await create(store, delay("waits", maxAttempts=3), delay("runs"))
+            claimed = {c.name: c for c in await store.claim("w", 10)}
+            await store.fail(
+                claimed["waits"],
+                error="boom",
+                retryable=True,
+                worker_id="w",
+                backoff_base_ms=60_000,
+                backoff_cap_ms=60_000,
+            )
+            assert await store.cancel_run(run_id) == 2
+            return run_id
+        finally:
+            await pool.close()
+
+    run_id = run(go())
+    cancelled = {
+        e["step_name"]: e for e in events(db_url, run_id) if e["event"] == "step_cancelled"
+    }
+    claims = {e["step_name"]: e for e in events(db_url, run_id) if e["event"] == "step_claimed"}
+    assert cancelled["waits"]["from_status"] == "ready"
+    assert cancelled["waits"]["lease_token"] is None
+    assert cancelled["runs"]["from_status"] == "running"
+    assert cancelled["runs"]["lease_token"] == claims["runs"]["lease_token"]
