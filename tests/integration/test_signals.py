@@ -287,7 +287,14 @@ def test_an_approval_rejected_goes_to_dead_letter_with_the_reason(db_url: str) -
             assert query(db_url, "SELECT status FROM runs WHERE id = %(r)s", {"r": run_id}) == [
                 {"status": "failed"}
             ]
-            assert_checker_clean(db_url, run_id)
+            # a cancelled run's wait step is cancelled; a signal then is refused, not kept
+            cancelled = await create(store, wait("w", "never"))
+            await store.cancel_run(cancelled)
+            assert steps_by_name(db_url, cancelled)["w"]["status"] == "cancelled"
+            with pytest.raises(IllegalTransition, match="already cancelled"):
+                await signal(store, cancelled, "never", {}, "c1")
+            assert not query(db_url, "SELECT 1 FROM signals WHERE run_id = %(r)s", {"r": cancelled})
+            assert_checker_clean(db_url, run_id, cancelled)
         finally:
             await store.pool.close()
 
