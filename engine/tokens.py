@@ -10,8 +10,8 @@ Scopes (`SCOPE_RULES` is the one definition; docs/operations.md shows it as a ta
 unit test checks the two agree):
 
 - ``admin``: everything, and alone ``GET /metrics`` (Prometheus, `engine.metrics`).
-- ``submit``: submit, read, cancel, retry and replay runs; read workers, the queue, the
-  maintenance status and the OpenAPI document; the WebSockets and the dashboard. Not
+- ``submit``: submit, read, cancel, retry and replay runs, send them signals; read workers,
+  the queue, the maintenance status and the OpenAPI document; the WebSockets and the dashboard. Not
   ``/agent/*``.
 - ``agent``: only ``/agent/*`` (claim, heartbeat, report, ...), all POST.
 
@@ -108,6 +108,7 @@ SCOPE_RULES: Mapping[Scope, tuple[Rule, ...]] = {
         Rule("POST", "/runs/{runId}/cancel"),
         Rule("POST", "/runs/{runId}/steps/{stepName}/retry"),
         Rule("POST", "/runs/{runId}/replay"),
+        Rule("POST", "/runs/{runId}/signals/{signal}"),
         Rule("POST", "/runs/retry-dead-letters"),
         Rule("GET", "/workers"),
         Rule("GET", "/queue"),
