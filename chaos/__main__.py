@@ -55,6 +55,7 @@ from engine.transitions import TERMINAL_RUN_STATES
 ROOT = Path(__file__).resolve().parent.parent
 CHAOS_DB = "pgdag_chaos"
 MAX_KILLS_PER_STEP = 2
+WAIT_SIGNAL = "go"  # the signal of the workload's wait step, sent by the driver
 CHARGE_PATH = "/charge/"  # the ledger path of the workload's "idempotent": false steps
 LINK_CUT_S = 1.5  # how long the agent-API link stays cut (new connections refused)
 API_DOWN_S = 1.0  # how long the API stays dead before it is started again
@@ -195,8 +196,9 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
     fetch (HTTP) -> work (flaky) -> wait (DELAY) -> notify (HTTP), which join in two groups,
     each recorded to the ledger, then a final step; beside them, a step that sleeps 200 ms
     parked (``delayMs``) after the seed, then a child run (a step of kind run) of a flaky
-    step and a nap, which the final step waits for too, and a planning step that adds four
-    steps to the run when it succeeds (CHAOS_PLAN)."""
+    step and a nap, a wait step (``wait``) the driver signals, which the final step waits
+    for too, and a planning step that adds four steps to the run when it succeeds
+    (CHAOS_PLAN)."""
     rng = random.Random(seed)
     branches = max(2, (n_steps - 6 + 3) // 4)
     attempts = {"maxAttempts": 15}
@@ -309,12 +311,25 @@ def build_run(n_steps: int, *, ledger: str, failure_rate: float, seed: int) -> d
             **attempts,
         }
     )
+    # A wait step (issue 15, part 1): no worker runs it; the driver sends its signal right
+    # after submitting (twice, with one Idempotency-Key: recorded once), before the seed is
+    # done, so the signal is kept and the maintenance leader delivers it when the step parks
+    # (step_signalled, then step_succeeded with the payload); the checker's wait_broken
+    # judges it. Its timeout is far beyond the demo's.
+    steps.append(
+        {
+            "name": "approve",
+            "wait": {"signal": WAIT_SIGNAL, "timeoutS": 3600},
+            "dependsOn": ["seed"],
+            **attempts,
+        }
+    )
     steps.append(
         {
             "name": "final",
             "tool": "DELAY",
             "input": {"ms": 100},
-            "dependsOn": ["record-a", "record-b", "delegate"],
+            "dependsOn": ["record-a", "record-b", "delegate", "approve"],
             **attempts,
         }
     )
@@ -652,6 +667,13 @@ def run(args: argparse.Namespace) -> int:
                 resp = client.post("/runs", json=body)
                 resp.raise_for_status()
                 chaos.run_ids.append(resp.json()["id"])
+                for _ in range(2):  # the same signal id twice: recorded once
+                    sent = client.post(
+                        f"/runs/{chaos.run_ids[-1]}/signals/{WAIT_SIGNAL}",
+                        json={"approved": True, "by": "chaos"},
+                        headers={"Idempotency-Key": f"chaos-{chaos.run_ids[-1]}"},
+                    )
+                    sent.raise_for_status()
                 console.print(f"submitted run {chaos.run_ids[-1]} ({len(body['steps'])} steps)")
 
             submit()

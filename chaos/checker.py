@@ -73,6 +73,15 @@ Violation kinds:
     lost); a step named by two steps_added events; or a step of the run that is neither one
     of the steps submitted with it (the first ``steps`` of ``run_created``'s detail, by id),
     a map child, nor named by a steps_added (it came from nowhere).
+``wait_broken``
+    A wait step (``wait_signal``, migration 0010) claimed by a worker or made ready (it is
+    only ever completed by a signal, step_signalled, or timed out); a step_signalled of a
+    step that waits for no signal; a timeout (step_wait_timed_out, or step_dead_lettered
+    with reason ``timeout``) of a step that waits for none, or before the deadline its park
+    said (the ``until`` of its step_delayed, step_wait_timed_out or reset). A step_signalled
+    opens an attempt like a claim (its fencing token must end it: see
+    ``overlapping_leases``) and is judged like one by ``dependency_not_met`` (an
+    ``all_succeeded`` wait step; the others were judged when they parked).
 ``child_run_mismatch``
     A step of kind run (tool ``$run``, ``"run": {template}``) and its child runs disagree.
     Each claim of such a step (by the maintenance leader) names its child in its detail
@@ -127,6 +136,8 @@ STEP_EVENT_STATUS: Final[Mapping[str, str]] = {
     "step_replayed": "pending",
     "step_delayed": "pending",
     "steps_added": "running",
+    "step_signalled": "running",
+    "step_wait_timed_out": "pending",
 }
 RUN_EVENT_STATUS: Final[Mapping[str, str]] = {
     "run_created": "pending",
@@ -181,6 +192,7 @@ KINDS: Final = (
     "stuck_pending",
     "delay_not_met",
     "added_steps",
+    "wait_broken",
     "child_run_mismatch",
 )
 CHILD_RUN_TOOL: Final = "$run"  # engine.dag.CHILD_RUN_TOOL
@@ -196,7 +208,8 @@ ORDER BY seq
 """
 _SELECT_STEPS: Final[LiteralString] = """
 SELECT id, run_id, name, status, idempotent, depends_on, run_if,
-       map_path IS NOT NULL AS is_map, map_width, map_parent_id, map_index, delay_ms, tool
+       map_path IS NOT NULL AS is_map, map_width, map_parent_id, map_index, delay_ms, tool,
+       wait_signal
 FROM steps
 WHERE %(ids)s::uuid[] IS NULL OR run_id = ANY(%(ids)s::uuid[])
 ORDER BY id
@@ -261,12 +274,11 @@ def check_rows(runs: list[Row], steps: list[Row], events: list[Row]) -> Report:
     ``run_id``, ``name``, ``status`` and may carry ``id``, ``idempotent`` (default true),
     ``depends_on`` (default none), ``run_if`` (default ``all_succeeded``), ``is_map``
     (default false), ``map_width``, ``map_parent_id`` / ``map_index`` (a map child: the
-    id of its map step), ``delay_ms`` (default none) and ``tool`` (``$run``: a step of kind
-    run, whose children are the `runs` with its ``parent_step_id`` and ``parent_run_id``);
-    `events` are audit_log rows and
-    need ``id``, ``run_id`` and ``event``, with ``step_name`` (or a ``step_id`` found in
-    `steps`) for step events. A missing ``to_status`` is taken from the event name. Ids may
-    be UUIDs or strings.
+    id of its map step), ``delay_ms``, ``wait_signal`` (default none) and ``tool``
+    (``$run``: a step of kind run, whose children are the `runs` with its ``parent_step_id``
+    and ``parent_run_id``); `events` are audit_log rows and need ``id``, ``run_id`` and
+    ``event``, with ``step_name`` (or a ``step_id`` found in `steps`) for step events. A
+    missing ``to_status`` is taken from the event name. Ids may be UUIDs or strings.
     """
     h = _History(steps, events)
     report = Report(runs=len(runs), steps=len(steps))
@@ -470,7 +482,9 @@ class _History:
             owner = _step_key(e, key_by_step_id)
             self._run_seq[str(e["run_id"])].append(e)
             if owner is None:
-                self.run_events[str(e["run_id"])].append(e)
+                if e["event"] in RUN_EVENT_STATUS or e.get("to_status") is not None:
+                    self.run_events[str(e["run_id"])].append(e)
+                # (else a run event that changes no status: signal_received)
             else:
                 self.step_events[owner].append(e)
         self._ids = {k: [int(e["id"]) for e in evs] for k, evs in self.step_events.items()}
@@ -542,6 +556,7 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
     decision: Row | None = None  # the event that last decided the step ready
     expansion: Row | None = None  # the step_map_expanded the step now waits on, if any
     delay_ms = 0 if row is None else int(row.get("delay_ms") or 0)
+    waits = row is not None and row.get("wait_signal") is not None
     park_until: datetime | None = None  # when the step's latest park said it wakes
     forced = False  # made ready by a manual retry since it last waited
 
@@ -580,7 +595,22 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
                     f"{_ev(e)} after {_ev(terminal)} left the step {status}{also}",
                 )
 
-        if event == "step_claimed":
+        if waits and (event == "step_claimed" or (event == "step_ready")):
+            add("wait_broken", f"{_ev(e)} of a wait step: no worker may run it, it is never ready")
+        if event == "step_signalled" and not waits:
+            add("wait_broken", f"{_ev(e)} of a step that waits for no signal")
+        if event in ("step_wait_timed_out", "step_dead_lettered") and _is_timeout(e):
+            at = e.get("created_at")
+            if not waits:
+                add("wait_broken", f"{_ev(e)} timed out a step that waits for no signal")
+            elif park_until is not None and isinstance(at, datetime) and at < park_until:
+                add(
+                    "wait_broken",
+                    f"{_ev(e)} timed the wait out at {at.isoformat()}, before its deadline "
+                    f"{park_until.isoformat()}",
+                )
+
+        if event in ("step_claimed", "step_signalled"):
             if last_claim is not None and claim_open:
                 add(
                     "overlapping_leases",
@@ -590,6 +620,9 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
             if is_map and expansion is not None:
                 if int(expansion["id"]) == expansions[-1]:  # older children were deleted
                     _check_join(e, expansion, h.children.get(key, []), h, add)
+            elif event == "step_signalled":
+                if rule == DEFAULT_RUN_IF:  # (all_done / any_failed: judged at the park)
+                    _check_dependencies(e, key, depends_on, rule, decision, h, add)
             else:
                 _check_dependencies(e, key, depends_on, rule, decision, h, add)
                 if delay_ms and not forced and not _is_wake(decision):
@@ -612,8 +645,10 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
                 )
             else:
                 end_claim(e)
-        elif event in LEASE_ENDING_EVENTS and (
-            event != "step_cancelled" or claim_open or e.get("from_status") == "running"
+        elif (
+            event in LEASE_ENDING_EVENTS
+            and not _is_timeout(e)
+            and (event != "step_cancelled" or claim_open or e.get("from_status") == "running")
         ):
             end_claim(e)
         elif event in RESET_EVENTS and claim_open and last_claim is not None:
@@ -672,6 +707,12 @@ def _check_step(key: StepKey, h: _History, out: list[Violation]) -> None:
                 f"the steps table says {row['status']}, but its last event {_ev(last)} left "
                 f"it {_to_status(last)}",
             )
+
+
+def _is_timeout(e: Row) -> bool:
+    """Whether `e` is a wait step's timeout (detail reason ``timeout``)."""
+    detail = e.get("detail")
+    return isinstance(detail, Mapping) and detail.get("reason") == "timeout"
 
 
 def _is_wake(e: Row | None) -> bool:
@@ -830,7 +871,8 @@ def _check_stuck(key: StepKey, row: Row, h: _History, delayed: bool, out: list[V
     if verdict == "pending":
         return
     if verdict == "ready" and row.get("delay_ms") and row.get("map_width") is None:
-        return  # parked: promote_due_steps wakes it when its sleep is over
+        return  # parked: promote_due_steps wakes it when its sleep is over (a wait step: a
+        # signal completes it, or time_out_wait_steps fails it at its deadline)
     done = ", ".join(
         f"{d[1]!r} {s} (step_succeeded #{h.successes[d][-1]})"
         if s == "succeeded" and h.successes.get(d)

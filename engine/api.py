@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -34,7 +35,7 @@ from importlib import metadata
 from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -48,7 +49,7 @@ from engine import agents, jsonb, metrics, openapi, responses, schedule_api, tra
 from engine.bodies import json_body as _json_body
 from engine.bodies import read_body as _read_body
 from engine.config import Settings, check_interval
-from engine.dag import ApiDatetime, RunSpec, parse_run
+from engine.dag import SIGNAL_NAME_PATTERN, ApiDatetime, RunSpec, parse_run
 from engine.db import RETRYABLE, open_pool, resolve_database_url
 from engine.errors import (
     IllegalTransition,
@@ -246,6 +247,67 @@ async def retry_step(request: Request) -> Response:
     return _json_text(await store.get_run_json(run_id))
 
 
+SIGNAL_ID_MAX_CHARS = 255
+
+
+class SignalPayload(RootModel[dict[str, Any]]):
+    """The signal's payload: any JSON object (an empty body is ``{}``). It becomes the wait
+    step's output, which later steps read with ``$ref``. For an approval, ``{"approved":
+    false, "reason": "..."}`` rejects it (the step goes to dead_letter with the reason)."""
+
+
+async def send_signal(request: Request) -> Response:
+    """Send a signal to a run: ``POST /runs/{runId}/signals/{signal}`` with a JSON object
+    as the payload and an optional ``Idempotency-Key`` header (the signal's id; one is
+    generated when absent). 201 when recorded (completing the step that waits for it, or
+    kept until that step is reached); 200 with the original for a repeated id; 404 unknown
+    run; 409 a finished run, no step waiting for this signal, or that step already ended;
+    422 a bad signal name, key or payload."""
+    run_id = _run_id(request)
+    signal = request.path_params["signal"]
+    problems: list[dict[str, str | None]] = []
+    if not re.fullmatch(SIGNAL_NAME_PATTERN, signal):
+        problems.append(
+            {"step": None, "field": "signal", "problem": f"must match {SIGNAL_NAME_PATTERN}"}
+        )
+    signal_id = request.headers.get("idempotency-key")
+    if signal_id is None:
+        signal_id = str(uuid.uuid4())
+    elif not 1 <= len(signal_id) <= SIGNAL_ID_MAX_CHARS or not signal_id.isprintable():
+        problems.append(
+            {
+                "step": None,
+                "field": "Idempotency-Key",
+                "problem": f"must be 1 to {SIGNAL_ID_MAX_CHARS} printable characters",
+            }
+        )
+    if problems:
+        raise ValidationFailed(problems, subject="request")
+    body: SignalPayload = await _json_body(request, SignalPayload)
+    try:
+        payload_json = jsonb.dumps(body.root, path="body")
+    except UnstorableJson as exc:
+        raise ValidationFailed(
+            [{"step": None, "field": "body", "problem": str(exc)}], subject="request"
+        ) from None
+    outcome = await _store(request).send_signal(
+        run_id, signal, signal_id=signal_id, payload_json=payload_json
+    )
+    answer = responses.SignalReceived(
+        run_id=run_id,
+        id=outcome.id,
+        signal=outcome.signal,
+        payload=outcome.payload,
+        received_at=outcome.received_at,
+        repeated=not outcome.created,
+        consumed_by=outcome.consumed_by,
+        step_status=outcome.step_status,  # type: ignore[arg-type]
+    )
+    return JSONResponse(
+        answer.model_dump(mode="json", by_alias=True), status_code=201 if outcome.created else 200
+    )
+
+
 class ReplayRequest(BaseModel):
     """``POST /runs/{runId}/replay`` body."""
 
@@ -410,6 +472,7 @@ routes = [
     Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
     Route("/runs/{run_id}/steps/{step_name}/retry", retry_step, methods=["POST"]),
     Route("/runs/{run_id}/replay", replay_run, methods=["POST"]),
+    Route("/runs/{run_id}/signals/{signal}", send_signal, methods=["POST"]),
     Route("/workers", list_workers, methods=["GET"]),
     Route("/maintenance", maintenance_status, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
@@ -436,6 +499,14 @@ class StepPath(RunPath):
     """Path parameters of the step routes (a map child's name is ``<name>[<index>]``)."""
 
     step_name: str = Field(alias="stepName", min_length=1)
+
+
+class SignalPath(RunPath):
+    """Path parameters of ``POST /runs/{runId}/signals/{signal}``."""
+
+    signal: str = Field(
+        pattern=SIGNAL_NAME_PATTERN, description="the signal a wait step of the run waits for"
+    )
 
 
 class RunsQuery(BaseModel):
@@ -577,6 +648,27 @@ OPERATIONS: list[Operation] = [
         path_params=RunPath,
         body=ReplayRequest,
         body_example={"from": "second", "reason": "its input changed"},
+    ),
+    Operation(
+        "POST",
+        "/runs/{run_id}/signals/{signal}",
+        "sendSignal",
+        "Send a signal to a run: complete the wait step that waits for it",
+        {
+            201: Reply(responses.SignalReceived, "the signal, recorded (and consumed, or kept)"),
+            200: Reply(responses.SignalReceived, "the original signal of this Idempotency-Key"),
+        },
+        errors={
+            **_NO_RUN,
+            409: "the run has finished, no step of it waits for this signal, or that step "
+            "has already ended",
+            422: "a bad signal name, Idempotency-Key or payload, named",
+            503: "postgres is not answering",
+        },
+        path_params=SignalPath,
+        body=SignalPayload,
+        body_required=False,
+        body_example={"approved": True, "by": "ada"},
     ),
     Operation(
         "GET",

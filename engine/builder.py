@@ -342,6 +342,59 @@ class Run:
         self.steps[name] = step
         return step
 
+    def wait(
+        self,
+        name: str,
+        signal: str,
+        *,
+        timeout_s: int,
+        approval: bool = False,
+        depends_on: Iterable[Step | str] = (),
+        run_if: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Step:
+        """Add a wait step and return it: it runs no tool, and succeeds with the payload of
+        the signal `signal` sent to the run (``POST /runs/{runId}/signals/{signal}``), which
+        later steps read as ``step.output``. `timeout_s` (1..2,592,000 seconds, counted from
+        when its dependencies are done) fails its attempt when no signal came; `max_attempts`
+        waits again that many times in all. `approval`: shown with Approve / Reject in the
+        dashboard (a payload ``{"approved": false}`` dead-letters it). Raises
+        `ValidationFailed` like `step`."""
+        if name in self.steps:
+            raise _problem(name, "name", "duplicate step name")
+        deps: list[str] = []
+        for dep in depends_on:
+            dep_name = self._own_step(dep, name, "dependsOn")
+            if dep_name not in deps:
+                deps.append(dep_name)
+        wait: dict[str, Any] = {"signal": signal, "timeoutS": timeout_s}
+        if approval:
+            wait["approval"] = True
+        spec: dict[str, Any] = {"name": name, "wait": wait}
+        if deps:
+            spec["dependsOn"] = deps
+        optional = {"runIf": run_if, "maxAttempts": max_attempts}
+        spec.update((k, v) for k, v in optional.items() if v is not None)
+        try:
+            StepSpec.model_validate(spec)
+        except ValidationError as exc:
+            raise ValidationFailed(
+                [
+                    {
+                        "step": name,
+                        "field": ".".join(str(p) for p in err["loc"]) or "step",
+                        "problem": err["msg"],
+                    }
+                    for err in exc.errors(include_url=False)
+                ]
+            ) from None
+        ancestors: set[str] = set()
+        for dep_name in deps:
+            ancestors |= {dep_name, *self.steps[dep_name].ancestors}
+        step = Step(self, name, spec, ancestors)
+        self.steps[name] = step
+        return step
+
     def child_run(
         self,
         name: str,

@@ -555,6 +555,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return cmd_watch(argparse.Namespace(**{**vars(args), "run_id": submitted.id}))
 
 
+def cmd_signal(args: argparse.Namespace) -> int:
+    """Send a signal to a run (``POST /runs/{runId}/signals/{signal}``) through
+    `engine.client.Client`; prints the answer (the signal as recorded) as JSON. 0 when
+    recorded; 2 when refused (unknown run, nothing waits for the signal, a bad payload)."""
+    from engine.client import Client, Conflict, InvalidRequest, NotFound
+
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        raise PgdagError(f"--payload is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise PgdagError("--payload must be a JSON object")
+    with Client(args.url, _token(args), timeout_s=60) as client:
+        try:
+            answer = client.signal(args.run_id, args.signal, payload, signal_id=args.id)
+        except InvalidRequest as exc:
+            problems = _problems(exc.problems, exc.message)
+            print("error: the API refused the signal:", file=sys.stderr)
+            print("\n".join(problems), file=sys.stderr)
+            return 2
+        except (NotFound, Conflict) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
 def _schedule_line(s: dict[str, Any]) -> str:
     last = s.get("lastFire") or {}
     run = last.get("runId") or (f"error: {last['error']}" if last.get("error") else "-")
@@ -719,6 +746,21 @@ def build_parser(
     submit.add_argument("--watch", action="store_true", help="then follow it live")
     client(submit)
     submit.set_defaults(func=cmd_submit)
+
+    signal = sub.add_parser(
+        "signal",
+        help="send a signal to a run (completes the wait step that waits for it)",
+    )
+    signal.add_argument("run_id", metavar="RUN_ID")
+    signal.add_argument("signal", metavar="SIGNAL", help="the signal a wait step waits for")
+    signal.add_argument(
+        "--payload", default="{}", help="a JSON object: the wait step's output (default {})"
+    )
+    signal.add_argument(
+        "--id", default=None, help="the signal's id (Idempotency-Key): sent twice, kept once"
+    )
+    client(signal)
+    signal.set_defaults(func=cmd_signal)
 
     schedules = sub.add_parser(
         "schedules",

@@ -437,16 +437,20 @@ class Client(_Base):
         *,
         body: Any = None,
         params: Mapping[str, Any] | None = None,
+        key: str | None = None,
     ) -> httpx.Response:
         post = method in ("POST", "DELETE")  # state changes say Content-Type: json
         content = json.dumps(body).encode() if body is not None else b"" if post else None
+        headers = self._headers(post=post)
+        if key is not None:
+            headers["Idempotency-Key"] = key
         try:
             response = self._http.request(
                 method,
                 self.base_url + path,
                 content=content,
                 params=params,
-                headers=self._headers(post=post),
+                headers=headers,
             )
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
@@ -489,6 +493,29 @@ class Client(_Base):
             if len(page) < page_size:
                 return out
             cursor = page[-1]["id"]
+
+    def signal(
+        self,
+        run_id: str | uuid.UUID,
+        signal: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        signal_id: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /runs/{runId}/signals/{signal}``: send `signal` with `payload` (a JSON
+        object; default ``{}``) to the run, completing the wait step that waits for it.
+        `signal_id` is sent as the ``Idempotency-Key`` header: the same id twice is recorded
+        once (the API makes one up when absent). Returns the signal as recorded (``id``,
+        ``consumedBy``: the step it completed, or None while kept for a step not reached
+        yet; ``stepStatus``; ``repeated``). Raises `NotFound` (unknown run), `Conflict` (the
+        run has finished, no step waits for `signal`, or that step has ended),
+        `InvalidRequest`."""
+        return self._call(
+            "POST",
+            _run_path(run_id, "signals", signal),
+            body=dict(payload or {}),
+            key=signal_id,
+        )
 
     def cancel(self, run_id: str | uuid.UUID) -> dict[str, Any]:
         """``POST /runs/{runId}/cancel``: the run, cancelled. Raises `Conflict` when it has
@@ -712,16 +739,20 @@ class AsyncClient(_Base):
         *,
         body: Any = None,
         params: Mapping[str, Any] | None = None,
+        key: str | None = None,
     ) -> httpx.Response:
         post = method in ("POST", "DELETE")  # state changes say Content-Type: json
         content = json.dumps(body).encode() if body is not None else b"" if post else None
+        headers = self._headers(post=post)
+        if key is not None:
+            headers["Idempotency-Key"] = key
         try:
             response = await self._http.request(
                 method,
                 self.base_url + path,
                 content=content,
                 params=params,
-                headers=self._headers(post=post),
+                headers=headers,
             )
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
@@ -761,6 +792,22 @@ class AsyncClient(_Base):
             if len(page) < page_size:
                 return out
             cursor = page[-1]["id"]
+
+    async def signal(
+        self,
+        run_id: str | uuid.UUID,
+        signal: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        signal_id: str | None = None,
+    ) -> dict[str, Any]:
+        """See `Client.signal`."""
+        return await self._call(
+            "POST",
+            _run_path(run_id, "signals", signal),
+            body=dict(payload or {}),
+            key=signal_id,
+        )
 
     async def cancel(self, run_id: str | uuid.UUID) -> dict[str, Any]:
         """See `Client.cancel`."""

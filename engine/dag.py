@@ -58,6 +58,11 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 # The longest sleep a step may ask for (``delayMs``): 30 days, in milliseconds. A longer wait
 # is a schedule's job (issue 15, part 3), not a parked step's.
 MAX_DELAY_MS = 30 * 24 * 3600 * 1000
+# The longest a wait step may wait for its signal (``wait.timeoutS``): 30 days, in seconds,
+# the bound of delayMs (a wait step parks as a sleep of its timeout).
+MAX_WAIT_TIMEOUT_S = MAX_DELAY_MS // 1000
+# A signal's name: a URL path segment (POST /runs/{runId}/signals/{signal}), as a step name.
+SIGNAL_NAME_PATTERN = STEP_NAME_PATTERN
 MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_LIMIT = 1_000_000
 MAX_CONCURRENCY_LIMIT = 100_000
@@ -66,6 +71,9 @@ REF_FIELDS = ("output", "status", "error")
 # agent can load (engine.tools.tool and the agents' tool names refuse it), so only the
 # maintenance leader takes such a step (engine/maintenance/child_runs.py).
 CHILD_RUN_TOOL = "$run"
+# The tool of a wait step (``"wait": {...}``, migration 0010): likewise no worker or agent
+# can load it, and it is never ready (the maintenance leader times it out instead).
+WAIT_TOOL = "$wait"
 RESERVED_TOOL_PREFIX = "$"
 # A child run's idempotency key starts with this (engine.transitions.start_child_runs); a
 # client's key may not, so no submitted run can take a child's key.
@@ -198,15 +206,47 @@ class StepRefs:
     map_path: list[str] | None = None
 
 
+class WaitSpec(BaseModel):
+    """A wait step's wait (``"wait": {"signal", "timeoutS", "approval"}``): the step succeeds
+    with the payload of the signal `signal` sent to its run (``POST
+    /runs/{runId}/signals/{signal}``), and its attempt fails when `timeout_s` seconds pass
+    first (counted from when its dependencies are done; a root: from its run's start). An
+    `approval` is shown with Approve / Reject buttons; a signal whose payload says
+    ``"approved": false`` dead-letters it at once (a person decided)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    signal: str = Field(pattern=SIGNAL_NAME_PATTERN)
+    timeout_s: int = Field(ge=1, le=MAX_WAIT_TIMEOUT_S, alias="timeoutS", strict=True)
+    approval: bool = Field(default=False, strict=True)
+
+
+# Fields a wait step may not have: it runs no tool, so it has no input, map, timeout,
+# concurrency key or delay (its wait is its delay).
+_NOT_WITH_WAIT: tuple[tuple[str, str], ...] = (
+    ("tool", "tool"),
+    ("run", "run"),
+    ("input", "input"),
+    ("map", "map"),
+    ("timeout_ms", "timeoutMs"),
+    ("concurrency_key", "concurrencyKey"),
+    ("max_concurrency", "maxConcurrency"),
+    ("delay_ms", "delayMs"),
+)
+
+
 class StepSpec(BaseModel):
-    """One step of a submitted run (camelCase on the wire)."""
+    """One step of a submitted run (camelCase on the wire): a tool call (`tool`, `input`),
+    or a wait for a signal (`wait`, no tool)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(pattern=STEP_NAME_PATTERN)
-    # A tool, or (a step of kind run) a child-run template in `run`: exactly one of the two.
+    # A tool; or (a step of kind run) a child-run template in `run`; or (a wait step) the
+    # signal it waits for in `wait`: exactly one of the three.
     tool: str | None = Field(default=None, min_length=1, max_length=128)
     run: dict[str, Any] | None = None
+    wait: WaitSpec | None = None
     input: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list, alias="dependsOn", max_length=1000)
     max_attempts: int = Field(
@@ -233,7 +273,11 @@ class StepSpec(BaseModel):
         `parse_run` parsed them (`RunSpec.rows` passes them)."""
         row: dict[str, Any] = {
             "name": self.name,
-            "tool": CHILD_RUN_TOOL if self.run is not None else self.tool,
+            "tool": CHILD_RUN_TOOL
+            if self.run is not None
+            else WAIT_TOOL
+            if self.wait is not None
+            else self.tool,
             "input": self.input,
             "dependsOn": self.depends_on,
             "maxAttempts": self.max_attempts,
@@ -267,6 +311,10 @@ class StepSpec(BaseModel):
             row["delayMs"] = self.delay_ms
         if self.run is not None:
             row["run"] = self.run
+        if self.wait is not None:  # parks as a sleep of its timeout (migration 0010)
+            row["delayMs"] = self.wait.timeout_s * 1000
+            row["waitSignal"] = self.wait.signal
+            row["waitApproval"] = self.wait.approval
         return row
 
 
@@ -317,6 +365,8 @@ class RunSpec(BaseModel):
                 step.pop("delayMs", None)
             if step.get("run") is None:  # likewise for the child-run template (0011)
                 step.pop("run", None)
+            if step.get("wait") is None:  # likewise for wait steps (0010)
+                step.pop("wait", None)
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -449,6 +499,7 @@ def parse_run(
     names_new = names
     if known:
         names = names | set(known)
+    signals: dict[str, str] = {}  # signal name -> the wait step that waits for it
     for step in spec.steps:
         for dep in step.depends_on:
             if dep == step.name:
@@ -472,6 +523,9 @@ def parse_run(
                 {"step": step.name, "field": "dependsOn", "problem": "lists a dependency twice"}
             )
         problems.extend(_concurrency_problems(step, key_limits))
+        if step.wait is not None:
+            problems.extend(_wait_problems(step, signals))
+            continue
         step_problems: list[Problem] = []
         parsed = _collect_step_refs(step, names, step_problems)
         refs_by_step[step.name] = parsed
@@ -580,6 +634,33 @@ def parse_run(
     return spec
 
 
+def _wait_problems(step: StepSpec, signals: dict[str, str]) -> list[Problem]:
+    """A wait step has no tool, input, map, timeoutMs, concurrency key or delayMs, and no two
+    wait steps of a run wait for one signal (a signal completes one step). `signals` maps the
+    signals seen so far to their step; this step's is added."""
+    assert step.wait is not None
+    problems: list[Problem] = [
+        {
+            "step": step.name,
+            "field": alias,
+            "problem": "a wait step runs no tool: it takes no " + alias,
+        }
+        for attr, alias in _NOT_WITH_WAIT
+        if attr in step.model_fields_set
+    ]
+    other = signals.setdefault(step.wait.signal, step.name)
+    if other != step.name:
+        problems.append(
+            {
+                "step": step.name,
+                "field": "wait.signal",
+                "problem": f"step {other!r} already waits for signal {step.wait.signal!r}; "
+                "one signal completes one step",
+            }
+        )
+    return problems
+
+
 def _child_run_problems(
     step: StepSpec, max_steps: int, remote_tools: Collection[str], *, nested: bool
 ) -> list[Problem]:
@@ -590,7 +671,7 @@ def _child_run_problems(
             {
                 "step": step.name,
                 "field": "tool",
-                "problem": 'a step needs a tool, or a "run" (a child-run template)',
+                "problem": 'a step needs a tool, a "run" (a child-run template) or a "wait"',
             }
         ]
     if step.tool is not None:
@@ -978,6 +1059,17 @@ def parse_added_steps(
         raise ValidationFailed(_added_fields(exc.problems), subject="added steps") from None
     problems: list[Problem] = []
     for step in spec.steps:
+        if step.wait is not None:
+            # insert_added_steps stores no wait columns, and one signal name may have only
+            # one waiting step per run, which `existing` cannot check: a wait step comes with
+            # its run (POST /runs) or not at all.
+            problems.append(
+                {
+                    "step": step.name,
+                    "field": "wait",
+                    "problem": "a wait step cannot be added by a step: submit it with the run",
+                }
+            )
         if in_child_run and step.run is not None:
             problems.append(
                 {

@@ -151,6 +151,46 @@ class WaitingDelay(Wire):
     delay_ms: int
 
 
+class WaitingSignal(Wire):
+    """A wait step whose dependencies are done (a root: its run started), waiting for
+    `signal` (``POST /runs/{runId}/signals/{signal}``) until `deadline`, when the
+    maintenance leader fails the attempt; an `approval` is shown with Approve / Reject."""
+
+    reason: Literal["signal"]
+    signal: str
+    deadline: datetime
+    approval: bool
+
+
+class StepWait(Wire):
+    """A wait step's wait, as submitted (``"wait"``)."""
+
+    signal: str
+    timeout_s: int
+    approval: bool
+
+
+class SignalReceived(Wire):
+    """``POST /runs/{runId}/signals/{signal}``: the signal as recorded. `id` is its signal id
+    (the ``Idempotency-Key`` header, or one generated), `consumed_by` the wait step it
+    completed (null: kept until that step is reached, then the maintenance leader delivers
+    it within one reaper interval) and `step_status` what became of that step in this request
+    (``succeeded``; ``dead_letter`` for a rejected approval; null for a repeat or a kept
+    signal)."""
+
+    run_id: str
+    id: str
+    signal: str
+    payload: JsonValue
+    received_at: datetime
+    repeated: bool = Field(
+        description="true: this signal id was already received; the "
+        "original is returned, nothing written"
+    )
+    consumed_by: str | None
+    step_status: StepStatus | None
+
+
 class WaitingBackoff(Wire):
     """Ready again after a failed attempt, not before `until`."""
 
@@ -187,6 +227,7 @@ WaitingFor = Annotated[
     | WaitingMapChildren
     | WaitingDependencies
     | WaitingStartAt
+    | WaitingSignal
     | WaitingDelay
     | WaitingBackoff
     | WaitingConcurrencyKey
@@ -226,6 +267,7 @@ class Step(Wire):
     child_run_id: UUID | None = Field(
         description="a step of kind run: the child run of its latest attempt"
     )
+    wait: StepWait | None = Field(description="a wait step's signal and timeout")
     resolved_input: dict[str, JsonValue] | None = Field(
         description="the input with its references resolved, as the last attempt ran it"
     )

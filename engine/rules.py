@@ -53,6 +53,7 @@ class GraphStep:
     map_width: int | None
     map_parent_id: int | None
     delay_ms: int | None = None  # delayMs: milliseconds it sleeps, parked, before ready
+    waits: bool = False  # a wait step (migration 0010): parked until its signal, never ready
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def plan_reset(
     parked as ``pending`` with nothing left to wait for (its sleep starts again; SQL
     ``reset_steps`` sets its wake time), except a seed forced ready (a manual retry runs the
     dead letter at once: it slept before its first attempt) and an expanded map step kept
-    (its join: a map step sleeps once, before it expands).
+    (its join: a map step sleeps once, before it expands). A wait step that would be ready,
+    a retried seed too, is parked: it waits for its signal again, with a new deadline.
 
     With `reexpand` (a replay), a map step in the set whose children are not themselves
     seeds is reset to expand again (a retry never re-expands: a map step dead-lettered at its
@@ -163,6 +165,8 @@ def plan_reset(
         forced = force_ready and current in seed_ids
         if status == "ready" and step.delay_ms and not forced and not expanded:
             status = "pending"  # parked: remaining is 0
+        if status == "ready" and step.waits:
+            status = "pending"  # a wait step waits again, even a retried one: never ready
         new_status[current] = status
         plan.append(
             ResetStep(

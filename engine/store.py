@@ -516,6 +516,22 @@ class Store:
 
         return await retrying(op, what=f"replaying run {run_id} from {step_name}", deadline_s=10)
 
+    async def send_signal(
+        self, run_id: str, signal: str, *, signal_id: str, payload_json: str
+    ) -> transitions.SignalOutcome:
+        """Send signal `signal` to run `run_id` (see `transitions.send_signal`): recorded once
+        per `signal_id`, completing the step that waits for it. Retried after a deadlock or
+        a lost connection like `cancel_run` (a repeat finds the signal recorded: the same
+        outcome, `created` False). Raises `NotFound`, `IllegalTransition`."""
+
+        async def op() -> transitions.SignalOutcome:
+            async with self.pool.connection() as conn:
+                return await transitions.send_signal(
+                    conn, run_id, signal, signal_id=signal_id, payload_json=payload_json
+                )
+
+        return await retrying(op, what=f"signal {signal} to run {run_id}", deadline_s=10)
+
     async def dead_letters(
         self,
         *,

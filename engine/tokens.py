@@ -10,10 +10,9 @@ Scopes (`SCOPE_RULES` is the one definition; docs/operations.md shows it as a ta
 unit test checks the two agree):
 
 - ``admin``: everything, and alone ``GET /metrics`` (Prometheus, `engine.metrics`).
-- ``submit``: submit, read, cancel, retry and replay runs; create, read, pause, resume and
-  delete schedules; read workers, the queue, the
-  maintenance status and the OpenAPI document; the WebSockets and the dashboard. Not
-  ``/agent/*``.
+- ``submit``: submit, read, cancel, retry and replay runs, send them signals; create, read,
+  pause, resume and delete schedules; read workers, the queue, the maintenance status and the
+  OpenAPI document; the WebSockets and the dashboard. Not ``/agent/*``.
 - ``agent``: only ``/agent/*`` (claim, heartbeat, report, ...), all POST.
 
 ``GET /health`` needs no token at all (`engine.guards.OPEN_PATHS`). ``PGDAG_API_TOKEN`` is
@@ -109,6 +108,7 @@ SCOPE_RULES: Mapping[Scope, tuple[Rule, ...]] = {
         Rule("POST", "/runs/{runId}/cancel"),
         Rule("POST", "/runs/{runId}/steps/{stepName}/retry"),
         Rule("POST", "/runs/{runId}/replay"),
+        Rule("POST", "/runs/{runId}/signals/{signal}"),
         Rule("POST", "/runs/retry-dead-letters"),
         Rule("POST", "/schedules"),
         Rule("GET", "/schedules"),

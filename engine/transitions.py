@@ -33,6 +33,22 @@ A manual retry of a dead letter runs it at once (its sleep came before its first
 a replay sleeps again. A map step sleeps once, before it expands (its children and its join
 do not); a failed attempt's backoff is unchanged.
 
+A wait step (``"wait": {"signal", "timeoutS", "approval"}``, migration 0010) parks the same
+way, its timeout as its delay (the same statements park it: ``available_at`` is its
+deadline), and is never ``ready``: its tool is the reserved ``$wait``. A signal
+(``send_signal``: ``POST /runs/{runId}/signals/{signal}``) recorded once per signal id in
+``signals`` takes it pending -> running for an instant under a fresh fencing token
+(``take_wait_step``, audited ``step_signalled``, lease owner ``signal:<id>``) and ends that
+attempt in the same transaction through the worker path: ``complete_steps`` with the payload
+as output (dependents decided, run settled), or for a rejected approval ``fail_attempt``
+without retry (``dead_letter``). A signal that comes before its step waits is kept, and the
+maintenance leader's pass delivers it once the step parks (``signals_to_deliver``). At the
+deadline the same pass fails the attempt instead of promoting it (``time_out_wait_steps``):
+it waits again with a new deadline (audited ``step_wait_timed_out``, pending -> pending)
+while attempts remain, else ``dead_letter`` (dependents by their trigger rules). Signal and
+timeout both lock the row and guard on ``pending``: exactly one of them wins. A manual retry
+or a replay makes a wait step wait again.
+
 A step of kind run (``"run": {template}``, tool ``$run``: no worker or agent can load it)
 becomes ready like any step; then the maintenance leader (`start_child_runs`), in one
 transaction, inserts its child run (idempotency key ``pgdag-child:<runId>:<step>:<attempt>:
@@ -64,6 +80,8 @@ raises `LeaseLost` or `IllegalTransition`; it is never a silent no-op.
 | release_steps             | running   | ready / dead_letter | worker shutdown |
 | reap_expired_leases       | running   | ready / dead_letter | reaper          |
 | promote_due_steps         | pending   | ready (parked, due) | reaper          |
+| time_out_wait_steps       | pending   | pending / dead_letter (wait due) | reaper |
+| take_wait_step            | pending   | running (a signal; then complete / fail) | API, reaper |
 | cancel_run                | unfinished| cancelled (+children)| API            |
 | start_child_runs          | ready     | running (child run) | maintenance     |
 | finish_child_runs         | running   | succeeded / ready / dead_letter | maintenance |
@@ -726,21 +744,27 @@ async def release_steps(conn: Conn, leases: list[tuple[int, int]], *, worker_id:
 class Reaped:
     """What one reaper pass did: `expired` is ``(tool, new_status)`` of each step whose
     lease expired (``ready``: requeued; ``dead_letter``), `promoted` the parked steps made
-    ready."""
+    ready, `signalled` the wait steps that took a signal sent before they were reached,
+    `timed_out` the wait steps whose deadline passed (waiting again, or dead-lettered)."""
 
     expired: list[tuple[str, str]]
     promoted: int
+    signalled: int = 0
+    timed_out: int = 0
 
     @property
     def total(self) -> int:
-        """Steps requeued, dead-lettered or made ready."""
-        return len(self.expired) + self.promoted
+        """Steps requeued, dead-lettered, made ready, signalled or timed out."""
+        return len(self.expired) + self.promoted + self.signalled + self.timed_out
 
 
 async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None:
     """The reaper's pass: requeue (or dead-letter) running steps whose lease expired, and
     make ready up to `limit` parked steps whose time has come (a run's startAt, a step's
-    delayMs: `promote_due_steps`), oldest wake time first.
+    delayMs: `promote_due_steps`), oldest wake time first. Wait steps are never made ready:
+    first the signals kept for wait steps that now wait are delivered (each in its own
+    transaction), then the wait steps past their deadline are timed out
+    (`time_out_wait_steps`: wait again, or dead_letter with their dependents settled).
 
     Only the maintenance leader calls it (`engine.maintenance`); a transaction-scoped
     advisory lock keeps two passes apart while the lead changes hands, and the transaction
@@ -748,6 +772,11 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None
     holding the lock). Returns None when another pass holds the lock, else what was done
     (`Reaped`).
     """
+    # Kept signals first (a signal that came before its step's deadline beats the timeout),
+    # each in a transaction of its own that locks like a worker's success (the step, its
+    # dependents, the run): not inside the pass's transaction, whose earlier statements hold
+    # run rows a worker's completion may be waiting behind.
+    signalled = await _deliver_early_signals(conn, limit=limit)
     async with conn.transaction():
         cur = await conn.execute(queries["reaper_try_lock"])
         lock = await cur.fetchone()
@@ -758,11 +787,181 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None
         dead = [(r["id"], str(r["run_id"])) for r in rows if r["status"] == "dead_letter"]
         if dead:
             await _after_dead_letters(conn, dead)
+        cur = await conn.execute(queries["time_out_wait_steps"], {"limit": limit})
+        timed_out = await cur.fetchall()
+        dead = [(r["id"], str(r["run_id"])) for r in timed_out if r["status"] == "dead_letter"]
+        if dead:
+            await _after_dead_letters(conn, dead)
         cur = await conn.execute(queries["promote_due_steps"], {"limit": limit})
         due = await cur.fetchone()
     return Reaped(
-        expired=[(r["tool"], r["status"]) for r in rows], promoted=int(due["n"]) if due else 0
+        expired=[(r["tool"], r["status"]) for r in rows],
+        promoted=int(due["n"]) if due else 0,
+        signalled=signalled,
+        timed_out=len(timed_out),
     )
+
+
+@dataclass(frozen=True)
+class SignalOutcome:
+    """What ``POST /runs/{runId}/signals/{signal}`` did: the signal as recorded (`id` is its
+    signal id, `payload` its JSON, `received_at` on the database clock), `created` False for
+    a repeated signal id (the original is returned, nothing written), and `consumed_by` the
+    wait step that took it (None: kept until the step is reached), with `step_status` what
+    became of that step (``succeeded``; ``dead_letter`` for a rejected approval)."""
+
+    id: str
+    signal: str
+    payload: Any
+    received_at: datetime
+    created: bool
+    consumed_by: str | None
+    step_status: str | None
+
+
+async def send_signal(
+    conn: Conn, run_id: str, signal: str, *, signal_id: str, payload_json: str
+) -> SignalOutcome:
+    """Record signal `signal` for run `run_id` once per `signal_id` (an idempotency key) and,
+    when its wait step waits (parked: its dependencies done), complete that step with the
+    payload as its output in the same transaction: its dependents are decided and its run
+    settled exactly as for a worker's success (`complete_steps`). An approval whose payload
+    has ``"approved": false`` is rejected instead: its attempt fails without retry
+    (``dead_letter``, dependents skipped by their trigger rules). A signal sent before its
+    step is reached is kept, and the maintenance leader's pass delivers it once the step
+    waits (`reap_expired_leases`). `payload_json` is the payload's JSON text (an object).
+
+    Returns a `SignalOutcome` (for a repeated `signal_id`: the original, even if the run has
+    finished since). Raises `NotFound` for an unknown run; `IllegalTransition` when the run
+    has finished, no step of it waits for `signal`, or that step has already ended.
+    """
+    async with conn.transaction():
+        cur = await conn.execute(
+            queries["select_signal"], {"run_id": run_id, "signal_id": signal_id}
+        )
+        known = await cur.fetchone()
+        if known is not None:
+            return _repeat(known)
+        cur = await conn.execute(queries["select_wait_step"], {"run_id": run_id, "signal": signal})
+        target = await cur.fetchone()
+        if target is None:
+            raise NotFound(f"no run {run_id}")
+        if target["run_status"] in TERMINAL_RUN_STATES:
+            raise IllegalTransition(f"run {run_id} is already {target['run_status']}")
+        if target["id"] is None:
+            raise IllegalTransition(f"no step of run {run_id} waits for signal {signal!r}")
+        if target["status"] in TERMINAL_STEP_STATES:
+            raise IllegalTransition(
+                f"step {target['name']!r}, which waits for signal {signal!r}, is already "
+                f"{target['status']}"
+            )
+        cur = await conn.execute(
+            queries["insert_signal"],
+            {"run_id": run_id, "signal": signal, "signal_id": signal_id, "payload": payload_json},
+        )
+        row = await cur.fetchone()
+        if row is None:  # the same id sent concurrently: the first one recorded it
+            cur = await conn.execute(
+                queries["select_signal"], {"run_id": run_id, "signal_id": signal_id}
+            )
+            known = await cur.fetchone()
+            if known is None:
+                raise IllegalTransition(f"signal id {signal_id!r} conflict; send again")
+            return _repeat(known)
+        delivered = await _deliver(conn, run_id, row)
+        if delivered is None:  # not waiting now: reached later, or ended under us (timeout)
+            cur = await conn.execute(
+                queries["select_wait_step"], {"run_id": run_id, "signal": signal}
+            )
+            now = await cur.fetchone()
+            if now is not None and now["status"] in TERMINAL_STEP_STATES:
+                raise IllegalTransition(  # rolls back the signal: it was not taken
+                    f"step {now['name']!r}, which waits for signal {signal!r}, is already "
+                    f"{now['status']}"
+                )
+    return SignalOutcome(
+        id=row["signal_id"],
+        signal=row["name"],
+        payload=row["payload"],
+        received_at=row["received_at"],
+        created=True,
+        consumed_by=delivered[0] if delivered else None,
+        step_status=delivered[1] if delivered else None,
+    )
+
+
+def _repeat(known: DictRow) -> SignalOutcome:
+    return SignalOutcome(
+        id=known["signal_id"],
+        signal=known["name"],
+        payload=known["payload"],
+        received_at=known["received_at"],
+        created=False,
+        consumed_by=known["consumed_by"],
+        step_status=None,
+    )
+
+
+async def _deliver(conn: Conn, run_id: str, signal: DictRow) -> tuple[str, str] | None:
+    """Inside a transaction: give `signal` (a signals row) to its wait step if that step
+    waits now (`take_wait_step`), then end the step's attempt under the fencing token that
+    statement made: success with the payload, or for an approval whose payload says
+    ``"approved": false``, a failure without retry. Returns ``(step name, new status)``, or
+    None when the step does not wait now (the signal stays unconsumed)."""
+    owner = f"signal:{signal['signal_id']}"
+    cur = await conn.execute(
+        queries["take_wait_step"],
+        {
+            "run_id": run_id,
+            "signal": signal["name"],
+            "signal_id": signal["signal_id"],
+            "owner": owner,
+        },
+    )
+    step = await cur.fetchone()
+    if step is None:
+        return None
+    await conn.execute(queries["consume_signal"], {"id": signal["id"], "step_id": step["id"]})
+    payload = signal["payload"]
+    if step["approval"] and isinstance(payload, dict) and payload.get("approved") is False:
+        reason = payload.get("reason")
+        error = f"rejected by signal {signal['name']!r} (id {signal['signal_id']})"
+        if isinstance(reason, str) and reason:
+            error += f": {reason}"
+        await fail_attempt(
+            conn,
+            step["id"],
+            step["lease_token"],
+            error=error,
+            retryable=False,
+            worker_id=owner,
+            backoff_base_ms=0,
+            backoff_cap_ms=0,
+        )
+        return step["name"], "dead_letter"
+    recorded = await complete_steps(
+        conn,
+        [(step["id"], step["lease_token"], json.dumps(payload))],
+        worker_id=owner,
+        may_skip=True,
+    )
+    if step["id"] not in recorded:  # the token was made in this transaction: cannot happen
+        raise IllegalTransition(f"step {step['name']!r} refused its signal")
+    return step["name"], "succeeded"
+
+
+async def _deliver_early_signals(conn: Conn, *, limit: int) -> int:
+    """The maintenance leader's pass: deliver up to `limit` signals that came before their
+    wait step was reached and whose step now waits (`signals_to_deliver`), each in its own
+    transaction (a step that a signal or the timeout took meanwhile is left alone). Returns
+    how many steps took one."""
+    cur = await conn.execute(queries["signals_to_deliver"], {"limit": limit})
+    delivered = 0
+    for signal in await cur.fetchall():
+        async with conn.transaction():
+            if await _deliver(conn, str(signal["run_id"]), signal) is not None:
+                delivered += 1
+    return delivered
 
 
 async def prune_finished_runs(conn: Conn, *, retention_s: float, limit: int = 100) -> int:
@@ -1078,6 +1277,7 @@ async def _run_graph(conn: Conn, run_id: str) -> tuple[dict[int, GraphStep], lis
             map_width=r["map_width"],
             map_parent_id=r["map_parent_id"],
             delay_ms=r["delay_ms"],
+            waits=r["waits"],
         )
         for r in await cur.fetchall()
     }

@@ -616,6 +616,8 @@
         return `${w.remaining} of ${w.width} map children`;
       case "startAt":
         return `the run's start time, ${fmtTime(w.until)}`;
+      case "signal":
+        return `${w.approval ? "an approval" : "the signal"} ${w.signal} (deadline ${fmtTime(w.deadline)})`;
       case "delay":
         return `a sleep of ${w.delayMs} ms (no worker held), until ${fmtTime(w.until)}`;
       case "childRun":
@@ -647,6 +649,11 @@
     badge.textContent = label(s.status);
     $("detail").dataset.status = s.status;
     $("retry-step").hidden = s.status !== "dead_letter";
+    // An approval the step waits for now (its dependencies done): Approve / Reject send its
+    // signal (POST /runs/{runId}/signals/{signal}), {"approved": true|false}.
+    const approval = s.status === "pending" && s.waitingFor && s.waitingFor.reason === "signal" && s.waitingFor.approval;
+    $("approve-step").hidden = !approval;
+    $("reject-step").hidden = !approval;
     const history = cur.events ? cur.events.list.filter((e) => e.stepName === name) : null;
     let worker = s.leaseOwner || s.lastWorker;
     if (!worker && history) {
@@ -661,6 +668,7 @@
     if (s.runIf && s.runIf !== "all_succeeded") facts.push(["runs if", s.runIf]);
     if (s.map) facts.push(["map over", s.mapWidth == null ? s.map : `${s.map} (${s.mapWidth} children)`]);
     if (s.mapOf) facts.push(["map child", `${s.mapOf} #${s.mapIndex}`]);
+    if (s.wait) facts.push(["waits for", `${s.wait.approval ? "approval" : "signal"} ${s.wait.signal}, up to ${fmtDuration(s.wait.timeoutS * 1000)}`]);
     if (s.concurrencyKey) facts.push(["concurrency key", `${s.concurrencyKey} (at most ${s.maxConcurrency})`]);
     const waiting = TERMINAL_STEP.has(s.status) ? null : describeWaiting(s.waitingFor);
     if (waiting) facts.push(["waiting for", waiting]);
@@ -725,6 +733,28 @@
       toast(`Retry failed: ${err.message}`, "error");
     } finally {
       b.disabled = false;
+    }
+  }
+
+  // --- approvals (a wait step with "approval": true) ---------------------------------------
+  async function onDecide(approved) {
+    const cur = state.current;
+    const name = state.selected;
+    const s = cur && name ? cur.steps.get(name) : null;
+    if (!s || !s.waitingFor || s.waitingFor.reason !== "signal") return;
+    const buttons = [$("approve-step"), $("reject-step")];
+    for (const b of buttons) b.disabled = true;
+    $("step-error-msg").hidden = true;
+    const body = approved ? { approved: true, by: "dashboard" } : { approved: false, reason: "rejected in the dashboard" };
+    try {
+      await api.http("POST", `/runs/${cur.id}/signals/${encodeURIComponent(s.waitingFor.signal)}`, { body });
+      toast(approved ? `Step ${name} approved.` : `Step ${name} rejected.`, "ok");
+    } catch (err) {
+      $("step-error-msg").textContent = `${approved ? "Approve" : "Reject"} failed: ${err.message}`;
+      $("step-error-msg").hidden = false;
+      toast(`${approved ? "Approve" : "Reject"} failed: ${err.message}`, "error");
+    } finally {
+      for (const b of buttons) b.disabled = false;
     }
   }
 
@@ -877,6 +907,8 @@
 
   $("cancel-run").addEventListener("click", onCancel);
   $("retry-step").addEventListener("click", onRetry);
+  $("approve-step").addEventListener("click", () => onDecide(true));
+  $("reject-step").addEventListener("click", () => onDecide(false));
   $("detail-close").addEventListener("click", () => navigate(state.current && state.current.id));
   $("zoom-in").addEventListener("click", () => graph.zoom(1.4));
   $("zoom-out").addEventListener("click", () => graph.zoom(1 / 1.4));

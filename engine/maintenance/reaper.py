@@ -30,5 +30,8 @@ class Reaper:
             return 0
         metrics.count_reaped(reaped.expired)
         if reaped.total:
-            logger.info("reaper: %d step(s) requeued, dead-lettered or made ready", reaped.total)
+            logger.info(
+                "reaper: %d step(s) requeued, dead-lettered, made ready, signalled or timed out",
+                reaped.total,
+            )
         return reaped.total

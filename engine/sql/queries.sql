@@ -28,8 +28,10 @@ SELECT id, idempotency_fingerprint FROM runs WHERE idempotency_key = %(idempoten
 -- engine.dag.StepSpec.to_row() objects. Roots are ready at once, or wait as pending (no
 -- dependencies left) until %(start_at)s when the run has a start time in the future, plus
 -- their delayMs (migration 0009) when they have one: promote_due_steps makes them ready then
--- (no audit row per parked root: run_created counts them in "delayed"). A step of kind run
--- keeps its child-run template in child_template (migration 0011). Each concurrency key's limit is upserted (one key has
+-- (no audit row per parked root: run_created counts them in "delayed"). A wait step
+-- (waitSignal, migration 0010) carries its timeout as its delayMs: a wait root parks until its
+-- deadline like any delayed root. A step of kind run keeps its child-run template in
+-- child_template (migration 0011). Each concurrency key's limit is upserted (one key has
 -- one limit per run: engine.dag checks it; across runs the latest submitted wins).
 WITH spec AS (
     SELECT s.name, s.tool, s.input, coalesce(s."dependsOn", '{}') AS depends_on,
@@ -38,12 +40,14 @@ WITH spec AS (
            s."mapPath" AS map_path, s."concurrencyKey" AS concurrency_key,
            s."maxConcurrency" AS max_concurrency,
            coalesce(s."maySkipChildren", false) AS may_skip_children, s."delayMs" AS delay_ms,
+           s."waitSignal" AS wait_signal, s."waitApproval" AS wait_approval,
            s.run AS child_template
     FROM jsonb_to_recordset(%(steps)s::jsonb) AS s(
         name text, tool text, input jsonb, "dependsOn" text[], "maxAttempts" integer,
         "timeoutMs" integer, idempotent boolean, "runIf" text, refs jsonb, "refSteps" text[],
         map text, "mapPath" jsonb, "concurrencyKey" text, "maxConcurrency" integer,
-        "maySkipChildren" boolean, "delayMs" integer, run jsonb)
+        "maySkipChildren" boolean, "delayMs" integer, "waitSignal" text, "waitApproval" boolean,
+        run jsonb)
 ), timing AS (
     SELECT coalesce(%(start_at)s::timestamptz > now(), false) AS delayed,
            greatest(coalesce(%(start_at)s::timestamptz, now()), now()) AS available_at
@@ -51,7 +55,7 @@ WITH spec AS (
     INSERT INTO steps (run_id, name, tool, input, depends_on, deps_remaining, status,
                        max_attempts, timeout_ms, idempotent, run_if, refs, ref_steps, map,
                        map_path, concurrency_key, max_concurrency, priority, available_at,
-                       may_skip_children, delay_ms, child_template)
+                       may_skip_children, delay_ms, wait_signal, wait_approval, child_template)
     SELECT %(run_id)s, name, tool, input, depends_on, cardinality(depends_on),
            CASE WHEN cardinality(depends_on) = 0 AND NOT t.delayed
                      AND coalesce(delay_ms, 0) = 0 THEN 'ready'
@@ -61,7 +65,7 @@ WITH spec AS (
            CASE WHEN cardinality(depends_on) = 0 AND delay_ms > 0
                 THEN t.available_at + make_interval(secs => delay_ms / 1000.0)
                 ELSE t.available_at END,
-           may_skip_children, delay_ms, child_template
+           may_skip_children, delay_ms, wait_signal, wait_approval, child_template
     FROM spec CROSS JOIN timing t
     RETURNING id, name, depends_on, status
 ), slots AS (
@@ -189,7 +193,9 @@ RETURNING s.id, s.lease_expires_at
 -- nothing is left, and audit all of it. A dependent decided ready that has a delayMs
 -- (delay_ms > 0, migration 0009) is parked instead: it stays pending with no dependency left
 -- and available_at = now() + its delay, audited step_delayed (pending -> pending, detail
--- reason "delay", delayMs, until); promote_due_steps makes it ready then. A map step's join
+-- reason "delay", delayMs, until; a wait step, migration 0010: reason "signal", signal,
+-- until = its deadline); promote_due_steps makes it ready then (a wait step: never, see
+-- time_out_wait_steps). A map step's join
 -- (map_width set) is never delayed: its delay was slept once, before it expanded. A map step's own success is its join: its output is
 -- its children's outputs in order, built here. Children are locked in id order so that two
 -- completions sharing children cannot deadlock. Returns the steps recorded, then the
@@ -249,7 +255,7 @@ WITH done AS (
     FROM locked_children lc
     WHERE c.id = lc.id AND c.status IN ('pending', 'skipped')
     RETURNING c.id, c.run_id, c.name, c.status, lc.old_status, lc.parked, c.delay_ms,
-              c.available_at
+              c.available_at, c.wait_signal
 ), run_counts AS (
     SELECT run_id, count(*)::integer AS n
     FROM (SELECT run_id FROM done
@@ -278,7 +284,10 @@ WITH done AS (
     FROM promoted WHERE old_status = 'pending' AND status IN ('ready', 'skipped')
     UNION ALL
     SELECT run_id, id, name, 'step_delayed', 'pending', 'pending', NULL, NULL, NULL,
-           jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+           CASE WHEN wait_signal IS NULL
+                THEN jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+                ELSE jsonb_build_object('reason', 'signal', 'signal', wait_signal,
+                                        'until', available_at) END
     FROM promoted WHERE parked
     UNION ALL
     SELECT id, NULL, NULL, 'run_' || status, 'running', status, NULL, NULL, NULL, NULL
@@ -537,10 +546,12 @@ SELECT id, run_id, tool, status FROM upd
 -- (PGDAG_REAPER_INTERVAL) after its time, plus a claim. Run by the reaper
 -- pass (one process at a time), not by the claim: the claim is planned afresh on every call
 -- (its LIMIT makes Postgres keep custom plans), and this CTE added a quarter to its planning
--- time (measured 1.33 -> 1.07 ms). steps_scheduled_idx.
+-- time (measured 1.33 -> 1.07 ms). steps_scheduled_idx. A wait step (migration 0010) is
+-- never made ready: time_out_wait_steps, run just before in the same pass, fails it.
 WITH due AS (
     SELECT id FROM steps
     WHERE status = 'pending' AND deps_remaining = 0 AND available_at <= now()
+      AND wait_signal IS NULL  -- a due wait step timed out: time_out_wait_steps fails it
     ORDER BY available_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -701,14 +712,17 @@ WITH child_counts AS (
     FROM locked l
     WHERE s.id = l.id AND s.status IN ('pending', 'skipped')
     RETURNING s.id, s.run_id, s.name, s.status, l.old_status, l.parked, s.delay_ms,
-              s.available_at
+              s.available_at, s.wait_signal
 ), audit AS (
     INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status, detail)
     SELECT run_id, id, name, 'step_' || status, old_status, status, NULL::jsonb
     FROM upd WHERE status <> old_status
     UNION ALL
     SELECT run_id, id, name, 'step_delayed', 'pending', 'pending',
-           jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+           CASE WHEN wait_signal IS NULL
+                THEN jsonb_build_object('reason', 'delay', 'delayMs', delay_ms, 'until', available_at)
+                ELSE jsonb_build_object('reason', 'signal', 'signal', wait_signal,
+                                        'until', available_at) END
     FROM upd WHERE parked
 )
 SELECT id, run_id, status FROM upd WHERE status <> old_status
@@ -787,7 +801,7 @@ FOR UPDATE
 -- commits: a claim skips them and a completion waits, so nothing the plan was made from can
 -- change under it (a replay once reset a step a worker had claimed meanwhile).
 SELECT id, name, status, run_if, map_path IS NOT NULL AS is_map, map_width, map_parent_id,
-       lease_owner, attempt, delay_ms
+       lease_owner, attempt, delay_ms, wait_signal IS NOT NULL AS waits
 FROM steps WHERE run_id = %(run_id)s
 ORDER BY id
 FOR UPDATE
@@ -1138,7 +1152,9 @@ FROM runs r WHERE r.id = %(run_id)s
 --   running        -> {"reason": "running", "worker", "leaseExpiresAt"}, or for a step of
 --                     kind run, {"reason": "childRun", "runId"} (its child, running)
 --   pending        -> "dependencies" (the unfinished ones, named), "mapChildren" (a map
---                     step's children left), "delay" (a step with a delayMs, parked until
+--                     step's children left), "signal" (a wait step whose dependencies are
+--                     done: the signal it waits for, its deadline, whether it is an
+--                     approval), "delay" (a step with a delayMs, parked until
 --                     when: its dependencies are done, or it is a root), or "startAt" (a
 --                     delayed root without a delayMs, until when)
 --   ready          -> "backoff" (until availableAt), "concurrencyKey" (the key is full),
@@ -1165,7 +1181,11 @@ SELECT coalesce(json_agg(json_build_object(
            'priority', s.priority, 'concurrencyKey', s.concurrency_key,
            'maxConcurrency', s.max_concurrency, 'map', s.map, 'mapWidth', s.map_width,
            'mapIndex', s.map_index,
-           'mapOf', m.name, 'delayMs', s.delay_ms,
+           'mapOf', m.name,
+           'delayMs', CASE WHEN s.wait_signal IS NULL THEN s.delay_ms END,
+           'wait', CASE WHEN s.wait_signal IS NOT NULL THEN json_build_object(
+               'signal', s.wait_signal, 'timeoutS', s.delay_ms / 1000,
+               'approval', coalesce(s.wait_approval, false)) END,
            'run', s.child_template, 'childRunId', s.child_run_id,
            'resolvedInput', s.resolved_input -> 'input',
            'availableAt', s.available_at, 'leaseOwner', s.lease_owner,
@@ -1183,6 +1203,9 @@ SELECT coalesce(json_agg(json_build_object(
                WHEN s.status = 'pending' AND s.deps_remaining > 0 THEN json_build_object(
                    'reason', 'dependencies',
                    'steps', coalesce(wd.names, to_json(s.depends_on)))
+               WHEN s.status = 'pending' AND s.wait_signal IS NOT NULL THEN json_build_object(
+                   'reason', 'signal', 'signal', s.wait_signal, 'deadline', s.available_at,
+                   'approval', coalesce(s.wait_approval, false))
                WHEN s.status = 'pending' AND s.delay_ms > 0 THEN json_build_object(
                    'reason', 'delay', 'until', s.available_at, 'delayMs', s.delay_ms)
                WHEN s.status = 'pending' THEN json_build_object(
@@ -1354,3 +1377,150 @@ SELECT coalesce(state, 'unknown') AS state, count(*)::float8 AS n,
 FROM pg_stat_activity
 WHERE backend_type = 'client backend'
 GROUP BY coalesce(state, 'unknown')
+
+-- name: select_signal
+-- A signal already received by a run under the id %(signal_id)s (an idempotent repeat), with
+-- the name of the step that consumed it, if any.
+SELECT g.id, g.name, g.signal_id, g.payload, g.received_at, g.consumed_at, c.name AS consumed_by
+FROM signals g LEFT JOIN steps c ON c.id = g.consumed_by
+WHERE g.run_id = %(run_id)s AND g.signal_id = %(signal_id)s
+
+-- name: select_wait_step
+-- The wait step of run %(run_id)s that waits for signal %(signal)s (engine.dag lets one step
+-- of a run wait for a signal), and its run's status; no row when the run is unknown; a row
+-- with a NULL step when no step of the run waits for it.
+SELECT r.status AS run_status, s.id, s.name, s.status
+FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.wait_signal = %(signal)s
+WHERE r.id = %(run_id)s
+
+-- name: insert_signal
+-- Record a signal received by run %(run_id)s, once per (run, signal id): nothing (no row)
+-- when the id is already taken (then select_signal gives the original). Audited
+-- signal_received on the run (no step, no status change).
+WITH ins AS (
+    INSERT INTO signals (run_id, name, signal_id, payload)
+    VALUES (%(run_id)s, %(signal)s, %(signal_id)s, %(payload)s::jsonb)
+    ON CONFLICT (run_id, signal_id) DO NOTHING
+    RETURNING id, run_id, name, signal_id, payload, received_at
+), audit AS (
+    INSERT INTO audit_log (run_id, event, detail)
+    SELECT run_id, 'signal_received', jsonb_build_object('signal', name, 'signalId', signal_id)
+    FROM ins
+)
+SELECT id, name, signal_id, payload, received_at FROM ins
+
+-- name: take_wait_step
+-- A signal reaches its wait step: pending (parked: its dependencies done, its run started)
+-- -> running for an instant, with a fresh fencing token and a lease owned by %(owner)s
+-- ("signal:<signal id>"), so that the same transaction ends the attempt through the worker
+-- path, guarded by that token: complete_steps (the payload is its output; its dependents are
+-- decided there as for any success) or fail_attempt (an approval rejected). Guarded on
+-- status = 'pending' under the row's lock: time_out_wait_steps locks the same row (SKIP
+-- LOCKED) and guards on the same status, so a signal racing the timeout either finds the
+-- step still waiting or nothing (its attempt timed out first). The run starts if this is its
+-- first attempt (a run whose only root is a wait step). Audited step_signalled (pending ->
+-- running, detail: the signal and its id). Locks the step, then the run, like the timeout.
+WITH target AS (
+    SELECT s.id FROM steps s JOIN runs r ON r.id = s.run_id
+    WHERE s.run_id = %(run_id)s AND s.wait_signal = %(signal)s
+      AND s.status = 'pending' AND s.deps_remaining = 0
+      AND (r.start_at IS NULL OR r.start_at <= now())
+    FOR UPDATE OF s
+), taken AS (
+    UPDATE steps s
+    SET status = 'running',
+        attempt = s.attempt + 1,
+        lease_token = nextval('lease_token_seq'),
+        lease_owner = %(owner)s,
+        lease_expires_at = now() + interval '1 minute',
+        started_at = now(),
+        updated_at = now()
+    FROM target
+    WHERE s.id = target.id AND s.status = 'pending'
+    RETURNING s.id, s.run_id, s.name, s.attempt, s.max_attempts, s.lease_token,
+              coalesce(s.wait_approval, false) AS approval, s.may_skip_children
+), started_runs AS (
+    UPDATE runs r
+    SET status = 'running', started_at = now(), updated_at = now()
+    WHERE r.id IN (SELECT run_id FROM taken) AND r.status = 'pending'
+    RETURNING r.id
+), audit AS (
+    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
+                           attempt, lease_token, worker_id, detail)
+    SELECT id, NULL::bigint, NULL::text, 'run_started', 'pending', 'running', NULL::integer,
+           NULL::bigint, %(owner)s, NULL::jsonb
+    FROM started_runs
+    UNION ALL
+    SELECT run_id, id, name, 'step_signalled', 'pending', 'running', attempt, lease_token,
+           %(owner)s, jsonb_build_object('signal', %(signal)s::text,
+                                         'signalId', %(signal_id)s::text)
+    FROM taken
+)
+SELECT id, run_id, name, attempt, max_attempts, lease_token, approval, may_skip_children
+FROM taken
+
+-- name: consume_signal
+-- Signal %(id)s was taken by step %(step_id)s (take_wait_step, same transaction).
+UPDATE signals SET consumed_by = %(step_id)s, consumed_at = now()
+WHERE id = %(id)s AND consumed_at IS NULL
+RETURNING consumed_at
+
+-- name: signals_to_deliver
+-- Signals that came before their wait step was reached, whose step now waits (parked: its
+-- dependencies done): the oldest unconsumed one per (run, signal), up to %(limit)s. The
+-- maintenance leader's pass delivers them (take_wait_step), before it times out due wait
+-- steps, so a step that parks finds its early signal within one PGDAG_REAPER_INTERVAL.
+-- signals_unconsumed_idx; each probe of steps is on steps' (run_id, ...) index.
+SELECT DISTINCT ON (g.run_id, g.name) g.id, g.run_id, g.name, g.signal_id, g.payload
+FROM signals g
+JOIN steps s ON s.run_id = g.run_id AND s.wait_signal = g.name
+JOIN runs r ON r.id = g.run_id
+WHERE g.consumed_at IS NULL AND s.status = 'pending' AND s.deps_remaining = 0
+  AND (r.start_at IS NULL OR r.start_at <= now())
+ORDER BY g.run_id, g.name, g.id
+LIMIT %(limit)s
+
+-- name: time_out_wait_steps
+-- Wait steps whose deadline passed without their signal: the attempt fails (attempts + 1).
+-- With attempts left it waits again (pending, a new deadline: now() + its timeout, audited
+-- step_wait_timed_out pending -> pending); else pending -> dead_letter (audited
+-- step_dead_lettered), and the caller skips its dependents by their trigger rules and
+-- settles the run in the same transaction. Rows a signal holds are skipped (SKIP LOCKED:
+-- the signal's take_wait_step wins them; the next pass finds them no longer pending).
+-- Run by the maintenance leader's pass, before promote_due_steps (which leaves wait steps
+-- alone). steps_scheduled_idx.
+WITH due AS (
+    SELECT id FROM steps
+    WHERE status = 'pending' AND deps_remaining = 0 AND available_at <= now()
+      AND wait_signal IS NOT NULL
+    ORDER BY available_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE steps s
+    SET attempt = s.attempt + 1,
+        status = CASE WHEN s.attempt + 1 < s.max_attempts THEN 'pending' ELSE 'dead_letter' END,
+        available_at = CASE WHEN s.attempt + 1 < s.max_attempts
+                            THEN now() + make_interval(secs => s.delay_ms / 1000.0)
+                            ELSE now() END,
+        error = 'no signal ' || s.wait_signal || ' within ' || (s.delay_ms / 1000) || ' s'
+                || ' (attempt ' || (s.attempt + 1) || ' of ' || s.max_attempts || ')',
+        finished_at = CASE WHEN s.attempt + 1 < s.max_attempts THEN NULL ELSE now() END,
+        updated_at = now()
+    FROM due
+    WHERE s.id = due.id AND s.status = 'pending'
+    RETURNING s.id, s.run_id, s.name, s.status, s.attempt, s.max_attempts, s.available_at,
+              s.error, s.wait_signal
+), audit AS (
+    INSERT INTO audit_log (run_id, step_id, step_name, event, from_status, to_status,
+                           attempt, detail)
+    SELECT run_id, id, name,
+           CASE WHEN status = 'pending' THEN 'step_wait_timed_out' ELSE 'step_dead_lettered' END,
+           'pending', status, attempt,
+           jsonb_build_object('reason', 'timeout', 'signal', wait_signal, 'error', error,
+                              'maxAttempts', max_attempts)
+           || CASE WHEN status = 'pending' THEN jsonb_build_object('until', available_at)
+                   ELSE '{}'::jsonb END
+    FROM upd
+)
+SELECT id, run_id, status FROM upd

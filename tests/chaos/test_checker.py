@@ -596,6 +596,36 @@ def added_without_success() -> History:
     return h
 
 
+def waiting_run() -> History:
+    """a -> w, w a wait step (wait_signal, its timeout as its delay) parked after a."""
+    h = History()
+    h.new_run({"a": [], "w": ["a"]})
+    h.steps[(R1, "w")].update(delay_ms=1000, wait_signal="go")
+    h.succeed("a")
+    until = T0 + timedelta(milliseconds=1000)
+    h.ev("w", "step_delayed", to="pending", reason="delay", delayMs=1000, until=until.isoformat())
+    return h
+
+
+def wait_step_claimed_by_a_worker() -> History:
+    """A worker claimed the wait step (it was made ready, as a sleep would be)."""
+    h = waiting_run()
+    h.ev("w", "step_ready", reason="delay", delayMs=1000)
+    h.events[-1]["created_at"] = T0 + timedelta(milliseconds=1000)
+    h.succeed("w")
+    h.run_event("run_completed")
+    return h
+
+
+def wait_timed_out_too_early() -> History:
+    """The wait step's timeout is written before the deadline its park said."""
+    h = waiting_run()
+    h.ev("w", "step_dead_lettered", reason="timeout", signal="go")
+    h.events[-1]["created_at"] = T0 + timedelta(milliseconds=100)
+    h.run_event("run_failed")
+    return h
+
+
 R2 = "22222222-2222-2222-2222-222222222222"
 R3 = "33333333-3333-3333-3333-333333333333"
 
@@ -702,6 +732,8 @@ CASES = {
     ),
     "delayed step woken before its time": Case("delay_not_met", delayed_woken_too_early),
     "steps added without the adder's success": Case("added_steps", added_without_success),
+    "wait step claimed by a worker": Case("wait_broken", wait_step_claimed_by_a_worker),
+    "wait step timed out before its deadline": Case("wait_broken", wait_timed_out_too_early),
     "run step succeeded before its child ended": Case(
         "child_run_mismatch", child_run_step_succeeded_before_its_child_ended
     ),
@@ -1008,6 +1040,29 @@ def test_a_parked_step_waits_pending_and_sleeps_before_its_claim() -> None:
     root.new_run({"r": []})
     root.steps[(R1, "r")].update(delay_ms=100, status="pending")  # a root parked at insert
     assert root.check().ok, explain(root.check())
+
+
+def test_a_wait_step_signalled_or_timed_out_at_its_deadline_is_clean() -> None:
+    """A parked wait step is not stuck; a step_signalled opens an attempt its success ends
+    under the same token; a timeout at the deadline (waiting again, then dead_letter) ends
+    no attempt."""
+    h = waiting_run()
+    assert h.check().ok, explain(h.check())
+    h._token += 1
+    t = h._token
+    h.ev("w", "step_signalled", t, signal="go", signalId="k")
+    h.ev("w", "step_succeeded", t)
+    h.run_event("run_completed")
+    assert h.check().ok, explain(h.check())
+
+    late = waiting_run()
+    again = T0 + timedelta(milliseconds=2000)
+    late.ev("w", "step_wait_timed_out", reason="timeout", until=again.isoformat())
+    late.events[-1]["created_at"] = T0 + timedelta(milliseconds=1000)
+    late.ev("w", "step_dead_lettered", reason="timeout")
+    late.events[-1]["created_at"] = again
+    late.run_event("run_failed")
+    assert late.check().ok, explain(late.check())
 
 
 def test_missing_step_rows_do_not_crash() -> None:

@@ -495,3 +495,55 @@ def test_workers_panel_shows_a_supervised_restart(page: Any, db_url: str, tmp_pa
             assert_not_reloaded(page)
     finally:
         sup.stop()
+
+
+def test_approval_buttons_approve_and_reject_waiting_steps(page: Any, live: str) -> None:
+    """A wait step declared as an approval shows what it waits for and its deadline, with
+    Approve / Reject buttons; Approve completes it (its payload is the output) and its
+    dependent runs; Reject dead-letters it with the reason and skips its dependent."""
+
+    def approval(name: str, *deps: str) -> dict[str, Any]:
+        wait = {"signal": f"ok-{name}", "timeoutS": 3600, "approval": True}
+        return {"name": name, "wait": wait, "dependsOn": list(deps)}
+
+    run = submit(
+        live,
+        {
+            "goal": "approvals from the dashboard",
+            "steps": [
+                *(delay("prepare", ms=800), approval("ship", "prepare"), delay("shipped", "ship")),
+                *(approval("risky"), delay("done-risky", "risky")),
+            ],
+        },
+    )
+    open_page(page, f"{live}/#/runs/{run['id']}")
+    # selected while it waits for "prepare": the buttons come when it starts waiting (live)
+    node(page, "ship").click()
+    page.wait_for_selector('#detail:not([hidden]) #step-name:text-is("ship")')
+    page.wait_for_selector('#step-facts dd:has-text("an approval ok-ship (deadline")')
+    ship = {s["name"]: s for s in httpx.get(f"{live}/runs/{run['id']}").json()["steps"]}["ship"]
+    deadline = ship["waitingFor"]["deadline"]
+    shown = page.locator('#step-facts dd:has-text("an approval ok-ship")').inner_text()
+    local = page.evaluate(
+        "(iso) => new Date(iso).toLocaleTimeString([], { hour12: false })", deadline
+    )
+    assert local in shown, (local, shown)  # the deadline, in the page's time format
+    assert page.locator("#approve-step").is_visible() and page.locator("#reject-step").is_visible()
+    page.locator("#approve-step").click()
+    node(page, "ship").and_(page.locator('[data-status="succeeded"]')).wait_for()
+    node(page, "shipped").and_(page.locator('[data-status="succeeded"]')).wait_for()
+    page.wait_for_selector('#step-history tr:has-text("step_signalled")')
+    page.wait_for_selector('#step-output:has-text("dashboard")')
+    assert page.locator("#approve-step").is_hidden() and page.locator("#reject-step").is_hidden()
+
+    node(page, "risky").click()
+    page.wait_for_selector('#detail:not([hidden]) #step-name:text-is("risky")')
+    page.locator("#reject-step").click()
+    node(page, "risky").and_(page.locator('[data-status="dead_letter"]')).wait_for()
+    node(page, "done-risky").and_(page.locator('[data-status="skipped"]')).wait_for()
+    page.wait_for_selector('#run-status[data-status="failed"]')
+    page.wait_for_selector('#step-error:has-text("rejected in the dashboard")')
+    steps = {s["name"]: s for s in httpx.get(f"{live}/runs/{run['id']}").json()["steps"]}
+    assert steps["ship"]["output"] == {"approved": True, "by": "dashboard"}
+    assert steps["risky"]["status"] == "dead_letter"
+    assert_not_reloaded(page)

@@ -120,3 +120,10 @@ def test_a_child_run_cannot_add_a_step_of_kind_run() -> None:
             [child], adder="plan", existing=EXISTING, max_steps=100, in_child_run=True
         )
     assert [(p["step"], p["field"]) for p in exc.value.problems] == [("sub", "run")]
+
+
+def test_a_wait_step_cannot_be_added() -> None:
+    found = problems([delay("a", "plan"), {"name": "ok", "wait": {"signal": "go", "timeoutS": 60}}])
+    assert found == [
+        ("ok", "wait", "a wait step cannot be added by a step: submit it with the run")
+    ]
