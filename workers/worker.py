@@ -342,7 +342,8 @@ class Worker:
             metrics.count_claim(step.tool, step.ready_wait_s)
         attempt = _Attempt(step=step)
         self._attempts[step.id] = attempt
-        attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"step-{step.id}")
+        run = self._traced_attempt if self._recording else self._attempt
+        attempt.task = asyncio.create_task(run(attempt), name=f"step-{step.id}")
 
     def _attempt_done(self, attempt: _Attempt) -> None:
         if self._attempts.get(attempt.step.id) is attempt:  # not a newer attempt of the step
@@ -351,28 +352,12 @@ class Worker:
 
     # --- running one attempt ------------------------------------------------------------
 
-    async def _run_attempt(self, attempt: _Attempt) -> None:
-        """The attempt's task: every line it logs carries run_id, step, attempt, worker and
-        lease_token (`engine.logs`), and it runs inside the attempt's span (`engine.tracing`),
-        a child of the run's, which ends with its outcome."""
+    async def _traced_attempt(self, attempt: _Attempt) -> None:
+        """The attempt's task when attempts get spans (`engine.tracing`): `_attempt` inside
+        the attempt's span, a child of the run's, which ends with its outcome. (With tracing
+        off the task is `_attempt` itself: no span context manager, no second coroutine to
+        resume at every await, 3.5 + 2 us an attempt.)"""
         step = attempt.step
-        logs.bind_attempt(
-            run_id=step.run_id,
-            step=step.name,
-            attempt=step.attempt,
-            worker=self.worker_id,
-            lease_token=step.lease_token,
-        )
-        if not self._recording:
-            # No span to record (tracing off): skip the span's context manager, 3.5 us an
-            # attempt; the handle passes the run's trace context on, as `attempt_span` would.
-            attempt.span = tracing.SpanHandle(passed_on=step.trace_context)
-            try:
-                await self._attempt(attempt)
-            except asyncio.CancelledError:
-                attempt.outcome = "lease_lost" if attempt.lease_lost else "cancelled"
-                raise
-            return
         with tracing.attempt_span(
             step.trace_context,
             run_id=step.run_id,
@@ -385,16 +370,25 @@ class Worker:
             attempt.span = span
             try:
                 await self._attempt(attempt)
-            except asyncio.CancelledError:
-                attempt.outcome = "lease_lost" if attempt.lease_lost else "cancelled"
-                raise
             finally:
                 span.set(outcome=attempt.outcome or "cancelled")
                 if attempt.outcome not in (None, "succeeded"):
                     span.fail(attempt.error or attempt.outcome or "")
 
     async def _attempt(self, attempt: _Attempt) -> None:
+        """One attempt, from its claim to its recorded outcome: every line it logs carries
+        run_id, step, attempt, worker and lease_token (`engine.logs`); its tool's context
+        carries the run's trace context on (`_traced_attempt` gives it a span of its own)."""
         step = attempt.step
+        logs.bind_attempt(
+            run_id=step.run_id,
+            step=step.name,
+            attempt=step.attempt,
+            worker=self.worker_id,
+            lease_token=step.lease_token,
+        )
+        if attempt.span is tracing.NO_SPAN and step.trace_context:
+            attempt.span = tracing.SpanHandle(passed_on=step.trace_context)
         crash_at = self._draw_crash_point()
         try:
             logger.debug("attempt started: %s", step.tool)
@@ -452,6 +446,7 @@ class Worker:
                 logger.warning("attempt %s refused, dead letter: %s", what, exc)
         except asyncio.CancelledError:
             if not attempt.lease_lost:
+                attempt.outcome = "cancelled"
                 raise  # shutdown: the lease is released by _drain
             attempt.outcome = "lease_lost"
         except Exception as exc:
