@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from chaos.agent_log import AgentLogReport, check_agent_logs
+from chaos.agent_log import AgentLogReport, check_agent_logs, unanswered
 from chaos.checker import Report, check_database, ledger_duplicates
 from chaos.faults import restart_postgres
 from chaos.ledger import Ledger
@@ -58,6 +59,7 @@ MAX_KILLS_PER_STEP = 2
 WAIT_SIGNAL = "go"  # the signal of the workload's wait step, sent by the driver
 CHARGE_PATH = "/charge/"  # the ledger path of the workload's "idempotent": false steps
 LINK_CUT_S = 1.5  # how long the agent-API link stays cut (new connections refused)
+AGENT_LOG_SETTLE_S = 20.0  # at the end, how long agents get to answer what they logged
 API_DOWN_S = 1.0  # how long the API stays dead before it is started again
 
 
@@ -731,6 +733,20 @@ def run(args: argparse.Namespace) -> int:
                     time.sleep(0.25)
             elapsed = time.monotonic() - started
     finally:
+        # A run can finish while an agent killed near its end is still starting again with
+        # an outcome it logged and never sent: its restart re-reports it, but only if it is
+        # given the time. Wait (bounded) until every logged outcome is answered, so that the
+        # verdict judges the re-sending, not how soon the driver stopped.
+        if chaos.agents:
+            logs = [chaos.agent_log(a) for a in sorted(chaos.agents)]
+            deadline = time.monotonic() + AGENT_LOG_SETTLE_S
+            while time.monotonic() < deadline:
+                try:
+                    if not unanswered(logs):
+                        break
+                except sqlite3.OperationalError:  # a log being written: look again
+                    pass
+                time.sleep(0.2)
         # Workers and agents first (agents report what they hold while the API still
         # answers), then the API.
         procs = list(chaos.workers.values())

@@ -102,6 +102,18 @@ def read_logs(paths: Iterable[Path]) -> list[LoggedOutcome]:
     return out
 
 
+ANSWERED_STATES = frozenset({"recorded", "refused"})
+
+
+def unanswered(paths: Iterable[Path]) -> int:
+    """How many outcomes in the agent logs at `paths` are not answered yet (``pending``:
+    written, and sent or not, no answer came). An agent re-sends them (at its next start,
+    from its re-sender, and once more when it stops), so the driver waits for this to reach
+    0 before it stops the agents and judges the logs. Raises `sqlite3.OperationalError`
+    when a log cannot be read at this instant."""
+    return sum(1 for o in read_logs(paths) if o.state not in ANSWERED_STATES)
+
+
 def check_outcomes(
     outcomes: list[LoggedOutcome], ends: dict[tuple[int, int], set[str]]
 ) -> AgentLogReport:

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
-from chaos.agent_log import LoggedOutcome, check_outcomes
+import sqlite3
+from pathlib import Path
+
+from chaos.agent_log import LoggedOutcome, check_outcomes, unanswered
+from workers.agent_log import _SCHEMA
 
 
 def outcome(state: str, status: str = "succeeded", token: int = 7) -> LoggedOutcome:
@@ -49,3 +53,21 @@ def test_refused_outcome_whose_success_is_in_the_audit_log_is_a_violation() -> N
 
 def test_an_outcome_never_answered_is_a_violation() -> None:
     assert kinds([outcome("pending")], {(1, 7): {"step_succeeded"}}) == ["outcome_pending"]
+
+
+def test_unanswered_counts_the_pending_outcomes_of_real_logs(tmp_path: Path) -> None:
+    log = tmp_path / "a.sqlite3"
+    db = sqlite3.connect(log)
+    db.executescript(_SCHEMA)
+    states = ["pending", "pending", "recorded", "refused", "recorded"]
+    db.executemany(
+        "INSERT INTO outcomes (step_id, lease_token, run_id, name, attempt, status, body,"
+        " state, logged_at) VALUES (?, ?, 'r', 's', 1, 'succeeded', '{}', ?, 0)",
+        [(i, i, st) for i, st in enumerate(states)],
+    )
+    db.commit()
+    assert unanswered([log, tmp_path / "missing.sqlite3"]) == 2
+    db.execute("UPDATE outcomes SET state = 'recorded'")
+    db.commit()
+    db.close()
+    assert unanswered([log]) == 0
