@@ -39,10 +39,21 @@ WITH snap AS (
     ORDER BY id
     LIMIT %(limit)s
 ), late AS (
-    SELECT a.id, a.run_id, a.step_id, a.step_name, a.event, a.from_status, a.to_status,
-           a.attempt, a.lease_token, a.worker_id, a.detail, a.created_at
+    -- One ordered primary-key range scan per gap. Written as a LATERAL subquery with ORDER
+    -- BY and LIMIT (the gap's size, so it never cuts a row: ids are unique) because the
+    -- plain join `a.id BETWEEN g.lo AND g.hi` gets, as a generic plan, a sequential scan of
+    -- every partition materialized and filtered once per gap: 27 ms per read on a 60,000-row
+    -- audit log, growing with it, where this takes 0.3 ms (docs/operations.md, "Retention").
+    SELECT a.*
     FROM unnest(%(gap_lo)s::bigint[], %(gap_hi)s::bigint[]) AS g(lo, hi)
-    JOIN audit_log a ON a.id BETWEEN g.lo AND g.hi
+    CROSS JOIN LATERAL (
+        SELECT b.id, b.run_id, b.step_id, b.step_name, b.event, b.from_status, b.to_status,
+               b.attempt, b.lease_token, b.worker_id, b.detail, b.created_at
+        FROM audit_log b
+        WHERE b.id BETWEEN g.lo AND g.hi
+        ORDER BY b.id
+        LIMIT g.hi - g.lo + 1
+    ) a
 ), found AS (
     SELECT * FROM fresh UNION ALL SELECT * FROM late
 )
