@@ -25,9 +25,9 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from datetime import UTC, datetime
-from typing import Any, TextIO, TypeVar
+from typing import Any, Protocol, TextIO, TypeVar
 
 import structlog
 
@@ -45,12 +45,21 @@ EventDict = MutableMapping[str, Any]
 T = TypeVar("T")
 
 # The attempt a worker's task is running (`bind_attempt`): one context variable set once per
-# attempt, merged into a line only when one is logged (`_merge_attempt`). Binding the five
-# keys through structlog.contextvars cost 2 us an attempt, a tenth of the worker's own
-# CPU per step in W1 (docs/benchmarks.md, issue 13).
-_ATTEMPT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+# attempt to an object that builds its keys only when a line is logged (`_merge_attempt`).
+# Binding the five keys through structlog.contextvars cost 2 us an attempt, a tenth of the
+# worker's own CPU per step in W1; building the dict up front, another 0.5 us
+# (docs/benchmarks.md, issue 13).
+_ATTEMPT: contextvars.ContextVar[AttemptContext | None] = contextvars.ContextVar(
     "pgdag_attempt", default=None
 )
+
+
+class AttemptContext(Protocol):
+    """What `bind_attempt` takes: an object that gives the attempt's log keys on demand."""
+
+    def log_context(self) -> Mapping[str, Any]:
+        """``run_id``, ``step``, ``attempt``, ``worker``, ``lease_token``."""
+        ...
 
 
 def check_log_format(raw: str) -> str:
@@ -200,29 +209,20 @@ def bind(**context: Any) -> None:
     structlog.contextvars.bind_contextvars(**context)
 
 
-def bind_attempt(
-    *, run_id: str, step: str, attempt: int, worker: str, lease_token: int | None
-) -> None:
-    """Put the attempt's context (run, step name, attempt number, worker id, fencing token)
-    on every line logged from here on in this task: the hot path's `bind`, one
-    context-variable write. A task started after this (`asyncio.create_task` copies the
-    context) inherits it."""
-    _ATTEMPT.set(
-        {
-            "run_id": run_id,
-            "step": step,
-            "attempt": attempt,
-            "worker": worker,
-            "lease_token": lease_token,
-        }
-    )
+def bind_attempt(context: AttemptContext) -> None:
+    """Put the attempt's context (`AttemptContext.log_context`: run, step name, attempt
+    number, worker id, fencing token) on every line logged from here on in this task: the
+    hot path's `bind`, one context-variable write; the keys are read only when a line is
+    logged. A task started after this (`asyncio.create_task` copies the context) inherits
+    it."""
+    _ATTEMPT.set(context)
 
 
 def _merge_attempt(_: Any, __: str, event: EventDict) -> EventDict:
     """Add the `bind_attempt` context to `event` (keys bound otherwise win)."""
     context = _ATTEMPT.get()
-    if context:
-        for key, value in context.items():
+    if context is not None:
+        for key, value in context.log_context().items():
             event.setdefault(key, value)
     return event
 

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import psycopg
 from prometheus_client import (
@@ -51,6 +53,9 @@ from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
 from engine.sql import queries
+
+if TYPE_CHECKING:
+    from engine.transitions import ClaimedStep
 
 logger = logging.getLogger(__name__)
 
@@ -134,17 +139,61 @@ class TallyHistogram:
     bounds in seconds, ascending; ``+Inf`` is implied), each inclusive (``le``) as in the
     Prometheus exposition format; ``_count`` is the sum of the bucket counts, so a scrape
     never shows a count that its buckets disagree with.
+
+    The hottest paths defer even that: they append to `pending` lists, which `fold` counts
+    in (every scrape folds first). `on_fold(label, n)`, when given, is told how many
+    deferred values of `label` a fold counted, under the same lock, before the scrape
+    reads anything (`ATTEMPTS` counts deferred successes so).
     """
 
     def __init__(
-        self, name: str, documentation: str, labelname: str | None, buckets: Sequence[float]
+        self,
+        name: str,
+        documentation: str,
+        labelname: str | None,
+        buckets: Sequence[float],
+        *,
+        on_fold: Callable[[str, int], None] | None = None,
     ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelname = labelname
         self.bounds = tuple(buckets)
+        self.on_fold = on_fold
         # label value -> [counts per bucket (the last one: above every bound), sum]
         self.series: dict[str, tuple[list[int], list[float]]] = {}
+        # label value -> values appended since the last fold (by the event loop's thread)
+        self._pending: dict[str, list[float]] = {}
+        self._fold_lock = threading.Lock()  # a scrape's thread and the loop's may both fold
+
+    def pending(self, label: str) -> list[float]:
+        """The list the hot path appends values of `label` to (seconds; negative ones count
+        as 0), instead of calling `observe`: one ``list.append``, about 40 ns against 240.
+        They are counted at the next `fold`."""
+        values = self._pending.get(label)
+        if values is None:
+            values = self._pending.setdefault(label, [])
+        return values
+
+    def pending_count(self) -> int:
+        """How many values wait for the next `fold`."""
+        return sum(len(values) for values in list(self._pending.values()))
+
+    def fold(self) -> None:
+        """Count every pending value in its series (and tell `on_fold`). Safe from any
+        thread while the event loop appends: only the values present when it looked are
+        taken (``del values[:n]``), a value appended meanwhile waits for the next fold."""
+        with self._fold_lock:
+            for label, values in list(self._pending.items()):
+                n = len(values)
+                if not n:
+                    continue
+                taken = values[:n]
+                del values[:n]
+                for value in taken:
+                    self.observe(label, value)
+                if self.on_fold is not None:
+                    self.on_fold(label, n)
 
     def observe(self, label: str, value: float) -> None:
         """Count `value` (seconds; negative ones count as 0) in the series of `label`."""
@@ -184,6 +233,9 @@ class TallyCollector(Collector):
         self.tallies = tuple(tallies)
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        for tally in self.tallies:  # every deferred value counted before anything is read
+            if isinstance(tally, TallyHistogram):
+                tally.fold()
         for tally in self.tallies:
             yield tally.family()
 
@@ -242,7 +294,11 @@ ATTEMPT_DURATION = TallyHistogram(
     "Seconds from an attempt's claim to its result being recorded (or refused).",
     "tool",
     DURATION_BUCKETS_S,
+    # Its pending values are successes only (`count_success`): each is also an attempt.
+    on_fold=lambda tool, n: ATTEMPTS.inc(tool, "succeeded", amount=n),
 )
+# Pending values past this are folded at the next claim (`count_claims`), between scrapes.
+FOLD_AT = 10_000
 REGISTRY.register(
     TallyCollector(
         [ATTEMPTS, RETRIES, DEAD_LETTERS, FENCING_REFUSALS, READY_TO_START, ATTEMPT_DURATION]
@@ -326,6 +382,38 @@ def count_claim(tool: str, ready_wait_s: float | None) -> None:
     the database clock, `ClaimedStep.ready_wait_s`; None when not known) in `READY_TO_START`."""
     if ready_wait_s is not None:
         READY_TO_START.observe(tool, ready_wait_s)
+
+
+def count_claims(steps: Sequence[ClaimedStep]) -> None:
+    """`count_claim` for each step of one claim, deferred (`TallyHistogram.pending`): the
+    worker's form, one call per claim. Folds the deferred values once they pass `FOLD_AT`,
+    so that they stay few between scrapes (or without any)."""
+    tool = None
+    values: list[float] = []
+    for step in steps:
+        if step.ready_wait_s is None:
+            continue
+        if step.tool != tool:  # a claim's steps are mostly of one tool
+            tool = step.tool
+            values = READY_TO_START.pending(tool)
+        values.append(step.ready_wait_s)
+    if READY_TO_START.pending_count() > FOLD_AT:
+        READY_TO_START.fold()
+    if ATTEMPT_DURATION.pending_count() > FOLD_AT:
+        ATTEMPT_DURATION.fold()
+
+
+def count_success(tool: str, duration_s: float) -> None:
+    """`count_result(tool, "succeeded", duration_s=duration_s)`, deferred: the worker's
+    form for an attempt recorded as succeeded `duration_s` seconds after its claim. Both
+    `ATTEMPTS` and `ATTEMPT_DURATION` show it after the next fold (a scrape folds first)."""
+    ATTEMPT_DURATION.pending(tool).append(duration_s)
+
+
+def fold() -> None:
+    """Count every deferred value now (`TallyHistogram.fold`); a scrape does it itself."""
+    READY_TO_START.fold()
+    ATTEMPT_DURATION.fold()
 
 
 def count_result(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 try:
@@ -58,6 +59,10 @@ def recording() -> bool:
     return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
+# The carrier of a handle with nothing to pass on: shared, so read-only.
+EMPTY_CARRIER: Mapping[str, str] = MappingProxyType({})
+
+
 class SpanHandle:
     """What pgdag's code does with a span: read its W3C carrier, set attributes (named
     ``pgdag.<key>``), mark it failed. A handle without a span (tracing off) does nothing."""
@@ -66,11 +71,12 @@ class SpanHandle:
         self._span = span
         self._passed_on = dict(passed_on) if passed_on else {}
 
-    def carrier(self) -> dict[str, str]:
+    def carrier(self) -> Mapping[str, str]:
         """The span's context as W3C headers (``traceparent``, ``tracestate`` if any);
-        without a span, the context it passes on unchanged (empty: none)."""
+        without a span, the context it passes on unchanged (empty: none; the one read-only
+        `EMPTY_CARRIER`, not a new dict per attempt)."""
         if self._span is None:
-            return dict(self._passed_on)
+            return dict(self._passed_on) if self._passed_on else EMPTY_CARRIER
         if not self._span.get_span_context().is_valid:
             return {}
         carrier: dict[str, str] = {}

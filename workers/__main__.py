@@ -18,6 +18,7 @@ from engine.cli import program_name
 from engine.config import Settings
 from engine.db import open_pool, resolve_database_url
 from engine.errors import ConfigError, PgdagError, SchemaNotCurrent
+from engine.gcpause import freeze_startup_heap
 from engine.logs import LOG_FORMATS, configure_logging
 from engine.schema import schema_problem
 from engine.startup import wait_for_postgres
@@ -218,6 +219,7 @@ async def amain(args: argparse.Namespace) -> None:
 
 async def _run(worker: Worker, args: argparse.Namespace) -> None:
     worker.install_signal_handlers()
+    freeze_startup_heap()  # what start-up built is never walked by the collector again
     if args.kill_after is not None:
         asyncio.get_running_loop().call_later(args.kill_after, os.kill, os.getpid(), signal.SIGKILL)
     await worker.run()

@@ -90,6 +90,30 @@ class _Attempt:
     span: tracing.SpanHandle = tracing.NO_SPAN  # the attempt's own once it starts
 
 
+class _LogKeys:
+    """An attempt's log keys, built only when a line is logged (`engine.logs.bind_attempt`).
+    It holds the step, not the `_Attempt`: the task's context keeps it, and an `_Attempt`
+    there would make a reference cycle (attempt -> task -> context -> attempt) that only
+    the cyclic collector could free, thousands of them per second."""
+
+    __slots__ = ("step", "worker_id")
+
+    def __init__(self, step: ClaimedStep, worker_id: str) -> None:
+        self.step = step
+        self.worker_id = worker_id
+
+    def log_context(self) -> dict[str, Any]:
+        """``run_id``, ``step``, ``attempt``, ``worker``, ``lease_token``."""
+        step = self.step
+        return {
+            "run_id": step.run_id,
+            "step": step.name,
+            "attempt": step.attempt,
+            "worker": self.worker_id,
+            "lease_token": step.lease_token,
+        }
+
+
 class SuccessBatcher:
     """Group commit for successes: attempts hand their result to `record` and wait; one
     task writes everything handed over meanwhile in one `Backend.complete_many` (one
@@ -201,6 +225,7 @@ class Worker:
         # by opentelemetry-instrument or a PGDAG_TOOLS module, as the tools are loaded), since
         # asking opentelemetry reads os.environ each time (2 us an attempt).
         self._recording = tracing.recording()
+        self._counts_attempts = backend.counts_attempts  # read once: the hot path asks often
         # The tools this process loaded: registered with the worker's row and passed to
         # every claim, so that it is never handed a step it cannot run.
         self.tools = tuple(sorted(registered_tools()))
@@ -296,6 +321,8 @@ class Worker:
                 error_delay = 0.1
                 polled = self.backend.long_polls and self.backend.max_wait_s > 0
                 got = len(steps)
+                if self._counts_attempts:
+                    metrics.count_claims(steps)
                 for step in steps:
                     self._start_attempt(step)
             if got:
@@ -338,8 +365,6 @@ class Worker:
             self.stats.leases_lost += 1
             self._count(previous, "lease_lost")
             previous.task.cancel()
-        if self.backend.counts_attempts:
-            metrics.count_claim(step.tool, step.ready_wait_s)
         attempt = _Attempt(step=step)
         self._attempts[step.id] = attempt
         run = self._traced_attempt if self._recording else self._attempt
@@ -380,13 +405,7 @@ class Worker:
         run_id, step, attempt, worker and lease_token (`engine.logs`); its tool's context
         carries the run's trace context on (`_traced_attempt` gives it a span of its own)."""
         step = attempt.step
-        logs.bind_attempt(
-            run_id=step.run_id,
-            step=step.name,
-            attempt=step.attempt,
-            worker=self.worker_id,
-            lease_token=step.lease_token,
-        )
+        logs.bind_attempt(_LogKeys(step, self.worker_id))
         if attempt.span is tracing.NO_SPAN and step.trace_context:
             attempt.span = tracing.SpanHandle(passed_on=step.trace_context)
         crash_at = self._draw_crash_point()
@@ -430,7 +449,8 @@ class Worker:
                 else:  # at once and alone: see SuccessBatcher
                     await self.backend.complete(step, text)
                 self.stats.succeeded += 1
-                self._count(attempt, "succeeded")
+                if self._counts_attempts:
+                    metrics.count_success(step.tool, time.monotonic() - attempt.claimed_at)
                 attempt.outcome = "succeeded"
                 logger.debug("attempt succeeded")
             except LeaseLost as exc:
@@ -488,8 +508,9 @@ class Worker:
         self, step: ClaimedStep, span: tracing.SpanHandle, added: list[dict[str, Any]]
     ) -> object:
         """Run the step's tool (its context carries `span`'s trace context); every failure
-        becomes a `ToolError`. The steps the tool added (`ToolContext.add_steps`) are put in
-        `added` when it returns."""
+        becomes a `ToolError`. The steps the tool adds (`ToolContext.add_steps`) go to `added`
+        (its context's `added_steps` is that list); the caller uses them only if it
+        returns."""
         try:
             tool = get_tool(step.tool)
         except UnknownTool as exc:
@@ -509,6 +530,7 @@ class Worker:
             timeout_ms=step.timeout_ms,
             http_allow_private=self.settings.http_allow_private,
             trace_context=span.carrier(),
+            added_steps=added,  # what the tool adds goes straight to the caller's list
         )
         try:
             if step.timeout_ms is None:
@@ -522,7 +544,6 @@ class Worker:
             raise
         except Exception as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from exc
-        added.extend(ctx.added_steps)
         return output
 
     def _count(
@@ -531,7 +552,7 @@ class Worker:
         """Count `attempt`'s `outcome` in `engine.metrics` (when this backend's attempts are
         counted here: `Backend.counts_attempts`); the duration (seconds since its claim, on
         this process's clock) of an attempt whose result was recorded."""
-        if not self.backend.counts_attempts:
+        if not self._counts_attempts:
             return
         recorded = outcome in ("succeeded", "failed")
         metrics.count_result(

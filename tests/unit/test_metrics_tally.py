@@ -75,3 +75,29 @@ def test_count_result_refuses_an_unknown_outcome_and_counts_the_rest() -> None:
         assert "outcome must be one of" in str(exc)
     else:
         raise AssertionError("an unknown outcome was counted")
+
+
+def test_deferred_values_scrape_like_observed_ones_and_tell_on_fold() -> None:
+    """Values appended to `pending` are counted by the scrape itself (it folds first), as if
+    each had been observed, and `on_fold` hears how many per label."""
+    bounds = metrics.DURATION_BUCKETS_S
+    folded: list[tuple[str, int]] = []
+    tally = metrics.TallyHistogram(
+        "d_seconds", "doc", "tool", bounds, on_fold=lambda label, n: folded.append((label, n))
+    )
+    reference_registry = CollectorRegistry()
+    reference = Histogram("d_seconds", "doc", ["tool"], buckets=bounds, registry=reference_registry)
+    rng = random.Random(11)
+    values = [*bounds, 0.0, -1.0, 1e9, *(rng.uniform(0, 100) for _ in range(300))]
+    for i, v in enumerate(values):
+        tool = ("A", "B")[i % 3 == 0]
+        tally.pending(tool).append(v)
+        reference.labels(tool=tool).observe(max(0.0, v))
+    assert tally.pending_count() == len(values)
+    assert tally.count("A") == 0  # nothing counted before a fold
+    ours = _scrape(metrics.TallyCollector([tally]))
+    theirs = sorted(generate_latest(reference_registry).decode().splitlines())
+    assert ours == theirs
+    assert tally.pending_count() == 0
+    assert sorted(folded) == [("A", tally.count("A")), ("B", tally.count("B"))]
+    assert tally.count("A") + tally.count("B") == len(values)
