@@ -1,38 +1,21 @@
-"""The worker's per-attempt bookkeeping, over an in-memory backend (no database): a finished
-attempt leaves nothing for the cyclic garbage collector, the log keys of an attempt reach a
-line its tool logs, and the deferred counts of `engine.metrics` add up once folded."""
+"""The worker's per-attempt bookkeeping, over an in-memory backend (no database,
+`benchmarks.worker_overhead.MemoryBackend`): a finished attempt leaves nothing for the cyclic
+garbage collector, the log keys of an attempt reach a line its tool logs, and the deferred
+counts of `engine.metrics` add up once folded."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import gc
 import logging
-from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel
-
+from benchmarks.worker_overhead import RUN_ID, TOOL, MemoryBackend, run_worker
 from engine import logs, metrics
-from engine.config import Settings
-from engine.errors import PgdagError
-from engine.tools import ToolContext, tool
-from engine.transitions import ClaimedStep, FailOutcome, MapExpansion
+from engine.tools import ToolContext
 from workers import worker as worker_module
-from workers.worker import Worker
 
-TOOL = "HEAP_TEST_NOOP"
 LOGGED: list[dict[str, Any]] = []
-
-
-class _Empty(BaseModel):
-    pass
-
-
-@tool(TOOL, _Empty)
-async def _noop(inp: _Empty, ctx: ToolContext) -> dict[str, object]:
-    return {}
 
 
 class _Capture(logging.Handler):
@@ -43,103 +26,8 @@ class _Capture(logging.Handler):
         LOGGED.append(dict(context.log_context()) if context is not None else {})
 
 
-class MemoryBackend:
-    """Hands out `n` steps of `TOOL`, records every success; nothing else happens."""
-
-    worker_id = "heap-worker"
-    transient: tuple[type[BaseException], ...] = (ConnectionError,)
-    long_polls = False
-    counts_attempts = True
-    heartbeat_interval_s = 60.0
-    max_wait_s = 0.0
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.handed = 0
-        self.recorded: list[int] = []
-        self.all_recorded = asyncio.Event()
-
-    async def register(self, *, concurrency: int, tools: Sequence[str]) -> None:
-        pass
-
-    async def claim(self, limit: int, tools: Sequence[str], *, wait_s: float) -> list[ClaimedStep]:
-        steps = []
-        while len(steps) < limit and self.handed < self.n:
-            self.handed += 1
-            steps.append(
-                ClaimedStep(
-                    id=self.handed,
-                    run_id="00000000-0000-0000-0000-000000000001",
-                    name=f"s{self.handed}",
-                    tool=TOOL,
-                    input={},
-                    attempt=1,
-                    max_attempts=3,
-                    timeout_ms=None,
-                    idempotent=True,
-                    lease_token=1000 + self.handed,
-                    lease_expires_at=datetime.now(UTC),
-                    ready_wait_s=0.002,
-                )
-            )
-        return steps
-
-    async def heartbeat(self, leases: list[tuple[int, int]]) -> set[int]:
-        return {step_id for step_id, _ in leases}
-
-    async def complete(self, step: ClaimedStep, output_json: str) -> None:
-        self._record(step)
-
-    async def complete_many(
-        self, results: list[tuple[ClaimedStep, str]]
-    ) -> dict[int, PgdagError | None]:
-        for step, _ in results:
-            self._record(step)
-        return {step.id: None for step, _ in results}
-
-    def _record(self, step: ClaimedStep) -> None:
-        self.recorded.append(step.id)
-        if len(self.recorded) >= self.n:
-            self.all_recorded.set()
-
-    async def complete_adding_steps(
-        self, step: ClaimedStep, output_json: str, steps: list[dict[str, Any]]
-    ) -> None:
-        raise AssertionError("no step adds steps here")
-
-    async def fail(self, step: ClaimedStep, *, error: str, retryable: bool) -> FailOutcome:
-        raise AssertionError(f"no attempt fails here: {error}")
-
-    async def expand_map(self, step: ClaimedStep, *, max_width: int) -> MapExpansion:
-        raise AssertionError("no map step here")
-
-    async def release(self, leases: list[tuple[int, int]]) -> int:
-        return 0
-
-    async def worker_heartbeat(self, *, status: str) -> None:
-        pass
-
-    async def stopped(self) -> None:
-        pass
-
-    def background(self, wake: Callable[[], None]) -> list[Coroutine[Any, Any, None]]:
-        return []
-
-    async def close(self) -> None:
-        pass
-
-
-def _drain(n: int, *, concurrency: int = 64) -> MemoryBackend:
-    async def go() -> MemoryBackend:
-        backend = MemoryBackend(n)
-        worker = Worker(backend, Settings.from_env(), concurrency=concurrency)  # type: ignore[arg-type]
-        task = asyncio.create_task(worker.run())
-        await asyncio.wait_for(backend.all_recorded.wait(), 60)
-        worker.stop()
-        await asyncio.wait_for(task, 60)
-        return backend
-
-    return asyncio.run(go())
+def _drain(n: int) -> MemoryBackend:
+    return run_worker(n, concurrency=64)
 
 
 def _alive(kind: type) -> int:
@@ -163,7 +51,7 @@ def test_finished_attempts_leave_no_reference_cycle() -> None:
 
 
 def test_a_tool_logs_with_its_attempt_keys(monkeypatch: Any) -> None:
-    async def chatty(inp: _Empty, ctx: ToolContext) -> dict[str, object]:
+    async def chatty(inp: Any, ctx: ToolContext) -> dict[str, object]:
         logging.getLogger("heap.tool").warning("inside %s", ctx.step_name)
         return {}
 
@@ -180,7 +68,7 @@ def test_a_tool_logs_with_its_attempt_keys(monkeypatch: Any) -> None:
         logging.getLogger("heap.tool").removeHandler(handler)
     assert sorted(LOGGED, key=lambda c: c["lease_token"]) == [
         {
-            "run_id": "00000000-0000-0000-0000-000000000001",
+            "run_id": RUN_ID,
             "step": f"s{i}",
             "attempt": 1,
             "worker": "heap-worker",
