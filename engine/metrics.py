@@ -102,9 +102,11 @@ class TallyCounter:
     prometheus_client's `Counter` takes a lock and checks its state on every ``inc`` (about
     0.8 µs); a worker counts several series per attempt, so the per-attempt families keep
     their numbers here (one dict update, about 0.1 µs) and `TallyCollector` turns them into
-    ordinary counter families when ``/metrics`` is scraped. Only one thread updates a tally
-    (the process's event loop); a scrape from prometheus_client's server thread reads it as
-    it is (a value may be one update behind, never torn). `name` has no ``_total`` (the
+    ordinary counter families when ``/metrics`` is scraped. Only one thread updates a series
+    (the process's event loop; ``pgdag_attempts{outcome="succeeded"}`` of a worker, only a
+    fold of `ATTEMPT_DURATION`, under its lock, which may be a scrape's thread); a scrape
+    from prometheus_client's server thread reads it as it is (a value may be one update
+    behind, never torn). `name` has no ``_total`` (the
     exposition adds it); `labelnames` name the label values each `inc` gets, in order.
     """
 
@@ -143,7 +145,9 @@ class TallyHistogram:
     The hottest paths defer even that: they append to `pending` lists, which `fold` counts
     in (every scrape folds first). `on_fold(label, n)`, when given, is told how many
     deferred values of `label` a fold counted, under the same lock, before the scrape
-    reads anything (`ATTEMPTS` counts deferred successes so).
+    reads anything (`ATTEMPTS` counts deferred successes so). Since a scrape's thread may
+    fold, every write to the series (`observe`, `fold`) holds that lock: uncontended, it
+    costs about 0.1 us, and the deferred values do not take it one by one.
     """
 
     def __init__(
@@ -191,12 +195,17 @@ class TallyHistogram:
                 taken = values[:n]
                 del values[:n]
                 for value in taken:
-                    self.observe(label, value)
+                    self._count(label, value)
                 if self.on_fold is not None:
                     self.on_fold(label, n)
 
     def observe(self, label: str, value: float) -> None:
         """Count `value` (seconds; negative ones count as 0) in the series of `label`."""
+        with self._fold_lock:
+            self._count(label, value)
+
+    def _count(self, label: str, value: float) -> None:
+        """`observe` without the lock: its caller holds it."""
         series = self.series.get(label)
         if series is None:
             series = self.series[label] = ([0] * (len(self.bounds) + 1), [0.0])

@@ -101,3 +101,39 @@ def test_deferred_values_scrape_like_observed_ones_and_tell_on_fold() -> None:
     assert tally.pending_count() == 0
     assert sorted(folded) == [("A", tally.count("A")), ("B", tally.count("B"))]
     assert tally.count("A") + tally.count("B") == len(values)
+
+
+def test_a_scrape_thread_folding_while_the_loop_appends_loses_nothing() -> None:
+    """prometheus_client serves a worker's /metrics from a thread of its own, whose scrape
+    folds while the event loop appends and observes: every value is counted once."""
+    import threading
+
+    folded: list[int] = []
+    tally = metrics.TallyHistogram(
+        "r_seconds",
+        "doc",
+        "tool",
+        metrics.DURATION_BUCKETS_S,
+        on_fold=lambda _, n: folded.append(n),
+    )
+    collector = metrics.TallyCollector([tally])
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            list(collector.collect())
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for i in range(100_000):
+            if i % 10:
+                tally.pending("A").append(0.01)
+            else:
+                tally.observe("A", 0.5)
+    finally:
+        done.set()
+        scraper.join()
+    tally.fold()
+    assert tally.count("A") == 100_000
+    assert sum(folded) == 90_000
