@@ -33,17 +33,18 @@ def gc_paused() -> Iterator[None]:
 
 
 def freeze_startup_heap() -> int:
-    """Collect once, then move every object alive now to the collector's permanent
-    generation (`gc.freeze`, Python docs "gc"), so that later collections never walk them
-    again; returns how many objects were frozen. Call it once a process has started
-    (modules imported, tools loaded, pools open), before its hot loop.
+    """Move every object alive now to the collector's permanent generation (`gc.freeze`,
+    Python docs "gc"), so that later collections never walk them again; returns how many
+    objects were frozen. Call it once a process has started (modules imported, tools
+    loaded, pools open), before its hot loop.
 
     What start-up builds (modules, classes, functions, pydantic schemas: some 100,000
     containers in a worker) lives as long as the process, yet every full collection
     walked all of it: measured with `gc.callbacks` while two workers drained 20,000 steps
     in about 1.6 s, each spent 65 to 100 ms in full collections, some 5 % of its time;
-    frozen, 8 to 11 ms (docs/benchmarks.md, issue 13). Frozen objects are still freed by
-    reference counting; only a reference cycle among them would stay."""
-    gc.collect()
+    frozen, 8 to 11 ms (docs/benchmarks.md, issue 13). No collection first: at that point
+    one frees some 20 objects and costs about 45 ms of start-up, so the few cyclic scraps
+    start-up left stay (frozen objects are still freed by reference counting; only a
+    reference cycle among them would stay)."""
     gc.freeze()
     return gc.get_freeze_count()
