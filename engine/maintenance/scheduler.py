@@ -40,7 +40,11 @@ class Scheduler:
         fires recorded. A schedule whose fire times cannot be computed (a zone tzdata no
         longer knows) is logged once and left for the next passes; the others still fire.
         Raises psycopg's errors when Postgres fails (the service records them and tries
-        again)."""
+        again). One read-only look first (`Store.schedule_due`): with nothing due, the pass
+        is that statement."""
+        if not await store.schedule_due():
+            self.unfireable = set()
+            return 0
         failed: list[str] = []
         total = 0
         for _ in range(MAX_SCHEDULES_PER_RUN):
