@@ -19,7 +19,7 @@ Workloads (all by default; pick with ``--only``, repeatable):
 - ws:      live events to 1,000 WebSocket clients on ``/ws``: commit -> client latency and
            lost events, one frame per event and ``?batch=1`` (`benchmarks.ws_latency`);
 - pgbench: single-row UPDATE commits/s at 8 and 16 clients (the ceiling);
-- explain: EXPLAIN (ANALYZE, BUFFERS) of the claim, reaper and maintenance probe queries on
+- explain: EXPLAIN (ANALYZE, BUFFERS) of the claim and reaper queries and the maintenance look on
            1,000,000 steps.
 
 Peers run when installed (``pip install -e ".[bench]"``), through their own APIs, in a
@@ -205,11 +205,10 @@ def bench_explain(base: str, n: int) -> dict[str, Any]:
             plans["complete_steps"] = [r[0] for r in cur.fetchall()]
             cur = conn.execute(explain + queries["reap_expired_leases"], {"limit": 1000})
             plans["reap_expired_leases"] = [r[0] for r in cur.fetchall()]
-            # The maintenance passes' first looks, every second on the leader (the reaper's,
-            # the child runs', the scheduler's), with 10,000 steps ready and none due.
-            for name in ("reaper_work_due", "child_runs_due", "schedule_due"):
-                cur = conn.execute(explain + queries[name])
-                plans[name] = [r[0] for r in cur.fetchall()]
+            # The maintenance leader's look before each round (every second), with 10,000
+            # steps ready and nothing due for the reaper, the child runs or the scheduler.
+            cur = conn.execute(explain + queries["maintenance_work_due"])
+            plans["maintenance_work_due"] = [r[0] for r in cur.fetchall()]
             raise psycopg.Rollback()  # EXPLAIN ANALYZE ran the writes: undo them
         row = conn.execute("SELECT count(*) FROM steps").fetchone()
     return {"steps": row[0] if row else None, "plans": plans}

@@ -422,6 +422,15 @@ class Store:
         async with self.pool.connection() as conn:
             return await transitions.reap_expired_leases(conn)
 
+    async def maintenance_work_due(self) -> dict[str, bool]:
+        """The maintenance leader's look before a round (``maintenance_work_due``, one
+        read-only statement): for each task that can be skipped (``reaper``, ``child_runs``,
+        ``scheduler``), whether its pass has anything to take now."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries["maintenance_work_due"])
+            row = await cur.fetchone()
+        return {name: bool(due) for name, due in (row or {}).items()}
+
     async def prune(self, *, retention_s: float, limit: int = 100) -> int:
         """One retention pass (see `transitions.prune_finished_runs`); runs deleted."""
         async with self.pool.connection() as conn:
@@ -464,14 +473,6 @@ class Store:
                 return await transitions.cancel_run(conn, run_id, reason=reason)
 
         return await retrying(op, what=f"cancelling run {run_id}", deadline_s=10)
-
-    async def child_runs_due(self) -> tuple[bool, bool]:
-        """One read-only statement (``child_runs_due``): whether a step of kind run is due
-        to start, and whether one's child run has ended; ``(start, finish)``."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(queries["child_runs_due"])
-            row = await cur.fetchone()
-        return (bool(row["start"]), bool(row["finish"])) if row else (False, False)
 
     async def start_child_runs(
         self, *, limit: int, max_steps: int, backoff_base_ms: int, backoff_cap_ms: int
@@ -799,13 +800,6 @@ class Store:
         """See `transitions.delete_schedule` (`ref`: id or name); returns the id."""
         async with self.pool.connection() as conn:
             return await transitions.delete_schedule(conn, ref)
-
-    async def schedule_due(self) -> bool:
-        """Whether any schedule not paused is due (``schedule_due``, read only)."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(queries["schedule_due"])
-            row = await cur.fetchone()
-        return bool(row and row["due"])
 
     async def fire_due_schedule(
         self, *, max_steps: int, skip: Sequence[str] = ()

@@ -764,9 +764,7 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None
     delayMs: `promote_due_steps`), oldest wake time first. Wait steps are never made ready:
     first the signals kept for wait steps that now wait are delivered (each in its own
     transaction), then the wait steps past their deadline are timed out
-    (`time_out_wait_steps`: wait again, or dead_letter with their dependents settled). A
-    first read-only statement (`reaper_work_due`) says which of these has anything to take;
-    the rest is skipped when nothing has (an empty `Reaped`).
+    (`time_out_wait_steps`: wait again, or dead_letter with their dependents settled).
 
     Only the maintenance leader calls it (`engine.maintenance`); a transaction-scoped
     advisory lock keeps two passes apart while the lead changes hands, and the transaction
@@ -774,19 +772,11 @@ async def reap_expired_leases(conn: Conn, *, limit: int = 1000) -> Reaped | None
     holding the lock). Returns None when another pass holds the lock, else what was done
     (`Reaped`).
     """
-    # One read-only look first: on an idle installation the pass ends here, one statement
-    # instead of seven (it runs every second on the leader's event loop, a worker's too).
-    cur = await conn.execute(queries["reaper_work_due"])
-    work = await cur.fetchone()
-    if work is None or not (work["reap"] or work["signals"]):
-        return Reaped(expired=[], promoted=0, signalled=0, timed_out=0)
     # Kept signals first (a signal that came before its step's deadline beats the timeout),
     # each in a transaction of its own that locks like a worker's success (the step, its
     # dependents, the run): not inside the pass's transaction, whose earlier statements hold
     # run rows a worker's completion may be waiting behind.
-    signalled = await _deliver_early_signals(conn, limit=limit) if work["signals"] else 0
-    if not work["reap"]:
-        return Reaped(expired=[], promoted=0, signalled=signalled, timed_out=0)
+    signalled = await _deliver_early_signals(conn, limit=limit)
     async with conn.transaction():
         cur = await conn.execute(queries["reaper_try_lock"])
         lock = await cur.fetchone()

@@ -19,6 +19,7 @@ class AuditPartitions:
     naming the variable for an interval that is not a finite number > 0."""
 
     name = "audit_partitions"
+    skip_when_idle = False
 
     def __init__(self, settings: Settings) -> None:
         self.interval_s = check_interval(

@@ -29,6 +29,7 @@ class ChildRuns:
     `ConfigError` naming the variable for an interval that is not a finite number > 0."""
 
     name = "child_runs"
+    skip_when_idle = True  # Store.maintenance_work_due has its column
 
     def __init__(self, settings: Settings, *, batch: int = BATCH_DEFAULT) -> None:
         self.interval_s = check_interval("PGDAG_REAPER_INTERVAL", settings.reaper_interval_s)
@@ -37,25 +38,20 @@ class ChildRuns:
 
     async def run_once(self, store: Store) -> int:
         """One pass: start the due child runs, then end the steps whose child ended;
-        returns how many steps it started or ended. One read-only look first
-        (`Store.child_runs_due`): with nothing to start or end, the pass is that statement."""
+        returns how many steps it started or ended."""
         s = self.settings
-        start, finish = await store.child_runs_due()
-        started = ended = 0
-        if start:
-            started = await store.start_child_runs(
-                limit=self.batch,
-                max_steps=s.max_steps_per_run,
-                backoff_base_ms=s.backoff_base_ms,
-                backoff_cap_ms=s.backoff_cap_ms,
-            )
-        if finish:
-            ended = await store.finish_child_runs(
-                limit=self.batch,
-                backoff_base_ms=s.backoff_base_ms,
-                backoff_cap_ms=s.backoff_cap_ms,
-                max_output_bytes=s.max_output_bytes,
-            )
+        started = await store.start_child_runs(
+            limit=self.batch,
+            max_steps=s.max_steps_per_run,
+            backoff_base_ms=s.backoff_base_ms,
+            backoff_cap_ms=s.backoff_cap_ms,
+        )
+        ended = await store.finish_child_runs(
+            limit=self.batch,
+            backoff_base_ms=s.backoff_base_ms,
+            backoff_cap_ms=s.backoff_cap_ms,
+            max_output_bytes=s.max_output_bytes,
+        )
         if started or ended:
             logger.info("child runs: %d step(s) started a child, %d ended with one", started, ended)
         return started + ended

@@ -25,6 +25,7 @@ class Liveness:
     `ConfigError` naming the variable for an interval that is not a finite number > 0."""
 
     name = "liveness"
+    skip_when_idle = False
 
     def __init__(self, settings: Settings) -> None:
         self.interval_s = check_interval("PGDAG_LIVENESS_INTERVAL_S", settings.liveness_interval_s)

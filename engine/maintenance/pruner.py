@@ -20,6 +20,7 @@ class Pruner:
     variable for an interval that is not a finite number > 0."""
 
     name = "pruner"
+    skip_when_idle = False
 
     def __init__(self, settings: Settings) -> None:
         self.interval_s = check_interval("PGDAG_PRUNE_INTERVAL_S", settings.prune_interval_s)

@@ -17,6 +17,7 @@ class Reaper:
     `ConfigError` naming the variable for an interval that is not a finite number > 0."""
 
     name = "reaper"
+    skip_when_idle = True  # Store.maintenance_work_due has its column
 
     def __init__(self, settings: Settings) -> None:
         self.interval_s = check_interval("PGDAG_REAPER_INTERVAL", settings.reaper_interval_s)

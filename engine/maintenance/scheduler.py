@@ -27,6 +27,7 @@ class Scheduler:
     naming the variable for an interval that is not a finite number > 0."""
 
     name = "scheduler"
+    skip_when_idle = True  # Store.maintenance_work_due has its column
 
     def __init__(self, settings: Settings) -> None:
         self.interval_s = check_interval(
@@ -40,11 +41,7 @@ class Scheduler:
         fires recorded. A schedule whose fire times cannot be computed (a zone tzdata no
         longer knows) is logged once and left for the next passes; the others still fire.
         Raises psycopg's errors when Postgres fails (the service records them and tries
-        again). One read-only look first (`Store.schedule_due`): with nothing due, the pass
-        is that statement."""
-        if not await store.schedule_due():
-            self.unfireable = set()
-            return 0
+        again)."""
         failed: list[str] = []
         total = 0
         for _ in range(MAX_SCHEDULES_PER_RUN):

@@ -11,6 +11,11 @@ Leadership is a SESSION advisory lock (``pg_try_advisory_lock``, queries
   task interval, capped at the standby interval; also while a task runs) and runs each task
   when it is due, one after the other, through the process's pool (`Store`). A
   task's error is recorded and logged; the loop goes on.
+- Before a round, one read-only statement (`Store.maintenance_work_due`) says which of the
+  due tasks that may be skipped (`Task.skip_when_idle`: the reaper, the child runs, the
+  scheduler) have anything to take; those that have not count a run that did nothing. An
+  idle leader's second is that statement and the ping, where the three passes took twelve
+  statements: it runs on the event loop of a worker that leads, beside its claims.
 - The lock lives as long as the session. A leader killed with SIGKILL: the kernel closes its
   socket, Postgres ends the session at once and the lock is free; a standby takes it at its
   next try (at most PGDAG_MAINTENANCE_STANDBY_S later). A leader that froze (SIGSTOP, a
@@ -227,12 +232,14 @@ class MaintenanceService:
                 if not await self._may_run():
                     # Let a candidate that can run the tasks lead instead.
                     raise LeadershipLost("this process cannot run the tasks now")
-                for task in self.tasks:
+                now = time.monotonic()
+                due = [t for t in self.tasks if next_due[t.name] <= now]
+                idle = await self._idle_tasks(due)
+                for task in due:
                     if keeper.done():
                         break  # lost the lock connection: stop at once
-                    if next_due[task.name] <= time.monotonic():
-                        await self._run_task(task)
-                        next_due[task.name] = time.monotonic() + task.interval_s
+                    await self._run_task(task, skip=task.name in idle)
+                    next_due[task.name] = time.monotonic() + task.interval_s
                 pause = min(next_due.values()) - time.monotonic()
                 await asyncio.wait({keeper}, timeout=min(max(pause, 0.0), self.tick_s))
             keeper.result()  # raises LeadershipLost
@@ -256,12 +263,29 @@ class MaintenanceService:
         except Exception as exc:
             raise LeadershipLost(f"lock connection: {type(exc).__name__}: {exc}") from exc
 
-    async def _run_task(self, task: Task) -> None:
+    async def _idle_tasks(self, due: Sequence[Task]) -> set[str]:
+        """The names of the tasks in `due` that the one look (`Store.maintenance_work_due`)
+        says have nothing to take now; made only when one of them may be skipped. An error
+        in the look skips nothing (the tasks run, and record their own errors)."""
+        if not any(t.skip_when_idle for t in due):
+            return set()
+        try:
+            work = await self.store.maintenance_work_due()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.debug("maintenance: the look before a round failed: %s", exc)
+            return set()
+        return {t.name for t in due if t.skip_when_idle and work.get(t.name) is False}
+
+    async def _run_task(self, task: Task, *, skip: bool = False) -> None:
+        """One run of `task`, recorded (`records`, `engine.metrics`); `skip`: the look said
+        it has nothing to take, so it counts as a run that did nothing (result 0)."""
         record = self.records[task.name]
         started_at = datetime.now(UTC)
         t0 = time.monotonic()
         try:
-            result = await task.run_once(self.store)
+            result = 0 if skip else await task.run_once(self.store)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

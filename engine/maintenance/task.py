@@ -16,11 +16,15 @@ class Task(Protocol):
     `interval_s` is the pause in seconds between the end of one run and the start of the next
     (checked when the task is built: `engine.errors.ConfigError` naming the variable).
     `run_once` does one pass through `store` and returns how many things it did (0: nothing);
-    any exception it raises is recorded and the service goes on.
+    any exception it raises is recorded and the service goes on. `skip_when_idle` True: the
+    service's one read-only look before a round (`Store.maintenance_work_due`, whose query has
+    a column named after the task) may say the pass has nothing to take; the run is then
+    recorded (result 0) without `run_once` being called.
     """
 
     name: str
     interval_s: float
+    skip_when_idle: bool
 
     async def run_once(self, store: Store) -> int:
         """One pass; returns how many rows (steps, runs, workers) it acted on."""

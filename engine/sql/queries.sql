@@ -585,40 +585,38 @@ SELECT count(*)::integer AS n FROM promoted
 SELECT set_config('idle_in_transaction_session_timeout', '5000', true) AS idle_limit,
        pg_try_advisory_xact_lock(8210605541) AS acquired
 
--- name: reaper_work_due
--- The reaper pass's first look (engine.transitions.reap_expired_leases), read only and outside
--- any transaction: whether a later statement of the pass has a row to take. "reap": a lease
--- expired (reap_expired_leases' WHERE, steps_lease_idx) or a parked step's time has come
--- (promote_due_steps' and time_out_wait_steps' WHERE together, steps_scheduled_idx);
--- "signals": a kept signal whose wait step waits now (signals_to_deliver's WHERE). An idle
--- installation's pass is this one statement instead of seven (the pass runs every second on
--- the leader's event loop, a worker's too, beside its claims). Something that becomes due
--- just after it is taken by the next pass, as it would be after the full pass.
+-- name: maintenance_work_due
+-- The maintenance leader's look before each round (engine/maintenance/service.py), read only
+-- and outside any transaction: for each task that can be skipped, whether its pass has a row
+-- to take. The passes run every second on the leader's event loop, a worker's too, beside its
+-- claims; with nothing due, a round is this one statement instead of twelve in three
+-- transactions. Something that becomes due just after the look is taken by the next round,
+-- as it would be after a full pass. Each EXISTS is the WHERE of the statement it stands for:
+-- "reaper": a lease expired (reap_expired_leases, steps_lease_idx), a parked step's time has
+--   come (promote_due_steps and time_out_wait_steps together, steps_scheduled_idx), or a kept
+--   signal's wait step waits now (signals_to_deliver, signals_unconsumed_idx);
+-- "child_runs": a step of kind run is due (select_due_child_steps, steps_ready_idx) or one's
+--   child run has ended (select_finished_child_steps, steps_child_wait_idx);
+-- "scheduler": a schedule not paused is due (lock_due_schedule, schedules_due_idx).
 SELECT EXISTS (SELECT 1 FROM steps WHERE status = 'running' AND lease_expires_at <= now())
        OR EXISTS (SELECT 1 FROM steps
                   WHERE status = 'pending' AND deps_remaining = 0 AND available_at <= now())
-           AS reap,
-       EXISTS (SELECT 1
-               FROM signals g
-               JOIN steps s ON s.run_id = g.run_id AND s.wait_signal = g.name
-               JOIN runs r ON r.id = g.run_id
-               WHERE g.consumed_at IS NULL AND s.status = 'pending' AND s.deps_remaining = 0
-                 AND (r.start_at IS NULL OR r.start_at <= now()))
-           AS signals
-
--- name: child_runs_due
--- The child-runs pass's first look (engine/maintenance/child_runs.py), read only: "start", a
--- step of kind run is due (select_due_child_steps' WHERE), "finish", one's child run has
--- ended (select_finished_child_steps' WHERE, steps_child_wait_idx). One statement instead of
--- those two on an installation with nothing to do.
-SELECT EXISTS (SELECT 1 FROM steps s
+       OR EXISTS (SELECT 1
+                  FROM signals g
+                  JOIN steps s ON s.run_id = g.run_id AND s.wait_signal = g.name
+                  JOIN runs r ON r.id = g.run_id
+                  WHERE g.consumed_at IS NULL AND s.status = 'pending' AND s.deps_remaining = 0
+                    AND (r.start_at IS NULL OR r.start_at <= now()))
+           AS reaper,
+       EXISTS (SELECT 1 FROM steps s
                WHERE s.tool = '$run' AND s.status = 'ready' AND s.available_at <= now()
                  AND s.child_template IS NOT NULL)
-           AS start,
-       EXISTS (SELECT 1 FROM steps s JOIN runs c ON c.id = s.child_run_id
-               WHERE s.child_run_id IS NOT NULL AND s.status = 'running'
-                 AND c.status IN ('completed', 'failed', 'cancelled'))
-           AS finish
+       OR EXISTS (SELECT 1 FROM steps s JOIN runs c ON c.id = s.child_run_id
+                  WHERE s.child_run_id IS NOT NULL AND s.status = 'running'
+                    AND c.status IN ('completed', 'failed', 'cancelled'))
+           AS child_runs,
+       EXISTS (SELECT 1 FROM schedules WHERE NOT paused AND next_fire_at <= now())
+           AS scheduler
 
 -- name: maintenance_try_lock
 -- Leadership of the maintenance service (engine.maintenance): a SESSION advisory lock, held

@@ -59,13 +59,6 @@ LIMIT %(limit)s
 -- name: count_schedule_fires
 SELECT count(*) AS n FROM schedule_fires WHERE schedule_id = %(id)s
 
--- name: schedule_due
--- The scheduler pass's first look (engine/maintenance/scheduler.py), read only and outside a
--- transaction: whether any schedule is due (lock_due_schedule's WHERE, schedules_due_idx).
--- The pass runs every second on the maintenance leader: with nothing due it is this one
--- statement, not a transaction of three.
-SELECT EXISTS (SELECT 1 FROM schedules WHERE NOT paused AND next_fire_at <= now()) AS due
-
 -- name: lock_due_schedule
 -- The maintenance leader's pick: one schedule not paused whose next fire time has come on
 -- the database clock (and not among %(skip)s: the ones that failed earlier in this pass), oldest

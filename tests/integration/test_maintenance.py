@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,7 @@ class Flaky:
     """A real task that fails its first `failures` runs, then succeeds with 1."""
 
     name = "flaky"
+    skip_when_idle = False
 
     def __init__(self, failures: int, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
@@ -338,5 +340,173 @@ def test_a_process_that_cannot_run_the_tasks_stays_out_of_the_lead(db_url: str) 
             for t in (ta, tb):
                 t.cancel()
             await asyncio.gather(ta, tb, return_exceptions=True)
+
+    _in_process(db_url, scenario)
+
+
+# --- the look before a round (Store.maintenance_work_due) -------------------------------------
+
+NOTHING = {"reaper": False, "child_runs": False, "scheduler": False}
+
+
+def test_the_look_says_which_task_has_work_for_each_kind_of_work(db_url: str) -> None:
+    """Each kind of work each skippable pass takes makes its column true, and only its own:
+    an expired lease, a parked step whose time came, a kept signal whose step now waits (the
+    reaper); a due step of kind run, one whose child ended (child runs); a due schedule (the
+    scheduler). Leases that hold, steps parked for later, a paused schedule: all false."""
+    from engine.dag import parse_run
+    from engine.schedules import parse_schedule
+    from engine.tools import load_tool_modules
+
+    load_tool_modules(["workers.tools.builtin", "tests.testtools"])
+
+    def set_sql(sql: str, **params: Any) -> None:
+        query(db_url, sql, params)
+
+    async def scenario(store: Store, settings: Settings) -> None:
+        async def look() -> dict[str, bool]:
+            return await store.maintenance_work_due()
+
+        async def create(body: dict[str, Any]) -> str:
+            run_id, _ = await store.create_run(parse_run(body, max_steps=100))
+            return run_id
+
+        assert await look() == NOTHING
+
+        # a lease: held -> nothing; expired -> the reaper
+        leased = await create({"steps": [{"name": "a", "tool": "DELAY", "input": {"ms": 1}}]})
+        assert [c.name for c in await store.claim("w", 10, tools=["DELAY"])] == ["a"]
+        assert await look() == NOTHING
+        expire = "UPDATE steps SET lease_expires_at = now() + %(by)s WHERE run_id = %(run)s"
+        set_sql(expire, by=timedelta(seconds=-1), run=leased)
+        assert await look() == {**NOTHING, "reaper": True}
+        set_sql(expire, by=timedelta(minutes=5), run=leased)
+        assert await look() == NOTHING
+
+        # a parked root (startAt): later -> nothing; its time came -> the reaper
+        later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        parked = await create(
+            {"startAt": later, "steps": [{"name": "b", "tool": "DELAY", "input": {"ms": 1}}]}
+        )
+        assert await look() == NOTHING
+        wake = "UPDATE steps SET available_at = now() + %(by)s WHERE run_id = %(run)s"
+        set_sql(wake, by=timedelta(seconds=-1), run=parked)
+        assert await look() == {**NOTHING, "reaper": True}
+        set_sql(wake, by=timedelta(hours=1), run=parked)
+        assert await look() == NOTHING
+
+        # a signal sent before its wait step was reached: kept; the step waits -> the reaper
+        waiting = await create(
+            {
+                "steps": [
+                    {"name": "x", "tool": "TEST_EMIT", "input": {"value": 1}},
+                    {"name": "w", "wait": {"signal": "go", "timeoutS": 3600}, "dependsOn": ["x"]},
+                ]
+            }
+        )
+        outcome = await store.send_signal(waiting, "go", signal_id="s1", payload_json="{}")
+        assert outcome.consumed_by is None
+        assert await look() == NOTHING
+        reach = (
+            "UPDATE steps SET deps_remaining = %(deps)s, available_at = now() + interval '1 hour'"
+            " WHERE run_id = %(run)s AND name = 'w'"
+        )
+        set_sql(reach, deps=0, run=waiting)
+        assert await look() == {**NOTHING, "reaper": True}
+        set_sql(reach, deps=1, run=waiting)
+        assert await look() == NOTHING
+
+        # a step of kind run: due -> child runs; started -> nothing; its child ended -> child runs
+        parent = await create(
+            {
+                "steps": [
+                    {
+                        "name": "sub",
+                        "run": {
+                            "goal": "child",
+                            "steps": [{"name": "c", "tool": "DELAY", "input": {"ms": 1}}],
+                        },
+                    }
+                ]
+            }
+        )
+        assert await look() == {**NOTHING, "child_runs": True}
+        started = await store.start_child_runs(
+            limit=10, max_steps=100, backoff_base_ms=1, backoff_cap_ms=2
+        )
+        assert started == 1
+        assert await look() == NOTHING
+        child = query(
+            db_url, "SELECT child_run_id FROM steps WHERE run_id = %(run)s", {"run": parent}
+        )[0]["child_run_id"]
+        set_sql("UPDATE runs SET status = 'completed' WHERE id = %(id)s", id=child)
+        assert await look() == {**NOTHING, "child_runs": True}
+        set_sql("UPDATE runs SET status = 'running' WHERE id = %(id)s", id=child)
+        assert await look() == NOTHING
+
+        # a schedule: next year -> nothing; due -> the scheduler; due but paused -> nothing
+        spec = parse_schedule(
+            {
+                "name": "yearly",
+                "cron": "0 0 1 1 *",
+                "run": {"steps": [{"name": "s", "tool": "DELAY", "input": {"ms": 1}}]},
+            },
+            max_steps=100,
+        )
+        schedule_id, _ = await store.create_schedule(spec)
+        assert await look() == NOTHING
+        due = "UPDATE schedules SET next_fire_at = now() - interval '1 minute', paused = %(p)s"
+        set_sql(due + " WHERE id = %(id)s", p=False, id=schedule_id)
+        assert await look() == {**NOTHING, "scheduler": True}
+        set_sql(due + " WHERE id = %(id)s", p=True, id=schedule_id)
+        assert await look() == NOTHING
+
+    _in_process(db_url, scenario)
+
+
+class Spy:
+    """A real task that counts its calls and says it did one thing."""
+
+    def __init__(self, name: str, *, skip_when_idle: bool) -> None:
+        self.name = name
+        self.skip_when_idle = skip_when_idle
+        self.interval_s = 0.05
+        self.calls = 0
+
+    async def run_once(self, store: Store) -> int:
+        self.calls += 1
+        return 1
+
+
+def test_a_round_skips_the_tasks_the_look_finds_idle(db_url: str) -> None:
+    """With nothing due, a task the look covers (named ``scheduler``) is not called, yet each
+    round counts as its run (result 0); a skippable task the look has no column for, and one
+    that is never skipped, are called every round. A due schedule: the scheduler is called."""
+
+    async def scenario(store: Store, settings: Settings) -> None:
+        covered = Spy("scheduler", skip_when_idle=True)
+        uncovered = Spy("no_column", skip_when_idle=True)
+        always = Spy("always", skip_when_idle=False)
+        service = MaintenanceService(
+            db_url, store, settings, [covered, uncovered, always], holder="test look"
+        )
+        runner = asyncio.create_task(service.run())
+        try:
+            rec = service.records["scheduler"]
+            await _until(lambda: rec.runs >= 3, 10, "three rounds")
+            assert covered.calls == 0
+            assert (rec.result, rec.error) == (0, None)
+            assert uncovered.calls >= 3 and always.calls >= 3
+            query(
+                db_url,
+                "INSERT INTO schedules (name, cron, timezone, template, missed_policy,"
+                " catch_up_limit, next_fire_at)"
+                " VALUES ('due', '* * * * *', 'UTC', '{}', 'skip', 1, now())",
+            )
+            await _until(lambda: covered.calls >= 1, 10, "the scheduler called")
+            await _until(lambda: rec.result == 1, 10, "its run recorded")
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
 
     _in_process(db_url, scenario)
