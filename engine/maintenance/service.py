@@ -239,7 +239,13 @@ class MaintenanceService:
                     if keeper.done():
                         break  # lost the lock connection: stop at once
                     await self._run_task(task, skip=task.name in idle)
-                    next_due[task.name] = time.monotonic() + task.interval_s
+                # Each task's next run counts from the end of the round, not of its own run:
+                # tasks of one interval stay in step, so the next round has one look for them
+                # all (counted from each run's end, they fell due a few ms apart, and each
+                # woke a round and a look of its own: three a second).
+                ended = time.monotonic()
+                for task in due:
+                    next_due[task.name] = ended + task.interval_s
                 pause = min(next_due.values()) - time.monotonic()
                 await asyncio.wait({keeper}, timeout=min(max(pause, 0.0), self.tick_s))
             keeper.result()  # raises LeadershipLost

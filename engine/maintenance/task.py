@@ -13,7 +13,8 @@ class Task(Protocol):
     """One periodic job of the maintenance leader.
 
     `name` is short and stable (it labels logs, ``GET /maintenance`` and metrics);
-    `interval_s` is the pause in seconds between the end of one run and the start of the next
+    `interval_s` is the pause in seconds between the end of the round one run was in and the
+    start of the next run
     (checked when the task is built: `engine.errors.ConfigError` naming the variable).
     `run_once` does one pass through `store` and returns how many things it did (0: nothing);
     any exception it raises is recorded and the service goes on. `skip_when_idle` True: the

@@ -465,38 +465,53 @@ def test_the_look_says_which_task_has_work_for_each_kind_of_work(db_url: str) ->
 
 
 class Spy:
-    """A real task that counts its calls and says it did one thing."""
+    """A real task that counts its calls, takes `work_s` seconds in Postgres (as a pass
+    would take some time) and says it did one thing."""
 
-    def __init__(self, name: str, *, skip_when_idle: bool) -> None:
+    def __init__(self, name: str, *, skip_when_idle: bool, work_s: float = 0.0) -> None:
         self.name = name
         self.skip_when_idle = skip_when_idle
         self.interval_s = 0.05
+        self.work_s = work_s
         self.calls = 0
 
     async def run_once(self, store: Store) -> int:
         self.calls += 1
+        async with store.pool.connection() as conn:
+            await conn.execute("SELECT pg_sleep(%(s)s)", {"s": self.work_s})
         return 1
 
 
 def test_a_round_skips_the_tasks_the_look_finds_idle(db_url: str) -> None:
     """With nothing due, a task the look covers (named ``scheduler``) is not called, yet each
     round counts as its run (result 0); a skippable task the look has no column for, and one
-    that is never skipped, are called every round. A due schedule: the scheduler is called."""
+    that is never skipped, are called every round; tasks of one interval stay in one round,
+    with one look. A due schedule: the scheduler is called."""
 
-    async def scenario(store: Store, settings: Settings) -> None:
+    class CountingStore(Store):
+        looks = 0
+
+        async def maintenance_work_due(self) -> dict[str, bool]:
+            self.looks += 1
+            return await super().maintenance_work_due()
+
+    async def scenario(plain: Store, settings: Settings) -> None:
+        store = CountingStore(plain.pool, lease_ttl_s=LEASE_TTL_S)
         covered = Spy("scheduler", skip_when_idle=True)
         uncovered = Spy("no_column", skip_when_idle=True)
-        always = Spy("always", skip_when_idle=False)
+        always = Spy("always", skip_when_idle=False, work_s=0.01)
         service = MaintenanceService(
             db_url, store, settings, [covered, uncovered, always], holder="test look"
         )
         runner = asyncio.create_task(service.run())
         try:
             rec = service.records["scheduler"]
-            await _until(lambda: rec.runs >= 3, 10, "three rounds")
+            await _until(lambda: rec.runs >= 4, 10, "four rounds")  # 3 done, a 4th begun
             assert covered.calls == 0
             assert (rec.result, rec.error) == (0, None)
             assert uncovered.calls >= 3 and always.calls >= 3
+            # tasks of one interval share each round, and a round has one look
+            assert store.looks <= rec.runs + 1, (store.looks, rec.runs)
             query(
                 db_url,
                 "INSERT INTO schedules (name, cron, timezone, template, missed_policy,"
